@@ -1,0 +1,153 @@
+"""Turn a task's source rows into seeded calibration and evaluation sets.
+
+Output folder (one DVC artifact per task)::
+
+    calib.jsonl   n_samples rows drawn from the calibration split
+    eval.jsonl    evaluate.limit rows drawn from the evaluation split (all when limit is null)
+    meta.json     counts, splits, seeds, sha256 of both files, the source
+
+Row: ``{"id", "context", "choices", "label"}``; the scored string of choice ``i`` is
+``context + target_delimiter + choices[i]``. Partial-scoring tasks (WinoGrande) have one context per choice
+and the same continuation as every choice. Calibration rows also carry ``text``: the gold item as the model
+reads it.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+from diet.errors import DataError
+from diet.io import atomic_dir, read_json, read_jsonl, sha256_file, write_json, write_jsonl
+from diet.tasks.sources import load_rows
+from diet.tasks.spec import TaskSpec
+
+POOL_SEED = 20240  # fixed: the calibration/evaluation partition of a shared split never moves
+
+
+def calibration_text(row: dict, delimiter: str = " ") -> str:
+    ctx = row["context"][row["label"]] if isinstance(row["context"], list) else row["context"]
+    return ctx + delimiter + row["choices"][row["label"]]
+
+
+def _fmt(template: str, row: dict, spec: TaskSpec) -> str:
+    try:
+        return template.format_map(row)
+    except KeyError as e:
+        fields = ", ".join(k for k in row if not k.startswith("_"))
+        raise DataError(f"task '{spec.name}': template {template!r} uses field {e} that rows do not have",
+                        f"use the row fields: {fields} (file {spec.path})") from None
+
+
+def _winogrande(row: dict, spec: TaskSpec) -> tuple[list[str], list[str]]:
+    sentence = row["sentence"]
+    cut = sentence.index("_")
+    continuation = sentence[cut + 1:].strip()
+    contexts = [sentence[:cut] + row[f"option{k}"] for k in (1, 2)]
+    return contexts, [continuation, continuation]
+
+
+PREPROCESS = {"winogrande": _winogrande}
+
+
+def to_item(row: dict, spec: TaskSpec) -> dict[str, Any]:
+    """One source row -> one prepared item (validates the label)."""
+    if spec.preprocess:
+        context, choices = PREPROCESS[spec.preprocess](row, spec)
+    else:
+        context = _fmt(spec.prompt, row, spec)
+        if isinstance(spec.choices, str):
+            if spec.choices not in row:
+                raise DataError(f"task '{spec.name}': choices field '{spec.choices}' is not in the rows",
+                                f"use one of: {', '.join(k for k in row if not k.startswith('_'))}")
+            choices = [str(c) for c in row[spec.choices]]
+        else:
+            choices = [_fmt(t, row, spec) for t in spec.choices]
+    if spec.label not in row:
+        raise DataError(f"task '{spec.name}': label field '{spec.label}' is not in the rows",
+                        f"use one of: {', '.join(k for k in row if not k.startswith('_'))}")
+    raw = row[spec.label]
+    if spec.label_map is not None:
+        if str(raw) not in {str(k) for k in spec.label_map}:
+            raise DataError(f"task '{spec.name}', row {row['_id']}: label {raw!r} is not a key of label_map",
+                            f"add it to label_map in {spec.path}")
+        label = {str(k): v for k, v in spec.label_map.items()}[str(raw)]
+    elif isinstance(raw, bool):
+        label = int(raw)
+    elif isinstance(raw, int):
+        label = raw
+    elif isinstance(raw, str) and raw in choices:
+        label = choices.index(raw)
+    else:
+        label = None
+    if not isinstance(label, int) or not 0 <= label < len(choices):
+        raise DataError(f"task '{spec.name}', row {row['_id']}: label {raw!r} is outside the "
+                        f"{len(choices)} choices {choices}",
+                        f"fix the row, or map labels to choice indices with label_map in {spec.path}")
+    return {"id": row["_id"], "context": context, "choices": choices, "label": label}
+
+
+def _sample(n: int | None, pool: list, seed: int) -> list:
+    """``n`` items of ``pool`` drawn with ``seed``, kept in pool order (all of it when n is None)."""
+    if n is None or n >= len(pool):
+        return list(pool)
+    idx = sorted(random.Random(seed).sample(range(len(pool)), n))
+    return [pool[i] for i in idx]
+
+
+def prepare_task(spec: TaskSpec, out_dir: str | Path, *, n_samples: int, seed: int,
+                 eval_limit: int | None, eval_seed: int) -> dict:
+    """Write calib.jsonl, eval.jsonl and meta.json for ``spec`` into ``out_dir`` (atomically)."""
+    calib_rows = load_rows(spec.name, spec.source, spec.calibration_split)
+    if spec.shared_split:
+        pool = list(calib_rows)
+        random.Random(POOL_SEED).shuffle(pool)
+        k = spec.calibration_pool
+        if k >= len(pool):
+            raise DataError(f"task '{spec.name}': calibration_pool {k} leaves no evaluation rows "
+                            f"(split '{spec.evaluation_split}' has {len(pool)})",
+                            f"set calibration_pool below {len(pool)} in {spec.path}")
+        calib_rows, eval_rows = sorted(pool[:k], key=_order), sorted(pool[k:], key=_order)
+    else:
+        eval_rows = load_rows(spec.name, spec.source, spec.evaluation_split)
+    if n_samples > len(calib_rows):
+        raise DataError(f"task '{spec.name}': calibration.n_samples = {n_samples} is larger than the "
+                        f"{len(calib_rows)} rows available for calibration",
+                        f"set calibration.n_samples <= {len(calib_rows)} in params.yaml")
+    calib = [to_item(r, spec) for r in _sample(n_samples, calib_rows, seed)]
+    for item in calib:
+        item["text"] = calibration_text(item, spec.target_delimiter)
+    evals = [to_item(r, spec) for r in _sample(eval_limit, eval_rows, eval_seed)]
+    overlap = {c["id"] for c in calib} & {e["id"] for e in evals} if spec.shared_split else set()
+    if overlap:  # pragma: no cover - the partition above makes this impossible
+        raise DataError(f"task '{spec.name}': calibration and evaluation share rows {sorted(overlap)[:5]}")
+    with atomic_dir(out_dir) as tmp:
+        write_jsonl(tmp / "calib.jsonl", calib)
+        write_jsonl(tmp / "eval.jsonl", evals)
+        meta = {
+            "task": spec.name, "description": spec.description, "source": spec.source,
+            "calib_split": spec.calibration_split, "eval_split": spec.evaluation_split,
+            "shared_split": spec.shared_split, "calibration_pool": spec.calibration_pool,
+            "n_calib": len(calib), "n_eval": len(evals), "n_eval_available": len(eval_rows),
+            "seed": seed, "eval_seed": eval_seed, "target_delimiter": spec.target_delimiter,
+            "partial": bool(spec.preprocess) or spec.partial, "n_choices": sorted({len(e["choices"]) for e in evals}),
+            "sha256": {"calib.jsonl": sha256_file(tmp / "calib.jsonl"), "eval.jsonl": sha256_file(tmp / "eval.jsonl")},
+        }
+        write_json(tmp / "meta.json", meta)
+    return meta
+
+
+def _order(row: dict) -> tuple:
+    split, _, idx = row["_id"].rpartition("-")
+    return (split, int(idx)) if idx.isdigit() else (split, 0)
+
+
+def read_prepared(task_dir: str | Path, which: str = "eval") -> tuple[list[dict], dict]:
+    """Rows of ``calib`` or ``eval`` and the meta of one prepared task folder."""
+    task_dir = Path(task_dir)
+    path = task_dir / f"{which}.jsonl"
+    if not path.exists() or not (task_dir / "meta.json").exists():
+        raise DataError(f"prepared task data missing: {path}",
+                        f"run `dvc repro prepare@{task_dir.name}` first")
+    return read_jsonl(path), read_json(task_dir / "meta.json")

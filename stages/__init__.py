@@ -1,0 +1,1 @@
+"""Thin DVC entry points: parse params, call the diet library, write one artifact."""

@@ -1,0 +1,59 @@
+import pytest
+import yaml
+
+from diet.config import Params, load_params
+from diet.errors import ConfigError
+
+
+def test_shipped_params_validate(project_root):
+    p = load_params(project_root / "params.yaml")
+    assert p.model.source == "smollm2"
+    assert len(p.tasks) == 8
+    assert 0 < p.prune.sparsity < 1
+
+
+def test_defaults_roundtrip():
+    p = Params.from_dict({})
+    assert Params.from_dict(p.to_dict()) == p
+
+
+@pytest.mark.parametrize("data, needle", [
+    ({"prune": {"sparsty": 0.2}}, "prune.sparsity"),          # typo gets a suggestion
+    ({"prunes": {}}, "prune"),                                 # unknown section
+    ({"score": {"nonsense": 1}}, "score.nonsense"),
+])
+def test_unknown_keys_are_refused_with_a_hint(data, needle):
+    with pytest.raises(ConfigError) as e:
+        Params.from_dict(data)
+    assert needle in str(e.value)
+    assert e.value.fix
+
+
+@pytest.mark.parametrize("data", [
+    {"prune": {"sparsity": 0.0}}, {"prune": {"sparsity": 1.0}}, {"prune": {"sparsity": -0.1}},
+    {"prune": {"sparsity": "high"}}, {"prune": {"groups": ["hidden"]}}, {"merge": {"method": "best"}},
+    {"score": {"statistic": "max"}}, {"select": {"layout": "diagonal"}}, {"calibration": {"n_samples": 0}},
+    {"tasks": []}, {"tasks": "arc_easy"}, {"tasks": ["a", "a"]}, {"evaluate": {"limit": -5}},
+    {"merge": {"weights": {"boolq": -1}}},
+])
+def test_bad_values_are_refused(data):
+    with pytest.raises(ConfigError) as e:
+        Params.from_dict(data)
+    assert e.value.fix, "every config error says how to fix it"
+
+
+def test_sparsity_message_names_the_range():
+    with pytest.raises(ConfigError, match=r"outside \(0, 1\)"):
+        Params.from_dict({"prune": {"sparsity": 1.5}})
+
+
+def test_load_params_errors(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_params(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("tasks: [a\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(bad)
+    ok = tmp_path / "ok.yaml"
+    ok.write_text(yaml.safe_dump({"tasks": ["t1"], "prune": {"sparsity": 0.3}}))
+    assert load_params(ok).prune.sparsity == 0.3
