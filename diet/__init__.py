@@ -6,7 +6,14 @@ checkpoint pruned with ``layout: global`` loads with ``AutoModelForCausalLM.from
 
 __version__ = "0.1.0"
 
-try:  # registration needs torch + transformers; the config layer must import without them
+import importlib.util as _util
+
+if _util.find_spec("torch") and _util.find_spec("transformers"):  # the config layer imports without them
     from diet import modeling as _modeling  # noqa: F401
-except ImportError:  # pragma: no cover
-    pass
+
+
+def prune(model, tokenizer, tasks, sparsity=0.2, **kwargs):
+    """Prune ``model`` for ``tasks`` ({name: calibration texts}); see :func:`diet.api.prune`."""
+    from diet.api import prune as _prune
+
+    return _prune(model, tokenizer, tasks, sparsity, **kwargs)

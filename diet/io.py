@@ -102,7 +102,11 @@ def read_json(path: str | os.PathLike) -> Any:
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> None:
-    """``safetensors.torch.save_file`` through a temporary file (byte-identical for identical input)."""
+    """``safetensors.torch.save_file`` through a temporary file.
+
+    Byte-identical for identical input only with at most one metadata entry: safetensors writes several
+    entries in hash order, which changes between processes. Put structured metadata in one JSON entry.
+    """
     from safetensors.torch import save_file
 
     with atomic_file(path) as tmp:

@@ -2,7 +2,8 @@
 
 Scoring, selection and pruning never name a model-specific module: they ask an adapter. Each family
 (``llama``, ``gemma2``, ``gemma3_text``, ``qwen2``) has one small subclass, chosen by ``config.model_type``
-through the lazy registry in ``diet.adapters``.
+through the lazy registry in ``diet.adapters``; a subclass says where the weights are, and the keep-set
+checks, weight slicing and config update below are shared.
 
 Dimension groups (DESIGN.md):
 
@@ -21,6 +22,9 @@ from typing import ClassVar, Sequence
 import torch
 from torch import nn
 
+from diet.errors import ModelError
+from diet.pruning import slice_linear
+
 GROUPS = ("mlp", "attention")
 
 
@@ -30,6 +34,11 @@ class ModelAdapter(ABC):
     model_type: ClassVar[str]
     #: families whose tokenizer must prepend BOS for sane log-likelihoods (Gemma)
     needs_bos: ClassVar[bool] = False
+    #: attention implementation to load with (None: the transformers default)
+    attn_implementation: ClassVar[str | None] = None
+    #: stock transformers classes of the family, by name in the ``transformers`` namespace
+    config_class_name: ClassVar[str]
+    model_class_name: ClassVar[str]
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -103,10 +112,107 @@ class ModelAdapter(ABC):
         return sum(p.numel() for layer in self.decoder_layers() for p in layer.parameters())
 
     # -- pruning -------------------------------------------------------------------------------------------------
-    @abstractmethod
+    def check_keep(self, keep: dict[str, Sequence[torch.Tensor]]) -> dict[str, list[torch.Tensor]]:
+        """Validate a keep set against this model; returns it as sorted, unique LongTensors per layer."""
+        out: dict[str, list[torch.Tensor]] = {}
+        for group, per_layer in keep.items():
+            if group not in GROUPS:
+                raise ModelError(f"unknown dimension group {group!r} in the mask", f"use: {', '.join(GROUPS)}")
+            widths = self.group_widths(group)
+            if len(per_layer) != len(widths):
+                raise ModelError(f"the {group} mask has {len(per_layer)} layers, the model has {len(widths)}",
+                                 "build the mask from this model's scores")
+            cleaned = []
+            for layer, (idx, width) in enumerate(zip(per_layer, widths)):
+                idx = torch.as_tensor(idx, dtype=torch.long).flatten().cpu()
+                kept = torch.unique(idx)  # sorted
+                where = f"{group} mask of layer {layer}"
+                if kept.numel() == 0:
+                    raise ModelError(f"the {where} keeps nothing", "keep at least one dimension per layer "
+                                     "(select.min_keep > 0)")
+                if kept.numel() != idx.numel():
+                    raise ModelError(f"the {where} lists an index twice", "list each kept index once")
+                if kept[0] < 0 or kept[-1] >= width:
+                    raise ModelError(f"the {where} has indices outside [0, {width})",
+                                     "build the mask from this model's scores")
+                cleaned.append(kept)
+            out[group] = cleaned
+        return out
+
+    def attention_rows(self, layer: int, kv_groups: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Weight rows of ``kv_groups`` in ``layer``: ``q`` (rows of q_proj = columns of o_proj), ``kv`` (rows of k/v).
+
+        With head_dim ``d`` and ``r`` query heads per KV group, group ``g`` owns k/v rows [g*d, (g+1)*d) and
+        query heads [g*r, (g+1)*r), i.e. q rows [g*r*d, (g+1)*r*d): repeat_kv expands KV head ``g`` to the
+        ``r`` consecutive query heads.
+        """
+        d, r = self.head_dim(), self.heads_per_group(layer)
+        g = kv_groups.to(torch.long)[:, None]  # (G, 1)
+        kv = (g * d + torch.arange(d)).flatten()  # (G*d,)
+        q = (g * r * d + torch.arange(r * d)).flatten()  # (G*r*d,)
+        return {"q": q, "kv": kv}
+
+    def slice_weights(self, keep: dict[str, list[torch.Tensor]]) -> None:
+        """Remove the dimensions not in ``keep`` from the weights only (``keep`` already checked; the config is
+        left alone). Also used to shape freshly built per-layer-width models, possibly on the meta device."""
+        for layer, kept in enumerate(keep.get("mlp", [])):
+            ins, out = self.mlp_projections(layer)
+            for lin in ins:
+                slice_linear(lin, kept, "out")
+            slice_linear(out, kept, "in")
+        for layer, kept in enumerate(keep.get("attention", [])):
+            rows = self.attention_rows(layer, kept)  # computed before slicing changes the head counts
+            q, k, v, o = self.attention_projections(layer)
+            slice_linear(q, rows["q"], "out")
+            slice_linear(k, rows["kv"], "out")
+            slice_linear(v, rows["kv"], "out")
+            slice_linear(o, rows["q"], "in")
+        self.sync_module_attributes()
+
+    def sync_module_attributes(self) -> None:
+        """Refresh module attributes that mirror a width (family hook; the weights are already sliced)."""
+
+    def layer_widths(self) -> dict[str, list[int]]:
+        """Per-layer widths read from the weights, keyed by the config field each one sets."""
+        n = range(self.num_layers)
+        return {"intermediate_size": self.group_widths("mlp"),
+                "num_attention_heads": [self.num_heads(i) for i in n],
+                "num_key_value_heads": [self.num_kv_heads(i) for i in n]}
+
+    def widths_after(self, keep: dict[str, list[torch.Tensor]]) -> dict[str, list[int]]:
+        """The per-layer widths that ``prune(keep)`` would give, without touching the model."""
+        widths = self.layer_widths()
+        if "mlp" in keep:
+            widths["intermediate_size"] = [len(k) for k in keep["mlp"]]
+        if "attention" in keep:
+            widths["num_key_value_heads"] = [len(k) for k in keep["attention"]]
+            widths["num_attention_heads"] = [len(k) * self.heads_per_group(i) for i, k in enumerate(keep["attention"])]
+        return widths
+
+    def write_config(self) -> None:
+        """Make the config describe the weights.
+
+        Uniform widths that stock transformers accepts give a stock config (``intermediate_size``,
+        ``num_attention_heads``, ``num_key_value_heads``; ``head_dim`` stays explicit). Otherwise the model and
+        config become the registered ``diet_<family>`` types that also carry the per-layer lists; their scalar
+        fields hold the widest layer.
+        """
+        from diet.modeling import PER_LAYER_FIELDS, retype, stock_config_problem
+
+        widths = self.layer_widths()
+        uniform = all(len(set(v)) == 1 for v in widths.values())
+        per_layer = not uniform or stock_config_problem(self.config, widths) is not None
+        retype(self.model, per_layer=per_layer)
+        for name, values in widths.items():
+            setattr(self.config, name, max(values))
+            if per_layer:
+                setattr(self.config, PER_LAYER_FIELDS[name], list(values))
+
     def prune(self, keep: dict[str, list[torch.Tensor]]) -> None:
-        """Physically remove every dimension not in ``keep[group][layer]`` (sorted LongTensor of kept indices).
+        """Physically remove every dimension not in ``keep[group][layer]`` (LongTensor of kept indices).
 
         Slices weights in place, keeps ``in_features``/``out_features`` true and updates the config
         (per-layer widths) so that the model saves and reloads.
         """
+        self.slice_weights(self.check_keep(keep))
+        self.write_config()

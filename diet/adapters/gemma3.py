@@ -1,0 +1,11 @@
+"""Gemma-3 text-only (Gemma3ForCausalLM): Llama layout; needs BOS. Its q_norm / k_norm act on head_dim, so
+removing whole heads leaves them as they are."""
+
+from diet.adapters.llama import LlamaAdapter
+
+
+class Gemma3TextAdapter(LlamaAdapter):
+    model_type = "gemma3_text"
+    config_class_name = "Gemma3TextConfig"
+    model_class_name = "Gemma3ForCausalLM"
+    needs_bos = True

@@ -1,0 +1,40 @@
+"""Llama and the families that share its decoder layout (``model.layers[i].self_attn.{q,k,v,o}_proj``,
+``model.layers[i].mlp.{gate,up,down}_proj``): Gemma-2, Gemma-3 text and Qwen2 subclass this adapter."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from torch import nn
+
+from diet.adapters.base import ModelAdapter
+
+
+class LlamaAdapter(ModelAdapter):
+    model_type = "llama"
+    config_class_name = "LlamaConfig"
+    model_class_name = "LlamaForCausalLM"
+
+    def decoder_layers(self) -> Sequence[nn.Module]:
+        return self.model.model.layers
+
+    def mlp_projections(self, layer: int) -> tuple[list[nn.Linear], nn.Linear]:
+        mlp = self.decoder_layers()[layer].mlp
+        return [mlp.gate_proj, mlp.up_proj], mlp.down_proj
+
+    def attention_projections(self, layer: int) -> tuple[nn.Linear, nn.Linear, nn.Linear, nn.Linear]:
+        attn = self.decoder_layers()[layer].self_attn
+        return attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
+
+    def head_dim(self) -> int:
+        return self.decoder_layers()[0].self_attn.head_dim
+
+    def num_heads(self, layer: int) -> int:
+        return self.attention_projections(layer)[0].out_features // self.head_dim()
+
+    def num_kv_heads(self, layer: int) -> int:
+        return self.attention_projections(layer)[1].out_features // self.head_dim()
+
+    def sync_module_attributes(self) -> None:
+        for layer in range(self.num_layers):
+            self.decoder_layers()[layer].mlp.intermediate_size = self.mlp_projections(layer)[1].in_features

@@ -1,0 +1,9 @@
+"""Qwen2: Llama layout; q/k/v carry biases, sliced with their rows."""
+
+from diet.adapters.llama import LlamaAdapter
+
+
+class Qwen2Adapter(LlamaAdapter):
+    model_type = "qwen2"
+    config_class_name = "Qwen2Config"
+    model_class_name = "Qwen2ForCausalLM"

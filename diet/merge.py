@@ -1,0 +1,291 @@
+"""Per-task scores in, one global order of dimensions out (pure tensors, no files).
+
+Pipeline for one group, each score tensor (L, W) (layers x dimensions):
+
+1. ``normalize`` each task's scores per layer, so that dimensions of different layers compare.
+2. Each task keeps its global top-``k`` dimensions across all layers (``task_keep_mask``), where ``k`` is
+   the number of dimensions the sparsity budget keeps (``keep_count``).
+3. ``merge`` turns the tasks into one order. For ``vote`` (DIET) the order is, most important first::
+
+       votes desc  ->  mean normalised score desc  ->  layer asc  ->  index asc
+
+   where votes = sum of the weights of the tasks that keep the dimension, and the mean is weighted by the
+   task weights. The order is written as one float per dimension, ``priority`` (higher = keep first,
+   ``N`` for the first of ``N`` dimensions down to ``1`` for the last), so it has no float ties.
+
+Budget arithmetic (``removal_targets``, shared with ``diet.select``): ``sparsity`` is the share of ALL
+decoder-layer parameters to remove, embeddings excluded. Only the pruned groups' parameters can go, and
+with several groups each removes the same fraction ``f`` of its own prunable parameters::
+
+    f = sparsity * decoder_params / sum_g prunable_g        target_g = f * prunable_g
+
+so the targets add up to ``sparsity * decoder_params``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+from typing import Mapping, Sequence
+
+import torch
+
+from diet.config import METHODS, NORMALIZATIONS
+from diet.errors import ConfigError, DataError
+
+TASK_METHODS = ("vote", "mean", "rank")
+
+
+# -- budget ------------------------------------------------------------------------------------------------------
+def prunable_params(widths: Mapping[str, Sequence[int]], costs: Mapping[str, Sequence[int]], group: str) -> int:
+    """Parameters held by ``group``'s dimensions: sum over layers of width * cost per dimension."""
+    if len(widths[group]) != len(costs[group]):
+        raise ValueError(f"group '{group}': {len(widths[group])} widths but {len(costs[group])} costs")
+    return sum(int(w) * int(c) for w, c in zip(widths[group], costs[group]))
+
+
+def removal_targets(widths: Mapping[str, Sequence[int]], costs: Mapping[str, Sequence[int]], sparsity: float,
+                    decoder_params: int, groups: Sequence[str]) -> dict[str, float]:
+    """Parameters each group must remove so that ``sparsity`` of the decoder parameters go (see module doc)."""
+    if not 0.0 < float(sparsity) < 1.0:
+        raise ConfigError(f"prune.sparsity = {sparsity!r} is outside (0, 1)", "set e.g. sparsity: 0.2")
+    if not groups:
+        raise ConfigError("no group to prune", "set e.g. prune.groups: [mlp]")
+    prunable = {g: prunable_params(widths, costs, g) for g in groups}
+    total = sum(prunable.values())
+    target = float(sparsity) * decoder_params
+    if target > total:
+        raise ConfigError(
+            f"sparsity {sparsity} asks to remove {target:.0f} parameters, but the groups {list(groups)} "
+            f"hold only {total} ({total / decoder_params:.1%} of the decoder parameters)",
+            f"lower prune.sparsity below {total / decoder_params:.3f} or prune more groups")
+    fraction = target / total
+    return {g: fraction * prunable[g] for g in groups}
+
+
+def keep_count(widths: Mapping[str, Sequence[int]], costs: Mapping[str, Sequence[int]], sparsity: float,
+               decoder_params: int, groups: Sequence[str]) -> dict[str, int]:
+    """Dimensions of each group a task keeps in its global top-k: all minus the group's target / mean cost."""
+    targets = removal_targets(widths, costs, sparsity, decoder_params, groups)
+    out = {}
+    for g in groups:
+        n = sum(int(w) for w in widths[g])
+        mean_cost = prunable_params(widths, costs, g) / n
+        out[g] = min(n, max(0, n - round(targets[g] / mean_cost)))
+    return out
+
+
+# -- per-task rankings -------------------------------------------------------------------------------------------
+def normalize(scores: torch.Tensor, how: str) -> torch.Tensor:
+    """Per-layer normalisation of scores (L, W): none | mean | zscore | rank (float64 out).
+
+    ``mean`` divides by the layer mean; ``zscore`` subtracts the layer mean and divides by the layer standard
+    deviation (population); a constant layer becomes 0. ``rank`` maps each layer to [0, 1] by ordinal rank
+    (ties: lower index ranks lower).
+    """
+    if how not in NORMALIZATIONS:
+        raise ConfigError(f"merge.normalize = {how!r} is not supported", f"use one of: {', '.join(NORMALIZATIONS)}")
+    x = scores.detach().to(torch.float64)                                      # (L, W)
+    if x.dim() != 2:
+        raise ValueError(f"scores must be (layers, dimensions), got {tuple(x.shape)}")
+    if not torch.isfinite(x).all():
+        raise DataError("scores contain NaN or infinite values", "rescore the task; check the model's dtype")
+    if how == "none":
+        return x.clone()
+    if how == "mean":
+        mu = x.mean(dim=1, keepdim=True)                                       # (L, 1)
+        return torch.where(mu != 0, x / torch.where(mu != 0, mu, 1.0), torch.zeros_like(x))
+    if how == "zscore":
+        mu = x.mean(dim=1, keepdim=True)                                       # (L, 1)
+        sd = x.std(dim=1, correction=0, keepdim=True)                          # (L, 1)
+        return torch.where(sd > 0, (x - mu) / torch.where(sd > 0, sd, 1.0), torch.zeros_like(x))
+    ranks = torch.argsort(torch.argsort(x, dim=1, stable=True), dim=1, stable=True).to(torch.float64)  # (L, W)
+    return ranks / max(x.shape[1] - 1, 1)
+
+
+_normalize = normalize  # ``merge`` takes a parameter of the same name
+
+
+def _descending_order(*keys: torch.Tensor) -> torch.Tensor:
+    """Flat indices ordered by ``keys[0]`` desc, then ``keys[1]`` desc, ..., then flat index asc."""
+    order = torch.arange(keys[0].numel())                                      # (N,)
+    for key in reversed(keys):  # least significant key first; each stable sort keeps the previous order
+        flat = key.reshape(-1)[order]
+        order = order[torch.sort(flat, descending=True, stable=True).indices]
+    return order
+
+
+def task_keep_mask(norm_scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Global top-``k`` of normalised scores (L, W) across layers, ties to the lowest (layer, index): bool (L, W)."""
+    n = norm_scores.numel()
+    if not 0 <= k <= n:
+        raise ValueError(f"keep count {k} outside [0, {n}]")
+    keep = torch.zeros(n, dtype=torch.bool)
+    keep[_descending_order(norm_scores)[:k]] = True
+    return keep.view(norm_scores.shape)                                        # (L, W)
+
+
+def _global_rank(norm_scores: torch.Tensor) -> torch.Tensor:
+    """Position of each dimension in the task's global order (0 = most important), (L, W) float64."""
+    rank = torch.empty(norm_scores.numel(), dtype=torch.float64)
+    rank[_descending_order(norm_scores)] = torch.arange(norm_scores.numel(), dtype=torch.float64)
+    return rank.view(norm_scores.shape)
+
+
+def _priority(order: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Order (N,) most important first -> priority (L, W): N for the first, 1 for the last."""
+    n = order.numel()
+    pri = torch.empty(n, dtype=torch.float32)
+    pri[order] = torch.arange(n, 0, -1, dtype=torch.float32)
+    return pri.view(shape)
+
+
+def layer_agreement(keeps: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Mean pairwise Jaccard similarity of the tasks' keep sets (each bool (L, W)) within each layer: (L,).
+
+    1.0 with a single task; two empty keep sets of a layer count as identical.
+    """
+    if not keeps:
+        raise ValueError("no keep sets")
+    n_layers = keeps[0].shape[0]
+    if len(keeps) == 1:
+        return torch.ones(n_layers, dtype=torch.float32)
+    total = torch.zeros(n_layers, dtype=torch.float64)
+    pairs = list(itertools.combinations(keeps, 2))
+    for a, b in pairs:
+        inter = (a & b).sum(dim=1).double()                                    # (L,)
+        union = (a | b).sum(dim=1).double()                                    # (L,)
+        total += torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
+    return (total / len(pairs)).float()
+
+
+# -- merge -------------------------------------------------------------------------------------------------------
+def merge(task_scores: Mapping[str, Mapping[str, torch.Tensor]], *, method: str, normalize: str,
+          weights: Mapping[str, float] | None, budget: Mapping[str, int], seed: int = 0,
+          magnitude: Mapping[str, torch.Tensor] | None = None, generic: Mapping[str, torch.Tensor] | None = None
+          ) -> dict[str, dict[str, torch.Tensor]]:
+    """One global order per group of ``budget`` (``{group: dims kept by a task's top-k}``).
+
+    Returns ``{group: {"priority": (L, W) float32, "votes": (L, W) float32, "agreement": (L,) float32}}``.
+
+    * ``vote``: weighted votes of the per-task keep sets, then mean normalised score (module doc).
+    * ``mean``: weighted mean normalised score.  ``rank``: weighted mean of per-task global ranks.
+    * ``task_agnostic``: the ``generic`` scores as the only task.  ``magnitude``: the ``magnitude`` scores
+      (same per-layer normalisation).  ``random``: uniform, from a generator seeded by ``seed`` and group.
+
+    Every method breaks remaining ties by lowest (layer, index). ``votes`` and ``agreement`` describe the
+    keep sets of the tasks with a positive weight, for every method (zeros / NaN when there are none).
+    """
+    how = normalize  # the parameter shadows the function; the function is reached as ``_normalize``
+    if method not in METHODS:
+        raise ConfigError(f"merge.method = {method!r} is not supported", f"use one of: {', '.join(METHODS)}")
+    tasks = sorted(task_scores)
+    weights = dict(weights or {})
+    unknown = sorted(set(weights) - set(tasks))
+    if unknown:
+        raise ConfigError(f"merge.weights names tasks that are not merged: {', '.join(unknown)}",
+                          f"use task names from the task list: {', '.join(tasks)}")
+    w = {t: float(weights.get(t, 1.0)) for t in tasks}
+    if any(v < 0 for v in w.values()):
+        raise ConfigError("merge.weights must be non-negative", "use e.g. 1.0, or 0 to ignore a task")
+    active = [t for t in tasks if w[t] > 0]
+    if method in TASK_METHODS and not active:
+        raise ConfigError(f"merge.method {method} needs at least one task with a positive weight",
+                          "list tasks under 'tasks' and give at least one a weight above 0")
+    if method == "task_agnostic" and generic is None:
+        raise ConfigError("merge.method task_agnostic needs scores on generic text", "score the generic corpus first")
+    if method == "magnitude" and magnitude is None:
+        raise ConfigError("merge.method magnitude needs weight-magnitude scores", "pass magnitude_scores(...)")
+
+    out = {}
+    for group in budget:
+        shape = _group_shape(group, tasks, task_scores, generic, magnitude)
+        norm = {t: _normalized(task_scores[t], group, shape, how, t) for t in tasks}  # each (L, W)
+        keeps = {t: task_keep_mask(norm[t], int(budget[group])) for t in active}        # each (L, W) bool
+        votes = torch.zeros(shape, dtype=torch.float64)
+        for t in active:
+            votes += w[t] * keeps[t].double()                                            # (L, W)
+        wsum = sum(w[t] for t in active)
+        mean_score = sum(w[t] * norm[t] for t in active) / wsum if active else None      # (L, W)
+
+        if method == "vote":
+            order = _descending_order(torch.round(votes, decimals=9), mean_score)
+        elif method == "mean":
+            order = _descending_order(mean_score)
+        elif method == "rank":
+            mean_rank = sum(w[t] * _global_rank(norm[t]) for t in active) / wsum          # (L, W)
+            order = _descending_order(-mean_rank, mean_score)
+        elif method == "task_agnostic":
+            order = _descending_order(_normalized(generic, group, shape, how, "generic"))
+        elif method == "magnitude":
+            order = _descending_order(_normalized(magnitude, group, shape, how, "magnitude"))
+        else:  # random
+            gen = torch.Generator().manual_seed(_group_seed(seed, group))
+            order = _descending_order(torch.rand(shape, generator=gen, dtype=torch.float64))
+        agreement = (layer_agreement([keeps[t] for t in active]) if active
+                     else torch.full((shape[0],), float("nan")))
+        out[group] = {"priority": _priority(order, shape), "votes": votes.float(), "agreement": agreement}
+    return out
+
+
+def _normalized(scores: Mapping[str, torch.Tensor], group: str, shape: torch.Size, how: str,
+                source: str) -> torch.Tensor:
+    """``scores[group]`` normalised per layer, after checking it exists and has ``shape``."""
+    if group not in scores:
+        raise DataError(f"the {source} scores have no group '{group}'",
+                        f"add '{group}' to score.groups and rescore")
+    if tuple(scores[group].shape) != tuple(shape):
+        raise DataError(f"the {source} scores for '{group}' have shape {tuple(scores[group].shape)}, "
+                        f"expected {tuple(shape)}", "rescore every task on the same model")
+    return _normalize(scores[group], how)
+
+
+def _group_shape(group, tasks, task_scores, generic, magnitude) -> torch.Size:
+    for source in [*(task_scores[t] for t in tasks), generic, magnitude]:
+        if source is not None and group in source:
+            return source[group].shape
+    raise DataError(f"no scores for group '{group}'", f"add '{group}' to score.groups and rescore")
+
+
+def _group_seed(seed: int, group: str) -> int:
+    """A seed per (seed, group): a group's random order does not depend on which other groups are merged."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{group}".encode()).digest()[:8], "little") >> 1
+
+
+# -- weight magnitude --------------------------------------------------------------------------------------------
+def magnitude_scores(model, adapter=None, groups: Sequence[str] = ("mlp",)) -> dict[str, torch.Tensor]:
+    """L2 norm of all weights (and biases) each dimension owns: {group: (L, W) float32}."""
+    if adapter is None:
+        from diet.adapters import get_adapter
+
+        adapter = get_adapter(model)
+
+    def sq(lin, dim):  # squared norms of rows (dim=1) or columns (dim=0) of a Linear's weight
+        return lin.weight.detach().float().square().sum(dim=dim)
+
+    out = {}
+    for group in groups:
+        rows = []
+        for layer in range(adapter.num_layers):
+            if group == "mlp":
+                ins, down = adapter.mlp_projections(layer)
+                total = sq(down, 0)                                                     # (I,)
+                for lin in ins:
+                    total = total + sq(lin, 1)                                          # (I,)
+                    if lin.bias is not None:
+                        total = total + lin.bias.detach().float().square()
+            elif group == "attention":
+                q, k, v, o = adapter.attention_projections(layer)
+                g = adapter.num_kv_heads(layer)
+                total = sq(o, 0).view(g, -1).sum(dim=1)                                 # (G,)
+                for lin in (q, k, v):  # rows: heads contiguous, a group's rows contiguous
+                    total = total + sq(lin, 1).view(g, -1).sum(dim=1)                   # (G,)
+                    if lin.bias is not None:
+                        total = total + lin.bias.detach().float().square().view(g, -1).sum(dim=1)
+            else:
+                raise ValueError(f"unknown group {group!r}")
+            rows.append(total.sqrt().cpu())
+        if len({r.numel() for r in rows}) != 1:
+            raise DataError(f"group '{group}' has different widths per layer", "use the base (unpruned) model")
+        out[group] = torch.stack(rows)                                                  # (L, W)
+    return out

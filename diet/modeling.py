@@ -1,0 +1,187 @@
+"""Loadable pruned checkpoints.
+
+Two formats, chosen by the widths the mask leaves (``ModelAdapter.write_config``):
+
+* **uniform** (same widths in every layer): a stock config with ``intermediate_size``,
+  ``num_attention_heads`` and ``num_key_value_heads`` updated and ``head_dim`` explicit. Plain transformers
+  (and other runtimes) load it without this package.
+* **per-layer** (widths differ, ``layout: global``): for each family ``<f>`` a config subclass with model_type
+  ``diet_<f>`` carrying ``intermediate_sizes``, ``num_heads_per_layer`` and ``num_kv_heads_per_layer``, and a
+  causal-LM subclass that builds every layer at its own widths. Importing ``diet`` registers both with
+  ``AutoConfig`` / ``AutoModelForCausalLM``, so ``AutoModelForCausalLM.from_pretrained(path)`` works without
+  remote code. ``hidden_size`` never changes (Gemma scales embeddings by its square root). The scalar width
+  fields hold the widest layer, so every layer is built that wide and then sliced to its listed width
+  (on the meta device when loading, so nothing is allocated twice). Attention reshapes with ``-1`` heads and
+  removing whole KV groups keeps ``num_attention_heads // num_key_value_heads``, so the stock forward and the
+  KV cache handle a different head count in every layer.
+
+A pruned model switches between the stock and the per-layer classes in place (``retype``): the per-layer
+classes add nothing but the three lists, so every module keeps its weights and its reference to the config.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import torch
+import transformers
+from huggingface_hub.dataclasses import strict
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from diet.adapters import SUPPORTED, adapter_class, family, get_adapter, pruned_model_type
+from diet.errors import ModelError
+from diet.io import atomic_dir, write_json
+from diet.pruning import parameter_counts
+
+#: stock scalar config field -> per-layer list field of the diet_<family> configs
+PER_LAYER_FIELDS = {
+    "intermediate_size": "intermediate_sizes",
+    "num_attention_heads": "num_heads_per_layer",
+    "num_key_value_heads": "num_kv_heads_per_layer",
+}
+
+#: family model_type -> {"stock": (config class, model class), "per_layer": (config class, model class)}
+CLASSES: dict[str, dict[str, tuple[type, type]]] = {}
+
+
+def _validate_per_layer(config) -> None:
+    """Replaces the stock check ``hidden_size % num_attention_heads == 0``: head_dim is explicit here."""
+    n = config.num_hidden_layers
+    for scalar, field in PER_LAYER_FIELDS.items():
+        values = getattr(config, field)
+        if values is None:
+            continue
+        if len(values) != n:
+            raise ValueError(f"{field} has {len(values)} entries for {n} layers")
+        if min(values) <= 0 or max(values) != getattr(config, scalar):
+            raise ValueError(f"{field} must be positive with its maximum equal to {scalar}")
+    heads, kv = config.num_heads_per_layer, config.num_kv_heads_per_layer
+    if heads is not None and kv is not None:
+        per_group = config.num_attention_heads // config.num_key_value_heads
+        if any(h != k * per_group for h, k in zip(heads, kv)):
+            raise ValueError(f"every layer needs {per_group} query heads per KV head")
+
+
+def _shape_layers(model) -> None:
+    """Slice a freshly built model (every layer at the widest widths) to the per-layer widths of its config."""
+    config = model.config
+    keep = {}
+    if config.intermediate_sizes is not None:
+        keep["mlp"] = [torch.arange(w) for w in config.intermediate_sizes]
+    if config.num_kv_heads_per_layer is not None:
+        keep["attention"] = [torch.arange(k) for k in config.num_kv_heads_per_layer]
+    get_adapter(model).slice_weights(keep)
+
+
+def _define(model_type: str) -> None:
+    adapter = adapter_class(model_type)
+    stock_config = getattr(transformers, adapter.config_class_name)
+    stock_model = getattr(transformers, adapter.model_class_name)
+
+    @strict(accept_kwargs=True)
+    class PerLayerConfig(stock_config):
+        intermediate_sizes: list[int] | None = None
+        num_heads_per_layer: list[int] | None = None
+        num_kv_heads_per_layer: list[int] | None = None
+
+        def validate_architecture(self):
+            _validate_per_layer(self)
+
+    PerLayerConfig.model_type = pruned_model_type(model_type)
+
+    class PerLayerForCausalLM(stock_model):
+        config_class = PerLayerConfig
+
+        def __init__(self, config):
+            super().__init__(config)
+            _shape_layers(self)
+
+    for cls, stock in ((PerLayerConfig, stock_config), (PerLayerForCausalLM, stock_model)):
+        cls.__name__ = cls.__qualname__ = f"Diet{stock.__name__}"
+        cls.__module__ = __name__
+        globals()[cls.__name__] = cls
+    AutoConfig.register(PerLayerConfig.model_type, PerLayerConfig, exist_ok=True)
+    AutoModelForCausalLM.register(PerLayerConfig, PerLayerForCausalLM, exist_ok=True)
+    CLASSES[model_type] = {"stock": (stock_config, stock_model), "per_layer": (PerLayerConfig, PerLayerForCausalLM)}
+
+
+for _model_type in SUPPORTED:
+    _define(_model_type)
+
+
+def is_per_layer(model_or_config) -> bool:
+    """Whether a model (or config) is of a registered ``diet_<family>`` type."""
+    config = getattr(model_or_config, "config", model_or_config)
+    return config.model_type != family(config.model_type)
+
+
+def retype(model, per_layer: bool) -> None:
+    """Switch ``model`` and its config, in place, to its family's per-layer or stock classes."""
+    classes = CLASSES[family(model.config.model_type)]
+    config_class, model_class = classes["per_layer" if per_layer else "stock"]
+    config = model.config
+    if not per_layer:
+        for field in PER_LAYER_FIELDS.values():
+            config.__dict__.pop(field, None)
+    config.__class__ = config_class
+    model.__class__ = model_class
+
+
+def stock_config_problem(config, widths: dict[str, list[int]]) -> str | None:
+    """Why the stock config of ``config``'s family with these widths would not load (None if it would)."""
+    uneven = [name for name, values in widths.items() if len(set(values)) != 1]
+    if uneven:
+        return f"{', '.join(uneven)} differ per layer"
+    stock = copy.deepcopy(config)
+    for field in PER_LAYER_FIELDS.values():
+        stock.__dict__.pop(field, None)
+    stock.__class__ = CLASSES[family(config.model_type)]["stock"][0]
+    try:
+        for name, values in widths.items():
+            setattr(stock, name, values[0])
+        stock.validate()
+    except Exception as e:  # strict-dataclass validation errors carry the reason
+        return str(e).strip().splitlines()[-1].strip()
+    return None
+
+
+def save_pruned(model, tokenizer, out_dir: str | os.PathLike, manifest: dict) -> Path:
+    """Write ``model`` (safetensors + config), ``tokenizer`` and ``manifest.json`` to ``out_dir`` atomically.
+
+    ``config.tie_word_embeddings`` is set from the weights right before saving, so a tied head is stored once
+    and re-tied on load. ``manifest.json`` holds ``manifest`` plus a ``checkpoint`` entry: model_type, whether
+    stock transformers loads it, the per-layer widths and the parameter counts.
+    """
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    model.config.tie_word_embeddings = out is None or out.weight is inp.weight
+    adapter = get_adapter(model)
+    checkpoint = {
+        "model_type": model.config.model_type,
+        "stock_loadable": not is_per_layer(model),
+        "widths": adapter.layer_widths(),
+        "head_dim": adapter.head_dim(),
+        "parameters": parameter_counts(model),
+    }
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        write_json(tmp / "manifest.json", {**manifest, "checkpoint": checkpoint})
+    return out_dir
+
+
+def load_model(path: str | os.PathLike, dtype: str | torch.dtype = "float32"):
+    """Load a stock or pruned checkpoint folder as a causal LM in eval mode, with the family's attention."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ModelError(f"no model checkpoint at {path} (config.json missing)",
+                         "point to a folder written by save_pretrained / save_pruned, or run the stage that makes it")
+    config = AutoConfig.from_pretrained(path)
+    adapter = adapter_class(config.model_type)
+    kwargs = {"attn_implementation": adapter.attn_implementation} if adapter.attn_implementation else {}
+    torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch_dtype, **kwargs)
+    return model.eval()

@@ -1,0 +1,112 @@
+"""Pruning primitives that keep module metadata, the config and the checkpoint format true.
+
+``keep`` everywhere is ``{group: [LongTensor of kept indices, one per layer]}`` with the groups of
+``diet.adapters.base.GROUPS``; a group left out of ``keep`` is not pruned. For ``attention`` the indices are
+KV groups (see ``diet.adapters.base``).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from diet.adapters import get_adapter
+from diet.errors import ModelError
+
+LAYOUTS = ("global", "uniform")
+
+
+def slice_linear(linear: nn.Linear, idx: torch.Tensor, dim: str) -> nn.Linear:
+    """Keep only the output rows (``dim="out"``) or input columns (``dim="in"``) ``idx`` of ``linear``, in place.
+
+    ``in_features`` / ``out_features`` follow the new weight; an output slice also slices the bias.
+    Returns ``linear`` (the same module, so hooks and references stay valid).
+    """
+    w = linear.weight  # (out, in)
+    idx = idx.to(device=w.device, dtype=torch.long)
+    if dim == "out":
+        linear.weight = nn.Parameter(w.detach().index_select(0, idx), requires_grad=w.requires_grad)  # (k, in)
+        if linear.bias is not None:
+            b = linear.bias
+            linear.bias = nn.Parameter(b.detach().index_select(0, idx), requires_grad=b.requires_grad)  # (k,)
+        linear.out_features = idx.numel()
+    elif dim == "in":
+        linear.weight = nn.Parameter(w.detach().index_select(1, idx), requires_grad=w.requires_grad)  # (out, k)
+        linear.in_features = idx.numel()
+    else:
+        raise ValueError(f"dim must be 'out' or 'in', got {dim!r}")
+    return linear
+
+
+def apply_mask(model: nn.Module, keep: dict[str, list[torch.Tensor]], layout: str = "global") -> nn.Module:
+    """Physically remove every dimension not in ``keep`` and update the config; returns ``model`` (pruned in place).
+
+    ``layout="uniform"`` demands the same kept width in every layer and a config that stock transformers
+    accepts; it is checked before anything is removed. With ``layout="global"`` widths may differ per layer
+    and the model becomes the per-layer-width ``diet_<family>`` type (unless the widths happen to be uniform,
+    in which case it stays a stock model).
+    """
+    if layout not in LAYOUTS:
+        raise ModelError(f"unknown layout {layout!r}", f"use one of: {', '.join(LAYOUTS)}")
+    adapter = get_adapter(model)
+    keep = adapter.check_keep(keep)
+    if layout == "uniform":
+        widths = adapter.widths_after(keep)
+        uneven = {k: sorted(set(v)) for k, v in widths.items() if len(set(v)) > 1}
+        if uneven:
+            raise ModelError(f"layout 'uniform' needs the same width in every layer, the mask gives {uneven}",
+                             "select the mask with select.layout: uniform, or prune with layout: global")
+        from diet.modeling import stock_config_problem
+
+        problem = stock_config_problem(model.config, widths)
+        if problem:
+            raise ModelError(f"the uniformly pruned config is not one stock transformers accepts: {problem}",
+                             "keep a number of attention groups whose head count divides hidden_size, "
+                             "prune only the mlp group, or use layout: global")
+    adapter.prune(keep)
+    return model
+
+
+@torch.no_grad()
+def zero_mask(model: nn.Module, keep: dict[str, list[torch.Tensor]]) -> nn.Module:
+    """A dense copy of ``model`` whose removed dimensions contribute nothing: the reference for pruning.
+
+    ``mlp``: the down_proj columns of removed channels are zeroed. ``attention``: the o_proj columns of every
+    query head of a removed KV group are zeroed. Logits of ``apply_mask(model, keep)`` equal this copy's.
+    """
+    dense = copy.deepcopy(model)
+    adapter = get_adapter(dense)
+    keep = adapter.check_keep(keep)
+    for group, per_layer in keep.items():
+        for layer, kept in enumerate(per_layer):
+            if group == "mlp":
+                down = adapter.mlp_projections(layer)[1]
+                cols = _removed(kept, down.in_features)
+            else:
+                down = adapter.attention_projections(layer)[3]
+                cols = adapter.attention_rows(layer, _removed(kept, adapter.num_kv_heads(layer)))["q"]
+            down.weight[:, cols.to(down.weight.device)] = 0.0  # (hidden, removed)
+    return dense
+
+
+def _removed(kept: torch.Tensor, width: int) -> torch.Tensor:
+    mask = torch.ones(width, dtype=torch.bool)
+    mask[kept] = False
+    return mask.nonzero().flatten()  # (width - len(kept),)
+
+
+def parameter_counts(model: nn.Module) -> dict:
+    """Parameter counts, each shared (tied) tensor counted once.
+
+    ``embedding``: input embeddings plus an untied output head; ``non_embedding`` = total - embedding;
+    ``decoder``: the decoder layers (the base of ``prune.sparsity``); ``per_layer``: one count per layer.
+    """
+    total = sum(p.numel() for p in model.parameters())
+    embedding_params = {id(m.weight): m.weight for m in (model.get_input_embeddings(), model.get_output_embeddings())
+                        if m is not None}
+    embedding = sum(p.numel() for p in embedding_params.values())
+    per_layer = [sum(p.numel() for p in layer.parameters()) for layer in get_adapter(model).decoder_layers()]
+    return {"total": total, "embedding": embedding, "non_embedding": total - embedding,
+            "decoder": sum(per_layer), "per_layer": per_layer}

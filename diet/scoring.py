@@ -1,0 +1,285 @@
+"""Per-task importance of every prunable dimension, from calibration activations.
+
+The score of a dimension is a statistic of the activation that feeds its weights, over the non-padding
+tokens of one task's calibration texts:
+
+* ``mlp``: channel ``j`` of the input of down_proj, shape (B, T, I).
+* ``attention``: the input of o_proj, shape (B, T, n_heads * head_dim), reduced to one value per KV group
+  (the group's ``heads_per_group`` query heads times ``head_dim`` channels).
+
+Statistics (running float32 sums, memory O(dimensions), never O(tokens)):
+
+* ``mean_abs``: mean of ``|a|`` over tokens. A KV group takes the mean over its channels.
+* ``l2``: L2 norm over tokens, ``sqrt(sum a^2)``. A KV group takes ``sqrt(mean over its channels of
+  sum a^2)``, so a group of one channel equals that channel's norm.
+
+With ``weight_norm`` the score is multiplied by the L2 norm of the dimension's output-projection columns
+(down_proj column ``j``; the o_proj columns of the KV group), as in Wanda's ``|W| * ||X||``.
+
+Score files: ``scores/{task}.safetensors`` holds one float32 (L, W) tensor per group; the metadata sits in
+its header and beside it as ``scores/{task}.json``. Both are byte-identical for identical inputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import inspect
+import json
+import os
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from diet.config import STATISTICS
+from diet.errors import DataError, DietError, ModelError
+from diet.io import read_json, save_tensors, sha256_file, write_json
+
+#: metadata every score file carries (``code_version`` and ``groups`` are added by ``write_scores``)
+SCORE_META_KEYS = ("model_fingerprint", "task", "task_data_hash", "n_samples", "n_tokens", "statistic",
+                   "weight_norm")
+_HEADER_KEY = "diet"  # one safetensors metadata entry: several entries come back in hash order
+
+
+class ActivationStats:
+    """Running per-channel sums of one activation over non-padding tokens."""
+
+    def __init__(self, width: int, statistic: str = "mean_abs"):
+        if statistic not in STATISTICS:
+            raise ValueError(f"unknown statistic {statistic!r}; known: {', '.join(STATISTICS)}")
+        self.width = width
+        self.statistic = statistic
+        self.sum: torch.Tensor | None = None  # (D,) float32, on the activations' device
+        self.n_tokens = 0
+
+    def add_batch(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """Add activations ``x`` (B, T, D); ``mask`` (B, T) is True on real tokens (None: all count)."""
+        if x.dim() != 3 or x.shape[-1] != self.width:
+            raise ValueError(f"expected activations (B, T, {self.width}), got {tuple(x.shape)}")
+        if mask is None:
+            mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        if tuple(mask.shape) != tuple(x.shape[:2]):
+            raise ValueError(f"mask {tuple(mask.shape)} does not match activations {tuple(x.shape)}")
+        x = x.detach().float()                                   # (B, T, D)
+        val = x.abs() if self.statistic == "mean_abs" else x.square()  # (B, T, D)
+        w = mask.to(device=x.device, dtype=torch.float32)        # (B, T): 0 on padding, out of place
+        batch_sum = torch.einsum("btd,bt->d", val, w)            # (D,)
+        self.sum = batch_sum if self.sum is None else self.sum + batch_sum
+        self.n_tokens += int(mask.sum())
+
+    def finalize(self, n_groups: int | None = None) -> torch.Tensor:
+        """Score per channel (D,), or per group of ``D // n_groups`` contiguous channels (n_groups,)."""
+        if self.sum is None or self.n_tokens == 0:
+            raise DataError("no non-padding token reached this activation",
+                            "check that the calibration texts are not empty and the attention mask is set")
+        total = self.sum.cpu()                                   # (D,)
+        if n_groups is not None:
+            if self.width % n_groups:
+                raise ValueError(f"width {self.width} does not split into {n_groups} groups")
+            total = total.view(n_groups, self.width // n_groups).mean(dim=1)  # (G,)
+        if self.statistic == "mean_abs":
+            return total / self.n_tokens
+        return total.sqrt()
+
+
+class ActivationRecorder:
+    """What ``record_activations`` yields: the stats per group and layer, and the current batch's mask."""
+
+    def __init__(self, stats: dict[str, list[ActivationStats]]):
+        self.stats = stats
+        self.mask: torch.Tensor | None = None  # (B, T) bool, set before each forward
+
+
+@contextlib.contextmanager
+def record_activations(model: nn.Module, adapter, groups: Sequence[str],
+                       statistic: str = "mean_abs") -> Iterator[ActivationRecorder]:
+    """Hook the input of each group's activation module in every layer; hooks are always removed."""
+    recorder = ActivationRecorder({})
+    handles = []
+    try:
+        for group in groups:
+            recorder.stats[group] = []
+            for layer in range(adapter.num_layers):
+                module = adapter.activation_module(group, layer)
+                stats = ActivationStats(module.in_features, statistic)
+                recorder.stats[group].append(stats)
+                handles.append(module.register_forward_pre_hook(_make_hook(stats, recorder), with_kwargs=True))
+        yield recorder
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _make_hook(stats: ActivationStats, recorder: ActivationRecorder):
+    def hook(module, args, kwargs):
+        x = args[0] if args else kwargs["input"]  # (B, T, D)
+        stats.add_batch(x, recorder.mask)
+
+    return hook
+
+
+def encode_texts(tokenizer, texts: Sequence[str], *, max_length: int, add_bos: bool) -> list[list[int]]:
+    """Token ids per text: no special tokens except an optional leading BOS, truncated to ``max_length``."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if add_bos and bos is None:
+        raise ModelError("add_bos is set but the tokenizer has no BOS token",
+                         "use a tokenizer with a bos_token, or score without add_bos")
+    encoded = []
+    for i, text in enumerate(texts):
+        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if add_bos:
+            ids = [bos] + ids
+        if not ids:
+            raise DataError(f"calibration text #{i} is empty after tokenisation",
+                            "drop empty samples when preparing the task data")
+        encoded.append(ids[:max_length])
+    return encoded
+
+
+def _pad_right(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids (B, T), attention mask (B, T) bool), padded on the right to the longest row."""
+    t = max(len(ids) for ids in batch)
+    ids = torch.full((len(batch), t), pad_id, dtype=torch.long)  # (B, T)
+    mask = torch.zeros((len(batch), t), dtype=torch.bool)          # (B, T)
+    for row, seq in enumerate(batch):
+        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[row, : len(seq)] = True
+    return ids, mask
+
+
+def output_weight_norms(adapter, group: str) -> torch.Tensor:
+    """L2 norm of each dimension's output-projection columns, (L, W) float32."""
+    rows = []
+    for layer in range(adapter.num_layers):
+        if group == "mlp":
+            w = adapter.mlp_projections(layer)[1].weight.detach().float()    # (H, I)
+            rows.append(w.norm(dim=0))                                        # (I,)
+        elif group == "attention":
+            w = adapter.attention_projections(layer)[3].weight.detach().float()  # (H, n_heads * hd)
+            n_kv = adapter.num_kv_heads(layer)
+            w = w.view(w.shape[0], n_kv, -1)                                  # (H, G, hpg * hd)
+            rows.append(w.square().sum(dim=(0, 2)).sqrt())                    # (G,)
+        else:
+            raise ValueError(f"unknown group {group!r}")
+    return _stack_layers(rows, group).cpu()
+
+
+def _stack_layers(rows: list[torch.Tensor], group: str) -> torch.Tensor:
+    widths = sorted({r.numel() for r in rows})
+    if len(widths) != 1:
+        raise ModelError(f"group '{group}' has different widths per layer ({widths}); scores need a dense model",
+                         "score the base (unpruned) model")
+    return torch.stack(rows)  # (L, W)
+
+
+def score_texts(model: nn.Module, tokenizer, texts: Sequence[str], *, groups: Sequence[str], statistic: str,
+                weight_norm: bool, batch_size: int, max_length: int, add_bos: bool, progress: bool = True,
+                adapter=None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Score every dimension of ``groups`` on ``texts``: ({group: (L, W) float32}, {n_samples, n_tokens}).
+
+    Texts run longest first in batches of ``batch_size``, right-padded; padding is excluded from every
+    statistic. Deterministic for identical inputs.
+    """
+    from tqdm.auto import tqdm
+
+    if not texts:
+        raise DataError("no calibration texts to score", "check the task's calibration split")
+    if adapter is None:
+        from diet.adapters import get_adapter
+
+        adapter = get_adapter(model)
+    encoded = encode_texts(tokenizer, texts, max_length=max_length, add_bos=add_bos)
+    order = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i]), i))  # longest first: peak memory early
+    pad_id = next((t for t in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None))
+                   if t is not None), 0)
+    device = next(model.parameters()).device
+    extra = {"use_cache": False}
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        extra["logits_to_keep"] = 1  # the LM head's (B, T, vocab) output is not needed
+    was_training = model.training
+    model.eval()
+    n_tokens = 0
+    try:
+        with torch.no_grad(), record_activations(model, adapter, groups, statistic) as rec:
+            starts = range(0, len(order), batch_size)
+            for start in tqdm(starts, desc="scoring", unit="batch", disable=not progress):
+                ids, mask = _pad_right([encoded[i] for i in order[start:start + batch_size]], pad_id)  # (B, T)
+                rec.mask = mask.to(device)
+                model(input_ids=ids.to(device), attention_mask=mask.to(device), **extra)
+                n_tokens += int(mask.sum())
+        scores = {}
+        for group in groups:
+            rows = [stats.finalize(adapter.num_kv_heads(layer) if group == "attention" else None)
+                    for layer, stats in enumerate(rec.stats[group])]
+            s = _stack_layers(rows, group)                                     # (L, W)
+            if weight_norm:
+                s = s * output_weight_norms(adapter, group)                    # (L, W)
+            scores[group] = s.float().contiguous()
+    finally:
+        model.train(was_training)
+    return scores, {"n_samples": len(encoded), "n_tokens": n_tokens}
+
+
+# -- identity of what produced a score ------------------------------------------------------------------------
+_CONFIG_KEYS_IGNORED = ("transformers_version", "_name_or_path")
+
+
+def model_fingerprint(model_dir: str | os.PathLike) -> str:
+    """sha256 over a model folder's config.json (canonical JSON) and weight files (content, by name).
+
+    Independent of paths, timestamps and the transformers version that wrote the config.
+    """
+    model_dir = Path(model_dir)
+    config_path = model_dir / "config.json"
+    weights = sorted(model_dir.glob("*.safetensors"))
+    if not config_path.exists() or not weights:
+        raise ModelError(f"{model_dir} is not a saved model folder (config.json and *.safetensors expected)",
+                         "point to the folder written by `dvc repro model` or by save_pretrained")
+    config = {k: v for k, v in read_json(config_path).items() if k not in _CONFIG_KEYS_IGNORED}
+    h = hashlib.sha256()
+    h.update(b"config\0" + json.dumps(config, sort_keys=True).encode() + b"\n")
+    for path in weights:
+        h.update(f"{path.name}\0{sha256_file(path)}\n".encode())
+    return h.hexdigest()
+
+
+def write_scores(path: str | os.PathLike, scores: dict[str, torch.Tensor], meta: dict) -> None:
+    """Write ``{group: (L, W)}`` to ``path`` (safetensors) and its metadata to ``path`` with suffix .json."""
+    import diet
+
+    missing = [k for k in SCORE_META_KEYS if k not in meta]
+    if missing:
+        raise ValueError(f"score metadata lacks {', '.join(missing)}")
+    path = Path(path)
+    full = {**meta, "code_version": diet.__version__, "groups": sorted(scores),
+            "shapes": {g: list(t.shape) for g, t in sorted(scores.items())}}
+    tensors = {g: t.detach().to(device="cpu", dtype=torch.float32) for g, t in scores.items()}
+    save_tensors(path, tensors, metadata={_HEADER_KEY: json.dumps(full, sort_keys=True)})
+    write_json(path.with_suffix(".json"), full)
+
+
+def read_scores(path: str | os.PathLike, expect_fingerprint: str | None = None
+                ) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read a score file; refuse it when it was computed on another model than ``expect_fingerprint``."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"score file not found: {path}", f"run `dvc repro score@{path.stem}`")
+    with safe_open(str(path), framework="pt") as f:
+        header = f.metadata() or {}
+        scores = {name: f.get_tensor(name) for name in f.keys()}
+    if _HEADER_KEY in header:
+        meta = json.loads(header[_HEADER_KEY])
+    elif path.with_suffix(".json").exists():
+        meta = read_json(path.with_suffix(".json"))
+    else:
+        raise DataError(f"{path} carries no score metadata", f"rerun `dvc repro score@{path.stem}`")
+    if expect_fingerprint is not None and meta.get("model_fingerprint") != expect_fingerprint:
+        task = meta.get("task", path.stem)
+        raise DietError(f"{path} was scored on model {meta.get('model_fingerprint')}, "
+                        f"but the current model is {expect_fingerprint}",
+                        f"rerun `dvc repro score@{task}` to rescore it on the current model")
+    return scores, meta

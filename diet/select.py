@@ -1,0 +1,231 @@
+"""From a global priority per dimension to the kept dimensions of every layer, under a parameter budget.
+
+Per group, the parameters to remove come from ``diet.merge.removal_targets`` (the same fraction of every
+pruned group's parameters). Constraints on each layer's kept width ``k``:
+
+* ``k >= floor``, ``floor = min(W, roundup(max(1, ceil(min_keep * W)), multiple))``: a layer is never
+  emptied and keeps at least ``min_keep`` of its dimensions;
+* ``k`` is a multiple of ``multiple``, or ``W`` (an untouched layer).
+
+``layout: global`` removes, greedily, the block of dimensions with the lowest mean priority among all
+layers' next removable blocks (``multiple`` dimensions each; a layer's first block takes it from ``W`` to
+the largest allowed width below), as long as that brings the removed parameters closer to the target.
+With ``multiple: 1`` this removes dimensions in ascending priority and ends within half a dimension's
+cost of the target. ``layout: uniform`` picks the one allowed width for all layers whose removed
+parameters are closest to the target, then keeps each layer's highest-priority dimensions.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import torch
+
+from diet.config import LAYOUTS
+from diet.errors import ConfigError
+from diet.merge import prunable_params, removal_targets
+
+
+@dataclass
+class Mask:
+    """The kept dimensions of every layer of every pruned group, and the parameter accounting."""
+
+    keep: dict[str, list[list[int]]]          # group -> layer -> sorted kept indices
+    base_widths: dict[str, list[int]]          # group -> width per layer before pruning
+    params_before: int                          # decoder-layer parameters before
+    params_after: int
+    target_sparsity: float
+    layout: str = "global"
+    multiple: int = 1
+    min_keep: float = 0.0
+    widths: dict[str, list[int]] = field(init=False)  # group -> kept width per layer
+
+    def __post_init__(self):
+        self.widths = {g: [len(k) for k in layers] for g, layers in self.keep.items()}
+        for g, layers in self.keep.items():
+            if len(layers) != len(self.base_widths[g]):
+                raise ValueError(f"group '{g}': {len(layers)} layers kept, {len(self.base_widths[g])} in the model")
+            for i, (kept, w) in enumerate(zip(layers, self.base_widths[g])):
+                if not kept or list(kept) != sorted(set(kept)) or kept[0] < 0 or kept[-1] >= w:
+                    raise ValueError(f"group '{g}' layer {i}: kept indices must be sorted, unique, "
+                                     f"non-empty and inside [0, {w})")
+
+    @property
+    def removed(self) -> int:
+        return self.params_before - self.params_after
+
+    @property
+    def sparsity(self) -> float:
+        """Achieved share of decoder-layer parameters removed."""
+        return self.removed / self.params_before
+
+    def keep_tensors(self) -> dict[str, list[torch.Tensor]]:
+        """``{group: [LongTensor of kept indices per layer]}``, the form ``ModelAdapter.prune`` takes."""
+        return {g: [torch.tensor(k, dtype=torch.long) for k in layers] for g, layers in self.keep.items()}
+
+    def summary(self) -> dict:
+        groups = {}
+        for g, widths in self.widths.items():
+            total = sum(self.base_widths[g])
+            groups[g] = {"kept_dims": sum(widths), "total_dims": total, "kept_share": round(sum(widths) / total, 6),
+                         "width_min": min(widths), "width_max": max(widths),
+                         "widths": " ".join(str(w) for w in widths)}
+        return {"target_sparsity": self.target_sparsity, "achieved_sparsity": round(self.sparsity, 6),
+                "decoder_params_before": self.params_before, "decoder_params_after": self.params_after,
+                "removed_params": self.removed, "layout": self.layout, "multiple": self.multiple,
+                "min_keep": self.min_keep, "groups": groups}
+
+    def to_json(self) -> dict:
+        """A JSON-ready dict: a human-readable ``summary`` and the data ``from_json`` reads back."""
+        return {"summary": self.summary(), "keep": self.keep, "base_widths": self.base_widths,
+                "params_before": self.params_before, "params_after": self.params_after,
+                "target_sparsity": self.target_sparsity, "layout": self.layout, "multiple": self.multiple,
+                "min_keep": self.min_keep}
+
+    @classmethod
+    def from_json(cls, data: Mapping) -> "Mask":
+        return cls(keep={g: [list(map(int, k)) for k in layers] for g, layers in data["keep"].items()},
+                   base_widths={g: list(map(int, w)) for g, w in data["base_widths"].items()},
+                   params_before=int(data["params_before"]), params_after=int(data["params_after"]),
+                   target_sparsity=float(data["target_sparsity"]), layout=data.get("layout", "global"),
+                   multiple=int(data.get("multiple", 1)), min_keep=float(data.get("min_keep", 0.0)))
+
+    def save(self, path) -> None:
+        from diet.io import write_json
+
+        write_json(path, self.to_json())
+
+    @classmethod
+    def load(cls, path) -> "Mask":
+        from diet.io import read_json
+
+        return cls.from_json(read_json(path))
+
+
+def floor_width(width: int, min_keep: float, multiple: int) -> int:
+    """Least kept width of a layer: ceil(min_keep * width), at least 1, rounded up to ``multiple``, <= width."""
+    least = max(1, math.ceil(round(min_keep * width, 9)))  # round: 0.05 * 20 is 1.0000000000000002
+    return min(width, -(-least // multiple) * multiple)
+
+
+def _next_width(width: int, current: int, floor: int, multiple: int) -> int | None:
+    """The largest allowed width below ``current``, or None at the floor."""
+    nxt = (current - 1) // multiple * multiple
+    return nxt if nxt >= floor and current > floor else None
+
+
+def select(priority: Mapping[str, torch.Tensor], widths: Mapping[str, Sequence[int]],
+           costs: Mapping[str, Sequence[int]], *, sparsity: float, decoder_params: int, min_keep: float,
+           multiple: int, layout: str) -> Mask:
+    """Kept dimensions per layer for every group in ``priority`` ({group: (L, W), higher = keep first})."""
+    if layout not in LAYOUTS:
+        raise ConfigError(f"select.layout = {layout!r} is not supported", f"use one of: {', '.join(LAYOUTS)}")
+    if not isinstance(multiple, int) or multiple < 1:
+        raise ConfigError(f"select.multiple = {multiple!r} must be a positive integer", "set e.g. multiple: 8")
+    if not 0.0 <= float(min_keep) < 1.0:
+        raise ConfigError(f"select.min_keep = {min_keep!r} must be in [0, 1)", "set e.g. min_keep: 0.05")
+    if not 0.0 < float(sparsity) < 1.0:
+        raise ConfigError(f"prune.sparsity = {sparsity!r} is outside (0, 1)", "set e.g. sparsity: 0.2")
+    groups = list(priority)
+    for g in groups:
+        if g not in widths or g not in costs:
+            raise ValueError(f"group '{g}' has a priority but no widths or costs")
+        if tuple(priority[g].shape) != (len(widths[g]), max(widths[g])):
+            raise ValueError(f"priority of '{g}' is {tuple(priority[g].shape)}, widths are {list(widths[g])}")
+    floors = {g: [floor_width(w, min_keep, multiple) for w in widths[g]] for g in groups}
+    _check_reachable(groups, widths, costs, floors, sparsity, decoder_params, layout, multiple)
+    targets = removal_targets(widths, costs, sparsity, decoder_params, groups)
+
+    keep, removed = {}, 0
+    for g in groups:
+        pick = _select_uniform if layout == "uniform" else _select_global
+        kept_widths = pick(priority[g], list(widths[g]), list(costs[g]), floors[g], multiple, targets[g])
+        keep[g] = [_top_indices(priority[g][i, : widths[g][i]], k) for i, k in enumerate(kept_widths)]
+        removed += sum((w - k) * c for w, k, c in zip(widths[g], kept_widths, costs[g]))
+    return Mask(keep=keep, base_widths={g: list(map(int, widths[g])) for g in groups},
+                params_before=int(decoder_params), params_after=int(decoder_params - removed),
+                target_sparsity=float(sparsity), layout=layout, multiple=multiple, min_keep=float(min_keep))
+
+
+def _removal_order(prio: torch.Tensor) -> list[int]:
+    """Indices of one layer's dimensions, least important first (priority asc; ties: higher index first)."""
+    keep_first = torch.sort(prio, descending=True, stable=True).indices  # priority desc, index asc
+    return keep_first.flip(0).tolist()
+
+
+def _top_indices(prio: torch.Tensor, k: int) -> list[int]:
+    """The ``k`` highest-priority indices of one layer (W,), sorted ascending."""
+    return sorted(torch.sort(prio, descending=True, stable=True).indices[:k].tolist())
+
+
+def _select_global(prio: torch.Tensor, widths: list[int], costs: list[int], floors: list[int], multiple: int,
+                   target: float) -> list[int]:
+    """Per-layer kept widths: greedy removal of the lowest-mean-priority block while it nears the target."""
+    current = list(widths)
+    orders = [_removal_order(prio[i, : w]) for i, w in enumerate(widths)]
+
+    def push(heap, i):
+        nxt = _next_width(widths[i], current[i], floors[i], multiple)
+        if nxt is not None:
+            block = orders[i][widths[i] - current[i]: widths[i] - nxt]       # dims this block removes
+            mean_prio = float(prio[i, block].double().mean())
+            heapq.heappush(heap, (mean_prio, i, current[i] - nxt))
+
+    heap: list = []
+    for i in range(len(widths)):
+        push(heap, i)
+    removed = 0.0
+    while heap and removed < target:
+        _, i, size = heapq.heappop(heap)
+        cost = size * costs[i]
+        if target - removed > cost / 2:  # removing this block brings the total closer to the target
+            current[i] -= size
+            removed += cost
+            push(heap, i)
+        # else: this layer's later blocks need this one removed first, so the layer is done
+    return current
+
+
+def _select_uniform(prio: torch.Tensor, widths: list[int], costs: list[int], floors: list[int], multiple: int,
+                    target: float) -> list[int]:
+    """One kept width for all layers: the allowed width whose removed parameters are closest to the target."""
+    hi, lo = min(widths), max(floors)
+    candidates = sorted({hi} | set(range(-(-lo // multiple) * multiple, hi + 1, multiple)), reverse=True)
+
+    def removed(k):
+        return sum((w - k) * c for w, c in zip(widths, costs))
+
+    best = min(candidates, key=lambda k: (abs(removed(k) - target), -k))  # ties: keep more
+    return [best] * len(widths)
+
+
+def _check_reachable(groups, widths, costs, floors, sparsity, decoder_params, layout, multiple) -> None:
+    """Refuse a budget that would need cutting below the floors; say the largest reachable sparsity.
+
+    Every group removes the same fraction of its parameters, so the group with the least room sets the limit.
+    """
+    most = {}  # group -> the most parameters it can remove
+    for g in groups:
+        floor_g = floors[g]
+        if layout == "uniform":
+            lo, hi = max(floors[g]), min(widths[g])
+            if lo > hi:
+                raise ConfigError(f"layout uniform cannot give group '{g}' one width: its layers' widths "
+                                  f"{sorted(set(widths[g]))} and floors {sorted(set(floors[g]))} do not overlap",
+                                  "use select.layout: global, or prune the base (unpruned) model")
+            least = -(-lo // multiple) * multiple
+            floor_g = [least if least <= hi else hi] * len(widths[g])
+        most[g] = sum((w - f) * c for w, f, c in zip(widths[g], floor_g, costs[g]))
+    prunable = {g: prunable_params(widths, costs, g) for g in groups}
+    reachable_params = min(most[g] / prunable[g] for g in groups) * sum(prunable.values())
+    if float(sparsity) * decoder_params > reachable_params * (1 + 1e-9):
+        reachable = reachable_params / decoder_params
+        raise ConfigError(
+            f"prune.sparsity {sparsity} cannot be reached: with select.min_keep, select.multiple = {multiple} "
+            f"and layout {layout}, at most {reachable:.4f} of the decoder parameters can be removed "
+            f"from the groups {list(groups)}",
+            f"set prune.sparsity <= {math.floor(reachable * 1e4) / 1e4}, or lower select.min_keep / "
+            f"select.multiple, or prune more groups")

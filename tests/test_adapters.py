@@ -1,0 +1,131 @@
+"""The adapter interface on every supported family: registry, structure, costs, hooks, keep validation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config
+
+from diet.adapters import PRUNED, SUPPORTED, adapter_class, family, get_adapter, pruned_model_type
+from diet.adapters.base import ModelAdapter
+from diet.errors import ModelError
+from diet.pruning import apply_mask, parameter_counts
+from tests.tiny import FAMILIES, tiny_model
+
+NEEDS_BOS = {"llama": False, "gemma2": True, "gemma3_text": True, "qwen2": False}
+
+
+def test_registry_covers_the_supported_families_lazily():
+    assert set(SUPPORTED) == set(FAMILIES)
+    assert all(":" in target for target in SUPPORTED.values())
+    assert PRUNED == {f"diet_{f}": f for f in FAMILIES}
+    assert all(family(pruned_model_type(f)) == f for f in FAMILIES)
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_get_adapter_dispatches_on_model_type(model_type):
+    model = tiny_model(model_type)
+    adapter = get_adapter(model)
+    assert isinstance(adapter, ModelAdapter) and adapter.model is model
+    assert adapter.model_type == model_type == model.config.model_type
+    assert type(adapter) is adapter_class(model_type)
+    assert adapter.needs_bos is NEEDS_BOS[model_type]
+    # a per-layer-width model of the family keeps its adapter
+    apply_mask(model, {"mlp": [torch.arange(w) for w in (8, 16, 24)]}, "global")
+    assert model.config.model_type == f"diet_{model_type}"
+    assert type(get_adapter(model)) is adapter_class(model_type)
+
+
+def test_unsupported_model_type_names_the_supported_ones():
+    gpt2 = AutoModelForCausalLM.from_config(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=64))
+    with pytest.raises(ModelError) as err:
+        get_adapter(gpt2)
+    message = str(err.value)
+    assert "gpt2" in message and all(f in message for f in FAMILIES)
+    with pytest.raises(ModelError, match="model_type"):
+        get_adapter(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_structure_views(model_type):
+    adapter = get_adapter(tiny_model(model_type))
+    assert adapter.num_layers == 3
+    assert adapter.head_dim() == 8
+    assert [adapter.num_heads(i) for i in range(3)] == [4, 4, 4]
+    assert [adapter.num_kv_heads(i) for i in range(3)] == [2, 2, 2]
+    assert adapter.heads_per_group(0) == 2
+    assert adapter.group_widths("mlp") == [64, 64, 64]
+    assert adapter.group_widths("attention") == [2, 2, 2]
+    assert adapter.layer_widths() == {"intermediate_size": [64] * 3, "num_attention_heads": [4] * 3,
+                                      "num_key_value_heads": [2] * 3}
+    ins, down = adapter.mlp_projections(1)
+    assert [p.out_features for p in ins] == [64, 64] and down.in_features == 64
+    q, k, v, o = adapter.attention_projections(1)
+    assert (q.out_features, k.out_features, v.out_features, o.in_features) == (32, 16, 16, 32)
+    with pytest.raises(ValueError):
+        adapter.group_widths("hidden")
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_activation_module_inputs_have_the_group_width(model_type):
+    model = tiny_model(model_type)
+    adapter = get_adapter(model)
+    seen = {}
+    hooks = [adapter.activation_module(g, 2).register_forward_hook(
+        lambda m, inp, out, g=g: seen.__setitem__(g, tuple(inp[0].shape))) for g in ("mlp", "attention")]
+    try:
+        with torch.no_grad():
+            model(torch.randint(4, 128, (2, 7)))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert seen == {"mlp": (2, 7, 64), "attention": (2, 7, 4 * 8)}  # (B, T, I_l), (B, T, n_heads_l * head_dim)
+
+
+@pytest.mark.parametrize("group", ["mlp", "attention"])
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_dimension_cost_is_what_removing_one_dimension_saves(model_type, group):
+    model = tiny_model(model_type)
+    adapter = get_adapter(model)
+    cost = adapter.dimension_cost(group, 1)
+    before = parameter_counts(model)["per_layer"]
+    widths = adapter.group_widths(group)
+    keep = {group: [torch.arange(w) if i != 1 else torch.arange(1, w) for i, w in enumerate(widths)]}
+    apply_mask(model, keep, "global")
+    after = parameter_counts(model)["per_layer"]
+    assert [b - a for b, a in zip(before, after)] == [0, cost, 0]
+
+
+def test_dimension_cost_counts_biases():
+    # qwen2: q/k/v biases, no o_proj bias; llama: no biases. hidden 32, head_dim 8, 2 query heads per group.
+    assert get_adapter(tiny_model("llama")).dimension_cost("attention", 0) == 8 * (2 * 32 + 32 + 32) + 2 * 8 * 32
+    assert get_adapter(tiny_model("qwen2")).dimension_cost("attention", 0) == 8 * (2 * 33 + 33 + 33) + 2 * 8 * 32
+    assert get_adapter(tiny_model("qwen2")).dimension_cost("mlp", 0) == 32 + 32 + 32
+
+
+def test_attention_rows_follow_repeat_kv_grouping():
+    adapter = get_adapter(tiny_model("llama"))  # head_dim 8, 2 query heads per KV head
+    rows = adapter.attention_rows(0, torch.tensor([1]))
+    assert rows["kv"].tolist() == list(range(8, 16))
+    assert rows["q"].tolist() == list(range(16, 32))
+
+
+@pytest.mark.parametrize("keep, problem", [
+    ({"hidden": [torch.arange(32)] * 3}, "unknown dimension group"),
+    ({"mlp": [torch.arange(8)] * 2}, "2 layers"),
+    ({"mlp": [torch.arange(8), torch.tensor([], dtype=torch.long), torch.arange(8)]}, "keeps nothing"),
+    ({"mlp": [torch.tensor([0, 0, 1])] * 3}, "twice"),
+    ({"attention": [torch.tensor([0, 2])] * 3}, "outside"),
+])
+def test_bad_keep_sets_are_refused(keep, problem):
+    model = tiny_model("llama")
+    with pytest.raises(ModelError, match=problem):
+        get_adapter(model).prune(keep)
+    assert get_adapter(model).group_widths("mlp") == [64] * 3  # untouched
+
+
+def test_check_keep_sorts_and_accepts_lists():
+    adapter = get_adapter(tiny_model("llama"))
+    keep = adapter.check_keep({"mlp": [[5, 1, 3], torch.tensor([2]), (0,)]})
+    assert [k.tolist() for k in keep["mlp"]] == [[1, 3, 5], [2], [0]]
+    assert all(k.dtype == torch.long for k in keep["mlp"])

@@ -1,0 +1,336 @@
+"""Contract suite for physical pruning, run on every supported family.
+
+The central property: a physically pruned model's logits equal those of the dense model with the same
+dimensions zeroed, in memory, after saving and reloading, and while generating.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from diet.adapters import adapter_class, get_adapter
+from diet.errors import ModelError
+from diet.modeling import PER_LAYER_FIELDS, is_per_layer, load_model, save_pruned
+from diet.pruning import apply_mask, parameter_counts, slice_linear, zero_mask
+from tests.tiny import FAMILIES, tiny_model, tiny_tokenizer
+
+GROUP_SETS = {"mlp": ("mlp",), "attention": ("attention",), "both": ("mlp", "attention")}
+ATOL, RTOL = 1e-5, 1.3e-6  # float32 (torch.testing's defaults for float32)
+
+
+def random_keep(model, groups, layout: str, seed: int = 0) -> dict[str, list[torch.Tensor]]:
+    """Random kept indices; ``global`` gives every layer a different width, ``uniform`` the same one."""
+    g = torch.Generator().manual_seed(seed)
+    adapter = get_adapter(model)
+    keep = {}
+    for group in groups:
+        widths = adapter.group_widths(group)
+        if layout == "uniform":
+            counts = [int(torch.randint(1, widths[0], (1,), generator=g))] * len(widths)
+        elif group == "mlp":
+            counts = torch.randperm(widths[0] - 1, generator=g)[: len(widths)].add(1).tolist()  # distinct
+        else:  # 2 KV groups per layer: widths 1 and 2 both occur
+            counts = [1, 2, 1][: len(widths)]
+        keep[group] = [torch.randperm(w, generator=g)[:k] for w, k in zip(widths, counts)]
+    return keep
+
+
+def input_ids(seed: int = 0) -> torch.Tensor:
+    return torch.randint(4, 128, (2, 12), generator=torch.Generator().manual_seed(seed))  # (B, T)
+
+
+@torch.no_grad()
+def logits(model, ids) -> torch.Tensor:
+    return model(ids).logits  # (B, T, V)
+
+
+def load_kwargs(family: str) -> dict:
+    attn = adapter_class(family).attn_implementation
+    return {"attn_implementation": attn} if attn else {}
+
+
+def check_metadata(model) -> None:
+    """Every Linear's features match its weight, and the config's widths match the weights."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            assert tuple(m.weight.shape) == (m.out_features, m.in_features), name
+            assert m.bias is None or m.bias.shape == (m.out_features,), name
+    adapter = get_adapter(model)
+    widths = adapter.layer_widths()
+    config = model.config
+    d = adapter.head_dim()
+    for i in range(adapter.num_layers):
+        q, k, v, o = adapter.attention_projections(i)
+        assert q.out_features == o.in_features == widths["num_attention_heads"][i] * d
+        assert k.out_features == v.out_features == widths["num_key_value_heads"][i] * d
+        ins, down = adapter.mlp_projections(i)
+        assert all(p.out_features == down.in_features for p in ins)
+        assert adapter.decoder_layers()[i].mlp.intermediate_size == down.in_features
+    for scalar, field in PER_LAYER_FIELDS.items():
+        if is_per_layer(model):
+            assert getattr(config, field) == widths[scalar]
+            assert getattr(config, scalar) == max(widths[scalar])
+        else:
+            assert len(set(widths[scalar])) == 1 and getattr(config, scalar) == widths[scalar][0]
+            assert field not in config.to_dict()
+    assert config.head_dim == d
+    config.validate()
+
+
+@pytest.mark.parametrize("layout", ["global", "uniform"])
+@pytest.mark.parametrize("groups", list(GROUP_SETS))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pruned_logits_equal_zeroed_dense(family, groups, layout):
+    model = tiny_model(family)
+    seed = 2 * list(GROUP_SETS).index(groups) + (layout == "uniform")
+    keep = random_keep(model, GROUP_SETS[groups], layout, seed=seed)
+    adapter = get_adapter(model)
+    removed = sum((w - len(kept)) * adapter.dimension_cost(group, i)
+                  for group, per_layer in keep.items()
+                  for i, (w, kept) in enumerate(zip(adapter.group_widths(group), per_layer)))
+    before = parameter_counts(model)
+    ids = input_ids()
+    dense, reference = logits(model, ids), logits(zero_mask(model, keep), ids)
+
+    pruned = apply_mask(model, keep, layout)
+
+    out = logits(pruned, ids)
+    torch.testing.assert_close(out, reference, atol=ATOL, rtol=RTOL)
+    assert (out - dense).abs().max() > 1e-2  # the removed dimensions did matter
+    check_metadata(pruned)
+    assert is_per_layer(pruned) == (layout == "global")
+    after = parameter_counts(pruned)
+    assert before["decoder"] - after["decoder"] == removed > 0
+    assert before["total"] - after["total"] == removed
+    assert before["embedding"] == after["embedding"]
+
+
+@pytest.mark.parametrize("groups", list(GROUP_SETS))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_global_checkpoint_reloads_through_auto_classes(family, groups, tmp_path):
+    model = tiny_model(family)
+    keep = random_keep(model, GROUP_SETS[groups], "global", seed=3)
+    ids = input_ids(1)
+    reference = logits(zero_mask(model, keep), ids)
+    apply_mask(model, keep, "global")
+    save_pruned(model, tiny_tokenizer(), tmp_path / "pruned", {"sparsity": 0.2})
+
+    config = json.loads((tmp_path / "pruned" / "config.json").read_text())
+    assert config["model_type"] == f"diet_{family}"
+    assert config["architectures"] == [type(model).__name__]
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned", **load_kwargs(family)).eval()
+    assert type(reloaded) is type(model)
+    check_metadata(reloaded)
+    torch.testing.assert_close(logits(reloaded, ids), reference, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(logits(reloaded, ids), logits(model, ids), atol=0, rtol=0)
+
+
+_STOCK_LOADER = textwrap.dedent("""
+    import json, sys
+    import torch
+    from transformers import AutoModelForCausalLM
+    torch.set_num_threads(1)
+    jobs = json.loads(sys.argv[1])
+    ids = torch.load(jobs["ids"])
+    for path, kwargs in jobs["models"]:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
+        with torch.no_grad():
+            torch.save({"logits": model(ids).logits, "model_type": model.config.model_type}, path + "/out.pt")
+    assert not [m for m in sys.modules if m == "diet" or m.startswith("diet.")]
+""")
+
+
+@pytest.fixture(scope="module")
+def stock_reloads(tmp_path_factory):
+    """Uniform checkpoints of every family and group set, reloaded by a process that never imports diet."""
+    root = tmp_path_factory.mktemp("uniform")
+    ids = input_ids(2)
+    torch.save(ids, root / "ids.pt")
+    cases, jobs = {}, []
+    for family in FAMILIES:
+        for groups in GROUP_SETS:
+            model = tiny_model(family, seed=5)
+            keep = random_keep(model, GROUP_SETS[groups], "uniform", seed=7)
+            reference = logits(zero_mask(model, keep), ids)
+            apply_mask(model, keep, "uniform")
+            path = save_pruned(model, tiny_tokenizer(), root / f"{family}-{groups}", {})
+            cases[family, groups] = (path, reference, model.config.model_type)
+            jobs.append([str(path), load_kwargs(family)])
+    env = {**os.environ, "PYTHONPATH": ""}
+    request = json.dumps({"ids": str(root / "ids.pt"), "models": jobs})
+    proc = subprocess.run([sys.executable, "-c", _STOCK_LOADER, request],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return cases
+
+
+@pytest.mark.parametrize("groups", list(GROUP_SETS))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_uniform_checkpoint_loads_in_plain_transformers(stock_reloads, family, groups):
+    path, reference, model_type = stock_reloads[family, groups]
+    assert model_type == family
+    out = torch.load(path / "out.pt")
+    assert out["model_type"] == family
+    torch.testing.assert_close(out["logits"], reference, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generate_on_pruned_models(family, tmp_path):
+    model = tiny_model(family, seed=2)
+    keep = random_keep(model, ("mlp", "attention"), "global", seed=11)
+    reference = zero_mask(model, keep)
+    apply_mask(model, keep, "global")
+    prompt = input_ids(3)[:1, :6]
+    settings = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    expected = reference.generate(prompt, **settings)
+    assert expected.shape == (1, 14)
+    assert torch.equal(model.generate(prompt, **settings), expected)
+    save_pruned(model, None, tmp_path / "m", {})
+    reloaded = load_model(tmp_path / "m")
+    assert torch.equal(reloaded.generate(prompt, **settings), expected)  # KV cache with per-layer head counts
+
+
+def test_pruning_twice_returns_to_a_stock_model_when_widths_even_out():
+    model = tiny_model("llama")
+    apply_mask(model, {"mlp": [torch.arange(w) for w in (20, 40, 64)]}, "global")
+    assert is_per_layer(model) and model.config.intermediate_sizes == [20, 40, 64]
+    ids = input_ids()
+    keep = {"mlp": [torch.arange(8) for _ in range(3)]}
+    reference = logits(zero_mask(model, keep), ids)
+    apply_mask(model, keep, "uniform")
+    assert not is_per_layer(model) and type(model).__name__ == "LlamaForCausalLM"
+    assert model.config.intermediate_size == 8
+    check_metadata(model)
+    torch.testing.assert_close(logits(model, ids), reference, atol=ATOL, rtol=RTOL)
+
+
+def test_uniform_layout_refuses_uneven_widths_before_touching_the_model():
+    model = tiny_model("qwen2")
+    before = parameter_counts(model)
+    keep = random_keep(model, ("mlp",), "global")
+    with pytest.raises(ModelError, match="uniform"):
+        apply_mask(model, keep, "uniform")
+    assert parameter_counts(model) == before
+
+
+def test_uniform_layout_refuses_head_counts_stock_transformers_rejects(tmp_path):
+    # hidden 24 with 6 heads: keeping 5 heads in every layer is uniform but 24 % 5 != 0 fails stock validation
+    model = tiny_model("llama", hidden_size=24, num_attention_heads=6, num_key_value_heads=6, head_dim=4)
+    keep = {"attention": [torch.tensor([0, 1, 2, 3, 5])] * 3}
+    with pytest.raises(ModelError, match="not a multiple"):
+        apply_mask(model, keep, "uniform")
+    ids = input_ids()
+    reference = logits(zero_mask(model, keep), ids)
+    apply_mask(model, keep, "global")
+    assert is_per_layer(model) and model.config.num_heads_per_layer == [5, 5, 5]
+    save_pruned(model, None, tmp_path / "m", {})
+    torch.testing.assert_close(logits(load_model(tmp_path / "m"), ids), reference, atol=ATOL, rtol=RTOL)
+
+
+def test_per_layer_config_builds_its_model_and_validates_its_lists():
+    model = tiny_model("gemma3_text")
+    apply_mask(model, random_keep(model, ("mlp", "attention"), "global"), "global")
+    config = model.config
+    built = AutoModelForCausalLM.from_config(config)  # real tensors, not the meta device of from_pretrained
+    assert type(built) is type(model)
+    assert {k: v.shape for k, v in built.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+    check_metadata(built)
+    config_class = type(config)
+    fields = {**config.to_dict(), "intermediate_sizes": [8, 16]}
+    fields.pop("model_type")
+    with pytest.raises(Exception, match="3 layers"):
+        config_class(**fields)
+    fields.update(intermediate_sizes=config.intermediate_sizes, num_heads_per_layer=[3, 4, 2])
+    with pytest.raises(Exception, match="query heads per KV head"):
+        config_class(**fields)
+
+
+def test_unknown_layout_is_refused():
+    with pytest.raises(ModelError, match="layout"):
+        apply_mask(tiny_model("llama"), {}, "ragged")
+
+
+def test_save_pruned_writes_a_complete_checkpoint(tmp_path):
+    model = tiny_model("llama")
+    apply_mask(model, random_keep(model, ("mlp",), "global"), "global")
+    out = tmp_path / "pruned"
+    out.mkdir()
+    (out / "stale.txt").write_text("from an earlier run")
+    tok = tiny_tokenizer()
+    save_pruned(model, tok, out, {"sparsity": 0.2, "tasks": ["arc_easy"]})
+
+    assert not (out / "stale.txt").exists()  # replaced whole
+    assert (out / "model.safetensors").is_file()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["sparsity"] == 0.2 and manifest["tasks"] == ["arc_easy"]
+    ckpt = manifest["checkpoint"]
+    assert ckpt["model_type"] == "diet_llama" and ckpt["stock_loadable"] is False
+    assert ckpt["widths"]["intermediate_size"] == model.config.intermediate_sizes
+    assert ckpt["parameters"] == parameter_counts(model)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pruned"]  # no temporary leftovers
+    reloaded_tok = AutoTokenizer.from_pretrained(out)
+    assert reloaded_tok("the fox").input_ids == tok("the fox").input_ids
+    reloaded = load_model(out)
+    assert reloaded.config.tie_word_embeddings is True
+    assert reloaded.get_output_embeddings().weight is reloaded.get_input_embeddings().weight
+
+
+def test_save_pruned_records_untied_heads(tmp_path):
+    model = tiny_model("qwen2")
+    save_pruned(model, None, tmp_path / "m", {})
+    reloaded = load_model(tmp_path / "m")
+    assert reloaded.config.tie_word_embeddings is False
+    torch.testing.assert_close(reloaded.lm_head.weight, model.lm_head.weight, atol=0, rtol=0)
+    assert reloaded.lm_head.weight.data_ptr() != reloaded.get_input_embeddings().weight.data_ptr()
+
+
+def test_load_model_uses_family_attention_and_dtype(tmp_path):
+    model = tiny_model("gemma2")
+    apply_mask(model, random_keep(model, ("mlp", "attention"), "global"), "global")
+    save_pruned(model, None, tmp_path / "m", {})
+    loaded = load_model(tmp_path / "m", dtype="bfloat16")
+    assert loaded.config._attn_implementation == "eager"
+    assert not loaded.training
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    with pytest.raises(ModelError, match="config.json"):
+        load_model(tmp_path / "missing")
+
+
+def test_slice_linear_keeps_rows_columns_and_metadata():
+    torch.manual_seed(0)
+    lin = nn.Linear(5, 6)
+    x = torch.randn(3, 5)  # (B, in)
+    full = lin(x)  # (B, out)
+    rows = torch.tensor([0, 2, 5])
+    slice_linear(lin, rows, "out")
+    assert (lin.out_features, lin.in_features) == (3, 5) and lin.bias.shape == (3,)
+    torch.testing.assert_close(lin(x), full[:, rows])
+
+    lin = nn.Linear(5, 6, bias=False)
+    cols = torch.tensor([1, 4])
+    expected = x[:, cols] @ lin.weight[:, cols].T  # (B, out)
+    assert slice_linear(lin, cols, "in") is lin
+    assert (lin.out_features, lin.in_features) == (6, 2) and lin.weight.shape == (6, 2)
+    torch.testing.assert_close(lin(x[:, cols]), expected)
+    with pytest.raises(ValueError):
+        slice_linear(lin, cols, "rows")
+
+
+def test_parameter_counts_count_tied_weights_once():
+    tied, untied = tiny_model("llama"), tiny_model("qwen2")
+    for model, heads in ((tied, 1), (untied, 2)):
+        counts = parameter_counts(model)
+        assert counts["embedding"] == heads * 128 * 32
+        assert counts["total"] == sum(p.numel() for p in model.parameters())
+        assert counts["non_embedding"] == counts["total"] - counts["embedding"]
+        assert counts["decoder"] == sum(counts["per_layer"]) == get_adapter(model).decoder_param_count()
+        assert len(counts["per_layer"]) == 3

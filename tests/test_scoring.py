@@ -1,0 +1,192 @@
+"""Activation statistics, hooks, score_texts on tiny random models of every family, score files, fingerprints."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from diet.adapters import get_adapter
+from diet.errors import DietError
+from diet.scoring import (ActivationStats, model_fingerprint, output_weight_norms, read_scores, record_activations,
+                          score_texts, write_scores)
+from tests.tiny import FAMILIES, tiny_model, tiny_tokenizer
+
+TEXTS = ["the cat sat on the mat", "a", "question: why is the sky blue? answer: scattering",
+         "one two three four five six seven eight nine ten", "zebra", "hello world, hello again"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("llama")
+
+
+def _brute(x, mask, statistic):
+    sel = x[mask]  # (N, D) real tokens only
+    return sel.abs().mean(0) if statistic == "mean_abs" else sel.square().sum(0).sqrt()
+
+
+@pytest.mark.parametrize("statistic", ["mean_abs", "l2"])
+def test_stats_match_brute_force_and_ignore_padding(statistic):
+    g = torch.Generator().manual_seed(1)
+    stats = ActivationStats(12, statistic)
+    xs, masks = [], []
+    for b, t in [(3, 5), (2, 7), (4, 1)]:
+        x = torch.randn(b, t, 12, generator=g)                     # (B, T, D)
+        lengths = torch.randint(1, t + 1, (b,), generator=g)
+        mask = torch.arange(t)[None, :] < lengths[:, None]         # (B, T)
+        x_padded = torch.where(mask[..., None], x, torch.full_like(x, 1e6))  # padding holds garbage
+        stats.add_batch(x_padded, mask)
+        xs.append(x[mask])
+        masks.append(mask)
+    flat = torch.cat(xs)                                           # (N, D)
+    expected = _brute(flat[None], torch.ones(1, len(flat), dtype=torch.bool), statistic)
+    assert stats.n_tokens == len(flat)
+    torch.testing.assert_close(stats.finalize(), expected, rtol=1e-5, atol=1e-6)
+    grouped = stats.finalize(n_groups=3)                           # (3,): 4 channels each
+    if statistic == "mean_abs":
+        want = expected.view(3, 4).mean(1)
+    else:
+        want = expected.square().view(3, 4).mean(1).sqrt()
+    torch.testing.assert_close(grouped, want, rtol=1e-5, atol=1e-6)
+
+
+def test_stats_reject_bad_shapes():
+    stats = ActivationStats(4)
+    with pytest.raises(ValueError):
+        stats.add_batch(torch.zeros(2, 3, 5))
+    with pytest.raises(ValueError):
+        stats.add_batch(torch.zeros(2, 3, 4), torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(DietError):
+        stats.finalize()
+
+
+def _hook_count(adapter):
+    return sum(len(adapter.activation_module(g, i)._forward_pre_hooks)
+               for g in ("mlp", "attention") for i in range(adapter.num_layers))
+
+
+def test_hooks_removed_even_on_exception(model):
+    adapter = get_adapter(model)
+    with record_activations(model, adapter, ["mlp", "attention"]) as rec:
+        assert _hook_count(adapter) == 2 * adapter.num_layers
+        model(input_ids=torch.tensor([[1, 2, 3]]))
+        assert rec.stats["mlp"][0].n_tokens == 3
+    assert _hook_count(adapter) == 0
+    with pytest.raises(RuntimeError, match="boom"):
+        with record_activations(model, adapter, ["mlp", "attention"]):
+            raise RuntimeError("boom")
+    assert _hook_count(adapter) == 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_score_texts_equals_unbatched_unpadded_reference(family, tokenizer):
+    model = tiny_model(family)
+    adapter = get_adapter(model)
+    L, I, G = adapter.num_layers, adapter.group_widths("mlp")[0], adapter.num_kv_heads(0)
+    scores, stats = score_texts(model, tokenizer, TEXTS, groups=["mlp", "attention"], statistic="mean_abs",
+                                weight_norm=False, batch_size=4, max_length=9, add_bos=True, progress=False)
+    assert scores["mlp"].shape == (L, I) and scores["attention"].shape == (L, G)
+    assert scores["mlp"].dtype == torch.float32
+
+    # reference: each text alone, no padding, activations collected by hand
+    acts = {(g, i): [] for g in ("mlp", "attention") for i in range(L)}
+    handles = [adapter.activation_module(g, i).register_forward_pre_hook(
+        lambda m, a, key=(g, i): acts[key].append(a[0][0])) for g, i in acts]
+    n_tokens = 0
+    try:
+        with torch.no_grad():
+            for text in TEXTS:
+                ids = [tokenizer.bos_token_id] + tokenizer(text, add_special_tokens=False)["input_ids"]
+                ids = ids[:9]
+                n_tokens += len(ids)
+                model(input_ids=torch.tensor([ids]))
+    finally:
+        for h in handles:
+            h.remove()
+    assert stats == {"n_samples": len(TEXTS), "n_tokens": n_tokens}
+    for i in range(L):
+        mlp = torch.cat(acts[("mlp", i)]).abs().mean(0)                           # (I,)
+        torch.testing.assert_close(scores["mlp"][i], mlp, rtol=1e-4, atol=1e-6)
+        att = torch.cat(acts[("attention", i)]).abs().mean(0).view(G, -1).mean(1)  # (G,)
+        torch.testing.assert_close(scores["attention"][i], att, rtol=1e-4, atol=1e-6)
+
+
+def test_score_texts_deterministic_and_weight_norm(model, tokenizer):
+    adapter = get_adapter(model)
+    kw = dict(groups=["mlp", "attention"], statistic="l2", batch_size=3, max_length=16, add_bos=False,
+              progress=False, adapter=adapter)
+    a, _ = score_texts(model, tokenizer, TEXTS, weight_norm=False, **kw)
+    b, _ = score_texts(model, tokenizer, TEXTS, weight_norm=False, **kw)
+    c, _ = score_texts(model, tokenizer, TEXTS, weight_norm=True, **kw)
+    for g in a:
+        assert torch.equal(a[g], b[g])
+        torch.testing.assert_close(c[g], a[g] * output_weight_norms(adapter, g))
+    down = adapter.mlp_projections(1)[1].weight                              # (H, I)
+    torch.testing.assert_close(output_weight_norms(adapter, "mlp")[1], down.detach().norm(dim=0))
+    o = adapter.attention_projections(0)[3].weight.detach()                 # (H, 4 heads * 8)
+    torch.testing.assert_close(output_weight_norms(adapter, "attention")[0, 1], o[:, 16:].norm())
+    assert not model.training
+
+
+def _meta(fingerprint="f" * 64, task="arc_easy"):
+    return {"model_fingerprint": fingerprint, "task": task, "task_data_hash": "d" * 64, "n_samples": 3,
+            "n_tokens": 40, "statistic": "mean_abs", "weight_norm": False}
+
+
+def test_score_files_byte_identical_and_roundtrip(tmp_path):
+    scores = {"mlp": torch.rand(3, 8), "attention": torch.rand(3, 2)}
+    write_scores(tmp_path / "a" / "arc_easy.safetensors", scores, _meta())
+    write_scores(tmp_path / "b" / "arc_easy.safetensors", {k: scores[k] for k in ["attention", "mlp"]}, _meta())
+    for name in ["arc_easy.safetensors", "arc_easy.json"]:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    # a second process too: safetensors writes several metadata entries in hash order, so one entry is used
+    code = ("import sys, torch; from safetensors.torch import load_file; from diet.scoring import write_scores; "
+            "import json; s = load_file(sys.argv[1]); m = json.load(open(sys.argv[2])); "
+            "write_scores(sys.argv[3], s, {k: m[k] for k in "
+            "['model_fingerprint','task','task_data_hash','n_samples','n_tokens','statistic','weight_norm']})")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "a" / "arc_easy.safetensors"),
+                    str(tmp_path / "a" / "arc_easy.json"), str(tmp_path / "c" / "arc_easy.safetensors")],
+                   check=True, cwd=Path(__file__).resolve().parent.parent)
+    first = (tmp_path / "a" / "arc_easy.safetensors").read_bytes()
+    assert (tmp_path / "c" / "arc_easy.safetensors").read_bytes() == first
+    loaded, meta = read_scores(tmp_path / "a" / "arc_easy.safetensors", expect_fingerprint="f" * 64)
+    assert set(loaded) == {"mlp", "attention"} and torch.equal(loaded["mlp"], scores["mlp"])
+    import diet
+
+    assert meta["code_version"] == diet.__version__ and meta["n_tokens"] == 40 and meta["weight_norm"] is False
+
+
+def test_read_scores_refuses_other_model(tmp_path):
+    path = tmp_path / "boolq.safetensors"
+    write_scores(path, {"mlp": torch.rand(2, 4)}, _meta("a" * 64, "boolq"))
+    with pytest.raises(DietError) as err:
+        read_scores(path, expect_fingerprint="b" * 64)
+    msg = str(err.value)
+    assert "a" * 64 in msg and "b" * 64 in msg and "dvc repro score@boolq" in msg
+    with pytest.raises(ValueError):
+        write_scores(path, {"mlp": torch.rand(2, 4)}, {"task": "boolq"})
+
+
+def test_fingerprint_stable_across_copies(model, tmp_path):
+    model.save_pretrained(tmp_path / "m1")
+    shutil.copytree(tmp_path / "m1", tmp_path / "copy")
+    fp = model_fingerprint(tmp_path / "m1")
+    assert len(fp) == 64 and fp == model_fingerprint(tmp_path / "copy")
+    from safetensors.torch import load_file, save_file
+
+    weights = next((tmp_path / "copy").glob("*.safetensors"))
+    tensors = load_file(str(weights))
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name] + 1
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    assert model_fingerprint(tmp_path / "copy") != fp
+    with pytest.raises(DietError):
+        model_fingerprint(tmp_path / "nothing")
