@@ -44,3 +44,12 @@ def set_threads() -> None:
         import torch
 
         torch.set_num_threads(int(n))
+
+
+def load_model_and_tokenizer(path, dtype: str = "float32"):
+    """A saved checkpoint folder (base or pruned) and its tokenizer."""
+    from transformers import AutoTokenizer
+
+    from diet.modeling import load_model
+
+    return load_model(path, dtype=dtype), AutoTokenizer.from_pretrained(str(path))

@@ -1,0 +1,60 @@
+"""DVC stage `merge`: per-task scores of the tasks in params -> one priority per dimension (majority vote)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from stages._common import run_stage, set_threads, stage_parser
+
+log = logging.getLogger("diet.merge")
+
+
+def main(args, params) -> None:
+    set_threads()
+    from diet import api
+    from diet.io import atomic_dir, save_tensors, write_json, write_text
+    from diet.scoring import model_fingerprint, read_scores
+
+    fingerprint = model_fingerprint(args.model)
+    method = params.merge.method
+    # The task list comes from params, never from the folder: a removed task's file may linger there.
+    task_scores = {t: read_scores(args.scores / f"{t}.safetensors", expect_fingerprint=fingerprint)[0]
+                   for t in params.tasks}
+    generic = magnitude = None
+    if method == "task_agnostic":
+        generic = read_scores(args.generic, expect_fingerprint=fingerprint)[0]
+    if method == "magnitude":
+        from diet.merge import magnitude_scores
+        from diet.modeling import load_model
+
+        model = load_model(args.model, dtype=params.model.dtype)
+        magnitude = magnitude_scores(model, groups=params.prune.groups)
+    geo = api.geometry_from_folder(args.model, groups=tuple(next(iter(task_scores.values())).keys()))
+    merged = api.merge_scores(task_scores, geo, merge_cfg=params.merge, prune_cfg=params.prune,
+                              generic=generic, magnitude=magnitude)
+    tensors = {f"{g}.{k}": v for g, m in merged.items() for k, v in m.items()}
+    lines = ["group,layer,agreement"] + [f"{g},{i},{float(a):.6f}" for g, m in merged.items()
+                                         for i, a in enumerate(m["agreement"])]
+    with atomic_dir(args.out) as tmp:
+        save_tensors(tmp / "votes.safetensors", tensors)
+        write_text(tmp / "agreement.csv", "\n".join(lines) + "\n")
+        write_json(tmp / "merge.json", {"method": method, "normalize": params.merge.normalize,
+                                        "tasks": list(params.tasks), "weights": params.merge.weights,
+                                        "sparsity": params.prune.sparsity, "groups": list(params.prune.groups),
+                                        "model_fingerprint": fingerprint})
+    log.info("merged %d task(s) with method %s -> %s", len(task_scores), method, args.out)
+
+
+def parser():
+    p = stage_parser(__doc__)
+    p.add_argument("--model", default="models/base", type=Path)
+    p.add_argument("--scores", default="scores", type=Path)
+    p.add_argument("--generic", default="baselines/generic.safetensors", type=Path)
+    p.add_argument("--out", default="merged", type=Path)
+    return p
+
+
+if __name__ == "__main__":
+    sys.exit(run_stage(main, parser()))

@@ -1,0 +1,44 @@
+"""DVC stage `score@{task}`: per-dimension activation importance of the base model on one task."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from stages._common import load_model_and_tokenizer, run_stage, set_threads, stage_parser
+
+log = logging.getLogger("diet.score")
+
+
+def main(args, params) -> None:
+    set_threads()
+    from diet import api
+    from diet.io import sha256_json
+    from diet.scoring import model_fingerprint, write_scores
+    from diet.tasks import read_prepared
+
+    rows, meta = read_prepared(args.data, "calib")
+    model, tokenizer = load_model_and_tokenizer(args.model, params.model.dtype)
+    scores, stats = api.score(model, tokenizer, [r["text"] for r in rows], params.score,
+                              max_length=params.calibration.max_length)
+    write_scores(args.out, scores, {
+        "model_fingerprint": model_fingerprint(args.model), "task": args.task,
+        "task_data_hash": meta["sha256"]["calib.jsonl"], "n_samples": stats["n_samples"],
+        "n_tokens": stats["n_tokens"], "statistic": params.score.statistic,
+        "weight_norm": params.score.weight_norm, "max_length": params.calibration.max_length,
+        "score_config": sha256_json(params.score.__dict__)})
+    log.info("%s: scored %d samples (%d tokens) -> %s", args.task, stats["n_samples"], stats["n_tokens"], args.out)
+
+
+def parser():
+    p = stage_parser(__doc__)
+    p.add_argument("--task", required=True)
+    p.add_argument("--model", default="models/base", type=Path)
+    p.add_argument("--data", required=True, type=Path, help="prepared task folder (data/tasks/<task>)")
+    p.add_argument("--out", required=True, type=Path, help="scores/<task>.safetensors")
+    return p
+
+
+if __name__ == "__main__":
+    sys.exit(run_stage(main, parser()))

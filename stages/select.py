@@ -1,0 +1,44 @@
+"""DVC stage `select`: merged priorities -> the global mask (masks/mask.json) under the parameter budget."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from stages._common import run_stage, set_threads, stage_parser
+
+log = logging.getLogger("diet.select")
+
+
+def main(args, params) -> None:
+    set_threads()
+    from safetensors.torch import load_file
+
+    from diet import api
+    from diet.select import select
+
+    merged = load_file(str(args.merged / "votes.safetensors"))
+    priority = {g: merged[f"{g}.priority"] for g in params.prune.groups}
+    geo = api.geometry_from_folder(args.model, groups=params.prune.groups)
+    mask = select(priority, geo.widths, geo.costs, sparsity=params.prune.sparsity,
+                  decoder_params=geo.decoder_params, min_keep=params.select.min_keep,
+                  multiple=params.select.multiple, layout=params.select.layout)
+    mask.save(args.out)
+    s = mask.summary()
+    log.info("mask: %.2f%% of decoder parameters removed (target %.2f%%), %s layout -> %s",
+             100 * s["achieved_sparsity"], 100 * s["target_sparsity"], s["layout"], args.out)
+    for g, info in s["groups"].items():
+        log.info("  %s widths per layer: %s", g, info["widths"])
+
+
+def parser():
+    p = stage_parser(__doc__)
+    p.add_argument("--model", default="models/base", type=Path)
+    p.add_argument("--merged", default="merged", type=Path)
+    p.add_argument("--out", default="masks/mask.json", type=Path)
+    return p
+
+
+if __name__ == "__main__":
+    sys.exit(run_stage(main, parser()))
