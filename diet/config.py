@@ -23,6 +23,7 @@ METHODS = ("vote", "mean", "rank", "task_agnostic", "magnitude", "random")
 GROUPS = ("mlp", "attention")
 LAYOUTS = ("global", "uniform")
 DTYPES = ("float32", "bfloat16", "float16")
+EVAL_BACKENDS = ("lm_eval", "direct")
 
 
 def _build(cls, data: Mapping[str, Any] | None, section: str):
@@ -185,8 +186,10 @@ class EvaluateConfig:
     perplexity_docs: int = 50
     perplexity_max_length: int = 512
     latency_tokens: int = 64
+    backend: str = "lm_eval"
 
     def validate(self) -> None:
+        _choice("evaluate", "backend", self.backend, EVAL_BACKENDS)
         _positive_int("evaluate", "limit", self.limit, allow_none=True)
         _positive_int("evaluate", "batch_size", self.batch_size)
         if not isinstance(self.perplexity_docs, int) or self.perplexity_docs < 0:

@@ -67,7 +67,8 @@ def main(args, params) -> None:
     log.info("loaded %s in %.1fs", model_dir, time.perf_counter() - start)
 
     tasks = {name: data_dir / name for name in params.tasks}
-    if args.backend == "direct":
+    backend = args.backend or cfg.backend
+    if backend == "direct":
         from diet.evaluation.loglik import evaluate_tasks_direct as evaluate_tasks
     else:
         from diet.evaluation.harness import evaluate_tasks
@@ -95,7 +96,7 @@ def main(args, params) -> None:
         "checkpoint": checkpoint_size(model_dir),
         "sparsity": sparsity_of(counts, mask, dense),
         "method": params.merge.method if args.mask else "dense",
-        "backend": args.backend,
+        "backend": backend,
     }
     record = {**metrics, "params": counts, "latency": latency, "perplexity_detail": ppl, "mask": mask,
               "model": str(model_dir), "evaluate": params.to_dict()["evaluate"]}
@@ -116,8 +117,9 @@ def parser():
     p.add_argument("--details", required=True, help="folder for per-task results and table.md")
     p.add_argument("--mask", help="masks/mask.json of a pruned model (adds its summary)")
     p.add_argument("--dense", help="the dense model's metrics JSON (adds deltas to the table)")
-    p.add_argument("--backend", choices=("lm_eval", "direct"), default="lm_eval",
-                   help="lm_eval (reference) or direct (the same scoring without lm-eval, faster)")
+    p.add_argument("--backend", choices=("lm_eval", "direct"), default=None,
+                   help="override evaluate.backend: lm_eval (reference) or direct (the same log-likelihood "
+                        "scoring without lm-eval, each context run once; faster)")
     return p
 
 

@@ -1,0 +1,252 @@
+"""DVC caching of the DIET pipeline, checked with real `dvc repro` runs on a tiny git + DVC project.
+
+One project is built and reproduced once per module (tests/repo_fixture.py); a test that changes it works
+on its own copy. Assertions read DVC's own report ("Running stage ...", "didn't change, skipping") and the
+content hashes of the artifacts.
+
+The caching tests need that full reproduction (a few minutes on 2 cores, every stage starts torch): they are
+marked slow, run them with ``-m slow``. The error-path tests build only what they need and run by default.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.repo_fixture import dvc, dvc_env, make_tiny_repo, write_task
+
+TASKS = ("t1", "t2")
+PRUNED_OUTPUTS = ("models/pruned/config.json", "models/pruned/model.safetensors", "masks/mask.json",
+                  "metrics/pruned.json")
+
+
+@dataclass
+class Repro:
+    """One `dvc repro` call: exit code, combined output and the stages by what DVC did with them."""
+
+    rc: int
+    output: str
+    ran: set[str]
+    skipped: set[str]
+    restored: set[str]
+
+
+def repro(repo: Path, *args: str) -> Repro:
+    p = subprocess.run([dvc(), "repro", *args], cwd=repo, env=dvc_env(), stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, text=True)
+    out = p.stdout
+
+    def found(pattern: str) -> set[str]:
+        return set(re.findall(pattern, out))
+
+    return Repro(p.returncode, out, ran=found(r"Running stage '([^']+)'"),
+                 skipped=found(r"Stage '([^']+)' didn't change, skipping"),
+                 restored=found(r"Stage '([^']+)' is cached - skipping run"))
+
+
+def ok(r: Repro) -> Repro:
+    assert r.rc == 0, f"dvc repro failed ({r.rc}):\n{r.output[-4000:]}"
+    return r
+
+
+def all_stages(repo: Path) -> set[str]:
+    """Every stage instance of the repo's dvc.yaml, `foreach` stages expanded over params `tasks`."""
+    spec = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+    tasks = yaml.safe_load((repo / "params.yaml").read_text())["tasks"]
+    names = set()
+    for name, stage in spec.items():
+        if "foreach" in stage:
+            assert stage["foreach"] == "${tasks}", f"{name} loops over {stage['foreach']}, not the task list"
+            names.update(f"{name}@{t}" for t in tasks)
+        else:
+            names.add(name)
+    return names
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def hashes(repo: Path, *parts: str) -> dict[str, str]:
+    """sha256 of every file under each of ``parts`` (files or folders), by path relative to ``repo``."""
+    out = {}
+    for part in parts:
+        p = repo / part
+        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+        out.update({str(f.relative_to(repo)): sha256(f) for f in files})
+    assert out, f"no files under {parts}"
+    return out
+
+
+def lock(repo: Path) -> dict:
+    return yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+
+
+def set_params(repo: Path, **sections) -> None:
+    path = repo / "params.yaml"
+    values = yaml.safe_load(path.read_text())
+    for section, value in sections.items():
+        values[section] = {**values[section], **value} if isinstance(value, dict) else value
+    path.write_text(yaml.safe_dump(values, sort_keys=False))
+
+
+@dataclass
+class Built:
+    repo: Path
+    first: Repro
+    hashes: dict[str, str]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Built:
+    """The tiny project after one full `dvc repro`; tests that change it use ``work_copy``."""
+    repo = make_tiny_repo(tmp_path_factory.mktemp("dvc"), tasks=TASKS)
+    first = repro(repo)
+    return Built(repo, first, hashes(repo, "models", "scores", "merged", "masks", "metrics", "data/tasks"))
+
+
+@pytest.fixture
+def work_copy(built, tmp_path) -> Path:
+    """A private copy of the reproduced project (git, DVC cache and lock file included)."""
+    dest = tmp_path / "repo"
+    shutil.copytree(built.repo, dest, symlinks=True)
+    return dest
+
+
+@pytest.mark.slow
+def test_first_repro_builds_everything_and_second_runs_nothing(built):
+    repo, first = built.repo, ok(built.first)
+    stages = all_stages(repo)
+    assert first.ran == stages
+    for rel in PRUNED_OUTPUTS:
+        assert (repo / rel).is_file(), rel
+    assert set(lock(repo)) == stages
+
+    second = ok(repro(repo))
+    assert second.ran == set() and second.restored == set()
+    assert second.skipped == stages
+    assert "Data and pipelines are up to date." in second.output
+    assert hashes(repo, "models", "scores", "merged", "masks", "metrics", "data/tasks") == built.hashes
+
+
+@pytest.mark.slow
+def test_changing_sparsity_reruns_only_the_sparsity_stages(built, work_copy):
+    repo = work_copy
+    lock_before = lock(repo)
+    kept = hashes(repo, "models/base", "scores", "baselines", "data/tasks", "metrics/dense.json")
+    set_params(repo, prune={"sparsity": 0.4})
+
+    r = ok(repro(repo))
+    assert r.ran == {"merge", "select", "prune", "evaluate"}
+    assert r.skipped == all_stages(repo) - r.ran
+    assert not any(s.startswith(("score@", "prepare@")) for s in r.ran | r.restored)
+
+    assert hashes(repo, "models/base", "scores", "baselines", "data/tasks", "metrics/dense.json") == kept
+    for stage in all_stages(repo) - r.ran:
+        assert lock(repo)[stage] == lock_before[stage], stage
+    assert sha256(repo / "masks/mask.json") != built.hashes["masks/mask.json"]
+    assert sha256(repo / "models/pruned/model.safetensors") != built.hashes["models/pruned/model.safetensors"]
+    mask = json.loads((repo / "masks/mask.json").read_text())
+    assert mask["target_sparsity"] == 0.4
+
+
+@pytest.mark.slow
+def test_adding_a_task_scores_only_that_task(built, work_copy):
+    """Reproduced up to `merge` (the first stage reading every score) to keep the test quick."""
+    repo = work_copy
+    write_task(repo, "t3")
+    set_params(repo, tasks=[*TASKS, "t3"])
+    lock_before = lock(repo)
+
+    r = ok(repro(repo, "merge"))
+    assert r.ran == {"prepare@t3", "score@t3", "merge"}
+    assert r.skipped == {"model", "score_generic", *(f"{s}@{t}" for s in ("prepare", "score") for t in TASKS)}
+    assert [s for s in r.ran if s.startswith("score@")] == ["score@t3"]
+
+    assert (repo / "scores/t3.safetensors").is_file()
+    untouched = ("scores/t1.safetensors", "scores/t2.safetensors", "data/tasks/t1", "data/tasks/t2")
+    assert hashes(repo, *untouched) == hashes(built.repo, *untouched)
+    after = lock(repo)
+    for t in TASKS:
+        assert after[f"score@{t}"] == lock_before[f"score@{t}"]
+    merged = json.loads((repo / "merged/merge.json").read_text())
+    assert merged["tasks"] == [*TASKS, "t3"]
+
+
+@pytest.mark.slow
+def test_score_and_select_are_deterministic(built, work_copy):
+    repo = work_copy
+    score = ok(repro(repo, "-f", "-s", "score@t1"))
+    assert score.ran == {"score@t1"}
+    assert sha256(repo / "scores/t1.safetensors") == built.hashes["scores/t1.safetensors"]
+    assert sha256(repo / "scores/t1.json") == built.hashes["scores/t1.json"]
+
+    select = ok(repro(repo, "-f", "-s", "select"))
+    assert select.ran == {"select"}
+    assert sha256(repo / "masks/mask.json") == built.hashes["masks/mask.json"]
+    assert lock(repo) == lock(built.repo)
+
+
+def stage_cmd(repo: Path, stage: str, task: str | None = None) -> list[str]:
+    """The command of ``stage`` (of instance ``stage@task``) as dvc.yaml declares it."""
+    spec = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"][stage]
+    cmd = shlex.split((spec["do"] if "foreach" in spec else spec)["cmd"].replace("${item}", task or ""))
+    assert cmd[:3] == ["python", "-m", f"stages.{stage}"], cmd
+    return cmd
+
+
+def run_in_process(repo: Path, stage: str, task: str | None = None) -> None:
+    """Run a stage's entry point in this interpreter (no interpreter start-up), from ``repo``."""
+    module = importlib.import_module(f"stages.{stage}")
+    assert module.run_stage(module.main, module.parser(), stage_cmd(repo, stage, task)[3:]) == 0, stage
+
+
+def test_merge_refuses_scores_from_another_model(tmp_path, monkeypatch):
+    from tests.tiny import tiny_model, tiny_tokenizer
+
+    repo = make_tiny_repo(tmp_path, tasks=TASKS)
+    monkeypatch.chdir(repo)
+    run_in_process(repo, "model")
+    for t in TASKS:
+        run_in_process(repo, "prepare", t)
+        run_in_process(repo, "score", t)
+    shutil.rmtree(repo / "models/base")  # another model, same architecture, other weights
+    tiny_model("llama", seed=1).save_pretrained(repo / "models/base")
+    tiny_tokenizer().save_pretrained(repo / "models/base")
+
+    p = subprocess.run([sys.executable, *stage_cmd(repo, "merge")[1:]], cwd=repo, env=dvc_env(),
+                       capture_output=True, text=True)
+    assert p.returncode == 2, p.stderr[-3000:]
+    err = p.stderr
+    assert "Traceback" not in err
+    m = re.search(r"error: scores/t1\.safetensors was scored on model ([0-9a-f]{64}), "
+                  r"but the current model is ([0-9a-f]{64})", err)
+    assert m, err
+    assert m[1] != m[2]
+    assert "fix: rerun `dvc repro score@t1`" in err
+    assert not (repo / "merged").exists()
+    assert not [f.name for f in repo.iterdir() if f.name.startswith(".merged")]
+
+
+def test_bad_sparsity_fails_repro_with_a_config_error(tmp_path):
+    repo = make_tiny_repo(tmp_path, tasks=TASKS, params={"prune": {"sparsity": 1.5}})
+
+    r = repro(repo)
+    assert r.rc != 0
+    assert "error: prune.sparsity = 1.5 is outside (0, 1)" in r.output
+    assert "fix: set the share of decoder-layer parameters to remove" in r.output
+    assert "failed to reproduce 'model'" in r.output  # every stage validates the whole params file
+    assert r.ran == {"model"}
+    assert "Traceback" not in r.output
+    assert not (repo / "models/base").exists()
