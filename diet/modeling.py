@@ -125,6 +125,7 @@ def retype(model, per_layer: bool) -> None:
     if not per_layer:
         for field in PER_LAYER_FIELDS.values():
             config.__dict__.pop(field, None)
+    config.__dict__.pop("model_type", None)  # a config read from config.json holds it per instance
     config.__class__ = config_class
     model.__class__ = model_class
 

@@ -126,7 +126,8 @@ def prepare_task(spec: TaskSpec, out_dir: str | Path, *, n_samples: int, seed: i
         write_jsonl(tmp / "calib.jsonl", calib)
         write_jsonl(tmp / "eval.jsonl", evals)
         meta = {
-            "task": spec.name, "description": spec.description, "source": spec.source,
+            # the source as written in the task file: no absolute paths, so clones prepare identical bytes
+            "task": spec.name, "description": spec.description, "source": spec.source_as_written or spec.source,
             "calib_split": spec.calibration_split, "eval_split": spec.evaluation_split,
             "shared_split": spec.shared_split, "calibration_pool": spec.calibration_pool,
             "n_calib": len(calib), "n_eval": len(evals), "n_eval_available": len(eval_rows),

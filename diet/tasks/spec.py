@@ -45,6 +45,7 @@ class TaskSpec:
     partial: bool = False
     calibration_pool: int | None = None
     path: str = ""
+    source_as_written: dict[str, Any] | None = None  # ``source`` before relative paths were resolved
 
     @property
     def calibration_split(self) -> str:
@@ -82,7 +83,7 @@ def load_task(name: str, task_dir: str | Path = "data/tasks") -> TaskSpec:
         raise _err(path, f"not valid YAML: {e}", "fix the YAML syntax") from e
     if not isinstance(raw, dict):
         raise _err(path, "must be a mapping of fields", "see data/tasks/arc_easy.yaml for an example")
-    known = [f.name for f in dataclasses.fields(TaskSpec) if f.name != "path"]
+    known = [f.name for f in dataclasses.fields(TaskSpec) if f.name not in ("path", "source_as_written")]
     for key in raw:
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1)
@@ -111,6 +112,7 @@ def load_task(name: str, task_dir: str | Path = "data/tasks") -> TaskSpec:
         raise _err(path, f"calibration and evaluation both use split '{splits['evaluation']}'",
                    "set calibration_pool: N to reserve N rows of that split for calibration "
                    "(the rest is evaluated), or use different splits")
+    raw["source_as_written"] = src
     if "datasets" in src:
         src = {"datasets": _resolve_files(dict(src["datasets"] or {}), path.parent)}
         raw["source"] = src

@@ -1,0 +1,155 @@
+"""``diet-flow``: run, sweep, schedule and share the DIET pipeline (a thin layer over flows/).
+
+    diet-flow run --set prune.sparsity=0.3 --runner dask --workers 2
+    diet-flow sweep --sparsities 0.1,0.2,0.3 --methods vote,task_agnostic
+    diet-flow serve --config flows/schedule.yaml          # needs PREFECT_API_URL
+    diet-flow push --remote shared                         # team A
+    diet-flow pull                                         # team B
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+import yaml
+
+from flows.repo import CHILD_ENV, FlowError
+
+
+def parse_sets(items: list[str] | None) -> dict[str, Any]:
+    """``["prune.sparsity=0.3", "tasks=[arc_easy, boolq]"]`` -> ``{"prune.sparsity": 0.3, "tasks": [...]}``
+    (values are read as YAML)."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise FlowError(f"--set {item!r} is not KEY=VALUE", "write e.g. --set prune.sparsity=0.3")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="diet-flow", description="Run, sweep, schedule and share the DIET pipeline.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="{run,sweep,serve,push,pull}")
+
+    def common(q: argparse.ArgumentParser, runner: bool = True) -> None:
+        q.add_argument("--repo", default=".", help="the DIET project (a git + DVC repo; default: .)")
+        q.add_argument("--set", dest="sets", action="append", metavar="KEY=VALUE",
+                       help="override params.yaml, e.g. prune.sparsity=0.3 (repeatable; values are YAML)")
+        if runner:
+            q.add_argument("--runner", default="threads", choices=("threads", "dask", "ray"),
+                           help="where independent stages run side by side (default: threads)")
+            q.add_argument("--workers", type=int, default=2, help="parallel stages (default: 2)")
+            q.add_argument("--address", help="dask scheduler / ray cluster address (default: a local one)")
+            q.add_argument("--retries", type=int, default=1, help="retries of a failed stage (default: 1)")
+
+    q = sub.add_parser("run", help="run the pipeline: every stage, each as a Prefect task over `dvc repro -s`")
+    common(q)
+    q.add_argument("--target", dest="targets", action="append", metavar="STAGE",
+                   help="run only this stage and its upstream ones (repeatable)")
+    q.add_argument("--pull", action="store_true", help="fetch missing outputs and run-cache from the default remote")
+
+    q = sub.add_parser("sweep", help="one DVC experiment per (method, sparsity); table, markdown and plot")
+    common(q)
+    q.add_argument("--sparsities", type=_floats, default=[0.1, 0.2, 0.3], help="comma-separated (default: 0.1,0.2,0.3)")
+    q.add_argument("--methods", type=_names, default=["vote"], help="comma-separated merge methods (default: vote)")
+
+    q = sub.add_parser("serve", help="serve the pipeline on a schedule (needs a Prefect server, PREFECT_API_URL)")
+    q.add_argument("--config", help="schedule file (default: flows/schedule.yaml)")
+    q.add_argument("--name", help="deployment name")
+    q.add_argument("--cron", help='cron expression, e.g. "0 2 * * *" (replaces the file\'s schedule)')
+    q.add_argument("--interval", type=float, help="seconds between runs (replaces the file's schedule)")
+    q.add_argument("--repo", help="the DIET project to run (replaces parameters.repo)")
+
+    q = sub.add_parser("push", help="upload task scores and the run-cache to a DVC remote")
+    q.add_argument("--repo", default=".", help="the DIET project (default: .)")
+    q.add_argument("--remote", help="remote name (default: the default remote)")
+    q.add_argument("--tasks", type=_names, help="comma-separated tasks (default: params.yaml tasks)")
+    q.add_argument("--no-deps", action="store_true", help="push only the score files, not the model and task data")
+    q.add_argument("--add-remote", metavar="URL", help="first add URL as the default remote named 'shared'")
+
+    q = sub.add_parser("pull", help="restore task scores from the default remote instead of computing them")
+    common(q)
+    q.add_argument("--tasks", type=_names, help="comma-separated tasks (default: params.yaml tasks)")
+    q.add_argument("--all", dest="all_stages", action="store_true", help="the whole pipeline, not only scores")
+    q.add_argument("--add-remote", metavar="URL", help="first add URL as the default remote named 'shared'")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    for k, v in CHILD_ENV.items():  # before Prefect is imported: it reads its settings once
+        os.environ.setdefault(k, v)
+    try:
+        result = dispatch(args)
+    except FlowError as e:
+        print(f"error: {e.problem}", file=sys.stderr)
+        if e.fix:
+            print(f"  fix: {e.fix}", file=sys.stderr)
+        return 2
+    if result is not None:
+        print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def dispatch(args: argparse.Namespace) -> Any:
+    if args.command == "run":
+        from flows.pipeline import pipeline_flow, validate_run
+
+        validate_run(args.repo, parse_sets(args.sets))  # bad input fails before a Prefect server starts
+        return pipeline_flow(repo=args.repo, params=parse_sets(args.sets), task_runner=args.runner,
+                             workers=args.workers, address=args.address, targets=args.targets, pull=args.pull,
+                             retries=args.retries)
+    if args.command == "sweep":
+        from flows.pipeline import validate_run
+        from flows.sweep import sweep_flow
+
+        validate_run(args.repo, parse_sets(args.sets))
+
+        out = sweep_flow(repo=args.repo, sparsities=args.sparsities, methods=args.methods,
+                         params=parse_sets(args.sets), task_runner=args.runner, workers=args.workers,
+                         address=args.address, retries=args.retries)
+        return {"files": out["files"], "shared": out["shared"]}
+    if args.command == "serve":
+        from flows.schedule import load_schedule, serve_pipeline
+
+        config = load_schedule(args.config, name=args.name, cron=args.cron, interval=args.interval, repo=args.repo)
+        serve_pipeline(config)
+        return None
+    if args.command == "push":
+        from flows.share import add_remote, push_scores
+
+        if args.add_remote:
+            add_remote(args.repo, args.add_remote)
+        out = push_scores(args.repo, remote=args.remote, tasks=args.tasks, with_deps=not args.no_deps)
+        print(out["output"].rstrip())
+        return {"pushed": out["targets"]}
+    if args.command == "pull":
+        from flows.share import add_remote, pull_scores
+
+        if args.add_remote:
+            add_remote(args.repo, args.add_remote)
+        return pull_scores(repo=args.repo, tasks=args.tasks, params=parse_sets(args.sets),
+                           all_stages=args.all_stages, task_runner=args.runner, workers=args.workers,
+                           address=args.address, retries=args.retries)
+    raise AssertionError(args.command)  # argparse restricts the choices
+
+
+if __name__ == "__main__":
+    sys.exit(main())

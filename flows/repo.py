@@ -1,0 +1,372 @@
+"""The DVC repository from the flows' side: run its CLI, read its stage graph, parse what it did, edit params.
+
+Everything here is plain Python over subprocesses and YAML: no Prefect, no torch. DVC owns the stage graph
+and the cache; the flows only decide which ``dvc`` command runs when.
+"""
+
+from __future__ import annotations
+
+import difflib
+import io
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import yaml
+
+# Variables every child process gets: offline model hubs, no analytics, one thread per process.
+CHILD_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "HF_EVALUATE_OFFLINE": "1",
+    "DO_NOT_TRACK": "1",
+    "DVC_NO_ANALYTICS": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "OMP_NUM_THREADS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+RAN, CACHED = "ran", "cached"
+
+
+class FlowError(RuntimeError):
+    """A user-facing orchestration error: ``problem`` says what is wrong, ``fix`` what to do."""
+
+    def __init__(self, problem: str, fix: str | None = None):
+        self.problem = problem
+        self.fix = fix
+        super().__init__(problem if not fix else f"{problem}\n  fix: {fix}")
+
+
+class DvcCommandError(FlowError):
+    """A ``dvc`` command exited non-zero; ``output`` holds what it printed (stdout and stderr)."""
+
+    def __init__(self, args: list[str], returncode: int, output: str):
+        self.command = args
+        self.returncode = returncode
+        self.output = output
+        super().__init__(f"`dvc {' '.join(args)}` failed (exit {returncode}):\n{_tail(output)}",
+                         "read the DVC output above; rerun the same command in the repo to reproduce it")
+
+
+@dataclass(frozen=True)
+class DvcResult:
+    args: list[str]
+    returncode: int
+    output: str  # stdout and stderr, interleaved as printed
+    seconds: float
+
+
+def _tail(text: str, lines: int = 40) -> str:
+    rows = text.rstrip().splitlines()
+    return "\n".join((["..."] if len(rows) > lines else []) + rows[-lines:])
+
+
+def dvc_executable() -> str:
+    """The ``dvc`` next to this interpreter (the project's environment), else the one on PATH."""
+    local = Path(sys.executable).parent / "dvc"
+    if local.exists():
+        return str(local)
+    found = shutil.which("dvc")
+    if not found:
+        raise FlowError("the `dvc` command is not installed in this environment",
+                        "install the project: pip install -e . (it brings dvc)")
+    return found
+
+
+def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """This process's environment plus the offline/analytics/thread settings (already-set values win), with
+    this interpreter's bin folder first on PATH: the stages' ``python -m stages.X`` is the flow's Python."""
+    env = dict(os.environ)
+    for k, v in CHILD_ENV.items():
+        env.setdefault(k, v)
+    bindir = str(Path(sys.executable).parent)
+    if env.get("PATH", "").split(os.pathsep)[0] != bindir:
+        env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
+    env.update(extra or {})
+    return env
+
+
+def run_dvc(args: list[str], repo: str | os.PathLike, *, check: bool = True,
+            timeout: float | None = None) -> DvcResult:
+    """Run ``dvc <args>`` in ``repo``; with ``check`` a non-zero exit raises ``DvcCommandError``.
+
+    Commands wait for DVC's repository lock instead of failing, so independent stages can run side by side.
+    """
+    start = time.monotonic()
+    proc = subprocess.run([dvc_executable(), "--wait-for-lock", *args], cwd=repo, env=child_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=timeout)
+    res = DvcResult(list(args), proc.returncode, proc.stdout, time.monotonic() - start)
+    if check and proc.returncode != 0:
+        raise DvcCommandError(list(args), proc.returncode, proc.stdout)
+    return res
+
+
+# --- the repository -------------------------------------------------------------------------------------
+
+def ensure_repo(repo: str | os.PathLike) -> Path:
+    """Return ``repo`` resolved; fail fast unless it is the root of a DVC project with a dvc.yaml."""
+    root = Path(repo).expanduser().resolve()
+    if not root.is_dir():
+        raise FlowError(f"repository folder not found: {root}", "pass the path of the DIET project (repo=...)")
+    if not (root / ".dvc").is_dir():
+        raise FlowError(f"{root} is not a DVC repository (no .dvc folder)",
+                        "run from the project root, or create one with: git init && dvc init")
+    if not (root / "dvc.yaml").is_file():
+        raise FlowError(f"{root} has no dvc.yaml: there is no pipeline to run",
+                        "run from the DIET project root, which holds dvc.yaml")
+    return root
+
+
+def available_tasks(repo: Path, task_dir: str = "data/tasks") -> list[str]:
+    return sorted(p.stem for p in (repo / task_dir).glob("*.yaml"))
+
+
+def check_tasks(repo: Path, tasks: Iterable[str], task_dir: str = "data/tasks") -> None:
+    """Every task needs a task file ``<task_dir>/<task>.yaml``; name the missing ones and the known ones."""
+    known = available_tasks(repo, task_dir)
+    missing = [t for t in tasks if not (repo / task_dir / f"{t}.yaml").is_file()]
+    if missing:
+        hints = [f"'{m}' (did you mean '{c[0]}'?)" if (c := difflib.get_close_matches(m, known, n=1))
+                 else f"'{m}'" for m in missing]
+        files = ", ".join(f"{task_dir}/{m}.yaml" for m in missing)
+        raise FlowError(f"unknown task {', '.join(hints)}: no task file {files}",
+                        f"use one of: {', '.join(known) or '(none)'}; or add a task file {task_dir}/<task>.yaml")
+
+
+# --- params.yaml ----------------------------------------------------------------------------------------
+
+def read_params(repo: Path) -> dict[str, Any]:
+    path = repo / "params.yaml"
+    if not path.is_file():
+        raise FlowError(f"{path} not found", "the pipeline reads its settings from params.yaml in the repo root")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise FlowError(f"{path} must be a mapping of sections", "see the params.yaml shipped with the project")
+    return data
+
+
+def flatten_overrides(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Overrides as dotted keys. ``{"prune": {"sparsity": 0.3}, "merge.method": "mean"}`` ->
+    ``{"prune.sparsity": 0.3, "merge.method": "mean"}``.
+
+    A mapping under a section name is taken one level deep (``{section: {key: value}}``); a dotted key sets
+    its value whole, so ``{"merge.weights": {"boolq": 0.5}}`` replaces the weights mapping.
+    """
+    flat: dict[str, Any] = {}
+    for key, value in (overrides or {}).items():
+        if "." not in key and isinstance(value, Mapping):
+            for k, v in value.items():
+                flat[f"{key}.{k}"] = v
+        else:
+            flat[key] = value
+    return flat
+
+
+def merged_params(current: Mapping[str, Any], overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``current`` with the overrides applied (a deep copy).
+
+    Every section and key must already exist, so a typo fails here rather than in a stage; only inside a
+    value that is itself a mapping (``merge.weights.boolq``) may a new key appear.
+    """
+    out = yaml.safe_load(yaml.safe_dump(dict(current)))  # deep copy through plain YAML types
+    for dotted, value in flatten_overrides(overrides).items():
+        node = out
+        parts = dotted.split(".")
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            if not isinstance(node, dict) or (part not in node and not (last and i >= 2)):
+                known = sorted(map(str, node)) if isinstance(node, dict) else []
+                where = ".".join(parts[:i]) or "params.yaml"
+                close = difflib.get_close_matches(part, known, n=1)
+                raise FlowError(f"unknown params key '{dotted}' ('{part}' is not in {where})",
+                                f"did you mean '{'.'.join(parts[:i] + [close[0]])}'?" if close
+                                else f"keys of {where}: {', '.join(known) or '(none)'}")
+            if last:
+                node[part] = value
+            else:
+                node = node[part]
+    return out
+
+
+def write_params(repo: Path, overrides: Mapping[str, Any] | None) -> list[str]:
+    """Apply the overrides to params.yaml in place, keeping its comments and order; return the changed keys."""
+    from ruamel.yaml import YAML  # ships with dvc, which edits params.yaml the same way
+
+    flat = flatten_overrides(overrides)
+    if not flat:
+        return []
+    merged_params(read_params(repo), flat)  # validates every key first
+    path = repo / "params.yaml"
+    ryaml = YAML()
+    ryaml.preserve_quotes = True
+    doc = ryaml.load(path.read_text())
+    changed = []
+    for dotted, value in flat.items():
+        *parents, leaf = dotted.split(".")
+        node = doc
+        for p in parents:
+            node = node[p]
+        if node.get(leaf) != value:
+            node[leaf] = value
+            changed.append(dotted)
+    if changed:
+        buf = io.StringIO()
+        ryaml.dump(doc, buf)
+        atomic_write(path, buf.getvalue())
+    return changed
+
+
+# --- the stage graph ------------------------------------------------------------------------------------
+
+_NODE = re.compile(r'^"(?P<node>[^"]+)";$')
+_EDGE = re.compile(r'^"(?P<src>[^"]+)" -> "(?P<dst>[^"]+)";$')
+
+
+def parse_dot(text: str) -> dict[str, list[str]]:
+    """``dvc dag --dot`` output -> {stage: [its upstream stages]}, in DVC's order."""
+    parents: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if m := _NODE.match(line):
+            parents.setdefault(m["node"], [])
+        elif m := _EDGE.match(line):
+            parents.setdefault(m["src"], [])
+            parents.setdefault(m["dst"], []).append(m["src"])
+    return parents
+
+
+def stage_graph(repo: Path) -> dict[str, list[str]]:
+    """The pipeline's stages (foreach instances expanded) with their upstream stages."""
+    graph = parse_dot(run_dvc(["dag", "--dot"], repo).output)
+    if not graph:
+        raise FlowError(f"{repo / 'dvc.yaml'} defines no stages", "add stages to dvc.yaml")
+    return graph
+
+
+def topological(graph: Mapping[str, list[str]]) -> list[str]:
+    """Stages ordered so every stage follows its upstream ones; ties keep DVC's order."""
+    order, done = [], set()
+    pending = list(graph)
+    while pending:
+        ready = [s for s in pending if all(p in done for p in graph[s])]
+        if not ready:
+            raise FlowError(f"the stage graph has a cycle among: {', '.join(pending)}", "fix dvc.yaml")
+        for s in ready:
+            order.append(s)
+            done.add(s)
+        pending = [s for s in pending if s not in done]
+    return order
+
+
+def upstream(graph: Mapping[str, list[str]], targets: Iterable[str]) -> set[str]:
+    """``targets`` and every stage they depend on."""
+    seen: set[str] = set()
+    stack = list(targets)
+    while stack:
+        s = stack.pop()
+        if s not in seen:
+            seen.add(s)
+            stack.extend(graph[s])
+    return seen
+
+
+def downstream(graph: Mapping[str, list[str]], sources: Iterable[str]) -> set[str]:
+    """``sources`` and every stage that depends on them."""
+    children: dict[str, list[str]] = {s: [] for s in graph}
+    for s, ps in graph.items():
+        for p in ps:
+            children[p].append(s)
+    seen: set[str] = set()
+    stack = list(sources)
+    while stack:
+        s = stack.pop()
+        if s not in seen:
+            seen.add(s)
+            stack.extend(children[s])
+    return seen
+
+
+def check_stages(graph: Mapping[str, list[str]], names: Iterable[str]) -> None:
+    unknown = [n for n in names if n not in graph]
+    if unknown:
+        raise FlowError(f"unknown stage(s): {', '.join(unknown)}", f"stages of this pipeline: {', '.join(graph)}")
+
+
+# --- what DVC did ---------------------------------------------------------------------------------------
+
+_RAN = re.compile(r"^Running stage '(?P<stage>[^']+)'", re.M)
+_CACHED = re.compile(r"^Stage '(?P<stage>[^']+)' (?:didn't change, skipping|is cached - skipping run)", re.M)
+_PULLED = re.compile(r"^Pulling data for stage: '(?P<stage>[^']+)'", re.M)
+_EXP = re.compile(r"Ran experiment\(s\): (?P<names>.+)$", re.M)
+
+
+def parse_repro(output: str) -> dict[str, str]:
+    """Which stages a ``dvc repro`` / ``dvc exp run`` ran and which it skipped or restored from the cache.
+
+    DVC prints ``Running stage 'X':`` when it executes a command, ``Stage 'X' didn't change, skipping``
+    when the workspace already matches dvc.lock, ``Stage 'X' is cached - skipping run`` when it restores
+    outputs from the run-cache, and ``Pulling data for stage: 'X'`` when it fetches them from a remote.
+    """
+    status: dict[str, str] = {}
+    for m in _CACHED.finditer(output):
+        status[m["stage"]] = CACHED
+    for m in _PULLED.finditer(output):
+        status[m["stage"]] = CACHED
+    for m in _RAN.finditer(output):
+        status[m["stage"]] = RAN
+    return status
+
+
+def experiment_names(output: str) -> list[str]:
+    m = _EXP.search(output)
+    return [n.strip() for n in m["names"].split(",")] if m else []
+
+
+def lock_stages(repo: Path) -> dict[str, Any]:
+    """The stages recorded in dvc.lock (empty when there is none)."""
+    path = repo / "dvc.lock"
+    if not path.is_file():
+        return {}
+    return (yaml.safe_load(path.read_text()) or {}).get("stages", {}) or {}
+
+
+def stages_reading(repo: Path, graph: Mapping[str, list[str]], keys: Iterable[str]) -> set[str]:
+    """The stages of ``graph`` whose dvc.yaml ``params`` cover any of ``keys`` (``prune`` covers
+    ``prune.sparsity`` and the reverse); a ``foreach`` definition stands for all its ``name@item`` stages."""
+    spec = yaml.safe_load((repo / "dvc.yaml").read_text()) or {}
+    keys = list(keys)
+
+    def covers(declared: str, key: str) -> bool:
+        return declared == key or key.startswith(declared + ".") or declared.startswith(key + ".")
+
+    found: set[str] = set()
+    for name, body in (spec.get("stages") or {}).items():
+        body = body.get("do", body) if isinstance(body, dict) else {}
+        declared: list[str] = []
+        for entry in body.get("params") or []:
+            if isinstance(entry, dict):  # {params_file: [keys]}
+                for v in entry.values():
+                    declared.extend(v or [])
+            else:
+                declared.append(entry)
+        if any(covers(d, k) for d in declared for k in keys):
+            found |= {s for s in graph if s == name or s.startswith(name + "@")}
+    return found
+
+
+def atomic_write(path: Path, data: str | bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary sibling and a rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

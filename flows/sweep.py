@@ -1,0 +1,206 @@
+"""Sparsity x merge-method sweep: one DVC experiment per point, every task score computed once.
+
+1. The stages that read no swept parameter (model, prepare@*, score@*, score_generic, evaluate_dense) run
+   once in the workspace through the pipeline flow; their outputs land in DVC's cache and run-cache.
+2. Each (method, sparsity) is a workspace experiment, ``dvc exp run -S prune.sparsity=.. -S merge.method=..``,
+   run one after the other: DVC skips every stage whose inputs are unchanged, so only merge, select, prune
+   and evaluate run per point. The experiment's metrics file is read right after it.
+3. The rows go to ``results/sweep.csv``, ``results/sweep.md`` and ``plots/accuracy_vs_sparsity.png``, and
+   are published as Prefect artifacts.
+4. params.yaml and dvc.lock are put back as they were, and the workspace outputs checked out to match.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from flows.pipeline import make_task_runner, plan, publish_report, run_stages, validate_run
+from flows.repo import (RAN, DvcCommandError, FlowError, atomic_write, downstream, experiment_names,
+                        parse_repro, run_dvc, stages_reading, write_params)
+
+SWEPT = ("prune.sparsity", "merge.method")
+DEFAULT_SPARSITIES, DEFAULT_METHODS = (0.1, 0.2, 0.3), ("vote",)
+PRUNED_METRICS = "metrics/pruned.json"
+DENSE_METRICS = "metrics/dense.json"
+CSV, MARKDOWN, PLOT = "results/sweep.csv", "results/sweep.md", "plots/accuracy_vs_sparsity.png"
+
+
+def _number(x: Any) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
+
+
+def metrics_row(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The sweep columns of one evaluation's metrics: mean and per-task accuracy, size, perplexity."""
+    mean = metrics.get("mean") or {}
+    params = metrics.get("params") or {}
+    row: dict[str, Any] = {
+        "achieved_sparsity": _number(metrics.get("sparsity")),
+        "acc": _number(mean.get("acc")),
+        "acc_norm": _number(mean.get("acc_norm")),
+        "perplexity": _number(metrics.get("perplexity")),
+    }
+    for name, value in params.items():
+        if _number(value) is not None:
+            row[f"params_{name}"] = int(value)
+    for name, t in sorted((metrics.get("tasks") or {}).items()):
+        row[f"acc_{name}"] = _number(t.get("acc"))
+        row[f"acc_norm_{name}"] = _number(t.get("acc_norm"))
+    return row
+
+
+@task(name="dvc-exp-run", task_run_name="{method} @ {sparsity}", retries=1, retry_delay_seconds=5,
+      cache_policy=NO_CACHE)
+def run_experiment(repo: str, method: str, sparsity: float, metrics_file: str = PRUNED_METRICS) -> dict[str, Any]:
+    """One workspace experiment; returns its name, which stages ran, and its metrics."""
+    logger = get_run_logger()
+    args = ["exp", "run", "-S", f"prune.sparsity={sparsity}", "-S", f"merge.method={method}"]
+    res = run_dvc(args, repo, check=False)
+    logger.info("dvc %s\n%s", " ".join(args), res.output.rstrip())
+    if res.returncode != 0:
+        raise DvcCommandError(args, res.returncode, res.output)
+    path = Path(repo) / metrics_file
+    if not path.is_file():
+        raise FlowError(f"the experiment wrote no {metrics_file}",
+                        "check dvc.yaml: the evaluate stage must declare it under metrics")
+    names = experiment_names(res.output)
+    return {"method": method, "sparsity": sparsity, "experiment": names[0] if names else "",
+            "stages": parse_repro(res.output), "seconds": round(res.seconds, 2),
+            "metrics": json.loads(path.read_text())}
+
+
+def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    def cell(v: Any) -> str:
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return ""
+        return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def plot_accuracy(table, path: Path, dense: dict[str, Any] | None) -> None:
+    """Mean accuracy against requested sparsity, one line per method; the dense model as a reference."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method, g in table.groupby("method", sort=False):
+        g = g.sort_values("sparsity")
+        ax.plot(g["sparsity"], g["acc"], marker="o", label=f"{method} acc")
+        if g["acc_norm"].notna().any():
+            ax.plot(g["sparsity"], g["acc_norm"], marker="x", linestyle="--", label=f"{method} acc_norm")
+    dense_acc = _number(((dense or {}).get("mean") or {}).get("acc"))
+    if dense_acc is not None:
+        ax.axhline(dense_acc, color="grey", linestyle=":", label="dense acc")
+    ax.set_xlabel("sparsity (share of decoder parameters removed)")
+    ax.set_ylabel("mean zero-shot accuracy")
+    ax.set_title("DIET: accuracy vs sparsity")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def write_results(root: Path, runs: list[dict[str, Any]], dense: dict[str, Any] | None):
+    """The sweep table as CSV, markdown and plot under ``root``; returns the table and the three paths."""
+    import pandas as pd
+
+    rows = [{"method": r["method"], "sparsity": r["sparsity"], **metrics_row(r["metrics"]),
+             "experiment": r["experiment"]} for r in runs]
+    table = pd.DataFrame(rows)
+    atomic_write(root / CSV, table.to_csv(index=False))
+    columns = [c for c in table.columns if not c.startswith("acc_norm_")]
+    md = "# DIET sweep\n\n" + markdown_table(rows, columns)
+    if dense:
+        md += "\nDense model: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics_row(dense).items()
+                                             if k in ("acc", "acc_norm", "perplexity") and v is not None) + "\n"
+    atomic_write(root / MARKDOWN, md)
+    plot_accuracy(table, root / PLOT, dense)
+    return table, md, [root / CSV, root / MARKDOWN, root / PLOT]
+
+
+def _snapshot(root: Path) -> dict[str, bytes | None]:
+    return {name: (root / name).read_bytes() if (root / name).is_file() else None
+            for name in ("params.yaml", "dvc.lock")}
+
+
+def _restore(root: Path, snap: dict[str, bytes | None]) -> None:
+    for name, data in snap.items():
+        if data is None:
+            (root / name).unlink(missing_ok=True)
+        else:
+            atomic_write(root / name, data)
+    res = run_dvc(["checkout"], root, check=False)  # workspace outputs back in line with dvc.lock
+    if res.returncode != 0:
+        get_run_logger().warning("dvc checkout after the sweep:\n%s", res.output.rstrip())
+
+
+@flow(name="diet-sweep")
+def sweep_flow(repo: str = ".", sparsities: list[float] | None = None, methods: list[str] | None = None,
+               params: dict[str, Any] | None = None, task_runner: str = "threads", workers: int = 2,
+               address: str | None = None, retries: int = 1) -> dict[str, Any]:
+    """Evaluate every (method, sparsity) as a DVC experiment, reusing one computation of every task score.
+
+    ``params`` overrides other settings for the whole sweep (restored afterwards with params.yaml).
+    Returns the table rows, the output paths, and which stages ran in the shared step and per experiment.
+    """
+    logger = get_run_logger()
+    sparsities = [float(s) for s in (sparsities if sparsities is not None else DEFAULT_SPARSITIES)]
+    methods = [str(m) for m in (methods if methods is not None else DEFAULT_METHODS)]
+    if not sparsities or not methods:
+        raise FlowError("the sweep needs at least one sparsity and one method", "pass e.g. sparsities=[0.1, 0.2]")
+    if len(set(sparsities)) != len(sparsities) or len(set(methods)) != len(methods):
+        raise FlowError("sparsities and methods must not repeat", "list each value once")
+    bad = [s for s in sparsities if not 0.0 < s < 1.0]
+    if bad:
+        raise FlowError(f"sparsities {bad} are outside (0, 1)", "pass shares of parameters to remove, e.g. 0.2")
+    runner = make_task_runner(task_runner, workers, address)
+    root = validate_run(repo, params)
+    snap = _snapshot(root)
+    runs: list[dict[str, Any]] = []
+    try:
+        changed = write_params(root, params)
+        if changed:
+            logger.info("params.yaml for the sweep: set %s", ", ".join(changed))
+        graph, order = plan(root)
+        swept = downstream(graph, stages_reading(root, graph, SWEPT))
+        shared = [s for s in order if s not in swept]
+        logger.info("shared stages, run once: %s; per experiment: %s", ", ".join(shared),
+                    ", ".join(s for s in order if s in swept))
+        rows = run_stages.with_options(task_runner=runner)(str(root), graph, shared, False, retries)
+        publish_report(rows, "diet-sweep-shared", f"DIET sweep in {root}: stages shared by every experiment")
+        dense_path = root / DENSE_METRICS
+        dense = json.loads(dense_path.read_text()) if dense_path.is_file() else None
+        experiment = run_experiment.with_options(retries=retries)
+        for method in methods:
+            for sparsity in sparsities:
+                run = experiment(str(root), method, sparsity)
+                ran = [s for s, st in run["stages"].items() if st == RAN]
+                logger.info("%s @ %s (%s): ran %s", method, sparsity, run["experiment"], ", ".join(ran) or "nothing")
+                runs.append(run)
+    finally:
+        _restore(root, snap)
+
+    table, md, paths = write_results(root, runs, dense)
+    create_table_artifact(key="diet-sweep", table=table.to_dict("records"),
+                          description=f"DIET sweep in {root}: one row per (method, sparsity)")
+    create_markdown_artifact(key="diet-sweep-summary", markdown=md + "\n" + "\n".join(f"- `{p}`" for p in paths))
+    create_link_artifact(key="diet-sweep-plot", link=paths[2].as_uri(), link_text="accuracy vs sparsity")
+    logger.info("sweep table -> %s\n%s", paths[0], md)
+    return {"rows": table.to_dict("records"), "files": [str(p) for p in paths],
+            "shared": {r["stage"]: r["status"] for r in rows},
+            "experiments": [{k: r[k] for k in ("method", "sparsity", "experiment", "stages")} for r in runs]}

@@ -1,0 +1,593 @@
+"""Prefect flows over DVC.
+
+Fast tests drive the flows against a fake ``dvc`` (canned output, recorded timings) and run one real stage
+through real DVC. The integration tests (``-m slow``, about 15 minutes on 2 cores) run the whole pipeline
+with real DVC on tiny git + DVC repos (tests/repo_fixture.py): full run, cached rerun, sparsity change, Dask
+fan-out, sweep, cross-team reuse through a remote, and a scheduled run on a real Prefect server.
+"""
+
+import atexit
+import os
+import shutil
+import tempfile
+
+# Prefect reads its home once, at import: give the tests their own before anything imports it.
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="diet-test-prefect-")
+atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], True)
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+
+import hashlib  # noqa: E402
+import json  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import textwrap  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+
+from flows import repo as flows_repo  # noqa: E402
+from flows.repo import (CACHED, RAN, DvcCommandError, FlowError, check_tasks, downstream,  # noqa: E402
+                        ensure_repo, flatten_overrides, merged_params, parse_dot, parse_repro, stages_reading,
+                        topological, upstream, write_params)
+from tests.repo_fixture import clone, dvc, dvc_env, make_tiny_repo  # noqa: E402
+
+PROJECT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# --- DVC output, stage graph, params: pure functions -----------------------------------------------------
+
+REPRO_OUTPUT = """\
+Stage 'model' didn't change, skipping
+Stage 'prepare@t1' is cached - skipping run, checking out outputs
+Pulling data for stage: 'prepare@t2'
+Running stage 'score@t1':
+> python -m stages.score --task t1
+Updating lock file 'dvc.lock'
+Ran experiment(s): tense-hoop
+"""
+
+DOT = """\
+strict digraph {
+"model";
+"prepare@t1";
+"prepare@t2";
+"score@t1";
+"score@t2";
+"merge";
+"evaluate";
+"model" -> "score@t1";
+"model" -> "score@t2";
+"prepare@t1" -> "score@t1";
+"prepare@t2" -> "score@t2";
+"score@t1" -> "merge";
+"score@t2" -> "merge";
+"merge" -> "evaluate";
+}
+"""
+
+
+def test_parse_repro_tells_ran_from_cached():
+    assert parse_repro(REPRO_OUTPUT) == {"model": CACHED, "prepare@t1": CACHED, "prepare@t2": CACHED,
+                                         "score@t1": RAN}
+    assert flows_repo.experiment_names(REPRO_OUTPUT) == ["tense-hoop"]
+    assert parse_repro("Data and pipelines are up to date.\n") == {}
+
+
+def test_stage_graph_order_and_reach():
+    graph = parse_dot(DOT)
+    assert graph["score@t1"] == ["model", "prepare@t1"] and graph["model"] == []
+    order = topological(graph)
+    assert sorted(order) == sorted(graph)
+    for stage, parents in graph.items():
+        assert all(order.index(p) < order.index(stage) for p in parents)
+    assert upstream(graph, ["score@t2"]) == {"score@t2", "model", "prepare@t2"}
+    assert downstream(graph, ["score@t1"]) == {"score@t1", "merge", "evaluate"}
+    with pytest.raises(FlowError, match="cycle"):
+        topological({"a": ["b"], "b": ["a"]})
+
+
+def test_project_sweep_splits_shared_from_swept_stages():
+    """On the project's dvc.yaml, sparsity and method reach merge/select and what follows, never a score."""
+    graph = {"model": [], "prepare@a": [], "score@a": ["model", "prepare@a"], "score_generic": ["model"],
+             "evaluate_dense": ["model", "prepare@a"], "merge": ["score@a", "score_generic"],
+             "select": ["merge"], "prune": ["select"], "evaluate": ["prune", "evaluate_dense"]}
+    readers = stages_reading(PROJECT, graph, ["prune.sparsity", "merge.method"])
+    assert readers == {"merge", "select"}
+    assert downstream(graph, readers) == {"merge", "select", "prune", "evaluate"}
+
+
+def test_overrides_nested_and_dotted():
+    current = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    flat = flatten_overrides({"prune": {"sparsity": 0.3}, "merge.method": "mean", "tasks": ["a"],
+                              "merge.weights": {"boolq": 0.5}})
+    assert flat == {"prune.sparsity": 0.3, "merge.method": "mean", "tasks": ["a"], "merge.weights": {"boolq": 0.5}}
+    merged = merged_params(current, flat)
+    assert merged["prune"]["sparsity"] == 0.3 and merged["merge"]["method"] == "mean"
+    assert merged["merge"]["weights"] == {"boolq": 0.5} and merged["tasks"] == ["a"]
+    assert merged_params(current, {"merge.weights.rte": 2.0})["merge"]["weights"] == {"rte": 2.0}
+    assert current["prune"]["sparsity"] != 0.3  # the input is not modified
+    with pytest.raises(FlowError, match=r"unknown params key 'prune.sparsty'.*\n.*prune.sparsity"):
+        merged_params(current, {"prune.sparsty": 0.3})
+    with pytest.raises(FlowError, match="unknown params key 'prunning.sparsity'"):
+        merged_params(current, {"prunning": {"sparsity": 0.3}})
+
+
+def test_write_params_keeps_comments_and_order(tmp_path):
+    shutil.copy(PROJECT / "params.yaml", tmp_path / "params.yaml")
+    before = (tmp_path / "params.yaml").read_text()
+    assert write_params(tmp_path, {"prune": {"sparsity": 0.2}}) == []  # unchanged value: file untouched
+    assert (tmp_path / "params.yaml").read_text() == before
+    assert write_params(tmp_path, {"prune.sparsity": 0.35, "tasks": ["boolq", "rte"]}) == ["prune.sparsity", "tasks"]
+    after = (tmp_path / "params.yaml").read_text()
+    data = yaml.safe_load(after)
+    assert data["prune"]["sparsity"] == 0.35 and data["tasks"] == ["boolq", "rte"]
+    assert "# share of decoder-layer parameters removed" in after
+    assert [line for line in after.splitlines() if line.startswith("#")] == \
+        [line for line in before.splitlines() if line.startswith("#")]
+    assert list(data) == list(yaml.safe_load(before))
+
+
+def test_check_tasks_names_missing_and_available(tmp_path):
+    (tmp_path / "data" / "tasks").mkdir(parents=True)
+    for t in ("arc_easy", "boolq"):
+        (tmp_path / "data" / "tasks" / f"{t}.yaml").write_text("source: {olmo: x}\n")
+    check_tasks(tmp_path, ["boolq"])
+    with pytest.raises(FlowError) as e:
+        check_tasks(tmp_path, ["boolq", "arc_eazy", "nope"])
+    msg = str(e.value)
+    assert "'arc_eazy' (did you mean 'arc_easy'?)" in msg and "'nope'" in msg and "data/tasks/nope.yaml" in msg
+    assert "use one of: arc_easy, boolq" in msg
+
+
+def test_ensure_repo_fails_fast(tmp_path):
+    with pytest.raises(FlowError, match="is not a DVC repository"):
+        ensure_repo(tmp_path)
+    (tmp_path / ".dvc").mkdir()
+    with pytest.raises(FlowError, match="no dvc.yaml"):
+        ensure_repo(tmp_path)
+    with pytest.raises(FlowError, match="not found"):
+        ensure_repo(tmp_path / "missing")
+
+
+# --- a fake dvc: flows without real stages ---------------------------------------------------------------
+
+FAKE_DVC = textwrap.dedent("""\
+    #!{python}
+    import os, sys, time
+    args = sys.argv[1:]
+    assert args[0] == "--wait-for-lock", args
+    args = args[1:]
+    log = os.path.join(os.getcwd(), "calls.log")
+    if args[:2] == ["dag", "--dot"]:
+        sys.stdout.write(open(os.path.join(os.getcwd(), "dag.dot")).read())
+    elif args[0] == "repro":
+        stage = args[2]
+        with open(log, "a") as f:
+            f.write(f"start {{stage}} {{time.time()}}\\n")
+        if stage == os.environ.get("FAKE_DVC_FAIL"):
+            print(f"Running stage '{{stage}}':")
+            sys.stderr.write("error: the model folder data/nope does not exist\\n")
+            sys.stderr.write(f"ERROR: failed to reproduce '{{stage}}': failed to run: python -m x, exited with 2\\n")
+            sys.exit(255)
+        time.sleep(float(os.environ.get("FAKE_DVC_SLEEP", "0.5")))
+        if stage in os.environ.get("FAKE_DVC_CACHED", "").split(","):
+            print(f"Stage '{{stage}}' didn't change, skipping")
+        else:
+            print(f"Running stage '{{stage}}':")
+        with open(log, "a") as f:
+            f.write(f"end {{stage}} {{time.time()}}\\n")
+    else:
+        sys.exit(f"fake dvc: unexpected {{args}}")
+""")
+
+
+@pytest.fixture
+def fake_repo(tmp_path, monkeypatch):
+    """A DVC-shaped folder whose `dvc` answers `dag --dot` with DOT and `repro -s X` by sleeping."""
+    repo = tmp_path / "fake"
+    (repo / ".dvc").mkdir(parents=True)
+    (repo / "data" / "tasks").mkdir(parents=True)
+    for t in ("t1", "t2"):
+        (repo / "data" / "tasks" / f"{t}.yaml").write_text("source: {olmo: x}\n")
+    (repo / "dvc.yaml").write_text("stages: {}\n")
+    (repo / "params.yaml").write_text("# settings\ntasks:\n  - t1\n  - t2\nprune:\n  sparsity: 0.2  # share\n")
+    (repo / "dag.dot").write_text(DOT)
+    exe = tmp_path / "fake-dvc"
+    exe.write_text(FAKE_DVC.format(python=sys.executable))
+    exe.chmod(0o755)
+    monkeypatch.setattr(flows_repo, "dvc_executable", lambda: str(exe))
+    return repo
+
+
+def read_calls(repo: Path) -> dict[str, tuple[float, float]]:
+    t: dict[str, dict[str, float]] = {}
+    for line in (repo / "calls.log").read_text().splitlines():
+        kind, stage, at = line.split()
+        t.setdefault(stage, {})[kind] = float(at)
+    return {s: (v["start"], v.get("end", float("inf"))) for s, v in t.items()}
+
+
+def test_repro_task_reports_status_and_surfaces_dvc_errors(fake_repo, monkeypatch):
+    from prefect.logging import disable_run_logger
+
+    from flows.pipeline import repro_stage
+
+    monkeypatch.setenv("FAKE_DVC_SLEEP", "0")
+    with disable_run_logger():
+        assert repro_stage.fn(str(fake_repo), "merge")["status"] == RAN
+        monkeypatch.setenv("FAKE_DVC_CACHED", "merge")
+        assert repro_stage.fn(str(fake_repo), "merge")["status"] == CACHED
+        monkeypatch.setenv("FAKE_DVC_FAIL", "merge")
+        with pytest.raises(DvcCommandError) as e:
+            repro_stage.fn(str(fake_repo), "merge")
+    assert e.value.returncode == 255
+    assert "the model folder data/nope does not exist" in str(e.value)
+    assert "failed to reproduce 'merge'" in str(e.value)
+
+
+def test_make_task_runner():
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    from flows.pipeline import make_task_runner
+
+    assert isinstance(make_task_runner("threads", 3), ThreadPoolTaskRunner)
+    assert type(make_task_runner("dask", 2)).__name__ == "DaskTaskRunner"
+    with pytest.raises(FlowError, match="unknown task_runner"):
+        make_task_runner("slurm")
+    with pytest.raises(FlowError, match="workers"):
+        make_task_runner("threads", 0)
+
+
+def test_pipeline_fans_out_independent_stages_after_their_upstream(fake_repo, prefect_harness, monkeypatch):
+    from flows.pipeline import pipeline_flow
+
+    monkeypatch.setenv("FAKE_DVC_SLEEP", "1.0")
+    monkeypatch.setenv("FAKE_DVC_CACHED", "model")
+    report = pipeline_flow(repo=str(fake_repo), params={"prune": {"sparsity": 0.3}}, workers=4)
+    assert report == {"model": CACHED, "prepare@t1": RAN, "prepare@t2": RAN, "score@t1": RAN, "score@t2": RAN,
+                      "merge": RAN, "evaluate": RAN}
+    calls = read_calls(fake_repo)
+    graph = parse_dot(DOT)
+    for stage, parents in graph.items():  # every stage starts after all its upstream stages ended
+        assert all(calls[p][1] <= calls[stage][0] for p in parents), (stage, calls)
+    (a0, a1), (b0, b1) = calls["score@t1"], calls["score@t2"]
+    assert a0 < b1 and b0 < a1, "independent score stages must overlap"
+    (a0, a1), (b0, b1) = calls["prepare@t1"], calls["prepare@t2"]
+    assert a0 < b1 and b0 < a1, "independent prepare stages must overlap"
+    params = (fake_repo / "params.yaml").read_text()
+    assert "sparsity: 0.3  # share" in params and params.startswith("# settings")
+
+
+def test_pipeline_targets_and_failure(fake_repo, prefect_harness, monkeypatch):
+    from flows.pipeline import pipeline_flow
+
+    monkeypatch.setenv("FAKE_DVC_SLEEP", "0")
+    assert list(pipeline_flow(repo=str(fake_repo), targets=["score@t2"])) == ["model", "prepare@t2", "score@t2"]
+    with pytest.raises(FlowError, match="unknown stage"):
+        pipeline_flow(repo=str(fake_repo), targets=["score@t9"])
+    (fake_repo / "calls.log").unlink()
+    monkeypatch.setenv("FAKE_DVC_FAIL", "score@t1")
+    with pytest.raises(DvcCommandError, match="the model folder data/nope does not exist"):
+        pipeline_flow(repo=str(fake_repo), retries=0)
+    calls = read_calls(fake_repo)
+    assert "merge" not in calls and "evaluate" not in calls  # nothing downstream of the failure ran
+
+
+def test_flows_fail_fast_on_bad_input(fake_repo, tmp_path, prefect_harness):
+    from flows.pipeline import pipeline_flow
+    from flows.sweep import sweep_flow
+
+    before = (fake_repo / "params.yaml").read_text()
+    with pytest.raises(FlowError, match=r"unknown task 'tx'.*\n.*use one of: t1, t2"):
+        pipeline_flow(repo=str(fake_repo), params={"tasks": ["t1", "tx"]})
+    with pytest.raises(FlowError, match="unknown params key 'prune.sparsty'"):
+        pipeline_flow(repo=str(fake_repo), params={"prune.sparsty": 0.3})
+    assert (fake_repo / "params.yaml").read_text() == before  # nothing written on bad input
+    assert not (fake_repo / "calls.log").exists()  # and nothing ran
+    with pytest.raises(FlowError, match="is not a DVC repository"):
+        pipeline_flow(repo=str(tmp_path))
+    with pytest.raises(FlowError, match="is not a DVC repository"):
+        sweep_flow(repo=str(tmp_path))
+    with pytest.raises(FlowError, match="outside"):
+        sweep_flow(repo=str(fake_repo), sparsities=[0.2, 1.5])
+
+
+# --- sweep table, schedule config, CLI -------------------------------------------------------------------
+
+def fake_metrics(acc: float, sparsity: float) -> dict:
+    return {"mean": {"acc": acc, "acc_norm": acc - 0.1}, "perplexity": 20.0 + 10 * sparsity,
+            "params": {"total": 1000, "non_embedding": 800, "decoder": int(800 * (1 - sparsity))},
+            "sparsity": sparsity, "method": "vote",
+            "tasks": {"t1": {"acc": acc + 0.1, "acc_norm": acc}, "t2": {"acc": acc - 0.1, "acc_norm": acc}}}
+
+
+def test_sweep_results_table_markdown_plot(tmp_path):
+    from flows.sweep import CSV, MARKDOWN, PLOT, write_results
+
+    runs = [{"method": m, "sparsity": s, "experiment": f"{m}-{s}", "metrics": fake_metrics(0.6 - s, s)}
+            for m in ("vote", "mean") for s in (0.1, 0.3)]
+    table, md, paths = write_results(tmp_path, runs, fake_metrics(0.7, 0.0))
+    assert [p.relative_to(tmp_path).as_posix() for p in paths] == [CSV, MARKDOWN, PLOT]
+    import pandas as pd
+
+    csv = pd.read_csv(tmp_path / CSV)
+    assert len(csv) == 4 and list(csv[["method", "sparsity"]].itertuples(index=False, name=None)) == \
+        [("vote", 0.1), ("vote", 0.3), ("mean", 0.1), ("mean", 0.3)]
+    assert csv["acc"].tolist() == pytest.approx([0.5, 0.3, 0.5, 0.3])
+    assert csv["acc_t1"].tolist() == pytest.approx([0.6, 0.4, 0.6, 0.4])
+    assert csv["params_decoder"].tolist() == [720, 560, 720, 560]
+    assert {"perplexity", "acc_norm", "params_total", "experiment"} <= set(csv.columns)
+    assert md.count("\n| vote |") == 2 and "Dense model: acc 0.7000" in md
+    assert (tmp_path / PLOT).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_schedule_config(tmp_path, monkeypatch):
+    from flows.schedule import DEFAULT_CONFIG, load_schedule, serve_pipeline
+
+    cfg = load_schedule()
+    assert cfg.cron and cfg.interval is None and Path(cfg.parameters["repo"]).is_absolute()
+    cfg = load_schedule(DEFAULT_CONFIG, interval=30, repo=str(tmp_path), name="hourly")
+    assert (cfg.interval, cfg.cron, cfg.name) == (30, None, "hourly")
+    assert cfg.parameters["repo"] == str(tmp_path.resolve()) and cfg.parameters["workers"] == 2
+    bad = tmp_path / "s.yaml"
+    bad.write_text("name: x\ncron: '* * * * *'\ninterval: 5\n")
+    with pytest.raises(FlowError, match="exactly one"):
+        load_schedule(bad)
+    bad.write_text("name: x\ninterval: 5\nparameters: {workerz: 2}\n")
+    with pytest.raises(FlowError, match="did you mean 'workers'"):
+        load_schedule(bad)
+    bad.write_text("name: x\ncronn: '* * * * *'\n")
+    with pytest.raises(FlowError, match="unknown key 'cronn'"):
+        load_schedule(bad)
+    monkeypatch.setattr("flows.schedule.api_url", lambda: None)
+    with pytest.raises(FlowError, match="need a Prefect server"):
+        serve_pipeline(load_schedule())
+
+
+def test_cli_parses_every_command():
+    from flows.cli import build_parser, parse_sets
+
+    assert parse_sets(["prune.sparsity=0.3", "tasks=[a, b]", "merge.method=mean"]) == \
+        {"prune.sparsity": 0.3, "tasks": ["a", "b"], "merge.method": "mean"}
+    with pytest.raises(FlowError):
+        parse_sets(["sparsity"])
+    p = build_parser()
+    a = p.parse_args(["run", "--set", "prune.sparsity=0.3", "--runner", "dask", "--workers", "3", "--target", "merge"])
+    assert (a.command, a.runner, a.workers, a.targets) == ("run", "dask", 3, ["merge"])
+    assert p.parse_args(["sweep", "--sparsities", "0.1,0.5", "--methods", "vote,mean"]).sparsities == [0.1, 0.5]
+    assert p.parse_args(["serve", "--interval", "60"]).interval == 60
+    assert p.parse_args(["push", "--remote", "shared", "--tasks", "t1,t2"]).tasks == ["t1", "t2"]
+    assert p.parse_args(["pull", "--all"]).all_stages
+    for cmd in ("run", "sweep", "serve", "push", "pull"):
+        out = subprocess.run([sys.executable, "-m", "flows.cli", cmd, "--help"], cwd=PROJECT,
+                             capture_output=True, text=True)
+        assert out.returncode == 0 and f"diet-flow {cmd}" in out.stdout
+
+
+def test_flows_never_import_torch():
+    code = ("import sys, flows.pipeline, flows.sweep, flows.share, flows.schedule, flows.cli; "
+            "bad = [m for m in ('torch', 'transformers', 'diet') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], cwd=PROJECT, check=True, env=dvc_env())
+
+
+# --- integration: real DVC, real stages, tiny model ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_repo(tmp_path_factory, prefect_harness):
+    """A tiny project, run once in full, one stage at a time (the sequential reference)."""
+    from flows.pipeline import pipeline_flow
+
+    repo = make_tiny_repo(tmp_path_factory.mktemp("pipeline"))
+    report = pipeline_flow(repo=str(repo), workers=1)
+    return repo, report
+
+
+@pytest.mark.slow
+def test_full_pipeline_produces_pruned_model_and_metrics(tiny_repo):
+    repo, report = tiny_repo
+    assert list(report) == topological(parse_dot(subprocess.run(
+        [dvc(), "dag", "--dot"], cwd=repo, env=dvc_env(), capture_output=True, text=True, check=True).stdout))
+    assert set(report.values()) == {RAN}, report
+    assert (repo / "models" / "pruned" / "config.json").is_file()
+    assert list((repo / "models" / "pruned").glob("*.safetensors"))
+    dense, pruned = (json.loads((repo / "metrics" / f"{n}.json").read_text()) for n in ("dense", "pruned"))
+    assert 0.0 <= pruned["mean"]["acc"] <= 1.0 and set(pruned["tasks"]) == {"t1", "t2"}
+    assert pruned["params"]["decoder"] < dense["params"]["decoder"]
+    assert pruned["sparsity"] == pytest.approx(0.2, abs=0.05)
+    for t in ("t1", "t2"):
+        assert (repo / "scores" / f"{t}.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_second_run_is_all_cached(tiny_repo):
+    from flows.pipeline import pipeline_flow
+
+    repo, first = tiny_repo
+    again = pipeline_flow(repo=str(repo), workers=2)
+    assert again == {stage: CACHED for stage in first}
+
+
+@pytest.mark.slow
+def test_changing_sparsity_reruns_no_score(tiny_repo):
+    from flows.pipeline import pipeline_flow
+
+    repo, _ = tiny_repo
+    scores = {t: sha256(repo / "scores" / f"{t}.safetensors") for t in ("t1", "t2")}
+    report = pipeline_flow(repo=str(repo), params={"prune": {"sparsity": 0.35}}, workers=2)
+    ran = {s for s, st in report.items() if st == RAN}
+    assert ran == {"merge", "select", "prune", "evaluate"}, report
+    assert yaml.safe_load((repo / "params.yaml").read_text())["prune"]["sparsity"] == 0.35
+    assert json.loads((repo / "metrics" / "pruned.json").read_text())["sparsity"] == pytest.approx(0.35, abs=0.05)
+    assert scores == {t: sha256(repo / "scores" / f"{t}.safetensors") for t in ("t1", "t2")}
+
+
+def test_failing_stage_surfaces_dvc_error_text(tmp_path, prefect_harness):
+    from flows.pipeline import pipeline_flow
+
+    repo = make_tiny_repo(tmp_path, params={"model": {"source": "data/no_such_model"}})
+    with pytest.raises(DvcCommandError) as e:
+        pipeline_flow(repo=str(repo), targets=["model"], retries=0)
+    msg = str(e.value)
+    assert "failed to reproduce 'model'" in msg
+    assert "no_such_model" in msg and "error:" in msg  # the stage's own message, through DVC
+
+
+@pytest.fixture(scope="module")
+def dask_repo(tmp_path_factory, prefect_harness):
+    """A second tiny project whose scores were computed on a Dask LocalCluster of two worker processes."""
+    from flows.pipeline import pipeline_flow
+
+    repo = make_tiny_repo(tmp_path_factory.mktemp("dask"))
+    report = pipeline_flow(repo=str(repo), task_runner="dask", workers=2, targets=["score@t1", "score@t2"])
+    return repo, report
+
+
+@pytest.mark.slow
+def test_dask_fan_out_equals_sequential_run(dask_repo, tiny_repo):
+    repo, report = dask_repo
+    assert report == {"model": RAN, "prepare@t1": RAN, "prepare@t2": RAN, "score@t1": RAN, "score@t2": RAN}
+    sequential, _ = tiny_repo
+    for t in ("t1", "t2"):
+        assert sha256(repo / "scores" / f"{t}.safetensors") == sha256(sequential / "scores" / f"{t}.safetensors")
+
+
+@pytest.mark.slow
+def test_sweep_computes_each_score_once(dask_repo):
+    from flows.sweep import CSV, MARKDOWN, PLOT, sweep_flow
+
+    repo, first = dask_repo
+    assert first["score@t1"] == first["score@t2"] == RAN  # computed once, before the sweep
+    before = {n: (repo / n).read_bytes() for n in ("params.yaml", "dvc.lock")}
+    out = sweep_flow(repo=str(repo), sparsities=[0.1, 0.2, 0.3], methods=["vote"], workers=2)
+    assert out["shared"]["score@t1"] == out["shared"]["score@t2"] == CACHED
+    assert out["shared"]["evaluate_dense"] == RAN
+    assert [(e["method"], e["sparsity"]) for e in out["experiments"]] == [("vote", 0.1), ("vote", 0.2), ("vote", 0.3)]
+    for e in out["experiments"]:
+        assert {s for s, st in e["stages"].items() if st == RAN} <= {"merge", "select", "prune", "evaluate"}, e
+        assert e["stages"]["merge"] == RAN
+    import pandas as pd
+
+    table = pd.read_csv(repo / CSV)
+    assert len(table) == 3 and table["sparsity"].tolist() == [0.1, 0.2, 0.3]
+    assert table["params_decoder"].is_monotonic_decreasing and table["acc"].between(0, 1).all()
+    assert {"acc_t1", "acc_t2", "perplexity", "params_total"} <= set(table.columns)
+    assert (repo / MARKDOWN).read_text().count("\n| vote |") == 3
+    assert (repo / PLOT).stat().st_size > 1000
+    assert {n: (repo / n).read_bytes() for n in ("params.yaml", "dvc.lock")} == before
+
+
+@pytest.mark.slow
+def test_second_team_reuses_scores_through_a_remote(tmp_path, prefect_harness):
+    from flows.pipeline import pipeline_flow
+    from flows.share import add_remote, pull_scores, push_scores
+
+    origin = make_tiny_repo(tmp_path, tasks=("t1", "t2"), extra_tasks=("t3",), name="origin")
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    team_a, team_b = clone(origin, tmp_path / "a"), clone(origin, tmp_path / "b")
+
+    add_remote(team_a, str(remote))
+    a = pipeline_flow(repo=str(team_a), params={"tasks": ["t1", "t2", "t3"]}, targets=["score@t3"])
+    assert a["score@t3"] == RAN
+    pushed = push_scores(team_a, tasks=["t3"])
+    assert pushed["targets"] == ["score@t3"]
+
+    add_remote(team_b, str(remote))
+    b = pull_scores(repo=str(team_b), params={"tasks": ["t1", "t2", "t3"]}, tasks=["t3"])
+    assert b == {"model": CACHED, "prepare@t3": CACHED, "score@t3": CACHED}, b
+    assert sha256(team_b / "scores" / "t3.safetensors") == sha256(team_a / "scores" / "t3.safetensors")
+    again = subprocess.run([dvc(), "repro", "score@t3"], cwd=team_b, env=dvc_env(), capture_output=True,
+                           text=True, check=True)
+    assert "Running stage" not in again.stdout, again.stdout
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop(proc: subprocess.Popen, sig: int = signal.SIGINT, timeout: float = 30) -> int:
+    """Signal the process group that ``proc`` leads; escalate to SIGKILL if it does not exit."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    return proc.returncode
+
+
+@pytest.mark.slow
+def test_scheduled_run_fires_on_a_real_server(tmp_path):
+    import httpx
+
+    repo = make_tiny_repo(tmp_path)
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = dvc_env({"PREFECT_HOME": str(tmp_path / "prefect-home"),
+                   "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
+                   "PREFECT_RUNNER_POLL_FREQUENCY": "2",
+                   "PYTHONPATH": os.pathsep.join(p for p in (str(PROJECT), os.environ.get("PYTHONPATH")) if p)})
+    env.pop("PREFECT_API_URL", None)
+    prefect = str(Path(sys.executable).parent / "prefect")
+    log = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    served = None
+    try:
+        deadline = time.time() + 180
+        while True:
+            assert server.poll() is None, (tmp_path / "server.log").read_text()
+            try:
+                if httpx.get(f"{api}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline, "the Prefect server did not start"
+            time.sleep(1)
+
+        config = tmp_path / "schedule.yaml"
+        config.write_text(yaml.safe_dump({"name": "diet-test", "interval": 5, "limit": 1, "parameters": {
+            "repo": str(repo), "targets": ["model"], "workers": 1}}))
+        serve_log = open(tmp_path / "serve.log", "w")
+        served = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--config", str(config)], cwd=PROJECT,
+                                  env={**env, "PREFECT_API_URL": api}, stdout=serve_log, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+        deadline = time.time() + 240
+        completed = []
+        while not completed:
+            assert served.poll() is None, (tmp_path / "serve.log").read_text()
+            runs = httpx.post(f"{api}/flow_runs/filter", json={"flow_runs": {"state": {"type": {"any_": [
+                "COMPLETED", "FAILED", "CRASHED"]}}}}, timeout=10).json()
+            assert not [r for r in runs if r["state_type"] != "COMPLETED"], runs
+            completed = [r for r in runs if r["deployment_id"]]
+            assert time.time() < deadline, (tmp_path / "serve.log").read_text()
+            time.sleep(2)
+        deployment = httpx.get(f"{api}/deployments/{completed[0]['deployment_id']}", timeout=10).json()
+        assert deployment["name"] == "diet-test" and deployment["parameters"]["repo"] == str(repo)
+    finally:
+        if served is not None:
+            _stop(served)
+        _stop(server, signal.SIGTERM)
+    assert served.returncode is not None and server.returncode is not None
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"{api}/health", timeout=2)
