@@ -219,19 +219,20 @@ def _check_reachable(groups, widths, costs, floors, sparsity, decoder_params, la
             least = -(-lo // multiple) * multiple
             floor_g = [least if least <= hi else hi] * len(widths[g])
         most[g] = sum((w - f) * c for w, f, c in zip(widths[g], floor_g, costs[g]))
-        if most[g] == 0:  # e.g. attention with one KV group per layer (Gemma-3-270M): the floor keeps it
-            others = [o for o in groups if o != g]
-            raise ConfigError(
-                f"group '{g}' has nothing to remove: its layers have {sorted(set(widths[g]))} dimension(s) and "
-                f"each keeps at least {sorted(set(floor_g))} (select.min_keep, select.multiple)",
-                f"set prune.groups to {others}" if others else f"prune another group than '{g}' (e.g. mlp)")
     prunable = {g: prunable_params(widths, costs, g) for g in groups}
     reachable_params = min(most[g] / prunable[g] for g in groups) * sum(prunable.values())
     if float(sparsity) * decoder_params > reachable_params * (1 + 1e-9):
         reachable = reachable_params / decoder_params
-        raise ConfigError(
-            f"prune.sparsity {sparsity} cannot be reached: with select.min_keep, select.multiple = {multiple} "
-            f"and layout {layout}, at most {reachable:.4f} of the decoder parameters can be removed "
-            f"from the groups {list(groups)}",
-            f"set prune.sparsity <= {math.floor(reachable * 1e4) / 1e4}, or lower select.min_keep / "
-            f"select.multiple, or prune more groups")
+        problem = (f"prune.sparsity {sparsity} cannot be reached: with select.min_keep, select.multiple = "
+                   f"{multiple} and layout {layout}, at most {reachable:.4f} of the decoder parameters can be "
+                   f"removed from the groups {list(groups)}")
+        stuck = [g for g in groups if most[g] == 0]  # e.g. attention with one KV group per layer (Gemma-3-270M)
+        if stuck:
+            others = [g for g in groups if g not in stuck]
+            raise ConfigError(f"{problem}: {', '.join(repr(g) for g in stuck)} has nothing to remove (every "
+                              "layer already sits at its least kept width)",
+                              f"set prune.groups to {others}" if others else
+                              f"prune another group than {', '.join(stuck)}, or lower select.min_keep / "
+                              "select.multiple")
+        raise ConfigError(problem, f"set prune.sparsity <= {math.floor(reachable * 1e4) / 1e4}, or lower "
+                          "select.min_keep / select.multiple, or prune more groups")
