@@ -70,6 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--sparsities", type=_floats, default=[0.1, 0.2, 0.3], help="comma-separated (default: 0.1,0.2,0.3)")
     q.add_argument("--methods", type=_names, default=["vote"], help="comma-separated merge methods (default: vote)")
 
+    q = sub.add_parser("report", help="render the sweep table and plot again (results/sweep.csv, metrics/dense.json)")
+    q.add_argument("--repo", default=".", help="the DIET project (default: .)")
+    q.add_argument("--csv", dest="csvs", action="append", metavar="PATH",
+                   help="sweep tables to combine (repeatable; default: results/sweep.csv)")
+    q.add_argument("--out", help="folder for the combined sweep.csv, sweep.md and accuracy_vs_sparsity.png "
+                                 "(default: results/sweep.md and plots/accuracy_vs_sparsity.png)")
+
     q = sub.add_parser("serve", help="serve the pipeline on a schedule (needs a Prefect server, PREFECT_API_URL)")
     q.add_argument("--config", help="schedule file (default: flows/schedule.yaml)")
     q.add_argument("--name", help="deployment name")
@@ -148,6 +155,11 @@ def dispatch(args: argparse.Namespace) -> Any:
         return pull_scores(repo=args.repo, tasks=args.tasks, params=parse_sets(args.sets),
                            all_stages=args.all_stages, task_runner=args.runner, workers=args.workers,
                            address=args.address, retries=args.retries)
+    if args.command == "report":
+        from flows.sweep import report
+
+        print(report(args.repo, csvs=args.csvs, out=args.out))
+        return None
     raise AssertionError(args.command)  # argparse restricts the choices
 
 

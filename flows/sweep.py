@@ -115,6 +115,46 @@ def plot_accuracy(table, path: Path, dense: dict[str, Any] | None) -> None:
     tmp.replace(path)
 
 
+def comparison_markdown(table, dense: dict[str, Any] | None) -> str:
+    """One table per sparsity: a row per method (the dense model first), "acc / acc_norm" per task, the means
+    and perplexity. ``table`` is the sweep table (results/sweep.csv)."""
+    tasks = sorted(c[len("acc_"):] for c in table.columns
+                   if c.startswith("acc_") and not c.startswith("acc_norm") and c != "acc_norm")
+    head = ["method", *tasks, "mean acc", "mean acc_norm", "perplexity"]
+
+    def pair(a: Any, b: Any) -> str:
+        ok = lambda v: v is not None and not (isinstance(v, float) and math.isnan(v))  # noqa: E731
+        return f"{a:.2f} / {b:.2f}" if ok(a) and ok(b) else (f"{a:.2f}" if ok(a) else "")
+
+    def line(name: str, r: dict[str, Any]) -> str:
+        cells = [name, *(pair(r.get(f"acc_{t}"), r.get(f"acc_norm_{t}")) for t in tasks),
+                 *(f"{r[k]:.4f}" if isinstance(r.get(k), float) and not math.isnan(r[k]) else ""
+                   for k in ("acc", "acc_norm")),
+                 f"{r['perplexity']:.2f}" if isinstance(r.get("perplexity"), float) else ""]
+        return "| " + " | ".join(cells) + " |"
+
+    out = []
+    dense_row = metrics_row(dense) if dense else None
+    for sparsity, group in table.groupby("sparsity", sort=True):
+        out += [f"**Sparsity {sparsity:g}** (share of decoder-layer parameters removed); cells are acc / acc_norm",
+                "", "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+        if dense_row:
+            out.append(line("dense", dense_row))
+        out += [line(str(r["method"]), r) for r in group.to_dict("records")]
+        out.append("")
+    return "\n".join(out)
+
+
+def render(table, dense: dict[str, Any] | None) -> str:
+    """The sweep's markdown: the summary table, the dense model's figures, and the per-task tables."""
+    columns = [c for c in table.columns if not c.startswith("acc_norm_")]
+    md = "# DIET sweep\n\n" + markdown_table(table.to_dict("records"), columns)
+    if dense:
+        md += "\nDense model: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics_row(dense).items()
+                                             if k in ("acc", "acc_norm", "perplexity") and v is not None) + "\n"
+    return md + "\n## Per task\n\n" + comparison_markdown(table, dense)
+
+
 def write_results(root: Path, runs: list[dict[str, Any]], dense: dict[str, Any] | None):
     """The sweep table as CSV, markdown and plot under ``root``; returns the table and the three paths."""
     import pandas as pd
@@ -123,14 +163,40 @@ def write_results(root: Path, runs: list[dict[str, Any]], dense: dict[str, Any] 
              "experiment": r["experiment"]} for r in runs]
     table = pd.DataFrame(rows)
     atomic_write(root / CSV, table.to_csv(index=False))
-    columns = [c for c in table.columns if not c.startswith("acc_norm_")]
-    md = "# DIET sweep\n\n" + markdown_table(rows, columns)
-    if dense:
-        md += "\nDense model: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics_row(dense).items()
-                                             if k in ("acc", "acc_norm", "perplexity") and v is not None) + "\n"
+    md = render(table, dense)
     atomic_write(root / MARKDOWN, md)
     plot_accuracy(table, root / PLOT, dense)
     return table, md, [root / CSV, root / MARKDOWN, root / PLOT]
+
+
+def report(repo: str | Path = ".", csvs: list[str | Path] | None = None, out: str | Path | None = None) -> str:
+    """Render the sweep markdown and plot again from sweep tables; return the markdown.
+
+    By default from ``results/sweep.csv`` into ``results/sweep.md`` and ``plots/accuracy_vs_sparsity.png``.
+    ``csvs`` combines several sweeps' tables (e.g. one per sparsity run on different days) and ``out`` names a
+    folder for ``sweep.csv``, ``sweep.md`` and ``accuracy_vs_sparsity.png``.
+    """
+    import pandas as pd
+
+    root = Path(repo)
+    paths = [Path(c) for c in csvs] if csvs else [root / CSV]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise FlowError(f"no sweep table at {', '.join(missing)}", "run `diet-flow sweep` first")
+    table = pd.concat([pd.read_csv(p) for p in paths], ignore_index=True)
+    table = table.sort_values(["sparsity", "method"], kind="stable").drop_duplicates(["method", "sparsity"], keep="last")
+    dense_path = root / DENSE_METRICS
+    dense = json.loads(dense_path.read_text()) if dense_path.is_file() else None
+    md = render(table, dense)
+    if out is None:
+        md_path, plot_path = root / MARKDOWN, root / PLOT
+    else:
+        out = Path(out)
+        md_path, plot_path = out / "sweep.md", out / "accuracy_vs_sparsity.png"
+        atomic_write(out / "sweep.csv", table.to_csv(index=False))
+    atomic_write(md_path, md)
+    plot_accuracy(table, plot_path, dense)
+    return md
 
 
 def _snapshot(root: Path) -> dict[str, bytes | None]:

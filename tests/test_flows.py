@@ -591,3 +591,43 @@ def test_scheduled_run_fires_on_a_real_server(tmp_path):
     assert served.returncode is not None and server.returncode is not None
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"{api}/health", timeout=2)
+
+
+def test_report_renders_per_task_tables(tmp_path):
+    import pandas as pd
+
+    from flows.sweep import metrics_row, report
+
+    def metrics(a, b):
+        return {"mean": {"acc": (a + b) / 2, "acc_norm": a}, "perplexity": 20.0, "sparsity": 0.2,
+                "tasks": {"t1": {"acc": a, "acc_norm": a}, "t2": {"acc": b, "acc_norm": b}}}
+
+    (tmp_path / "results").mkdir()
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "dense.json").write_text(json.dumps(metrics(0.6, 0.8)))
+    rows = [{"method": m, "sparsity": s, **metrics_row(metrics(a, 0.5))}
+            for m, s, a in [("vote", 0.2, 0.55), ("random", 0.2, 0.30), ("vote", 0.3, 0.45)]]
+    pd.DataFrame(rows).to_csv(tmp_path / "results" / "sweep.csv", index=False)
+    md = report(tmp_path)
+    assert (tmp_path / "results" / "sweep.md").read_text() == md
+    assert md.count("| dense | 0.60 / 0.60 | 0.80 / 0.80 |") == 2  # once per sparsity table
+    assert "| vote | 0.55 / 0.55 | 0.50 / 0.50 | 0.5250 |" in md
+    assert "**Sparsity 0.2**" in md and "**Sparsity 0.3**" in md
+
+
+def test_report_combines_sweeps(tmp_path):
+    import pandas as pd
+
+    from flows.sweep import metrics_row, report
+
+    def row(method, sparsity, acc):
+        m = {"mean": {"acc": acc, "acc_norm": acc}, "tasks": {"t1": {"acc": acc, "acc_norm": acc}}}
+        return {"method": method, "sparsity": sparsity, **metrics_row(m)}
+
+    pd.DataFrame([row("vote", 0.2, 0.5), row("random", 0.2, 0.3)]).to_csv(tmp_path / "a.csv", index=False)
+    pd.DataFrame([row("vote", 0.3, 0.4)]).to_csv(tmp_path / "b.csv", index=False)
+    md = report(tmp_path, csvs=[tmp_path / "a.csv", tmp_path / "b.csv"], out=tmp_path / "out")
+    combined = pd.read_csv(tmp_path / "out" / "sweep.csv")
+    assert sorted(zip(combined["method"], combined["sparsity"])) == [("random", 0.2), ("vote", 0.2), ("vote", 0.3)]
+    assert (tmp_path / "out" / "accuracy_vs_sparsity.png").stat().st_size > 0
+    assert "**Sparsity 0.3**" in md and "| vote | 0.40 / 0.40 |" in md
