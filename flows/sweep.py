@@ -184,7 +184,7 @@ def report(repo: str | Path = ".", csvs: list[str | Path] | None = None, out: st
     if missing:
         raise FlowError(f"no sweep table at {', '.join(missing)}", "run `diet-flow sweep` first")
     table = pd.concat([pd.read_csv(p) for p in paths], ignore_index=True)
-    table = table.sort_values(["sparsity", "method"], kind="stable").drop_duplicates(["method", "sparsity"], keep="last")
+    table = table.drop_duplicates(["method", "sparsity"], keep="last").sort_values("sparsity", kind="stable")
     dense_path = root / DENSE_METRICS
     dense = json.loads(dense_path.read_text()) if dense_path.is_file() else None
     md = render(table, dense)
