@@ -333,7 +333,9 @@ def test_sweep_results_table_markdown_plot(tmp_path):
     assert csv["acc_t1"].tolist() == pytest.approx([0.6, 0.4, 0.6, 0.4])
     assert csv["params_decoder"].tolist() == [720, 560, 720, 560]
     assert {"perplexity", "acc_norm", "params_total", "experiment"} <= set(csv.columns)
-    assert md.count("\n| vote |") == 2 and "Dense model: acc 0.7000" in md
+    summary, per_task = md.split("## Per task")
+    assert summary.count("\n| vote |") == 2 and "Dense model: acc 0.7000" in summary
+    assert per_task.count("\n| vote |") == 2 and per_task.count("\n| dense |") == 2  # one table per sparsity
     assert (tmp_path / PLOT).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -488,7 +490,8 @@ def test_sweep_computes_each_score_once(dask_repo):
     assert len(table) == 3 and table["sparsity"].tolist() == [0.1, 0.2, 0.3]
     assert table["params_decoder"].is_monotonic_decreasing and table["acc"].between(0, 1).all()
     assert {"acc_t1", "acc_t2", "perplexity", "params_total"} <= set(table.columns)
-    assert (repo / MARKDOWN).read_text().count("\n| vote |") == 3
+    summary, per_task = (repo / MARKDOWN).read_text().split("## Per task")
+    assert summary.count("\n| vote |") == 3 and per_task.count("\n| vote |") == 3
     assert (repo / PLOT).stat().st_size > 1000
     assert {n: (repo / n).read_bytes() for n in ("params.yaml", "dvc.lock")} == before
 
