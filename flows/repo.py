@@ -265,16 +265,21 @@ def topological(graph: Mapping[str, list[str]]) -> list[str]:
     return order
 
 
-def upstream(graph: Mapping[str, list[str]], targets: Iterable[str]) -> set[str]:
-    """``targets`` and every stage they depend on."""
+def _reach(edges: Mapping[str, list[str]], starts: Iterable[str]) -> set[str]:
+    """``starts`` and every stage reachable from them along ``edges``."""
     seen: set[str] = set()
-    stack = list(targets)
+    stack = list(starts)
     while stack:
         s = stack.pop()
         if s not in seen:
             seen.add(s)
-            stack.extend(graph[s])
+            stack.extend(edges[s])
     return seen
+
+
+def upstream(graph: Mapping[str, list[str]], targets: Iterable[str]) -> set[str]:
+    """``targets`` and every stage they depend on."""
+    return _reach(graph, targets)
 
 
 def downstream(graph: Mapping[str, list[str]], sources: Iterable[str]) -> set[str]:
@@ -283,14 +288,7 @@ def downstream(graph: Mapping[str, list[str]], sources: Iterable[str]) -> set[st
     for s, ps in graph.items():
         for p in ps:
             children[p].append(s)
-    seen: set[str] = set()
-    stack = list(sources)
-    while stack:
-        s = stack.pop()
-        if s not in seen:
-            seen.add(s)
-            stack.extend(children[s])
-    return seen
+    return _reach(children, sources)
 
 
 def check_stages(graph: Mapping[str, list[str]], names: Iterable[str]) -> None:
