@@ -38,7 +38,8 @@ from diet.adapters import get_adapter  # noqa: E402
 from diet.config import ScoreConfig  # noqa: E402
 from diet.io import write_json  # noqa: E402
 from diet.modeling import load_model  # noqa: E402
-from diet.scoring import _pad_right, encode_texts, record_activations, score_texts  # noqa: E402
+from diet.batching import pad_right  # noqa: E402
+from diet.scoring import encode_texts, record_activations, score_texts  # noqa: E402
 
 MMAP_THRESHOLD = 1 << 16  # bytes: allocations above it are mmapped and unmapped on free
 
@@ -99,7 +100,7 @@ class Runner:
     def batches(self, batch_size: int, n: int | None = None):
         order = self.order if n is None else sorted(range(n), key=lambda i: (-len(self.encoded[i]), i))
         for start in range(0, len(order), batch_size):
-            yield _pad_right([self.encoded[i] for i in order[start:start + batch_size]], self.pad_id)  # (B, T) x2
+            yield pad_right([self.encoded[i] for i in order[start:start + batch_size]], self.pad_id)  # (B, T) x2
 
     @torch.no_grad()
     def plain(self, batch_size: int) -> None:

@@ -33,6 +33,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
+from diet.batching import pad_right
 from diet.config import STATISTICS
 from diet.errors import DataError, DietError, ModelError
 from diet.io import read_json, save_tensors, sha256_file, write_json
@@ -138,17 +139,6 @@ def encode_texts(tokenizer, texts: Sequence[str], *, max_length: int, add_bos: b
     return encoded
 
 
-def _pad_right(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids (B, T), attention mask (B, T) bool), padded on the right to the longest row."""
-    t = max(len(ids) for ids in batch)
-    ids = torch.full((len(batch), t), pad_id, dtype=torch.long)  # (B, T)
-    mask = torch.zeros((len(batch), t), dtype=torch.bool)          # (B, T)
-    for row, seq in enumerate(batch):
-        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        mask[row, : len(seq)] = True
-    return ids, mask
-
-
 def output_weight_norms(adapter, group: str) -> torch.Tensor:
     """L2 norm of each dimension's output-projection columns, (L, W) float32."""
     rows = []
@@ -205,7 +195,7 @@ def score_texts(model: nn.Module, tokenizer, texts: Sequence[str], *, groups: Se
         with torch.no_grad(), record_activations(model, adapter, groups, statistic) as rec:
             starts = range(0, len(order), batch_size)
             for start in tqdm(starts, desc="scoring", unit="batch", disable=not progress):
-                ids, mask = _pad_right([encoded[i] for i in order[start:start + batch_size]], pad_id)  # (B, T)
+                ids, mask = pad_right([encoded[i] for i in order[start:start + batch_size]], pad_id)  # (B, T)
                 rec.mask = mask.to(device)
                 model(input_ids=ids.to(device), attention_mask=mask.to(device), **extra)
                 n_tokens += int(mask.sum())

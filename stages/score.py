@@ -6,6 +6,7 @@ import logging
 import sys
 from pathlib import Path
 
+from diet.errors import DataError
 from stages._common import load_model_and_tokenizer, run_stage, set_threads, stage_parser
 
 log = logging.getLogger("diet.score")
@@ -14,17 +15,19 @@ log = logging.getLogger("diet.score")
 def main(args, params) -> None:
     set_threads()
     from diet import api
-    from diet.io import sha256_json
+    from diet.io import read_jsonl, sha256_file, sha256_json
     from diet.scoring import model_fingerprint, write_scores
-    from diet.tasks import read_prepared
 
-    rows, meta = read_prepared(args.data, "calib")
+    if not args.calib.exists():
+        raise DataError(f"prepared calibration data missing: {args.calib}",
+                        f"run `dvc repro prepare@{args.task}` first")
+    rows = read_jsonl(args.calib)
     model, tokenizer = load_model_and_tokenizer(args.model, params.model.dtype)
     scores, stats = api.score(model, tokenizer, [r["text"] for r in rows], params.score,
                               max_length=params.calibration.max_length)
     write_scores(args.out, scores, {
         "model_fingerprint": model_fingerprint(args.model), "task": args.task,
-        "task_data_hash": meta["sha256"]["calib.jsonl"], "n_samples": stats["n_samples"],
+        "task_data_hash": sha256_file(args.calib), "n_samples": stats["n_samples"],
         "n_tokens": stats["n_tokens"], "statistic": params.score.statistic,
         "weight_norm": params.score.weight_norm, "max_length": params.calibration.max_length,
         "score_config": sha256_json(params.score.__dict__)})
@@ -35,7 +38,8 @@ def parser():
     p = stage_parser(__doc__)
     p.add_argument("--task", required=True)
     p.add_argument("--model", default="models/base", type=Path)
-    p.add_argument("--data", required=True, type=Path, help="prepared task folder (data/tasks/<task>)")
+    p.add_argument("--calib", required=True, type=Path,
+                   help="prepared calibration samples (data/tasks/<task>/calib.jsonl)")
     p.add_argument("--out", required=True, type=Path, help="scores/<task>.safetensors")
     return p
 

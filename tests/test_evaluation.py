@@ -255,6 +255,37 @@ def test_perplexity_is_token_weighted_mean_nll():
     assert no_bos["tokens"] == sum(full) - len(texts)  # without BOS the first token is not predicted
 
 
+def test_perplexity_batches_shrink_to_the_logits_budget(monkeypatch):
+    """A small logits budget splits the batches by the longest row's size without changing the result."""
+    from diet.evaluation import perplexity as ppl_module
+
+    model, tok = tiny_model("llama"), bos_tokenizer()
+    texts = ["the quick brown fox jumps over the lazy dog", "carbon dioxide", "a small model is pruned",
+             "red box blue jug"]
+    whole = perplexity(model, tok, texts, max_length=12, batch_size=4, add_bos=True)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    assert ppl_module._batches([12, 3, 7, 5], 4, vocab) == [[0, 2, 3, 1]]   # longest first, one batch
+    monkeypatch.setattr(ppl_module, "LOGITS_BUDGET", 12 * vocab * 4)        # one 12-token row, or two of 5
+    assert ppl_module._batches([12, 3, 7, 5], 4, vocab) == [[0], [2], [3, 1]]
+    calls = []
+    original = model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, **k: calls.append(k["input_ids"].shape[0]) or original(*a, **k))
+    split = perplexity(model, tok, texts, max_length=12, batch_size=4, add_bos=True)
+    lengths = [min(len(tok(t)["input_ids"]), 12) for t in texts]
+    assert calls == [len(b) for b in ppl_module._batches(lengths, 4, vocab)] and len(calls) > 1
+    assert split["tokens"] == whole["tokens"] and split["ppl"] == pytest.approx(whole["ppl"], rel=1e-5)
+
+
+def test_pad_right_keeps_tokens_in_place():
+    from diet.batching import pad_right
+
+    ids, mask = pad_right([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and ids.dtype == torch.long
+    assert mask.tolist() == [[True, True, True], [True, False, False]]
+    with pytest.raises(ValueError, match="at least one"):
+        pad_right([])
+
+
 def test_heldout_passages_are_distinct_and_fixed():
     a = heldout_passages(5)
     assert a == heldout_passages(5) and len(set(a)) == 5 and all(len(p) > 100 for p in a)

@@ -162,6 +162,24 @@ def test_changing_sparsity_reruns_only_the_sparsity_stages(built, work_copy):
 
 
 @pytest.mark.slow
+def test_changing_the_evaluation_size_keeps_every_score(built, work_copy):
+    """Scores depend on the calibration file only: a new evaluate.limit re-prepares but never re-scores."""
+    repo = work_copy
+    lock_before = lock(repo)
+    kept = ("scores", "baselines", "merged", "masks", "models", *(f"data/tasks/{t}/calib.jsonl" for t in TASKS))
+    set_params(repo, evaluate={"limit": 5})
+
+    r = ok(repro(repo))
+    assert r.ran == {*(f"prepare@{t}" for t in TASKS), "evaluate_dense", "evaluate"}
+    assert not any(s.startswith("score") for s in r.ran | r.restored)
+    assert hashes(repo, *kept) == hashes(built.repo, *kept)
+    for t in TASKS:
+        assert lock(repo)[f"score@{t}"] == lock_before[f"score@{t}"]
+        assert len((repo / f"data/tasks/{t}/eval.jsonl").read_text().splitlines()) == 5
+    assert json.loads((repo / "metrics/pruned.json").read_text())["tasks"][TASKS[0]]["n"] == 5
+
+
+@pytest.mark.slow
 def test_adding_a_task_scores_only_that_task(built, work_copy):
     """Reproduced up to `merge` (the first stage reading every score) to keep the test quick."""
     repo = work_copy

@@ -32,6 +32,7 @@ from typing import Callable
 
 import torch
 
+from diet.batching import pad_right
 from diet.errors import DataError
 from diet.evaluation.data import EvalTask, load_eval_task
 from diet.evaluation.tokens import resolve_add_bos
@@ -101,17 +102,18 @@ def _sum_logprobs(logits: torch.Tensor, targets: list[int]) -> float:
     return logp.gather(-1, idx).sum().item()
 
 
+def _keeps_logits(model) -> bool:
+    """Whether ``model.forward`` can project only some positions through the LM head."""
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
 def _logits_at(model, seqs: list[list[int]], positions: list[list[int]]) -> torch.Tensor:
     """Run ``seqs`` as one right-padded batch; logits (n, m, V) at ``positions`` (n, m) only."""
     dev = _device(model)
-    width = max(len(s) for s in seqs)
-    ids = torch.zeros(len(seqs), width, dtype=torch.long, device=dev)            # (n, T), right-padded
-    mask = torch.zeros(len(seqs), width, dtype=torch.long, device=dev)           # (n, T)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s)
-        mask[i, :len(s)] = 1
+    ids, mask = pad_right(seqs, device=dev)                                      # (n, T) each
+    mask = mask.long()
     pos = torch.tensor(positions, dtype=torch.long, device=dev)                  # (n, m)
-    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+    if _keeps_logits(model):
         # the (n, T, vocab) logits of long contexts are large: project only the positions scored
         logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=pos).logits  # (n, m, V)
         if tuple(logits.shape[:2]) == tuple(pos.shape):
@@ -131,7 +133,8 @@ def _last_token(model, contexts: list[list[int]], conts: list[list[list[int]]]) 
 def _shared_context(model, ctx: list[int], conts: list[list[int]]) -> list[float]:
     """Run ``ctx`` once, then all continuations (k of them) as one batch on copies of its KV cache."""
     dev = _device(model)
-    out = model(input_ids=torch.tensor([ctx], device=dev), use_cache=True)
+    extra = {"logits_to_keep": 1} if _keeps_logits(model) else {}  # only the last position predicts x0
+    out = model(input_ids=torch.tensor([ctx], device=dev), use_cache=True, **extra)
     first = out.logits[0, -1:]                                                   # (1, V) predicts x0
     lls = [_sum_logprobs(first, x[:1]) for x in conts]
     longest = max(len(x) for x in conts)
@@ -150,31 +153,40 @@ def _shared_context(model, ctx: list[int], conts: list[list[int]]) -> list[float
     return lls
 
 
+def _by_length(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indices in batches of ``batch_size``, longest first: rows of similar length share a batch."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+
+
 @torch.no_grad()
 def _full_sequences(model, pairs: list[Pair], max_length: int, batch_size: int) -> list[float]:
     """Each (context, continuation) pair as its own sequence, left-truncated like lm-eval."""
-    lls = []
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start:start + batch_size]
+    lls: list[float] = [0.0] * len(pairs)
+    for batch in _by_length([min(len(c) + len(x), max_length + 1) for c, x in pairs], batch_size):
+        chunk = [pairs[i] for i in batch]
         seqs = [(c + x)[-(max_length + 1):] for c, x in chunk]                   # each (L_i,)
         longest = max(len(x) for _, x in chunk)
         # positions predicting the continuation, padded to ``longest`` by repeating the first one
         positions = [[len(s) - 1 - len(x) + j if j < len(x) else len(s) - 1 - len(x) for j in range(longest)]
                      for (_, x), s in zip(chunk, seqs)]
         logits = _logits_at(model, [s[:-1] for s in seqs], positions)            # (n, longest, V)
-        lls += [_sum_logprobs(logits[i, :len(x)], x) for i, (_, x) in enumerate(chunk)]
+        for i, (n, (_, x)) in enumerate(zip(batch, chunk)):
+            lls[n] = _sum_logprobs(logits[i, :len(x)], x)
     return lls
 
 
-def score_pairs(model, items: list[list[Pair]], *, max_length: int, batch_size: int = 8) -> list[list[float]]:
+def score_pairs(model, items: list[list[Pair]], *, max_length: int, batch_size: int = 8,
+                progress: Callable[[int], None] | None = None) -> list[list[float]]:
     """Summed log-likelihood of every continuation given its context, for many items at once.
 
-    Items whose choices share one context run it once: all one-token choices (yes/no) from one batched
-    forward over the contexts, longer ones through the context's KV cache. The rest (partial scoring, or
-    sequences past ``max_length``) run as separate sequences, batched across items.
+    Items whose choices share one context run it once: all one-token choices (yes/no) from batched forwards
+    over the contexts, longer ones through the context's KV cache. The rest (partial scoring, or sequences
+    past ``max_length``) run as separate sequences, batched across items. Batches group rows of similar
+    length, so little is spent on padding. ``progress(n)`` is called with the items finished so far.
     """
     lls: list[list[float] | None] = [None] * len(items)
-    last, full = [], []
+    last, cached, full = [], [], []
     for n, pairs in enumerate(items):
         for _, x in pairs:
             if not x:
@@ -187,18 +199,31 @@ def score_pairs(model, items: list[list[Pair]], *, max_length: int, batch_size: 
         if shared and all(len(x) == 1 for _, x in pairs):
             last.append(n)
         elif shared:
-            lls[n] = _shared_context(model, pairs[0][0], [x for _, x in pairs])
+            cached.append(n)
         else:
             full.append(n)
-    for start in range(0, len(last), batch_size):
-        chunk = last[start:start + batch_size]
+    done = 0
+
+    def finished(k: int) -> None:
+        nonlocal done
+        done += k
+        if progress is not None:
+            progress(done)
+
+    for batch in _by_length([len(items[n][0][0]) for n in last], batch_size):
+        chunk = [last[i] for i in batch]
         scored = _last_token(model, [items[n][0][0] for n in chunk], [[x for _, x in items[n]] for n in chunk])
         for n, item_lls in zip(chunk, scored):
             lls[n] = item_lls
+        finished(len(chunk))
+    for n in cached:
+        lls[n] = _shared_context(model, items[n][0][0], [x for _, x in items[n]])
+        finished(1)
     flat = [pair for n in full for pair in items[n]]
     scored = iter(_full_sequences(model, flat, max_length, batch_size))
     for n in full:
         lls[n] = [next(scored) for _ in items[n]]
+    finished(len(full))
     return lls
 
 
@@ -242,15 +267,11 @@ def score_task(model, tokenizer, task: EvalTask, *, add_bos: bool | None = None,
     max_length = model_max_length(model)
     model.eval()
     items = build_items(task)
-    results = []
-    for start in range(0, len(items), batch_size):                 # batch_size items at a time
-        chunk = items[start:start + batch_size]
-        pairs = [[encode_pair(tokenizer, c, x, add_bos) for c, x in zip(it.contexts, it.continuations)]
-                 for it in chunk]
-        lls = score_pairs(model, pairs, max_length=max_length, batch_size=batch_size)
-        results += [item_result(it, ll) for it, ll in zip(chunk, lls)]
-        if progress is not None:
-            progress(len(results), len(items))
+    pairs = [[encode_pair(tokenizer, c, x, add_bos) for c, x in zip(it.contexts, it.continuations)]
+             for it in items]
+    lls = score_pairs(model, pairs, max_length=max_length, batch_size=batch_size,
+                      progress=None if progress is None else (lambda n: progress(n, len(items))))
+    results = [item_result(it, ll) for it, ll in zip(items, lls)]
     return {**summarize(results), "items": results}
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from diet.batching import pad_right
 from diet.errors import DataError
 from diet.evaluation.tokens import resolve_add_bos
 
@@ -48,10 +49,37 @@ def heldout_passages(n_docs: int) -> list[str]:
     return list(passages)
 
 
+#: bytes of float32 logits one forward may produce; batches shrink for long texts and large vocabularies
+LOGITS_BUDGET = 1 << 30
+
+
+def _vocab_size(model) -> int:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and getattr(head, "weight", None) is not None:
+        return int(head.weight.shape[0])
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return int(config.vocab_size)
+
+
+def _batches(lengths: list[int], batch_size: int, vocab: int) -> list[list[int]]:
+    """Indices, longest first, in batches of at most ``batch_size`` rows whose logits fit LOGITS_BUDGET."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches, start = [], 0
+    while start < len(order):
+        rows = max(1, min(batch_size, LOGITS_BUDGET // (lengths[order[start]] * vocab * 4)))
+        batches.append(order[start:start + rows])
+        start += rows
+    return batches
+
+
 @torch.no_grad()
 def perplexity(model, tokenizer, texts: list[str], *, max_length: int, batch_size: int = 8,
                add_bos: bool | None = None) -> dict:
-    """Token-weighted perplexity of ``texts``: {ppl, nll, tokens, docs, add_bos}."""
+    """Token-weighted perplexity of ``texts``: {ppl, nll, tokens, docs, add_bos}.
+
+    Texts run longest first; a batch holds at most ``batch_size`` texts and at most LOGITS_BUDGET bytes of
+    logits (a 262k-token vocabulary at 512 tokens fits two rows per GiB).
+    """
     add_bos = resolve_add_bos(model, tokenizer, add_bos)
     seqs = [tokenizer(t, add_special_tokens=add_bos)["input_ids"][:max_length] for t in texts]
     seqs = [s for s in seqs if len(s) > 1]
@@ -60,16 +88,10 @@ def perplexity(model, tokenizer, texts: list[str], *, max_length: int, batch_siz
     model.eval()
     dev = next(model.parameters()).device
     total_nll, total_tokens = 0.0, 0
-    for start in range(0, len(seqs), batch_size):
-        chunk = seqs[start:start + batch_size]
-        width = max(len(s) for s in chunk)
-        ids = torch.zeros(len(chunk), width, dtype=torch.long, device=dev)       # (B, T), right-padded
-        mask = torch.zeros(len(chunk), width, dtype=torch.long, device=dev)      # (B, T)
-        for i, s in enumerate(chunk):
-            ids[i, :len(s)] = torch.tensor(s)
-            mask[i, :len(s)] = 1
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]       # (B, T-1, V) predicts ids[:, 1:]
-        targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)                 # (B, T-1), pads ignored
+    for batch in _batches([len(s) for s in seqs], batch_size, _vocab_size(model)):
+        ids, mask = pad_right([seqs[i] for i in batch], device=dev)              # (B, T) each
+        logits = model(input_ids=ids, attention_mask=mask.long()).logits[:, :-1]  # (B, T-1, V) predicts ids[:, 1:]
+        targets = ids[:, 1:].masked_fill(~mask[:, 1:], -100)                     # (B, T-1), pads ignored
         nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
                               reduction="sum")
         total_nll += nll.item()
