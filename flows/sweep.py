@@ -86,8 +86,22 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def accuracy_table(table, dense: dict[str, Any] | None):
+    """Mean accuracy with one column per method and a row per sparsity (the dense model as sparsity 0 when
+    known): the data of ``accuracy_vs_sparsity.csv``, which ``dvc plots show`` draws as one line per method."""
+    wide = table.pivot_table(index="sparsity", columns="method", values="acc", sort=False)
+    wide = wide[list(dict.fromkeys(table["method"]))].sort_index()
+    dense_acc = _number(((dense or {}).get("mean") or {}).get("acc"))
+    if dense_acc is not None and 0.0 not in wide.index:
+        wide.loc[0.0] = dense_acc
+        wide = wide.sort_index()
+    wide.columns.name = None
+    return wide.reset_index()
+
+
 def plot_accuracy(table, path: Path, dense: dict[str, Any] | None) -> None:
-    """Mean accuracy against requested sparsity, one line per method; the dense model as a reference."""
+    """Mean accuracy against requested sparsity, one line per method; the dense model as a reference.
+    Writes the plot's data beside it (same name, ``.csv``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -113,6 +127,7 @@ def plot_accuracy(table, path: Path, dense: dict[str, Any] | None) -> None:
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
     tmp.replace(path)
+    atomic_write(path.with_suffix(".csv"), accuracy_table(table, dense).to_csv(index=False))
 
 
 def comparison_markdown(table, dense: dict[str, Any] | None) -> str:

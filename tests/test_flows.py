@@ -18,6 +18,7 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 import hashlib  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
@@ -337,6 +338,10 @@ def test_sweep_results_table_markdown_plot(tmp_path):
     assert summary.count("\n| vote |") == 2 and "Dense model: acc 0.7000" in summary
     assert per_task.count("\n| vote |") == 2 and per_task.count("\n| dense |") == 2  # one table per sparsity
     assert (tmp_path / PLOT).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    wide = pd.read_csv((tmp_path / PLOT).with_suffix(".csv"))     # what `dvc plots show` draws
+    assert list(wide.columns) == ["sparsity", "vote", "mean"]
+    assert wide["sparsity"].tolist() == pytest.approx([0.0, 0.1, 0.3])  # the dense model at sparsity 0
+    assert wide["vote"].tolist() == pytest.approx([0.7, 0.5, 0.3])
 
 
 def test_schedule_config(tmp_path, monkeypatch):
@@ -633,4 +638,7 @@ def test_report_combines_sweeps(tmp_path):
     combined = pd.read_csv(tmp_path / "out" / "sweep.csv")
     assert sorted(zip(combined["method"], combined["sparsity"])) == [("random", 0.2), ("vote", 0.2), ("vote", 0.3)]
     assert (tmp_path / "out" / "accuracy_vs_sparsity.png").stat().st_size > 0
+    wide = pd.read_csv(tmp_path / "out" / "accuracy_vs_sparsity.csv")   # no dense metrics: no sparsity-0 row
+    assert wide["sparsity"].tolist() == [0.2, 0.3] and wide["vote"].tolist() == [0.5, 0.4]
+    assert wide["random"].iloc[0] == 0.3 and math.isnan(wide["random"].iloc[1])
     assert "**Sparsity 0.3**" in md and "| vote | 0.40 / 0.40 |" in md
