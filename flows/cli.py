@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sweep tables to combine (repeatable; default: results/sweep.csv)")
     q.add_argument("--out", help="folder for the combined sweep.csv, sweep.md and accuracy_vs_sparsity.png "
                                  "(default: results/sweep.md and plots/accuracy_vs_sparsity.png)")
+    q.add_argument("--dense", help="dense metrics for the reference row, evaluated on as many items as the sweep "
+                                   "(default: results/sweep-dense.json from the sweep, else metrics/dense.json)")
 
     q = sub.add_parser("serve", help="serve the pipeline on a schedule (needs a Prefect server, PREFECT_API_URL)")
     q.add_argument("--config", help="schedule file (default: flows/schedule.yaml)")
@@ -158,7 +160,7 @@ def dispatch(args: argparse.Namespace) -> Any:
     if args.command == "report":
         from flows.sweep import report
 
-        print(report(args.repo, csvs=args.csvs, out=args.out))
+        print(report(args.repo, csvs=args.csvs, out=args.out, dense=args.dense))
         return None
     raise AssertionError(args.command)  # argparse restricts the choices
 

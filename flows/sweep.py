@@ -30,6 +30,7 @@ DEFAULT_SPARSITIES, DEFAULT_METHODS = (0.1, 0.2, 0.3), ("vote",)
 PRUNED_METRICS = "metrics/pruned.json"
 DENSE_METRICS = "metrics/dense.json"
 CSV, MARKDOWN, PLOT = "results/sweep.csv", "results/sweep.md", "plots/accuracy_vs_sparsity.png"
+SWEEP_DENSE = "results/sweep-dense.json"  # the dense metrics of the sweep's own evaluation settings
 
 
 def _number(x: Any) -> float | None:
@@ -49,10 +50,25 @@ def metrics_row(metrics: dict[str, Any]) -> dict[str, Any]:
     for name, value in params.items():
         if _number(value) is not None:
             row[f"params_{name}"] = int(value)
-    for name, t in sorted((metrics.get("tasks") or {}).items()):
+    tasks = metrics.get("tasks") or {}
+    if tasks and all(isinstance(t.get("n"), int) for t in tasks.values()):
+        row["eval_items"] = sum(t["n"] for t in tasks.values())
+    for name, t in sorted(tasks.items()):
         row[f"acc_{name}"] = _number(t.get("acc"))
         row[f"acc_norm_{name}"] = _number(t.get("acc_norm"))
     return row
+
+
+def _check_same_items(table, dense: dict[str, Any], dense_path: Path) -> None:
+    """Refuse a dense reference evaluated on another number of items than the sweep's rows."""
+    if "eval_items" not in table.columns or table["eval_items"].isna().all():
+        return                                  # tables written before eval_items was recorded
+    dense_items = metrics_row(dense).get("eval_items")
+    sweep_items = sorted({int(n) for n in table["eval_items"].dropna()})
+    if dense_items is not None and sweep_items != [dense_items]:
+        raise FlowError(f"the dense metrics in {dense_path} cover {dense_items} evaluation items, the sweep rows "
+                        f"{', '.join(map(str, sweep_items))}: the comparison would mix evaluation sizes",
+                        "pass --dense with the dense metrics of the sweep's evaluate.limit, or rerun the sweep")
 
 
 @task(name="dvc-exp-run", task_run_name="{method} @ {sparsity}", retries=1, retry_delay_seconds=5,
@@ -178,18 +194,23 @@ def write_results(root: Path, runs: list[dict[str, Any]], dense: dict[str, Any] 
              "experiment": r["experiment"]} for r in runs]
     table = pd.DataFrame(rows)
     atomic_write(root / CSV, table.to_csv(index=False))
+    if dense is not None:
+        atomic_write(root / SWEEP_DENSE, json.dumps(dense, indent=2, sort_keys=True) + "\n")
     md = render(table, dense)
     atomic_write(root / MARKDOWN, md)
     plot_accuracy(table, root / PLOT, dense)
     return table, md, [root / CSV, root / MARKDOWN, root / PLOT]
 
 
-def report(repo: str | Path = ".", csvs: list[str | Path] | None = None, out: str | Path | None = None) -> str:
+def report(repo: str | Path = ".", csvs: list[str | Path] | None = None, out: str | Path | None = None,
+           dense: str | Path | None = None) -> str:
     """Render the sweep markdown and plot again from sweep tables; return the markdown.
 
     By default from ``results/sweep.csv`` into ``results/sweep.md`` and ``plots/accuracy_vs_sparsity.png``.
     ``csvs`` combines several sweeps' tables (e.g. one per sparsity run on different days) and ``out`` names a
-    folder for ``sweep.csv``, ``sweep.md`` and ``accuracy_vs_sparsity.png``.
+    folder for ``sweep.csv``, ``sweep.md`` and ``accuracy_vs_sparsity.png``. The dense reference row comes from
+    ``dense`` (default: ``results/sweep-dense.json``, which a sweep writes, else ``metrics/dense.json``); it must
+    cover as many evaluation items as the rows.
     """
     import pandas as pd
 
@@ -200,8 +221,15 @@ def report(repo: str | Path = ".", csvs: list[str | Path] | None = None, out: st
         raise FlowError(f"no sweep table at {', '.join(missing)}", "run `diet-flow sweep` first")
     table = pd.concat([pd.read_csv(p) for p in paths], ignore_index=True)
     table = table.drop_duplicates(["method", "sparsity"], keep="last").sort_values("sparsity", kind="stable")
-    dense_path = root / DENSE_METRICS
+    if dense is not None:
+        dense_path = Path(dense)
+    else:  # the dense metrics the sweep itself used, else the workspace's
+        dense_path = root / SWEEP_DENSE if (root / SWEEP_DENSE).is_file() else root / DENSE_METRICS
+    if dense is not None and not dense_path.is_file():
+        raise FlowError(f"no dense metrics at {dense_path}", "pass the metrics/dense.json of an evaluate_dense run")
     dense = json.loads(dense_path.read_text()) if dense_path.is_file() else None
+    if dense is not None:
+        _check_same_items(table, dense, dense_path)
     md = render(table, dense)
     if out is None:
         md_path, plot_path = root / MARKDOWN, root / PLOT

@@ -319,12 +319,13 @@ def fake_metrics(acc: float, sparsity: float) -> dict:
 
 
 def test_sweep_results_table_markdown_plot(tmp_path):
-    from flows.sweep import CSV, MARKDOWN, PLOT, write_results
+    from flows.sweep import CSV, MARKDOWN, PLOT, SWEEP_DENSE, write_results
 
     runs = [{"method": m, "sparsity": s, "experiment": f"{m}-{s}", "metrics": fake_metrics(0.6 - s, s)}
             for m in ("vote", "mean") for s in (0.1, 0.3)]
     table, md, paths = write_results(tmp_path, runs, fake_metrics(0.7, 0.0))
     assert [p.relative_to(tmp_path).as_posix() for p in paths] == [CSV, MARKDOWN, PLOT]
+    assert json.loads((tmp_path / SWEEP_DENSE).read_text()) == fake_metrics(0.7, 0.0)  # for later reports
     import pandas as pd
 
     csv = pd.read_csv(tmp_path / CSV)
@@ -642,3 +643,28 @@ def test_report_combines_sweeps(tmp_path):
     assert wide["sparsity"].tolist() == [0.2, 0.3] and wide["vote"].tolist() == [0.5, 0.4]
     assert wide["random"].iloc[0] == 0.3 and math.isnan(wide["random"].iloc[1])
     assert "**Sparsity 0.3**" in md and "| vote | 0.40 / 0.40 |" in md
+
+
+def test_report_refuses_a_dense_row_of_another_evaluation_size(tmp_path):
+    import pandas as pd
+
+    from flows.repo import FlowError
+    from flows.sweep import metrics_row, report
+
+    def metrics(acc, n):
+        return {"mean": {"acc": acc, "acc_norm": acc},
+                "tasks": {"t1": {"acc": acc, "acc_norm": acc, "n": n}, "t2": {"acc": acc, "acc_norm": acc, "n": n}}}
+
+    pd.DataFrame([{"method": "vote", "sparsity": 0.2, **metrics_row(metrics(0.5, 100))}]).to_csv(
+        tmp_path / "a.csv", index=False)
+    assert pd.read_csv(tmp_path / "a.csv")["eval_items"].tolist() == [200]
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "dense.json").write_text(json.dumps(metrics(0.7, 40)))   # the default, smaller run
+    with pytest.raises(FlowError, match="cover 80 evaluation items, the sweep rows 200") as e:
+        report(tmp_path, csvs=[tmp_path / "a.csv"], out=tmp_path / "out")
+    assert "--dense" in e.value.fix and not (tmp_path / "out").exists()
+    (tmp_path / "dense100.json").write_text(json.dumps(metrics(0.6, 100)))
+    md = report(tmp_path, csvs=[tmp_path / "a.csv"], out=tmp_path / "out", dense=tmp_path / "dense100.json")
+    assert "| dense | 0.60 / 0.60 | 0.60 / 0.60 |" in md
+    with pytest.raises(FlowError, match="no dense metrics at"):
+        report(tmp_path, csvs=[tmp_path / "a.csv"], dense=tmp_path / "missing.json")
