@@ -16,6 +16,7 @@ Writes ``benchmarks/results/evaluation.json`` and prints a markdown table.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -120,7 +121,8 @@ def markdown(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", type=Path, required=True, help="a materialised base model folder")
+    p.add_argument("--model", type=Path, default=os.environ.get("DIET_BASE_MODEL"),
+                   help="a materialised base model folder (default: $DIET_BASE_MODEL)")
     p.add_argument("--data", type=Path, default=ROOT / "data" / "tasks", help="prepared task folders")
     p.add_argument("--tasks", default=DEFAULT_TASKS, help="comma-separated (default: the eight default tasks)")
     p.add_argument("--limit", type=int, default=30, help="evaluation items per task (default: 30)")
@@ -128,6 +130,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=2, help="rounds of both backends (default: 2)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "evaluation.json")
     args = p.parse_args(argv)
+    if args.model is None:
+        raise SystemExit("pass --model DIR (a materialised base model folder) or set DIET_BASE_MODEL")
     for task in args.tasks.split(","):
         if not (args.data / task / "eval.jsonl").exists():
             raise SystemExit(f"no prepared evaluation items at {args.data / task}: run `dvc repro prepare@{task}`")
