@@ -23,3 +23,18 @@ def pad_right(seqs: Sequence[Sequence[int]], pad_id: int = 0,
         ids[row, :len(seq)] = torch.as_tensor(list(seq), dtype=torch.long)
         mask[row, :len(seq)] = True
     return ids.to(device), mask.to(device)
+
+
+def by_length(lengths: Sequence[int], batch_size: int, max_tokens: int | None = None) -> list[list[int]]:
+    """Indices in batches, longest first, so rows of similar length share a batch (little padding).
+
+    A batch holds at most ``batch_size`` rows and, with ``max_tokens``, at most ``max_tokens`` padded tokens
+    (its longest row's length times its rows; never fewer than one row).
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches, start = [], 0
+    while start < len(order):
+        rows = batch_size if max_tokens is None else max(1, min(batch_size, max_tokens // lengths[order[start]]))
+        batches.append(order[start:start + rows])
+        start += rows
+    return batches

@@ -286,6 +286,15 @@ def test_pad_right_keeps_tokens_in_place():
         pad_right([])
 
 
+def test_by_length_batches_longest_first_within_a_token_budget():
+    from diet.batching import by_length
+
+    assert by_length([3, 9, 5, 9, 1], 2) == [[1, 3], [2, 0], [4]]           # ties keep their order
+    assert by_length([3, 9, 5, 9, 1], 4, max_tokens=10) == [[1], [3], [2, 0], [4]]
+    assert by_length([20, 2], 4, max_tokens=10) == [[0], [1]]               # a row longer than the budget
+    assert by_length([], 4) == []
+
+
 def test_heldout_passages_are_distinct_and_fixed():
     a = heldout_passages(5)
     assert a == heldout_passages(5) and len(set(a)) == 5 and all(len(p) > 100 for p in a)

@@ -32,7 +32,7 @@ from typing import Callable
 
 import torch
 
-from diet.batching import pad_right
+from diet.batching import by_length, pad_right
 from diet.errors import DataError
 from diet.evaluation.data import EvalTask, load_eval_task
 from diet.evaluation.tokens import resolve_add_bos
@@ -153,17 +153,11 @@ def _shared_context(model, ctx: list[int], conts: list[list[int]]) -> list[float
     return lls
 
 
-def _by_length(lengths: list[int], batch_size: int) -> list[list[int]]:
-    """Indices in batches of ``batch_size``, longest first: rows of similar length share a batch."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
-
-
 @torch.no_grad()
 def _full_sequences(model, pairs: list[Pair], max_length: int, batch_size: int) -> list[float]:
     """Each (context, continuation) pair as its own sequence, left-truncated like lm-eval."""
     lls: list[float] = [0.0] * len(pairs)
-    for batch in _by_length([min(len(c) + len(x), max_length + 1) for c, x in pairs], batch_size):
+    for batch in by_length([min(len(c) + len(x), max_length + 1) for c, x in pairs], batch_size):
         chunk = [pairs[i] for i in batch]
         seqs = [(c + x)[-(max_length + 1):] for c, x in chunk]                   # each (L_i,)
         longest = max(len(x) for _, x in chunk)
@@ -210,7 +204,7 @@ def score_pairs(model, items: list[list[Pair]], *, max_length: int, batch_size: 
         if progress is not None:
             progress(done)
 
-    for batch in _by_length([len(items[n][0][0]) for n in last], batch_size):
+    for batch in by_length([len(items[n][0][0]) for n in last], batch_size):
         chunk = [last[i] for i in batch]
         scored = _last_token(model, [items[n][0][0] for n in chunk], [[x for _, x in items[n]] for n in chunk])
         for n, item_lls in zip(chunk, scored):

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from diet.batching import pad_right
+from diet.batching import by_length, pad_right
 from diet.errors import DataError
 from diet.evaluation.tokens import resolve_add_bos
 
@@ -63,13 +63,7 @@ def _vocab_size(model) -> int:
 
 def _batches(lengths: list[int], batch_size: int, vocab: int) -> list[list[int]]:
     """Indices, longest first, in batches of at most ``batch_size`` rows whose logits fit LOGITS_BUDGET."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    batches, start = [], 0
-    while start < len(order):
-        rows = max(1, min(batch_size, LOGITS_BUDGET // (lengths[order[start]] * vocab * 4)))
-        batches.append(order[start:start + rows])
-        start += rows
-    return batches
+    return by_length(lengths, batch_size, max_tokens=LOGITS_BUDGET // (vocab * 4))
 
 
 @torch.no_grad()
