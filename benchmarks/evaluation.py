@@ -30,7 +30,7 @@ import torch  # noqa: E402
 from diet.evaluation.data import load_eval_task  # noqa: E402
 from diet.evaluation.harness import evaluate_tasks  # noqa: E402
 from diet.evaluation.loglik import build_items, encode_pair, evaluate_tasks_direct  # noqa: E402
-from diet.evaluation.tokens import resolve_add_bos  # noqa: E402
+from diet.tokens import resolve_add_bos  # noqa: E402
 from diet.io import write_json  # noqa: E402
 from diet.modeling import load_model  # noqa: E402
 

@@ -40,6 +40,7 @@ from diet.io import write_json  # noqa: E402
 from diet.modeling import load_model  # noqa: E402
 from diet.batching import pad_right  # noqa: E402
 from diet.scoring import encode_texts, record_activations, score_texts  # noqa: E402
+from diet.tokens import resolve_add_bos  # noqa: E402
 
 MMAP_THRESHOLD = 1 << 16  # bytes: allocations above it are mmapped and unmapped on free
 
@@ -89,7 +90,8 @@ class Runner:
         self.model, self.tokenizer, self.texts, self.groups = model, tokenizer, texts, groups
         self.adapter = get_adapter(model)
         self.max_length = max_length
-        self.encoded = encode_texts(tokenizer, texts, max_length=max_length, add_bos=self.adapter.needs_bos)
+        self.add_bos = resolve_add_bos(model, tokenizer)
+        self.encoded = encode_texts(tokenizer, texts, max_length=max_length, add_bos=self.add_bos)
         self.order = sorted(range(len(self.encoded)), key=lambda i: (-len(self.encoded[i]), i))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.extra = {"use_cache": False}
@@ -111,7 +113,7 @@ class Runner:
         texts = self.texts if n is None else self.texts[:n]
         return score_texts(self.model, self.tokenizer, texts, groups=self.groups, statistic="mean_abs",
                            weight_norm=False, batch_size=batch_size, max_length=self.max_length,
-                           add_bos=self.adapter.needs_bos, progress=False, adapter=self.adapter)
+                           add_bos=self.add_bos, progress=False, adapter=self.adapter)
 
     @torch.no_grad()
     def accumulator_bytes(self, batch_size: int, n: int) -> tuple[int, int]:

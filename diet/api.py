@@ -54,11 +54,12 @@ def score(model, tokenizer, texts: Sequence[str], cfg: ScoreConfig = ScoreConfig
     """Per-dimension importance of ``cfg.groups`` on ``texts``: ({group: (L, W) float32}, stats)."""
     from diet.adapters import get_adapter
     from diet.scoring import score_texts
+    from diet.tokens import resolve_add_bos
 
     adapter = get_adapter(model)
     return score_texts(model, tokenizer, list(texts), groups=cfg.groups, statistic=cfg.statistic,
                        weight_norm=cfg.weight_norm, batch_size=cfg.batch_size, max_length=max_length,
-                       add_bos=adapter.needs_bos, progress=progress, adapter=adapter)
+                       add_bos=resolve_add_bos(model, tokenizer), progress=progress, adapter=adapter)
 
 
 def plan(task_scores: Mapping[str, Mapping[str, torch.Tensor]], geo: Geometry, *,

@@ -7,7 +7,8 @@ tokens of one task's calibration texts:
 * ``attention``: the input of o_proj, shape (B, T, n_heads * head_dim), reduced to one value per KV group
   (the group's ``heads_per_group`` query heads times ``head_dim`` channels).
 
-Statistics (running float32 sums, memory O(dimensions), never O(tokens)):
+Statistics (running float64 sums, memory O(dimensions), never O(tokens); rounded to float32 once, at the
+end, so a score file is byte-identical whatever the thread count or batch order that summed it):
 
 * ``mean_abs``: mean of ``|a|`` over tokens. A KV group takes the mean over its channels.
 * ``l2``: L2 norm over tokens, ``sqrt(sum a^2)``. A KV group takes ``sqrt(mean over its channels of
@@ -33,7 +34,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from diet.batching import pad_right
+from diet.batching import by_length, pad_right
 from diet.config import STATISTICS
 from diet.errors import DataError, DietError, ModelError
 from diet.io import read_json, save_tensors, sha256_file, write_json
@@ -52,7 +53,7 @@ class ActivationStats:
             raise ValueError(f"unknown statistic {statistic!r}; known: {', '.join(STATISTICS)}")
         self.width = width
         self.statistic = statistic
-        self.sum: torch.Tensor | None = None  # (D,) float32, on the activations' device
+        self.sum: torch.Tensor | None = None  # (D,) float64, on the activations' device
         self.n_tokens = 0
 
     def add_batch(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
@@ -63,10 +64,9 @@ class ActivationStats:
             mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
         if tuple(mask.shape) != tuple(x.shape[:2]):
             raise ValueError(f"mask {tuple(mask.shape)} does not match activations {tuple(x.shape)}")
-        x = x.detach().float()                                   # (B, T, D)
-        val = x.abs() if self.statistic == "mean_abs" else x.square()  # (B, T, D)
-        w = mask.to(device=x.device, dtype=torch.float32)        # (B, T): 0 on padding, out of place
-        batch_sum = torch.einsum("btd,bt->d", val, w)            # (D,)
+        x = x.detach()[mask.to(x.device)].double()               # (N, D): the real tokens only, out of place
+        val = x.abs() if self.statistic == "mean_abs" else x.square()  # (N, D)
+        batch_sum = val.sum(dim=0)                               # (D,) float64: exact to far below float32
         self.sum = batch_sum if self.sum is None else self.sum + batch_sum
         self.n_tokens += int(mask.sum())
 
@@ -75,14 +75,13 @@ class ActivationStats:
         if self.sum is None or self.n_tokens == 0:
             raise DataError("no non-padding token reached this activation",
                             "check that the calibration texts are not empty and the attention mask is set")
-        total = self.sum.cpu()                                   # (D,)
+        total = self.sum.cpu()                                   # (D,) float64
         if n_groups is not None:
             if self.width % n_groups:
                 raise ValueError(f"width {self.width} does not split into {n_groups} groups")
             total = total.view(n_groups, self.width // n_groups).mean(dim=1)  # (G,)
-        if self.statistic == "mean_abs":
-            return total / self.n_tokens
-        return total.sqrt()
+        score = total / self.n_tokens if self.statistic == "mean_abs" else total.sqrt()
+        return score.float()                                     # the one rounding to float32
 
 
 class ActivationRecorder:
@@ -181,7 +180,7 @@ def score_texts(model: nn.Module, tokenizer, texts: Sequence[str], *, groups: Se
 
         adapter = get_adapter(model)
     encoded = encode_texts(tokenizer, texts, max_length=max_length, add_bos=add_bos)
-    order = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i]), i))  # longest first: peak memory early
+    batches = by_length([len(e) for e in encoded], batch_size)  # longest first: peak memory early
     pad_id = next((t for t in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None))
                    if t is not None), 0)
     device = next(model.parameters()).device
@@ -193,9 +192,8 @@ def score_texts(model: nn.Module, tokenizer, texts: Sequence[str], *, groups: Se
     n_tokens = 0
     try:
         with torch.no_grad(), record_activations(model, adapter, groups, statistic) as rec:
-            starts = range(0, len(order), batch_size)
-            for start in tqdm(starts, desc="scoring", unit="batch", disable=not progress):
-                ids, mask = pad_right([encoded[i] for i in order[start:start + batch_size]], pad_id)  # (B, T)
+            for batch in tqdm(batches, desc="scoring", unit="batch", disable=not progress):
+                ids, mask = pad_right([encoded[i] for i in batch], pad_id)  # (B, T)
                 rec.mask = mask.to(device)
                 model(input_ids=ids.to(device), attention_mask=mask.to(device), **extra)
                 n_tokens += int(mask.sum())

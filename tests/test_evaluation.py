@@ -15,7 +15,7 @@ from diet.evaluation import harness, loglik
 from diet.evaluation.data import load_eval_task
 from diet.evaluation.perplexity import heldout_passages, perplexity
 from diet.evaluation.report import markdown_table, mean_accuracy
-from diet.evaluation.tokens import check_tokenizer, resolve_add_bos
+from diet.tokens import check_tokenizer, resolve_add_bos
 from tests.tiny import BOS, tiny_model, tiny_tokenizer
 
 WORDS = ["the quick brown fox", "carbon dioxide", "plants", "a small model", "five dozen liquor jugs",

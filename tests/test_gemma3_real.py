@@ -74,7 +74,7 @@ def _logits(model, tokenizer) -> torch.Tensor:
 def test_materialised_model_is_gemma3_270m_and_needs_bos(base_dir):
     from diet.adapters import get_adapter
     from diet.evaluation.perplexity import perplexity
-    from diet.evaluation.tokens import resolve_add_bos
+    from diet.tokens import resolve_add_bos
     from diet.pruning import parameter_counts
 
     model, tok = _load(base_dir)

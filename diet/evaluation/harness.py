@@ -25,7 +25,7 @@ from pathlib import Path
 from diet.errors import DietError
 from diet.evaluation.data import EvalTask, load_eval_task
 from diet.evaluation.loglik import model_max_length
-from diet.evaluation.tokens import resolve_add_bos
+from diet.tokens import resolve_add_bos
 
 log = logging.getLogger("diet.evaluation")
 

@@ -35,7 +35,7 @@ import torch
 from diet.batching import by_length, pad_right
 from diet.errors import DataError
 from diet.evaluation.data import EvalTask, load_eval_task
-from diet.evaluation.tokens import resolve_add_bos
+from diet.tokens import resolve_add_bos
 
 log = logging.getLogger("diet.evaluation")
 

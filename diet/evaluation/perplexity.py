@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from diet.batching import by_length, pad_right
 from diet.errors import DataError
-from diet.evaluation.tokens import resolve_add_bos
+from diet.tokens import resolve_add_bos
 
 BOOLQ_VALIDATION = "hf_datasets/boolq/none/validation"
 

@@ -1,9 +1,9 @@
 """Whether a sequence starts with BOS, decided once and checked against the tokenizer.
 
-Every scorer here (lm-eval, the direct log-likelihood scorer, perplexity) encodes text with
-``add_special_tokens=add_bos``, so they all see the same token ids. BOS is prepended when the model family
-needs it (``adapter.needs_bos``: Gemma's log-likelihoods collapse without it) or when the tokenizer adds it
-by default anyway (lm-eval's default for such tokenizers).
+Every pass over text (calibration scoring, lm-eval, the direct log-likelihood scorer, perplexity) takes
+``add_bos`` from ``resolve_add_bos``, so calibration and evaluation see the same token sequences. BOS is
+prepended when the model family needs it (``adapter.needs_bos``: Gemma's log-likelihoods collapse without
+it) or when the tokenizer adds it by default anyway (lm-eval's default for such tokenizers).
 """
 
 from __future__ import annotations
