@@ -1,19 +1,21 @@
 """DIET: dimension-wise global pruning of LLMs by merging task-wise importance scores.
 
-Importing ``diet`` registers the per-layer-width model classes with transformers' Auto classes, so a
-checkpoint pruned with ``layout: global`` loads with ``AutoModelForCausalLM.from_pretrained(path)``.
+``import diet`` is light: it loads neither torch nor transformers, so the configuration, error and I/O
+layers (``diet.config``, ``diet.errors``, ``diet.io``) serve tools that never run a model. Importing
+``diet.modeling`` registers the per-layer-width model classes with transformers' Auto classes, so a
+checkpoint pruned with ``layout: global`` loads with ``AutoModelForCausalLM.from_pretrained(path)``;
+``diet.modeling.load_model(path)`` does both.
 """
 
 __version__ = "0.1.0"
 
-import importlib.util as _util
+import importlib
 
-if _util.find_spec("torch") and _util.find_spec("transformers"):  # the config layer imports without them
-    from diet import modeling as _modeling  # noqa: F401
+#: names served from submodules on first use (``diet.prune`` is :func:`diet.api.prune`)
+_EXPORTS = {"prune": "api"}
 
 
-def prune(model, tokenizer, tasks, sparsity=0.2, **kwargs):
-    """Prune ``model`` for ``tasks`` ({name: calibration texts}); see :func:`diet.api.prune`."""
-    from diet.api import prune as _prune
-
-    return _prune(model, tokenizer, tasks, sparsity, **kwargs)
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -9,7 +9,6 @@ Each step is also available on its own (``score``, ``plan``, ``apply``) so a sta
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -17,49 +16,13 @@ import torch
 
 from diet.config import MergeConfig, PruneConfig, ScoreConfig, SelectConfig
 from diet.errors import ConfigError
+from diet.geometry import Geometry, geometry, geometry_from_folder
+from diet.merge import merge_scores
+from diet.scoring import score
+
+__all__ = ["Geometry", "apply", "geometry", "geometry_from_folder", "merge_scores", "plan", "prune", "score"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """What the budget arithmetic needs to know of a dense model."""
-
-    widths: dict[str, list[int]]   # group -> dimensions per layer
-    costs: dict[str, list[int]]    # group -> parameters per dimension, per layer
-    decoder_params: int            # parameters of all decoder layers (the base of sparsity)
-
-
-def geometry(model, groups: Sequence[str] = ("mlp", "attention")) -> Geometry:
-    from diet.adapters import get_adapter
-
-    adapter = get_adapter(model)
-    return Geometry(widths={g: adapter.group_widths(g) for g in groups},
-                    costs={g: [adapter.dimension_cost(g, i) for i in range(adapter.num_layers)] for g in groups},
-                    decoder_params=adapter.decoder_param_count())
-
-
-def geometry_from_folder(model_dir: str | Path, groups: Sequence[str] = ("mlp", "attention")) -> Geometry:
-    """Geometry from a model folder's config alone (the model is built on the meta device: no weights read)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(str(model_dir))
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return geometry(model, groups)
-
-
-def score(model, tokenizer, texts: Sequence[str], cfg: ScoreConfig = ScoreConfig(), *, max_length: int = 512,
-          progress: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
-    """Per-dimension importance of ``cfg.groups`` on ``texts``: ({group: (L, W) float32}, stats)."""
-    from diet.adapters import get_adapter
-    from diet.scoring import score_texts
-    from diet.tokens import resolve_add_bos
-
-    adapter = get_adapter(model)
-    return score_texts(model, tokenizer, list(texts), groups=cfg.groups, statistic=cfg.statistic,
-                       weight_norm=cfg.weight_norm, batch_size=cfg.batch_size, max_length=max_length,
-                       add_bos=resolve_add_bos(model, tokenizer), progress=progress, adapter=adapter)
 
 
 def plan(task_scores: Mapping[str, Mapping[str, torch.Tensor]], geo: Geometry, *,
@@ -75,18 +38,6 @@ def plan(task_scores: Mapping[str, Mapping[str, torch.Tensor]], geo: Geometry, *
                   sparsity=prune_cfg.sparsity, decoder_params=geo.decoder_params, min_keep=select_cfg.min_keep,
                   multiple=select_cfg.multiple, layout=select_cfg.layout)
     return merged, mask
-
-
-def merge_scores(task_scores, geo: Geometry, *, merge_cfg: MergeConfig, prune_cfg: PruneConfig,
-                 generic=None, magnitude=None) -> dict[str, dict[str, torch.Tensor]]:
-    from diet.merge import keep_count, merge
-
-    missing = [g for g in prune_cfg.groups if g not in geo.widths]
-    if missing:
-        raise ConfigError(f"prune.groups {missing} were not measured", "add them to score.groups and rescore")
-    budget = keep_count(geo.widths, geo.costs, prune_cfg.sparsity, geo.decoder_params, prune_cfg.groups)
-    return merge(task_scores, method=merge_cfg.method, normalize=merge_cfg.normalize, weights=merge_cfg.weights,
-                 budget=budget, seed=merge_cfg.seed, magnitude=magnitude, generic=generic)
 
 
 def apply(model, mask, layout: str | None = None):

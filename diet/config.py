@@ -23,6 +23,9 @@ METHODS = ("vote", "mean", "rank", "task_agnostic", "magnitude", "random")
 GROUPS = ("mlp", "attention")
 LAYOUTS = ("global", "uniform")
 DTYPES = ("float32", "bfloat16", "float16")
+#: the scoring forward's precision: float64 gives byte-identical score files on any machine and thread count
+#: (float32 matrix products split their sums by thread count and CPU); ``model`` keeps the model's dtype
+PRECISIONS = ("float64", "model")
 EVAL_BACKENDS = ("lm_eval", "direct")
 
 
@@ -102,12 +105,14 @@ class ScoreConfig:
     weight_norm: bool = False
     batch_size: int = 8
     groups: tuple[str, ...] = ("mlp", "attention")
+    precision: str = "float64"
 
     def __post_init__(self):
         object.__setattr__(self, "groups", tuple(self.groups))
 
     def validate(self) -> None:
         _choice("score", "statistic", self.statistic, STATISTICS)
+        _choice("score", "precision", self.precision, PRECISIONS)
         _positive_int("score", "batch_size", self.batch_size)
         for g in self.groups:
             _choice("score", "groups", g, GROUPS)
@@ -185,7 +190,6 @@ class EvaluateConfig:
     batch_size: int = 8
     perplexity_docs: int = 50
     perplexity_max_length: int = 512
-    latency_tokens: int = 64
     backend: str = "lm_eval"
 
     def validate(self) -> None:
@@ -195,8 +199,6 @@ class EvaluateConfig:
         if not isinstance(self.perplexity_docs, int) or self.perplexity_docs < 0:
             raise ConfigError("evaluate.perplexity_docs must be >= 0", "set e.g. perplexity_docs: 50 (0 skips it)")
         _positive_int("evaluate", "perplexity_max_length", self.perplexity_max_length)
-        if not isinstance(self.latency_tokens, int) or self.latency_tokens < 0:
-            raise ConfigError("evaluate.latency_tokens must be >= 0", "set e.g. latency_tokens: 64 (0 skips it)")
 
 
 SECTIONS: dict[str, type] = {

@@ -30,7 +30,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from diet.config import METHODS, NORMALIZATIONS
+from diet.config import METHODS, NORMALIZATIONS, MergeConfig, PruneConfig
 from diet.errors import ConfigError, DataError
 
 TASK_METHODS = ("vote", "mean", "rank")
@@ -289,3 +289,14 @@ def magnitude_scores(model, adapter=None, groups: Sequence[str] = ("mlp",)) -> d
             raise DataError(f"group '{group}' has different widths per layer", "use the base (unpruned) model")
         out[group] = torch.stack(rows)                                                  # (L, W)
     return out
+
+
+def merge_scores(task_scores, geo: "Geometry", *, merge_cfg: MergeConfig, prune_cfg: PruneConfig,
+                 generic=None, magnitude=None) -> dict[str, dict[str, torch.Tensor]]:
+    """``merge`` with the budget that ``prune_cfg`` asks of a model of geometry ``geo`` (diet.geometry)."""
+    missing = [g for g in prune_cfg.groups if g not in geo.widths]
+    if missing:
+        raise ConfigError(f"prune.groups {missing} were not measured", "add them to score.groups and rescore")
+    budget = keep_count(geo.widths, geo.costs, prune_cfg.sparsity, geo.decoder_params, prune_cfg.groups)
+    return merge(task_scores, method=merge_cfg.method, normalize=merge_cfg.normalize, weights=merge_cfg.weights,
+                 budget=budget, seed=merge_cfg.seed, magnitude=magnitude, generic=generic)

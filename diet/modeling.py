@@ -186,3 +186,10 @@ def load_model(path: str | os.PathLike, dtype: str | torch.dtype = "float32"):
     torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch_dtype, **kwargs)
     return model.eval()
+
+
+def load_model_and_tokenizer(path: str | os.PathLike, dtype: str | torch.dtype = "float32"):
+    """A saved checkpoint folder (base or pruned) and its tokenizer."""
+    from transformers import AutoTokenizer
+
+    return load_model(path, dtype=dtype), AutoTokenizer.from_pretrained(str(path))

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from diet.batching import by_length, pad_right
-from diet.config import STATISTICS
+from diet.config import STATISTICS, ScoreConfig
 from diet.errors import DataError, DietError, ModelError
 from diet.io import read_json, save_tensors, sha256_file, write_json
 
@@ -139,14 +139,15 @@ def encode_texts(tokenizer, texts: Sequence[str], *, max_length: int, add_bos: b
 
 
 def output_weight_norms(adapter, group: str) -> torch.Tensor:
-    """L2 norm of each dimension's output-projection columns, (L, W) float32."""
+    """L2 norm of each dimension's output-projection columns, (L, W) float64 (summed in an order that no thread
+    count changes the result of at float32 resolution)."""
     rows = []
     for layer in range(adapter.num_layers):
         if group == "mlp":
-            w = adapter.mlp_projections(layer)[1].weight.detach().float()    # (H, I)
+            w = adapter.mlp_projections(layer)[1].weight.detach().double()   # (H, I)
             rows.append(w.norm(dim=0))                                        # (I,)
         elif group == "attention":
-            w = adapter.attention_projections(layer)[3].weight.detach().float()  # (H, n_heads * hd)
+            w = adapter.attention_projections(layer)[3].weight.detach().double()  # (H, n_heads * hd)
             n_kv = adapter.num_kv_heads(layer)
             w = w.view(w.shape[0], n_kv, -1)                                  # (H, G, hpg * hd)
             rows.append(w.square().sum(dim=(0, 2)).sqrt())                    # (G,)
@@ -163,13 +164,34 @@ def _stack_layers(rows: list[torch.Tensor], group: str) -> torch.Tensor:
     return torch.stack(rows)  # (L, W)
 
 
+@contextlib.contextmanager
+def forward_precision(model: nn.Module, precision: str) -> Iterator[None]:
+    """Run the block with the model in float64 (``precision="float64"``), then restore its dtype exactly.
+
+    A float32 matrix product sums in an order that depends on the thread count and the CPU, so activations
+    differ in their last bits between machines; in float64 those differences stay far below float32's
+    resolution, and the scores, rounded to float32 once, come out byte-identical. ``"model"`` leaves the
+    model as it is (faster, half the memory; identical only on the same hardware and thread count).
+    """
+    dtype = next(model.parameters()).dtype
+    if precision == "model" or dtype == torch.float64:
+        yield
+        return
+    model.to(torch.float64)
+    try:
+        yield
+    finally:
+        model.to(dtype)  # float32 -> float64 -> float32 is exact
+
+
 def score_texts(model: nn.Module, tokenizer, texts: Sequence[str], *, groups: Sequence[str], statistic: str,
                 weight_norm: bool, batch_size: int, max_length: int, add_bos: bool, progress: bool = True,
-                adapter=None) -> tuple[dict[str, torch.Tensor], dict]:
+                adapter=None, precision: str = "float64") -> tuple[dict[str, torch.Tensor], dict]:
     """Score every dimension of ``groups`` on ``texts``: ({group: (L, W) float32}, {n_samples, n_tokens}).
 
     Texts run longest first in batches of ``batch_size``, right-padded; padding is excluded from every
-    statistic. Deterministic for identical inputs.
+    statistic. With ``precision="float64"`` (see ``forward_precision``) the result is byte-identical for
+    identical inputs on any machine and thread count.
     """
     from tqdm.auto import tqdm
 
@@ -191,7 +213,8 @@ def score_texts(model: nn.Module, tokenizer, texts: Sequence[str], *, groups: Se
     model.eval()
     n_tokens = 0
     try:
-        with torch.no_grad(), record_activations(model, adapter, groups, statistic) as rec:
+        with torch.no_grad(), forward_precision(model, precision), \
+                record_activations(model, adapter, groups, statistic) as rec:
             for batch in tqdm(batches, desc="scoring", unit="batch", disable=not progress):
                 ids, mask = pad_right([encoded[i] for i in batch], pad_id)  # (B, T)
                 rec.mask = mask.to(device)
@@ -203,7 +226,7 @@ def score_texts(model: nn.Module, tokenizer, texts: Sequence[str], *, groups: Se
                     for layer, stats in enumerate(rec.stats[group])]
             s = _stack_layers(rows, group)                                     # (L, W)
             if weight_norm:
-                s = s * output_weight_norms(adapter, group)                    # (L, W)
+                s = s.double() * output_weight_norms(adapter, group)           # (L, W)
             scores[group] = s.float().contiguous()
     finally:
         model.train(was_training)
@@ -271,3 +294,16 @@ def read_scores(path: str | os.PathLike, expect_fingerprint: str | None = None
                         f"but the current model is {expect_fingerprint}",
                         f"rerun `dvc repro score@{task}` to rescore it on the current model")
     return scores, meta
+
+
+def score(model, tokenizer, texts: Sequence[str], cfg: ScoreConfig = ScoreConfig(), *, max_length: int = 512,
+          progress: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
+    """Per-dimension importance of ``cfg.groups`` on ``texts``: ({group: (L, W) float32}, stats)."""
+    from diet.adapters import get_adapter
+    from diet.tokens import resolve_add_bos
+
+    adapter = get_adapter(model)
+    return score_texts(model, tokenizer, list(texts), groups=cfg.groups, statistic=cfg.statistic,
+                       weight_norm=cfg.weight_norm, batch_size=cfg.batch_size, max_length=max_length,
+                       add_bos=resolve_add_bos(model, tokenizer), progress=progress, adapter=adapter,
+                       precision=cfg.precision)

@@ -70,14 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--sparsities", type=_floats, default=[0.1, 0.2, 0.3], help="comma-separated (default: 0.1,0.2,0.3)")
     q.add_argument("--methods", type=_names, default=["vote"], help="comma-separated merge methods (default: vote)")
 
-    q = sub.add_parser("report", help="render the sweep table and plot again (results/sweep.csv, metrics/dense.json)")
+    q = sub.add_parser("report", help="render the sweep table and plot again (results/sweep.csv, results/dense/summary.json)")
     q.add_argument("--repo", default=".", help="the DIET project (default: .)")
     q.add_argument("--csv", dest="csvs", action="append", metavar="PATH",
                    help="sweep tables to combine (repeatable; default: results/sweep.csv)")
     q.add_argument("--out", help="folder for the combined sweep.csv, sweep.md and accuracy_vs_sparsity.png "
                                  "(default: results/sweep.md and plots/accuracy_vs_sparsity.png)")
     q.add_argument("--dense", help="dense metrics for the reference row, evaluated on as many items as the sweep "
-                                   "(default: results/sweep-dense.json from the sweep, else metrics/dense.json)")
+                                   "(default: results/sweep-dense.json from the sweep, else results/dense/summary.json)")
 
     q = sub.add_parser("serve", help="serve the pipeline on a schedule (needs a Prefect server, PREFECT_API_URL)")
     q.add_argument("--config", help="schedule file (default: flows/schedule.yaml)")
@@ -150,10 +150,13 @@ def dispatch(args: argparse.Namespace) -> Any:
         print(out["output"].rstrip())
         return {"pushed": out["targets"]}
     if args.command == "pull":
-        from flows.share import add_remote, pull_scores
+        from flows.pipeline import validate_run
+        from flows.share import add_remote, prepare_pull, pull_scores
 
         if args.add_remote:
             add_remote(args.repo, args.add_remote)
+        prepare_pull(args.repo, args.tasks)  # bad input fails here, before a Prefect server starts
+        validate_run(args.repo, parse_sets(args.sets))
         return pull_scores(repo=args.repo, tasks=args.tasks, params=parse_sets(args.sets),
                            all_stages=args.all_stages, task_runner=args.runner, workers=args.workers,
                            address=args.address, retries=args.retries)

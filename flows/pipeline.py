@@ -19,9 +19,8 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.repo import (RAN, CACHED, DvcCommandError, FlowError, check_stages, check_tasks, ensure_repo,
-                       merged_params, parse_repro, read_params, run_dvc, stage_graph, topological, upstream,
-                       write_params)
+from flows.repo import (RAN, DvcCommandError, FlowError, check_stages, check_tasks, ensure_repo, merged_params,
+                       read_params, run_dvc, stage_graph, stage_status, topological, upstream, write_params)
 
 TASK_RUNNERS = ("threads", "dask", "ray")
 
@@ -65,8 +64,7 @@ def repro_stage(repo: str, stage: str, pull: bool = False) -> dict[str, Any]:
         logger.info("dvc %s\n%s", " ".join(args), res.output.rstrip())
     if res.returncode != 0:
         raise DvcCommandError(args, res.returncode, res.output)
-    status = RAN if parse_repro(res.output).get(stage) == RAN else CACHED
-    return {"stage": stage, "status": status, "seconds": round(res.seconds, 2)}
+    return {"stage": stage, "status": stage_status(res, [stage])[stage], "seconds": round(res.seconds, 2)}
 
 
 @flow(name="diet-stages")

@@ -1,24 +1,30 @@
-"""The DVC repository from the flows' side: run its CLI, read its stage graph, parse what it did, edit params.
+"""The DVC repository from the flows' side: run its CLI, read its stage graph, learn what it ran, edit params.
 
-Everything here is plain Python over subprocesses and YAML: no Prefect, no torch. DVC owns the stage graph
-and the cache; the flows only decide which ``dvc`` command runs when.
+No Prefect, no torch here. DVC owns the stage graph and the cache; the flows only decide which ``dvc``
+command runs when. What DVC did is read from machine-readable sources, never from its log text: the stage
+graph from DVC's Python API, and the stages whose command ran from the run log that every stage appends to
+(``stages._common.record_run``: ``$DIET_RUN_LOG`` gets one JSON line per stage run, named by DVC's
+``$DVC_STAGE``).
 """
 
 from __future__ import annotations
 
 import difflib
 import io
+import json
 import os
-import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import yaml
+
+from diet.errors import DietError
 
 # Variables every child process gets: offline model hubs, no analytics, one thread per process.
 CHILD_ENV = {
@@ -33,15 +39,11 @@ CHILD_ENV = {
 }
 
 RAN, CACHED = "ran", "cached"
+RUN_LOG = "DIET_RUN_LOG"  # the variable stages._common.record_run appends to
 
 
-class FlowError(RuntimeError):
+class FlowError(DietError):
     """A user-facing orchestration error: ``problem`` says what is wrong, ``fix`` what to do."""
-
-    def __init__(self, problem: str, fix: str | None = None):
-        self.problem = problem
-        self.fix = fix
-        super().__init__(problem if not fix else f"{problem}\n  fix: {fix}")
 
 
 class DvcCommandError(FlowError):
@@ -61,6 +63,7 @@ class DvcResult:
     returncode: int
     output: str  # stdout and stderr, interleaved as printed
     seconds: float
+    ran: tuple[str, ...] = ()  # the stages whose command ran, in the order they started (from the run log)
 
 
 def _tail(text: str, lines: int = 40) -> str:
@@ -100,9 +103,15 @@ def run_dvc(args: list[str], repo: str | os.PathLike, *, check: bool = True,
     Commands wait for DVC's repository lock instead of failing, so independent stages can run side by side.
     """
     start = time.monotonic()
-    proc = subprocess.run([dvc_executable(), "--wait-for-lock", *args], cwd=repo, env=child_env(), stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, timeout=timeout)
-    res = DvcResult(list(args), proc.returncode, proc.stdout, time.monotonic() - start)
+    fd, log = tempfile.mkstemp(prefix="diet-runs-", suffix=".jsonl")
+    os.close(fd)
+    try:
+        proc = subprocess.run([dvc_executable(), "--wait-for-lock", *args], cwd=repo, env=child_env({RUN_LOG: log}),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+        ran = read_run_log(log)
+    finally:
+        os.unlink(log)
+    res = DvcResult(list(args), proc.returncode, proc.stdout, time.monotonic() - start, tuple(ran))
     if check and proc.returncode != 0:
         raise DvcCommandError(list(args), proc.returncode, proc.stdout)
     return res
@@ -225,29 +234,21 @@ def write_params(repo: Path, overrides: Mapping[str, Any] | None) -> list[str]:
 
 # --- the stage graph ------------------------------------------------------------------------------------
 
-_NODE = re.compile(r'^"(?P<node>[^"]+)";$')
-_EDGE = re.compile(r'^"(?P<src>[^"]+)" -> "(?P<dst>[^"]+)";$')
-
-
-def parse_dot(text: str) -> dict[str, list[str]]:
-    """``dvc dag --dot`` output -> {stage: [its upstream stages]}, in DVC's order."""
-    parents: dict[str, list[str]] = {}
-    for line in text.splitlines():
-        line = line.strip()
-        if m := _NODE.match(line):
-            parents.setdefault(m["node"], [])
-        elif m := _EDGE.match(line):
-            parents.setdefault(m["src"], [])
-            parents.setdefault(m["dst"], []).append(m["src"])
-    return parents
-
-
 def stage_graph(repo: Path) -> dict[str, list[str]]:
-    """The pipeline's stages (foreach instances expanded) with their upstream stages."""
-    graph = parse_dot(run_dvc(["dag", "--dot"], repo).output)
-    if not graph:
+    """The pipeline's stages (foreach instances expanded) with their upstream stages, from DVC's Python API."""
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+
+    try:
+        with Repo(str(repo)) as dvc_repo:
+            graph = dvc_repo.index.graph                       # edges: stage -> a stage it depends on
+            stages = [s for s in graph.nodes if getattr(s, "is_data_source", False) is False]
+            parents = {s.addressing: sorted(d.addressing for d in graph.successors(s)) for s in stages}
+    except DvcException as e:
+        raise FlowError(f"DVC cannot read the pipeline in {repo}: {e}", "fix dvc.yaml or params.yaml") from None
+    if not parents:
         raise FlowError(f"{repo / 'dvc.yaml'} defines no stages", "add stages to dvc.yaml")
-    return graph
+    return parents
 
 
 def topological(graph: Mapping[str, list[str]]) -> list[str]:
@@ -299,32 +300,19 @@ def check_stages(graph: Mapping[str, list[str]], names: Iterable[str]) -> None:
 
 # --- what DVC did ---------------------------------------------------------------------------------------
 
-_RAN = re.compile(r"^Running stage '(?P<stage>[^']+)'", re.M)
-_CACHED = re.compile(r"^Stage '(?P<stage>[^']+)' (?:didn't change, skipping|is cached - skipping run)", re.M)
-_PULLED = re.compile(r"^Pulling data for stage: '(?P<stage>[^']+)'", re.M)
-_EXP = re.compile(r"Ran experiment\(s\): (?P<names>.+)$", re.M)
+def read_run_log(path: str | os.PathLike) -> list[str]:
+    """The stage names a run log lists (one JSON object per line), in order, each once."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    return list(dict.fromkeys(json.loads(line)["stage"] for line in lines if line.strip()))
 
 
-def parse_repro(output: str) -> dict[str, str]:
-    """Which stages a ``dvc repro`` / ``dvc exp run`` ran and which it skipped or restored from the cache.
-
-    DVC prints ``Running stage 'X':`` when it executes a command, ``Stage 'X' didn't change, skipping``
-    when the workspace already matches dvc.lock, ``Stage 'X' is cached - skipping run`` when it restores
-    outputs from the run-cache, and ``Pulling data for stage: 'X'`` when it fetches them from a remote.
-    """
-    status: dict[str, str] = {}
-    for m in _CACHED.finditer(output):
-        status[m["stage"]] = CACHED
-    for m in _PULLED.finditer(output):
-        status[m["stage"]] = CACHED
-    for m in _RAN.finditer(output):
-        status[m["stage"]] = RAN
-    return status
-
-
-def experiment_names(output: str) -> list[str]:
-    m = _EXP.search(output)
-    return [n.strip() for n in m["names"].split(",")] if m else []
+def stage_status(result: DvcResult, stages: Iterable[str]) -> dict[str, str]:
+    """``{stage: "ran" | "cached"}``: ran when its command ran, else DVC skipped it or restored its outputs."""
+    ran = set(result.ran)
+    return {s: RAN if s in ran else CACHED for s in stages}
 
 
 def lock_stages(repo: Path) -> dict[str, Any]:

@@ -35,9 +35,17 @@ def default_remote(repo: str | Path) -> str | None:
     return name or None
 
 
+#: the stages whose outputs another team needs to skip the costly work: every task's scores (and, with their
+#: deps, the model and prepared tasks), the generic-text scores of the task-agnostic baseline, and the dense
+#: model's per-task evaluations, computed once for every team
+SHARED_PER_TASK = ("score", "evaluate_dense")
+SHARED = ("score_generic", "perplexity_dense")
+
+
 def score_stages(repo: Path, tasks: list[str] | None = None) -> list[str]:
+    """The shared stages of ``tasks`` (default: the params' tasks) plus the task-independent shared stages."""
     tasks = list(tasks) if tasks else list(read_params(repo).get("tasks") or [])
-    return [f"score@{t}" for t in tasks]
+    return [f"{s}@{t}" for t in tasks for s in SHARED_PER_TASK] + list(SHARED)
 
 
 def push_scores(repo: str | Path = ".", remote: str | None = None, tasks: list[str] | None = None,
@@ -51,9 +59,9 @@ def push_scores(repo: str | Path = ".", remote: str | None = None, tasks: list[s
     wanted = score_stages(root, tasks)
     locked = lock_stages(root)
     targets = [s for s in wanted if s in locked]
-    if not targets:
-        raise FlowError(f"no task scores to push: none of {', '.join(wanted)} is in dvc.lock",
-                        "run the pipeline first (diet-flow run), then push")
+    if not any(t.startswith("score@") for t in targets):
+        raise FlowError(f"no task scores to push: none of {', '.join(w for w in wanted if w.startswith('score@'))} "
+                        "is in dvc.lock", "run the pipeline first (diet-flow run), then push")
     if not remote and not default_remote(root):
         raise FlowError("no DVC remote to push to", "add one: dvc remote add -d shared /path/or/url (see docs/sharing.md)")
     args = ["push", "--run-cache", *(["-r", remote] if remote else []), *(["--with-deps"] if with_deps else []),
@@ -62,20 +70,40 @@ def push_scores(repo: str | Path = ".", remote: str | None = None, tasks: list[s
     return {"targets": targets, "output": res.output}
 
 
+def prepare_pull(repo: str | Path, tasks: list[str] | None = None) -> list[str]:
+    """Check a pull before any flow starts, and add ``tasks`` missing from params.yaml to its task list.
+
+    Returns the tasks added. Fails, changing nothing, when the repo has no default remote or a task has no task
+    file (or an invalid name).
+    """
+    from flows.repo import check_tasks, write_params
+
+    root = ensure_repo(repo)
+    if not default_remote(root):
+        raise FlowError("no default DVC remote: `dvc repro --pull` only reads the default one",
+                        "add the team's remote as default: dvc remote add -d shared /path/or/url "
+                        "(or pass --add-remote URL)")
+    check_tasks(root, tasks or [])
+    current = list(read_params(root).get("tasks") or [])
+    added = [t for t in tasks or [] if t not in current]
+    if added:
+        write_params(root, {"tasks": current + added})
+    return added
+
+
 @flow(name="diet-pull-scores")
 def pull_scores(repo: str = ".", tasks: list[str] | None = None, params: dict[str, Any] | None = None,
                 all_stages: bool = False, task_runner: str = "threads", workers: int = 2,
                 address: str | None = None, retries: int = 1) -> dict[str, str]:
     """Bring the task scores (and the run-cache) from the default remote into this clone.
 
-    Runs the score stages (``all_stages``: the whole pipeline) with ``dvc repro --pull``: a score another
-    team pushed for the same model, task and settings is restored, not recomputed; only what nobody computed
-    runs here. Returns the pipeline report: ``{stage: "ran" | "cached"}``.
+    Tasks not yet in params.yaml are added to it. Runs the shared stages (scores, generic scores, the dense
+    model's evaluations; ``all_stages``: the whole pipeline) with ``dvc repro --pull``: an output another team
+    pushed for the same model, task and settings is restored, not recomputed; only what nobody computed runs
+    here. Returns the pipeline report: ``{stage: "ran" | "cached"}``.
     """
     root = ensure_repo(repo)
-    if not default_remote(root):
-        raise FlowError("no default DVC remote: `dvc repro --pull` only reads the default one",
-                        "add the team's remote as default: dvc remote add -d shared /path/or/url")
+    prepare_pull(root, tasks)
     targets = None
     if not all_stages:
         overridden = params.get("tasks") if params else None

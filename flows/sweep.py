@@ -1,6 +1,7 @@
 """Sparsity x merge-method sweep: one DVC experiment per point, every task score computed once.
 
-1. The stages that read no swept parameter (model, prepare@*, score@*, score_generic, evaluate_dense) run
+1. The stages that read no swept parameter (model, prepare@*, score@*, score_generic, evaluate_dense@*,
+   perplexity_dense) run
    once in the workspace through the pipeline flow; their outputs land in DVC's cache and run-cache.
 2. Each (method, sparsity) is a workspace experiment, ``dvc exp run -S prune.sparsity=.. -S merge.method=..``,
    run one after the other: DVC skips every stage whose inputs are unchanged, so only merge, select, prune
@@ -22,13 +23,13 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from prefect.cache_policies import NO_CACHE
 
 from flows.pipeline import make_task_runner, plan, publish_report, run_stages, validate_run
-from flows.repo import (RAN, DvcCommandError, FlowError, atomic_write, downstream, experiment_names,
-                        parse_repro, run_dvc, stages_reading, write_params)
+from flows.repo import (RAN, DvcCommandError, FlowError, atomic_write, downstream, run_dvc, stage_status,
+                        stages_reading, write_params)
 
 SWEPT = ("prune.sparsity", "merge.method")
 DEFAULT_SPARSITIES, DEFAULT_METHODS = (0.1, 0.2, 0.3), ("vote",)
-PRUNED_METRICS = "metrics/pruned.json"
-DENSE_METRICS = "metrics/dense.json"
+PRUNED_METRICS = "results/pruned/summary.json"  # the report stage's whole record of each model
+DENSE_METRICS = "results/dense/summary.json"
 CSV, MARKDOWN, PLOT = "results/sweep.csv", "results/sweep.md", "plots/accuracy_vs_sparsity.png"
 SWEEP_DENSE = "results/sweep-dense.json"  # the dense metrics of the sweep's own evaluation settings
 
@@ -73,10 +74,12 @@ def _check_same_items(table, dense: dict[str, Any], dense_path: Path) -> None:
 
 @task(name="dvc-exp-run", task_run_name="{method} @ {sparsity}", retries=1, retry_delay_seconds=5,
       cache_policy=NO_CACHE)
-def run_experiment(repo: str, method: str, sparsity: float, metrics_file: str = PRUNED_METRICS) -> dict[str, Any]:
-    """One workspace experiment; returns its name, which stages ran, and its metrics."""
+def run_experiment(repo: str, method: str, sparsity: float, stages: list[str],
+                   metrics_file: str = PRUNED_METRICS) -> dict[str, Any]:
+    """One workspace experiment; returns its name, which of ``stages`` ran, and its metrics (and the dense ones)."""
     logger = get_run_logger()
-    args = ["exp", "run", "-S", f"prune.sparsity={sparsity}", "-S", f"merge.method={method}"]
+    name = experiment_name(method, sparsity)
+    args = ["exp", "run", "--name", name, "--force", "-S", f"prune.sparsity={sparsity}", "-S", f"merge.method={method}"]
     res = run_dvc(args, repo, check=False)
     logger.info("dvc %s\n%s", " ".join(args), res.output.rstrip())
     if res.returncode != 0:
@@ -85,10 +88,15 @@ def run_experiment(repo: str, method: str, sparsity: float, metrics_file: str = 
     if not path.is_file():
         raise FlowError(f"the experiment wrote no {metrics_file}",
                         "check dvc.yaml: the evaluate stage must declare it under metrics")
-    names = experiment_names(res.output)
-    return {"method": method, "sparsity": sparsity, "experiment": names[0] if names else "",
-            "stages": parse_repro(res.output), "seconds": round(res.seconds, 2),
-            "metrics": json.loads(path.read_text())}
+    dense = Path(repo) / DENSE_METRICS
+    return {"method": method, "sparsity": sparsity, "experiment": name, "stages": stage_status(res, stages),
+            "seconds": round(res.seconds, 2), "metrics": json.loads(path.read_text()),
+            "dense": json.loads(dense.read_text()) if dense.is_file() else None}
+
+
+def experiment_name(method: str, sparsity: float) -> str:
+    """The DVC experiment name of one sweep point, e.g. ``vote-s0.2`` (a later sweep's point replaces it)."""
+    return f"{method}-s{sparsity:g}"
 
 
 def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
@@ -209,7 +217,7 @@ def report(repo: str | Path = ".", csvs: list[str | Path] | None = None, out: st
     By default from ``results/sweep.csv`` into ``results/sweep.md`` and ``plots/accuracy_vs_sparsity.png``.
     ``csvs`` combines several sweeps' tables (e.g. one per sparsity run on different days) and ``out`` names a
     folder for ``sweep.csv``, ``sweep.md`` and ``accuracy_vs_sparsity.png``. The dense reference row comes from
-    ``dense`` (default: ``results/sweep-dense.json``, which a sweep writes, else ``metrics/dense.json``); it must
+    ``dense`` (default: ``results/sweep-dense.json``, which a sweep writes, else ``results/dense/summary.json``); it must
     cover as many evaluation items as the rows.
     """
     import pandas as pd
@@ -226,7 +234,7 @@ def report(repo: str | Path = ".", csvs: list[str | Path] | None = None, out: st
     else:  # the dense metrics the sweep itself used, else the workspace's
         dense_path = root / SWEEP_DENSE if (root / SWEEP_DENSE).is_file() else root / DENSE_METRICS
     if dense is not None and not dense_path.is_file():
-        raise FlowError(f"no dense metrics at {dense_path}", "pass the metrics/dense.json of an evaluate_dense run")
+        raise FlowError(f"no dense metrics at {dense_path}", "pass the results/dense/summary.json of a pipeline run (the report stage writes it)")
     dense = json.loads(dense_path.read_text()) if dense_path.is_file() else None
     if dense is not None:
         _check_same_items(table, dense, dense_path)
@@ -292,12 +300,12 @@ def sweep_flow(repo: str = ".", sparsities: list[float] | None = None, methods: 
                     ", ".join(s for s in order if s in swept))
         rows = run_stages.with_options(task_runner=runner)(str(root), graph, shared, False, retries)
         publish_report(rows, "diet-sweep-shared", f"DIET sweep in {root}: stages shared by every experiment")
-        dense_path = root / DENSE_METRICS
-        dense = json.loads(dense_path.read_text()) if dense_path.is_file() else None
+        dense = None
         experiment = run_experiment.with_options(retries=retries)
         for method in methods:
             for sparsity in sparsities:
-                run = experiment(str(root), method, sparsity)
+                run = experiment(str(root), method, sparsity, order)
+                dense = dense or run["dense"]
                 ran = [s for s, st in run["stages"].items() if st == RAN]
                 logger.info("%s @ %s (%s): ran %s", method, sparsity, run["experiment"], ", ".join(ran) or "nothing")
                 runs.append(run)

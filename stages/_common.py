@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -26,6 +27,7 @@ def run_stage(main: Callable[[argparse.Namespace, Params], None], parser: argpar
     logging.basicConfig(level=os.environ.get("DIET_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     args = parser.parse_args(argv)
+    record_run()
     try:
         params = load_params(args.params)
         main(args, params)
@@ -37,6 +39,19 @@ def run_stage(main: Callable[[argparse.Namespace, Params], None], parser: argpar
     return 0
 
 
+#: a file to which every stage run under DVC appends its stage name (set by the flows, which read it back to
+#: tell a stage that ran from one DVC skipped or restored from its cache)
+RUN_LOG = "DIET_RUN_LOG"
+
+
+def record_run() -> None:
+    """Append ``{"stage": $DVC_STAGE}`` as one JSON line to ``$DIET_RUN_LOG`` when both are set."""
+    path, stage = os.environ.get(RUN_LOG), os.environ.get("DVC_STAGE")
+    if path and stage:
+        with open(path, "a") as f:  # one short append per run: lines of parallel stages never interleave
+            f.write(json.dumps({"stage": stage, "pid": os.getpid()}) + "\n")
+
+
 def set_threads() -> None:
     """Respect OMP_NUM_THREADS when set; torch otherwise takes every core."""
     n = os.environ.get("OMP_NUM_THREADS")
@@ -45,11 +60,3 @@ def set_threads() -> None:
 
         torch.set_num_threads(int(n))
 
-
-def load_model_and_tokenizer(path, dtype: str = "float32"):
-    """A saved checkpoint folder (base or pruned) and its tokenizer."""
-    from transformers import AutoTokenizer
-
-    from diet.modeling import load_model
-
-    return load_model(path, dtype=dtype), AutoTokenizer.from_pretrained(str(path))

@@ -13,8 +13,9 @@ log = logging.getLogger("diet.merge")
 
 def main(args, params) -> None:
     set_threads()
-    from diet import api
+    from diet.geometry import geometry_from_folder
     from diet.io import atomic_dir, save_tensors, write_json, write_text
+    from diet.merge import merge_scores
     from diet.scoring import model_fingerprint, read_scores
 
     fingerprint = model_fingerprint(args.model)
@@ -31,8 +32,8 @@ def main(args, params) -> None:
 
         model = load_model(args.model, dtype=params.model.dtype)
         magnitude = magnitude_scores(model, groups=params.prune.groups)
-    geo = api.geometry_from_folder(args.model, groups=tuple(next(iter(task_scores.values())).keys()))
-    merged = api.merge_scores(task_scores, geo, merge_cfg=params.merge, prune_cfg=params.prune,
+    geo = geometry_from_folder(args.model, groups=tuple(next(iter(task_scores.values())).keys()))
+    merged = merge_scores(task_scores, geo, merge_cfg=params.merge, prune_cfg=params.prune,
                               generic=generic, magnitude=magnitude)
     tensors = {f"{g}.{k}": v for g, m in merged.items() for k, v in m.items()}
     lines = ["group,layer,agreement"] + [f"{g},{i},{float(a):.6f}" for g, m in merged.items()

@@ -6,23 +6,23 @@ import logging
 import sys
 from pathlib import Path
 
-from stages._common import load_model_and_tokenizer, run_stage, set_threads, stage_parser
+from stages._common import run_stage, set_threads, stage_parser
 
 log = logging.getLogger("diet.prune")
 
 
 def main(args, params) -> None:
     set_threads()
-    from diet import api
+    from diet.modeling import load_model_and_tokenizer
     from diet.modeling import save_pruned
-    from diet.pruning import parameter_counts
+    from diet.pruning import apply_mask, parameter_counts
     from diet.scoring import model_fingerprint
     from diet.select import Mask
 
     mask = Mask.load(args.mask)
     model, tokenizer = load_model_and_tokenizer(args.model, params.model.dtype)
     before = parameter_counts(model)
-    api.apply(model, mask, params.select.layout)
+    apply_mask(model, mask.keep_tensors(), params.select.layout)
     after = parameter_counts(model)
     manifest = {"base_model_fingerprint": model_fingerprint(args.model), "mask": mask.summary(),
                 "params_before": before, "params_after": after, "layout": params.select.layout}

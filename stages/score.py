@@ -7,23 +7,23 @@ import sys
 from pathlib import Path
 
 from diet.errors import DataError
-from stages._common import load_model_and_tokenizer, run_stage, set_threads, stage_parser
+from stages._common import run_stage, set_threads, stage_parser
 
 log = logging.getLogger("diet.score")
 
 
 def main(args, params) -> None:
     set_threads()
-    from diet import api
+    from diet.modeling import load_model_and_tokenizer
     from diet.io import read_jsonl, sha256_file, sha256_json
-    from diet.scoring import model_fingerprint, write_scores
+    from diet.scoring import model_fingerprint, score, write_scores
 
     if not args.calib.exists():
         raise DataError(f"prepared calibration data missing: {args.calib}",
                         f"run `dvc repro prepare@{args.task}` first")
     rows = read_jsonl(args.calib)
     model, tokenizer = load_model_and_tokenizer(args.model, params.model.dtype)
-    scores, stats = api.score(model, tokenizer, [r["text"] for r in rows], params.score,
+    scores, stats = score(model, tokenizer, [r["text"] for r in rows], params.score,
                               max_length=params.calibration.max_length)
     write_scores(args.out, scores, {
         "model_fingerprint": model_fingerprint(args.model), "task": args.task,

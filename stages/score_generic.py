@@ -9,17 +9,17 @@ from __future__ import annotations
 import logging
 import sys
 
-from stages._common import load_model_and_tokenizer, run_stage, set_threads, stage_parser
+from stages._common import run_stage, set_threads, stage_parser
 
 log = logging.getLogger("diet.score_generic")
 
 
 def main(args, params) -> None:
     set_threads()
-    from diet import api
+    from diet.modeling import load_model_and_tokenizer
     from diet.generic import generic_source, generic_texts
     from diet.io import sha256_json
-    from diet.scoring import model_fingerprint, write_scores
+    from diet.scoring import model_fingerprint, score, write_scores
 
     cal, sc = params.calibration, params.score
     source, source_path = generic_source()
@@ -27,7 +27,7 @@ def main(args, params) -> None:
     log.info("%d generic passages from %s (%s), seed %d", len(texts), source, source_path.name, cal.seed)
 
     model, tokenizer = load_model_and_tokenizer(args.model, params.model.dtype)
-    scores, stats = api.score(model, tokenizer, texts, sc, max_length=cal.max_length)
+    scores, stats = score(model, tokenizer, texts, sc, max_length=cal.max_length)
     meta = {"model_fingerprint": model_fingerprint(args.model), "task": "generic", "generic_source": source,
             "task_data_hash": sha256_json(texts), "n_samples": stats["n_samples"], "n_tokens": stats["n_tokens"],
             "statistic": sc.statistic, "weight_norm": sc.weight_norm, "max_length": cal.max_length,

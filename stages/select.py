@@ -15,13 +15,13 @@ def main(args, params) -> None:
     set_threads()
     from safetensors.torch import load_file
 
-    from diet import api
+    from diet.geometry import geometry_from_folder
     from diet.io import write_text
     from diet.select import select
 
     merged = load_file(str(args.merged / "votes.safetensors"))
     priority = {g: merged[f"{g}.priority"] for g in params.prune.groups}
-    geo = api.geometry_from_folder(args.model, groups=params.prune.groups)
+    geo = geometry_from_folder(args.model, groups=params.prune.groups)
     mask = select(priority, geo.widths, geo.costs, sparsity=params.prune.sparsity,
                   decoder_params=geo.decoder_params, min_keep=params.select.min_keep,
                   multiple=params.select.multiple, layout=params.select.layout)

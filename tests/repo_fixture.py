@@ -44,7 +44,7 @@ TINY_PARAMS: dict[str, Any] = {
     "prune": {"sparsity": 0.2, "groups": ["mlp"]},
     "select": {"min_keep": 0.05, "multiple": 8, "layout": "global"},
     "evaluate": {"limit": 8, "seed": 1234, "batch_size": 4, "perplexity_docs": 2, "perplexity_max_length": 64,
-                 "latency_tokens": 4},
+                 "backend": "direct"},
 }
 
 _COLOURS = ["red", "blue", "green", "black", "white", "brown"]

@@ -36,7 +36,7 @@ def write_task(root: Path, name: str, rows: list[dict], partial: bool = False) -
     d = root / name
     d.mkdir(parents=True)
     (d / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (d / "meta.json").write_text(json.dumps({"task": name, "target_delimiter": " ", "partial": partial,
+    (d / "eval.json").write_text(json.dumps({"task": name, "target_delimiter": " ", "partial": partial,
                                              "n_calib": 0, "n_eval": len(rows)}))
     return d
 

@@ -31,9 +31,9 @@ import pytest  # noqa: E402
 import yaml  # noqa: E402
 
 from flows import repo as flows_repo  # noqa: E402
-from flows.repo import (CACHED, RAN, DvcCommandError, FlowError, check_tasks, downstream,  # noqa: E402
-                        ensure_repo, flatten_overrides, merged_params, parse_dot, parse_repro, stages_reading,
-                        topological, upstream, write_params)
+from flows.repo import (CACHED, RAN, DvcCommandError, DvcResult, FlowError, check_tasks,  # noqa: E402
+                        downstream, ensure_repo, flatten_overrides, merged_params, read_run_log, stage_graph,
+                        stage_status, stages_reading, topological, upstream, write_params)
 from tests.repo_fixture import clone, dvc, dvc_env, make_tiny_repo  # noqa: E402
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -53,46 +53,21 @@ def sha256(path: Path) -> str:
 
 # --- DVC output, stage graph, params: pure functions -----------------------------------------------------
 
-REPRO_OUTPUT = """\
-Stage 'model' didn't change, skipping
-Stage 'prepare@t1' is cached - skipping run, checking out outputs
-Pulling data for stage: 'prepare@t2'
-Running stage 'score@t1':
-> python -m stages.score --task t1
-Updating lock file 'dvc.lock'
-Ran experiment(s): tense-hoop
-"""
-
-DOT = """\
-strict digraph {
-"model";
-"prepare@t1";
-"prepare@t2";
-"score@t1";
-"score@t2";
-"merge";
-"evaluate";
-"model" -> "score@t1";
-"model" -> "score@t2";
-"prepare@t1" -> "score@t1";
-"prepare@t2" -> "score@t2";
-"score@t1" -> "merge";
-"score@t2" -> "merge";
-"merge" -> "evaluate";
-}
-"""
+GRAPH = {"model": [], "prepare@t1": [], "prepare@t2": [], "score@t1": ["model", "prepare@t1"],
+         "score@t2": ["model", "prepare@t2"], "merge": ["score@t1", "score@t2"], "evaluate": ["merge"]}
 
 
-def test_parse_repro_tells_ran_from_cached():
-    assert parse_repro(REPRO_OUTPUT) == {"model": CACHED, "prepare@t1": CACHED, "prepare@t2": CACHED,
-                                         "score@t1": RAN}
-    assert flows_repo.experiment_names(REPRO_OUTPUT) == ["tense-hoop"]
-    assert parse_repro("Data and pipelines are up to date.\n") == {}
+def test_run_log_tells_ran_from_cached(tmp_path):
+    log = tmp_path / "runs.jsonl"
+    log.write_text('{"stage": "score@t1", "pid": 1}\n{"stage": "merge", "pid": 2}\n{"stage": "score@t1", "pid": 3}\n')
+    assert read_run_log(log) == ["score@t1", "merge"]
+    assert read_run_log(tmp_path / "none.jsonl") == []
+    res = DvcResult(["repro"], 0, "", 1.0, ran=("score@t1",))
+    assert stage_status(res, ["model", "score@t1"]) == {"model": CACHED, "score@t1": RAN}
 
 
 def test_stage_graph_order_and_reach():
-    graph = parse_dot(DOT)
-    assert graph["score@t1"] == ["model", "prepare@t1"] and graph["model"] == []
+    graph = GRAPH
     order = topological(graph)
     assert sorted(order) == sorted(graph)
     for stage, parents in graph.items():
@@ -106,11 +81,13 @@ def test_stage_graph_order_and_reach():
 def test_project_sweep_splits_shared_from_swept_stages():
     """On the project's dvc.yaml, sparsity and method reach merge/select and what follows, never a score."""
     graph = {"model": [], "prepare@a": [], "score@a": ["model", "prepare@a"], "score_generic": ["model"],
-             "evaluate_dense": ["model", "prepare@a"], "merge": ["score@a", "score_generic"],
-             "select": ["merge"], "prune": ["select"], "evaluate": ["prune", "evaluate_dense"]}
+             "evaluate_dense@a": ["model", "prepare@a"], "perplexity_dense": ["model"],
+             "merge": ["score@a", "score_generic"], "select": ["merge"], "prune": ["select"],
+             "evaluate@a": ["prune", "prepare@a"], "perplexity": ["prune"],
+             "report": ["evaluate_dense@a", "perplexity_dense", "evaluate@a", "perplexity", "select"]}
     readers = stages_reading(PROJECT, graph, ["prune.sparsity", "merge.method"])
-    assert readers == {"merge", "select"}
-    assert downstream(graph, readers) == {"merge", "select", "prune", "evaluate"}
+    assert readers == {"merge", "select", "report"}
+    assert downstream(graph, readers) == {"merge", "select", "prune", "evaluate@a", "perplexity", "report"}
 
 
 def test_overrides_nested_and_dotted():
@@ -175,9 +152,7 @@ FAKE_DVC = textwrap.dedent("""\
     assert args[0] == "--wait-for-lock", args
     args = args[1:]
     log = os.path.join(os.getcwd(), "calls.log")
-    if args[:2] == ["dag", "--dot"]:
-        sys.stdout.write(open(os.path.join(os.getcwd(), "dag.dot")).read())
-    elif args[0] == "repro":
+    if args[0] == "repro":
         stage = args[2]
         with open(log, "a") as f:
             f.write(f"start {{stage}} {{time.time()}}\\n")
@@ -190,7 +165,8 @@ FAKE_DVC = textwrap.dedent("""\
         if stage in os.environ.get("FAKE_DVC_CACHED", "").split(","):
             print(f"Stage '{{stage}}' didn't change, skipping")
         else:
-            print(f"Running stage '{{stage}}':")
+            with open(os.environ["DIET_RUN_LOG"], "a") as f:  # what a stage run by DVC does
+                f.write('{{"stage": "%s"}}\\n' % stage)
         with open(log, "a") as f:
             f.write(f"end {{stage}} {{time.time()}}\\n")
     else:
@@ -200,7 +176,7 @@ FAKE_DVC = textwrap.dedent("""\
 
 @pytest.fixture
 def fake_repo(tmp_path, monkeypatch):
-    """A DVC-shaped folder whose `dvc` answers `dag --dot` with DOT and `repro -s X` by sleeping."""
+    """A DVC-shaped folder with the stage graph GRAPH whose `dvc` answers `repro -s X` by sleeping."""
     repo = tmp_path / "fake"
     (repo / ".dvc").mkdir(parents=True)
     (repo / "data" / "tasks").mkdir(parents=True)
@@ -208,11 +184,11 @@ def fake_repo(tmp_path, monkeypatch):
         (repo / "data" / "tasks" / f"{t}.yaml").write_text("source: {olmo: x}\n")
     (repo / "dvc.yaml").write_text("stages: {}\n")
     (repo / "params.yaml").write_text("# settings\ntasks:\n  - t1\n  - t2\nprune:\n  sparsity: 0.2  # share\n")
-    (repo / "dag.dot").write_text(DOT)
     exe = tmp_path / "fake-dvc"
     exe.write_text(FAKE_DVC.format(python=sys.executable))
     exe.chmod(0o755)
     monkeypatch.setattr(flows_repo, "dvc_executable", lambda: str(exe))
+    monkeypatch.setattr("flows.pipeline.stage_graph", lambda root: GRAPH)
     return repo
 
 
@@ -264,8 +240,7 @@ def test_pipeline_fans_out_independent_stages_after_their_upstream(fake_repo, pr
     assert report == {"model": CACHED, "prepare@t1": RAN, "prepare@t2": RAN, "score@t1": RAN, "score@t2": RAN,
                       "merge": RAN, "evaluate": RAN}
     calls = read_calls(fake_repo)
-    graph = parse_dot(DOT)
-    for stage, parents in graph.items():  # every stage starts after all its upstream stages ended
+    for stage, parents in GRAPH.items():  # every stage starts after all its upstream stages ended
         assert all(calls[p][1] <= calls[stage][0] for p in parents), (stage, calls)
     (a0, a1), (b0, b1) = calls["score@t1"], calls["score@t2"]
     assert a0 < b1 and b0 < a1, "independent score stages must overlap"
@@ -410,12 +385,11 @@ def tiny_repo(tmp_path_factory, prefect_harness):
 @pytest.mark.slow
 def test_full_pipeline_produces_pruned_model_and_metrics(tiny_repo):
     repo, report = tiny_repo
-    assert list(report) == topological(parse_dot(subprocess.run(
-        [dvc(), "dag", "--dot"], cwd=repo, env=dvc_env(), capture_output=True, text=True, check=True).stdout))
+    assert list(report) == topological(stage_graph(repo))
     assert set(report.values()) == {RAN}, report
     assert (repo / "models" / "pruned" / "config.json").is_file()
     assert list((repo / "models" / "pruned").glob("*.safetensors"))
-    dense, pruned = (json.loads((repo / "metrics" / f"{n}.json").read_text()) for n in ("dense", "pruned"))
+    dense, pruned = (json.loads((repo / "results" / n / "summary.json").read_text()) for n in ("dense", "pruned"))
     assert 0.0 <= pruned["mean"]["acc"] <= 1.0 and set(pruned["tasks"]) == {"t1", "t2"}
     assert pruned["params"]["decoder"] < dense["params"]["decoder"]
     assert pruned["sparsity"] == pytest.approx(0.2, abs=0.05)
@@ -440,7 +414,7 @@ def test_changing_sparsity_reruns_no_score(tiny_repo):
     scores = {t: sha256(repo / "scores" / f"{t}.safetensors") for t in ("t1", "t2")}
     report = pipeline_flow(repo=str(repo), params={"prune": {"sparsity": 0.35}}, workers=2)
     ran = {s for s, st in report.items() if st == RAN}
-    assert ran == {"merge", "select", "prune", "evaluate"}, report
+    assert ran == {"merge", "select", "prune", "evaluate@t1", "evaluate@t2", "perplexity", "report"}, report
     assert yaml.safe_load((repo / "params.yaml").read_text())["prune"]["sparsity"] == 0.35
     assert json.loads((repo / "metrics" / "pruned.json").read_text())["sparsity"] == pytest.approx(0.35, abs=0.05)
     assert scores == {t: sha256(repo / "scores" / f"{t}.safetensors") for t in ("t1", "t2")}
@@ -485,10 +459,11 @@ def test_sweep_computes_each_score_once(dask_repo):
     before = {n: (repo / n).read_bytes() for n in ("params.yaml", "dvc.lock")}
     out = sweep_flow(repo=str(repo), sparsities=[0.1, 0.2, 0.3], methods=["vote"], workers=2)
     assert out["shared"]["score@t1"] == out["shared"]["score@t2"] == CACHED
-    assert out["shared"]["evaluate_dense"] == RAN
+    assert out["shared"]["evaluate_dense@t1"] == out["shared"]["evaluate_dense@t2"] == RAN
     assert [(e["method"], e["sparsity"]) for e in out["experiments"]] == [("vote", 0.1), ("vote", 0.2), ("vote", 0.3)]
     for e in out["experiments"]:
-        assert {s for s, st in e["stages"].items() if st == RAN} <= {"merge", "select", "prune", "evaluate"}, e
+        assert {s for s, st in e["stages"].items() if st == RAN} <= {
+            "merge", "select", "prune", "evaluate@t1", "evaluate@t2", "perplexity", "report"}, e
         assert e["stages"]["merge"] == RAN
     import pandas as pd
 
@@ -503,28 +478,47 @@ def test_sweep_computes_each_score_once(dask_repo):
 
 
 @pytest.mark.slow
-def test_second_team_reuses_scores_through_a_remote(tmp_path, prefect_harness):
+def test_second_team_reuses_scores_through_a_remote(tmp_path, prefect_harness, monkeypatch):
+    """Team A (one thread) runs the pipeline and pushes; team B (two threads) pulls and runs the whole pipeline
+    with a task of its own: no score stage of A's tasks runs again, nor score_generic, nor A's dense
+    evaluations. A third clone (two threads, no remote) recomputes everything and gets A's bytes: its dvc.lock
+    equals the committed one."""
     from flows.pipeline import pipeline_flow
     from flows.share import add_remote, pull_scores, push_scores
 
     origin = make_tiny_repo(tmp_path, tasks=("t1", "t2"), extra_tasks=("t3",), name="origin")
     remote = tmp_path / "remote"
     remote.mkdir()
-    team_a, team_b = clone(origin, tmp_path / "a"), clone(origin, tmp_path / "b")
-
+    team_a = clone(origin, tmp_path / "a")
     add_remote(team_a, str(remote))
-    a = pipeline_flow(repo=str(team_a), params={"tasks": ["t1", "t2", "t3"]}, targets=["score@t3"])
-    assert a["score@t3"] == RAN
-    pushed = push_scores(team_a, tasks=["t3"])
-    assert pushed["targets"] == ["score@t3"]
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    a = pipeline_flow(repo=str(team_a), workers=1)
+    assert set(a.values()) == {RAN}
+    subprocess.run(["git", "add", "-A"], cwd=team_a, check=True)
+    subprocess.run(["git", "commit", "-qm", "team A's pipeline run"], cwd=team_a, check=True)
+    pushed = push_scores(team_a)
+    assert {"score@t1", "score@t2", "score_generic", "evaluate_dense@t1", "perplexity_dense"} <= set(pushed["targets"])
 
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    team_b = clone(team_a, tmp_path / "b")
     add_remote(team_b, str(remote))
-    b = pull_scores(repo=str(team_b), params={"tasks": ["t1", "t2", "t3"]}, tasks=["t3"])
-    assert b == {"model": CACHED, "prepare@t3": CACHED, "score@t3": CACHED}, b
-    assert sha256(team_b / "scores" / "t3.safetensors") == sha256(team_a / "scores" / "t3.safetensors")
-    again = subprocess.run([dvc(), "repro", "score@t3"], cwd=team_b, env=dvc_env(), capture_output=True,
-                           text=True, check=True)
-    assert "Running stage" not in again.stdout, again.stdout
+    b = pull_scores(repo=str(team_b), tasks=["t3"])                 # adds t3 to params.yaml
+    assert yaml.safe_load((team_b / "params.yaml").read_text())["tasks"] == ["t1", "t2", "t3"]
+    ran_b = {s for s, st in b.items() if st == RAN}
+    assert ran_b == {"prepare@t3", "score@t3", "evaluate_dense@t3"}, b   # only what nobody computed
+    full = pipeline_flow(repo=str(team_b), workers=1)
+    ran_full = {s for s, st in full.items() if st == RAN}
+    assert not any(s.startswith("score") for s in ran_full), full
+    assert not ran_full & {"evaluate_dense@t1", "evaluate_dense@t2", "perplexity_dense"}, full
+    for t in ("t1", "t2"):
+        assert sha256(team_b / "scores" / f"{t}.safetensors") == sha256(team_a / "scores" / f"{t}.safetensors")
+
+    fresh = clone(team_a, tmp_path / "c")
+    r = subprocess.run([dvc(), "repro"], cwd=fresh, env=dvc_env({"OMP_NUM_THREADS": "2"}), capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=fresh, capture_output=True, text=True).stdout
+    assert status == "", f"a fresh clone's run on 2 threads changed tracked files:\n{status}"
 
 
 def _free_port() -> int:
@@ -612,8 +606,8 @@ def test_report_renders_per_task_tables(tmp_path):
                 "tasks": {"t1": {"acc": a, "acc_norm": a}, "t2": {"acc": b, "acc_norm": b}}}
 
     (tmp_path / "results").mkdir()
-    (tmp_path / "metrics").mkdir()
-    (tmp_path / "metrics" / "dense.json").write_text(json.dumps(metrics(0.6, 0.8)))
+    (tmp_path / "results" / "dense").mkdir()
+    (tmp_path / "results" / "dense" / "summary.json").write_text(json.dumps(metrics(0.6, 0.8)))
     rows = [{"method": m, "sparsity": s, **metrics_row(metrics(a, 0.5))}
             for m, s, a in [("vote", 0.2, 0.55), ("random", 0.2, 0.30), ("vote", 0.3, 0.45)]]
     pd.DataFrame(rows).to_csv(tmp_path / "results" / "sweep.csv", index=False)
@@ -658,8 +652,8 @@ def test_report_refuses_a_dense_row_of_another_evaluation_size(tmp_path):
     pd.DataFrame([{"method": "vote", "sparsity": 0.2, **metrics_row(metrics(0.5, 100))}]).to_csv(
         tmp_path / "a.csv", index=False)
     assert pd.read_csv(tmp_path / "a.csv")["eval_items"].tolist() == [200]
-    (tmp_path / "metrics").mkdir()
-    (tmp_path / "metrics" / "dense.json").write_text(json.dumps(metrics(0.7, 40)))   # the default, smaller run
+    (tmp_path / "results" / "dense").mkdir(parents=True)
+    (tmp_path / "results" / "dense" / "summary.json").write_text(json.dumps(metrics(0.7, 40)))  # a smaller run
     with pytest.raises(FlowError, match="cover 80 evaluation items, the sweep rows 200") as e:
         report(tmp_path, csvs=[tmp_path / "a.csv"], out=tmp_path / "out")
     assert "--dense" in e.value.fix and not (tmp_path / "out").exists()

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.repo_fixture import dvc, dvc_env, make_tiny_repo, write_task
+from tests.repo_fixture import PROJECT, _rows as tiny_rows, dvc, dvc_env, make_tiny_repo
 
 TASKS = ("t1", "t2")
 PRUNED_OUTPUTS = ("models/pruned/config.json", "models/pruned/model.safetensors", "masks/mask.json",
@@ -144,15 +144,15 @@ def test_first_repro_builds_everything_and_second_runs_nothing(built):
 def test_changing_sparsity_reruns_only_the_sparsity_stages(built, work_copy):
     repo = work_copy
     lock_before = lock(repo)
-    kept = hashes(repo, "models/base", "scores", "baselines", "data/tasks", "metrics/dense.json")
+    kept = hashes(repo, "models/base", "scores", "baselines", "data/tasks", "results/dense", "metrics/dense.json")
     set_params(repo, prune={"sparsity": 0.4})
 
     r = ok(repro(repo))
-    assert r.ran == {"merge", "select", "prune", "evaluate"}
+    assert r.ran == {"merge", "select", "prune", *(f"evaluate@{t}" for t in TASKS), "perplexity", "report"}
     assert r.skipped == all_stages(repo) - r.ran
     assert not any(s.startswith(("score@", "prepare@")) for s in r.ran | r.restored)
 
-    assert hashes(repo, "models/base", "scores", "baselines", "data/tasks", "metrics/dense.json") == kept
+    assert hashes(repo, "models/base", "scores", "baselines", "data/tasks", "results/dense", "metrics/dense.json") == kept
     for stage in all_stages(repo) - r.ran:
         assert lock(repo)[stage] == lock_before[stage], stage
     assert sha256(repo / "masks/mask.json") != built.hashes["masks/mask.json"]
@@ -170,36 +170,72 @@ def test_changing_the_evaluation_size_keeps_every_score(built, work_copy):
     set_params(repo, evaluate={"limit": 5})
 
     r = ok(repro(repo))
-    assert r.ran == {*(f"prepare@{t}" for t in TASKS), "evaluate_dense", "evaluate"}
+    assert r.ran == {f"{s}@{t}" for s in ("prepare", "evaluate_dense", "evaluate") for t in TASKS} | {"report"}
     assert not any(s.startswith("score") for s in r.ran | r.restored)
     assert hashes(repo, *kept) == hashes(built.repo, *kept)
     for t in TASKS:
         assert lock(repo)[f"score@{t}"] == lock_before[f"score@{t}"]
         assert len((repo / f"data/tasks/{t}/eval.jsonl").read_text().splitlines()) == 5
-    assert json.loads((repo / "metrics/pruned.json").read_text())["tasks"][TASKS[0]]["n"] == 5
+    assert json.loads((repo / "results/pruned/summary.json").read_text())["tasks"][TASKS[0]]["n"] == 5
+
+
+def readme_task_recipe() -> tuple[str, str]:
+    """README's "Add a task" example: (task name, the task file exactly as README prints it)."""
+    readme = (PROJECT / "README.md").read_text()
+    m = re.search(r"```yaml\n# data/tasks/(?P<name>[\w-]+)\.yaml\n(?P<body>.*?)```", readme, re.S)
+    assert m, "README's 'Add a task' section has no task-file example"
+    return m["name"], f"# data/tasks/{m['name']}.yaml\n{m['body']}"
 
 
 @pytest.mark.slow
-def test_adding_a_task_scores_only_that_task(built, work_copy):
-    """Reproduced up to `merge` (the first stage reading every score) to keep the test quick."""
+def test_readme_add_a_task_recipe_runs_only_the_new_task(built, work_copy):
+    """README's recipe, typed literally: the user's files stay, and only the new task's stages plus the
+    task-merging and pruned-model stages run; no other task is re-prepared, rescored or re-evaluated dense."""
     repo = work_copy
-    write_task(repo, "t3")
-    set_params(repo, tasks=[*TASKS, "t3"])
+    name, task_file = readme_task_recipe()
+    (repo / "data" / "tasks" / f"{name}.yaml").write_text(task_file)
+    files = yaml.safe_load(task_file)["source"]["datasets"]["data_files"]
+    for split, rel in files.items():                     # yes/no rows with passage, question, answer
+        path = (repo / "data" / "tasks" / rel).resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(r) + "\n" for r in tiny_rows("t2", 16, split)))
+    user_files = {p: sha256(p) for p in ((repo / "data" / "tasks" / rel).resolve() for rel in files.values())}
+    set_params(repo, tasks=[*TASKS, name])
     lock_before = lock(repo)
 
-    r = ok(repro(repo, "merge"))
-    assert r.ran == {"prepare@t3", "score@t3", "merge"}
-    assert r.skipped == {"model", "score_generic", *(f"{s}@{t}" for s in ("prepare", "score") for t in TASKS)}
-    assert [s for s in r.ran if s.startswith("score@")] == ["score@t3"]
-
-    assert (repo / "scores/t3.safetensors").is_file()
-    untouched = ("scores/t1.safetensors", "scores/t2.safetensors", "data/tasks/t1", "data/tasks/t2")
+    r = ok(repro(repo))
+    new_task = {f"prepare@{name}", f"score@{name}", f"evaluate_dense@{name}", f"evaluate@{name}"}
+    pruned_side = {"merge", "select", "prune", *(f"evaluate@{t}" for t in TASKS), "perplexity", "report"}
+    assert new_task <= r.ran <= new_task | pruned_side, r.ran
+    assert {"merge", "report"} <= r.ran
+    assert r.skipped >= {"model", "score_generic", "perplexity_dense",
+                         *(f"{s}@{t}" for s in ("prepare", "score", "evaluate_dense") for t in TASKS)}
+    assert {p: sha256(p) for p in user_files} == user_files              # the user's data are untouched
+    untouched = ("scores/t1.safetensors", "scores/t2.safetensors", "data/tasks/t1", "data/tasks/t2",
+                 "results/dense/tasks/t1.json", "results/dense/tasks/t2.json")
     assert hashes(repo, *untouched) == hashes(built.repo, *untouched)
     after = lock(repo)
     for t in TASKS:
         assert after[f"score@{t}"] == lock_before[f"score@{t}"]
-    merged = json.loads((repo / "merged/merge.json").read_text())
-    assert merged["tasks"] == [*TASKS, "t3"]
+    assert json.loads((repo / "merged/merge.json").read_text())["tasks"] == [*TASKS, name]
+    assert set(json.loads((repo / "results/pruned/summary.json").read_text())["tasks"]) == {*TASKS, name}
+
+
+def test_task_data_inside_a_pipeline_output_is_refused_and_kept(tmp_path):
+    """Source files in data/tasks/<task>/ (the prepare stage's output) are refused before anything is written."""
+    repo = make_tiny_repo(tmp_path, tasks=("t1",))
+    data = repo / "data" / "tasks" / "t1"
+    shutil.move(str(repo / "data" / "tiny" / "t1"), str(data))
+    spec = yaml.safe_load((repo / "data" / "tasks" / "t1.yaml").read_text())
+    spec["source"]["datasets"]["data_files"] = {"train": "t1/train.jsonl", "validation": "t1/validation.jsonl"}
+    (repo / "data" / "tasks" / "t1.yaml").write_text(yaml.safe_dump(spec))
+    before = hashes(repo, "data/tasks/t1")
+
+    r = repro(repo, "prepare@t1")
+    assert r.rc != 0 and "Traceback" not in r.output
+    assert "lies inside" in r.output and "an output of the pipeline" in r.output, r.output[-2000:]
+    assert "fix: move the task's source files to a folder of their own" in r.output
+    assert hashes(repo, "data/tasks/t1") == before                        # nothing deleted, nothing added
 
 
 @pytest.mark.slow

@@ -65,7 +65,7 @@ def _fresh_process(checkpoint: Path, out: Path, *, with_diet: bool) -> dict:
     script = textwrap.dedent(f"""
         import json, sys
         import torch
-        {"import diet" if with_diet else ""}
+        {"import diet.modeling" if with_diet else ""}
         from transformers import AutoModelForCausalLM, AutoTokenizer
         torch.set_num_threads(1)
         path = {str(checkpoint)!r}

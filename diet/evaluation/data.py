@@ -1,6 +1,7 @@
 """Prepared evaluation data of one task, read and checked once for every scorer.
 
-A prepared task folder (written by the prepare stage) holds ``eval.jsonl`` and ``meta.json``. A row is
+A prepared task folder (written by the prepare stage) holds ``eval.jsonl`` and ``eval.json`` (the task's
+partial-scoring flag and target delimiter). A row is
 
 * ``{"id", "context": str, "choices": [str, ...], "label": int}``: the choices are continuations of one
   context (ARC, BoolQ, HellaSwag, ...);
@@ -36,14 +37,14 @@ class EvalTask:
 
 
 def load_eval_task(name: str, data_dir: str | Path, limit: int | None = None) -> EvalTask:
-    """Read and validate ``data_dir/{eval.jsonl, meta.json}``; every problem names the task."""
+    """Read and validate ``data_dir/{eval.jsonl, eval.json}``; every problem names the task."""
     data_dir = Path(data_dir)
     fix = f"run the prepare stage for it: dvc repro prepare@{name}"
-    eval_path, meta_path = data_dir / "eval.jsonl", data_dir / "meta.json"
+    eval_path, meta_path = data_dir / "eval.jsonl", data_dir / "eval.json"
     if not eval_path.is_file():
         raise DataError(f"task '{name}': no evaluation data at {eval_path}", fix)
     if not meta_path.is_file():
-        raise DataError(f"task '{name}': no meta.json at {meta_path}", fix)
+        raise DataError(f"task '{name}': no eval.json at {meta_path}", fix)
     try:
         meta = json.loads(meta_path.read_text())
         with open(eval_path) as f:

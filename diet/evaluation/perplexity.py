@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from diet.batching import by_length, pad_right
 from diet.errors import DataError
@@ -68,7 +69,7 @@ def _batches(lengths: list[int], batch_size: int, vocab: int) -> list[list[int]]
 
 @torch.no_grad()
 def perplexity(model, tokenizer, texts: list[str], *, max_length: int, batch_size: int = 8,
-               add_bos: bool | None = None) -> dict:
+               add_bos: bool | None = None, progress: bool = True) -> dict:
     """Token-weighted perplexity of ``texts``: {ppl, nll, tokens, docs, add_bos}.
 
     Texts run longest first; a batch holds at most ``batch_size`` texts and at most LOGITS_BUDGET bytes of
@@ -82,7 +83,8 @@ def perplexity(model, tokenizer, texts: list[str], *, max_length: int, batch_siz
     model.eval()
     dev = next(model.parameters()).device
     total_nll, total_tokens = 0.0, 0
-    for batch in _batches([len(s) for s in seqs], batch_size, _vocab_size(model)):
+    batches = _batches([len(s) for s in seqs], batch_size, _vocab_size(model))
+    for batch in tqdm(batches, desc="perplexity", unit="batch", disable=not progress):
         ids, mask = pad_right([seqs[i] for i in batch], device=dev)              # (B, T) each
         logits = model(input_ids=ids, attention_mask=mask.long()).logits[:, :-1]  # (B, T-1, V) predicts ids[:, 1:]
         targets = ids[:, 1:].masked_fill(~mask[:, 1:], -100)                     # (B, T-1), pads ignored

@@ -1,8 +1,10 @@
-"""Markdown tables of evaluation metrics, optionally beside the dense model's.
+"""One model's evaluation record, the short metrics ``dvc metrics show`` prints, and markdown tables.
 
-``metrics`` is the evaluate stage's JSON: ``{"tasks": {name: {acc, acc_norm, n, ...}}, "mean": {acc,
-acc_norm}, "perplexity": float | None, "params": {...}, "latency": {...}, "checkpoint": {...},
-"sparsity": float, "method": str}``. Missing entries render as ``-``.
+``record`` (``model_record``) gathers the per-task evaluations and the model figures of one model:
+``{"tasks": {name: {acc, acc_stderr, acc_norm, acc_norm_stderr, n}}, "mean": {acc, acc_norm}, "perplexity":
+float | None, "params": {...}, "checkpoint": {...}, "sparsity": float, "method": str}``. ``short_metrics``
+keeps the few figures worth a column; ``markdown_table`` renders a record beside the dense one. Missing
+entries render as ``-``.
 """
 
 from __future__ import annotations
@@ -22,6 +24,39 @@ def mean_accuracy(tasks: dict[str, dict]) -> dict[str, float | None]:
     return out
 
 
+TASK_KEYS = ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n")
+
+
+def model_record(task_results: dict[str, dict], model_stats: dict, *, method: str,
+                 sparsity: float | None = None, backend: str | None = None, mask: dict | None = None) -> dict:
+    """The whole evaluation of one model: per-task figures (no per-item rows), their mean, and model figures.
+
+    ``task_results`` maps task -> the evaluate stage's JSON; ``model_stats`` is the perplexity stage's JSON.
+    """
+    tasks = {name: {k: r.get(k) for k in TASK_KEYS} for name, r in task_results.items()}
+    ppl = model_stats.get("perplexity") or {}
+    params = model_stats.get("params") or {}
+    return {"tasks": tasks, "mean": mean_accuracy(tasks), "perplexity": ppl.get("ppl"),
+            "perplexity_detail": ppl or None, "params": {k: v for k, v in params.items() if k != "per_layer"},
+            "params_per_layer": params.get("per_layer"), "checkpoint": model_stats.get("checkpoint"),
+            "sparsity": 0.0 if sparsity is None else float(sparsity), "method": method, "backend": backend,
+            "mask": mask}
+
+
+def short_metrics(record: dict) -> dict:
+    """The figures ``dvc metrics show`` prints as columns: mean acc / acc_norm, perplexity, size, sparsity."""
+    params = record.get("params") or {}
+
+    def rounded(x: Any, digits: int) -> Any:
+        return round(float(x), digits) if _finite(x) else None
+
+    return {"acc": rounded(record["mean"].get("acc"), 4), "acc_norm": rounded(record["mean"].get("acc_norm"), 4),
+            "perplexity": rounded(record.get("perplexity"), 3),
+            "params_M": rounded(params.get("total", float("nan")) / 1e6, 2),
+            "decoder_M": rounded(params.get("decoder", float("nan")) / 1e6, 2),
+            "sparsity": rounded(record.get("sparsity"), 4)}
+
+
 def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
@@ -30,6 +65,11 @@ def _fmt(x: Any, digits: int = 4) -> str:
     if not _finite(x):
         return "-"
     return f"{x:,}" if isinstance(x, int) else f"{x:.{digits}f}"
+
+
+def _pm(x: Any, stderr: Any) -> str:
+    """``0.4500 ± 0.0250`` (value and standard error), or the value alone when no error is known."""
+    return f"{_fmt(x)} ± {stderr:.4f}" if _finite(x) and _finite(stderr) else _fmt(x)
 
 
 def _delta(x: Any, ref: Any, digits: int = 4, percent: bool = False) -> str:
@@ -56,7 +96,8 @@ def markdown_table(metrics: dict, dense: dict | None = None) -> str:
     entries = list(tasks.items()) + [("**mean**", {**metrics.get("mean", {}), "n": None})]
     for name, m in entries:
         d = dense.get("mean", {}) if name == "**mean**" and dense is not None else dense_tasks.get(name, {})
-        row = [name, _fmt(m.get("n")), _fmt(m.get("acc")), _fmt(m.get("acc_norm"))]
+        row = [name, _fmt(m.get("n")), _pm(m.get("acc"), m.get("acc_stderr")),
+               _pm(m.get("acc_norm"), m.get("acc_norm_stderr"))]
         if dense is not None:
             row += [_fmt(d.get("acc")), _delta(m.get("acc"), d.get("acc")),
                     _fmt(d.get("acc_norm")), _delta(m.get("acc_norm"), d.get("acc_norm"))]
@@ -64,20 +105,17 @@ def markdown_table(metrics: dict, dense: dict | None = None) -> str:
     lines = [f"### Zero-shot accuracy ({metrics.get('method', '-')}, sparsity {_fmt(metrics.get('sparsity'), 3)})",
              "", *_table(header, rows), ""]
 
-    params, latency, ckpt = metrics.get("params", {}), metrics.get("latency", {}), metrics.get("checkpoint", {})
+    params, ckpt = metrics.get("params") or {}, metrics.get("checkpoint") or {}
     figures = [
         ("perplexity (held-out)", metrics.get("perplexity"), 3),
         ("parameters, total", params.get("total"), 0),
         ("parameters, non-embedding", params.get("non_embedding"), 0),
         ("parameters, decoder layers", params.get("decoder"), 0),
         ("checkpoint size (MB)", ckpt.get("weights_mb"), 1),
-        ("decode (ms / token)", latency.get("ms_per_token"), 2),
-        ("prefill (ms, 256 tokens)", latency.get("prefill_ms"), 2),
     ]
-    dense_params, dense_lat = (dense or {}).get("params", {}), (dense or {}).get("latency", {})
+    dense_params = (dense or {}).get("params") or {}
     dense_values = [(dense or {}).get("perplexity"), dense_params.get("total"), dense_params.get("non_embedding"),
-                    dense_params.get("decoder"), (dense or {}).get("checkpoint", {}).get("weights_mb"),
-                    dense_lat.get("ms_per_token"), dense_lat.get("prefill_ms")]
+                    dense_params.get("decoder"), ((dense or {}).get("checkpoint") or {}).get("weights_mb")]
     header = ["figure", "value"] + (["dense", "change"] if dense is not None else [])
     rows = []
     for (label, value, digits), ref in zip(figures, dense_values):

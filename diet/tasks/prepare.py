@@ -4,6 +4,9 @@ Output folder (one DVC artifact per task)::
 
     calib.jsonl   n_samples rows drawn from the calibration split
     eval.jsonl    evaluate.limit rows drawn from the evaluation split (all when limit is null)
+    eval.json     what scoring the evaluation rows needs besides them (partial scoring, target delimiter):
+                  it changes only with the task's evaluation, so the evaluate stages depend on it and
+                  eval.jsonl alone, never on the calibration settings
     meta.json     counts, splits, seeds, sha256 of both files, the source
 
 Row: ``{"id", "context", "choices", "label"}``; the scored string of choice ``i`` is
@@ -23,6 +26,8 @@ from diet.io import atomic_dir, read_json, read_jsonl, sha256_file, write_json, 
 from diet.tasks.sources import load_rows
 from diet.tasks.spec import TaskSpec
 
+#: the part of meta.json that evaluation reads (eval.json)
+EVAL_META_KEYS = ("task", "partial", "target_delimiter", "eval_split", "eval_seed", "n_eval", "n_eval_available")
 POOL_SEED = 20240  # fixed: the calibration/evaluation partition of a shared split never moves
 
 
@@ -136,6 +141,7 @@ def prepare_task(spec: TaskSpec, out_dir: str | Path, *, n_samples: int, seed: i
             "sha256": {"calib.jsonl": sha256_file(tmp / "calib.jsonl"), "eval.jsonl": sha256_file(tmp / "eval.jsonl")},
         }
         write_json(tmp / "meta.json", meta)
+        write_json(tmp / "eval.json", {k: meta[k] for k in EVAL_META_KEYS})
     return meta
 
 

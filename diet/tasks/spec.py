@@ -134,6 +134,33 @@ def _abs(p: str, base: Path) -> str:
     return str(q if q.is_absolute() else (base / q).resolve())
 
 
+def local_files(spec: TaskSpec) -> list[Path]:
+    """The local files a task reads (its resolved ``data_files``; none for the shipped sources)."""
+    files = (spec.source.get("datasets") or {}).get("data_files") if "datasets" in spec.source else None
+    if isinstance(files, str):
+        files = [files]
+    elif isinstance(files, dict):
+        files = [x for v in files.values() for x in ([v] if isinstance(v, str) else v)]
+    return [Path(f) for f in files or []]
+
+
+def check_outside(spec: TaskSpec, outputs: list[Path]) -> None:
+    """Refuse a task whose data files lie inside a pipeline output (a folder DVC empties before its stage runs).
+
+    ``outputs`` are absolute paths of the pipeline's outputs, files or folders.
+    """
+    for f in local_files(spec):
+        f = f.resolve()
+        for out in outputs:
+            out = out.resolve()
+            if f == out or out in f.parents:
+                raise ConfigError(
+                    f"task file {spec.path}: data file {f} lies inside {out}, an output of the pipeline; DVC "
+                    "deletes an output's contents before the stage that writes it runs",
+                    f"move the task's source files to a folder of their own (e.g. data/sources/{spec.name}/) "
+                    f"and point data_files at it (relative to {Path(spec.path).parent})")
+
+
 def available_tasks(task_dir: str | Path = "data/tasks") -> list[str]:
     return sorted(p.stem for p in Path(task_dir).glob("*.yaml"))
 
