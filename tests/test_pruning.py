@@ -345,6 +345,19 @@ def random_means(model, seed: int = 0) -> dict[str, torch.Tensor]:
             for group in ("mlp", "attention")}
 
 
+CALIBRATION = ["the quick brown fox jumps over the lazy dog", "question: which gas do plants take in? answer: carbon",
+               "pack my box with five dozen liquor jugs, then count 0 1 2 3"]
+
+
+def calibration_means(model) -> dict[str, torch.Tensor]:
+    """The per-channel means the scoring pass records on a few texts, {group: (L, D)}."""
+    from diet.scoring import score_texts, split_scores
+
+    tensors, _ = score_texts(model, tiny_tokenizer(), CALIBRATION, groups=["mlp", "attention"], statistic="mean_abs",
+                             weight_norm=False, batch_size=2, max_length=32, add_bos=True, progress=False)
+    return {g: m["mean"] for g, m in split_scores(tensors)[1].items()}
+
+
 def removed_channels(model, group: str, layer: int, kept: torch.Tensor) -> torch.Tensor:
     """Input channels of the output projection that the removed dimensions own (written out independently)."""
     config = model.config
@@ -390,7 +403,7 @@ STOCK_WITH_BIASES = {"llama": True, "gemma2": False, "gemma3_text": False, "qwen
 def test_bias_recovery_equals_dense_with_removed_channels_at_their_means(family, layout, tmp_path):
     model = tiny_model(family, seed=4)
     keep = random_keep(model, ("mlp", "attention"), layout, seed=13)
-    means = random_means(model, seed=1)
+    means = calibration_means(model)
     ids = input_ids(4)
     reference = held_at_means_logits(model, keep, means, ids)
     zeroed = logits(zero_mask(model, keep), ids)
