@@ -56,10 +56,10 @@ def apply_mask(model: nn.Module, keep: dict[str, list[torch.Tensor]], layout: st
     biases first (``fold_means``); every check runs before the model is touched.
 
     ``layout="uniform"`` demands the same kept width in every layer and a config that stock transformers
-    accepts; it is checked before anything is removed. (An output bias that the family's stock config cannot
-    express still makes the model the per-layer type: ``diet.adapters.base``.) With ``layout="global"`` widths may differ per layer
+    accepts; it is checked before anything is removed. With ``layout="global"`` widths may differ per layer
     and the model becomes the per-layer-width ``diet_<family>`` type (unless the widths happen to be uniform,
-    in which case it stays a stock model).
+    in which case it stays a stock model). An output bias that the family's stock config cannot express makes
+    it the per-layer type whatever the widths (``diet.adapters.base``).
     """
     if layout not in LAYOUTS:
         raise ModelError(f"unknown layout {layout!r}", f"use one of: {', '.join(LAYOUTS)}")

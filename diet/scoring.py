@@ -66,7 +66,8 @@ def moment_name(group: str, moment: str) -> str:
     return f"{group}.{moment}"
 
 
-def split_scores(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
+def split_scores(tensors: dict[str, torch.Tensor]
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
     """Score-file tensors -> ({group: (L, W) score}, {group: {moment: (L, D)}})."""
     scores, moments = {}, {}
     for name, t in tensors.items():
@@ -221,8 +222,8 @@ def score_texts(model: nn.Module, tokenizer, texts: Sequence[str], *, groups: Se
     """Score every dimension of ``groups`` on ``texts``: (tensors, {n_samples, n_tokens}).
 
     ``tensors`` holds ``{group: (L, W) float32}`` and each group's moments ``{group}.mean`` / ``{group}.var``
-    (L, D) (module doc; ``split_scores`` separates them). Texts run longest first in batches of ``batch_size``, right-padded; padding is excluded from every
-    statistic. Deterministic for identical inputs.
+    (L, D) (module doc; ``split_scores`` separates them). Texts run longest first in batches of ``batch_size``,
+    right-padded; padding is excluded from every statistic. Deterministic for identical inputs.
     """
     from tqdm.auto import tqdm
 

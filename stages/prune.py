@@ -19,6 +19,7 @@ log = logging.getLogger("diet.prune")
 def main(args, params) -> None:
     set_threads()
     from diet import api
+    from diet.merge import means_source
     from diet.modeling import save_pruned
     from diet.pruning import parameter_counts
     from diet.scoring import model_fingerprint
@@ -38,7 +39,8 @@ def main(args, params) -> None:
     after = parameter_counts(model)
     manifest = {"base_model_fingerprint": fingerprint, "mask": mask.summary(),
                 "params_before": before, "params_after": after, "layout": params.select.layout,
-                "recover": params.prune.recover}
+                "recover": params.prune.recover,
+                "recover_means": means_source(params.merge.method) if means is not None else None}
     save_pruned(model, tokenizer, args.out, manifest)
     log.info("pruned: decoder %.1fM -> %.1fM parameters, total %.1fM -> %.1fM -> %s",
              before["decoder"] / 1e6, after["decoder"] / 1e6, before["total"] / 1e6, after["total"] / 1e6, args.out)

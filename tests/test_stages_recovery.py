@@ -82,6 +82,7 @@ def test_stages_prune_with_bias_recovery_from_the_methods_data(scored, method):
 
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["recover"] == "bias"
+    assert manifest["recover_means"] == ("tasks" if method == "vote" else "generic")
     assert json.loads((repo / f"merged-{method}" / "merge.json").read_text())["method"] == method
     if method == "vote":  # the plain average of the tasks' means
         means = sum(read_moments(repo / f"scores/{t}.safetensors")["mlp"]["mean"] for t in TASKS) / len(TASKS)
