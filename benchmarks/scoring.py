@@ -123,7 +123,8 @@ class Runner:
                 rec.mask = mask
                 self.model(input_ids=ids, attention_mask=mask, **self.extra)
             stats = [s for per_layer in rec.stats.values() for s in per_layer]
-            return (sum(s.sum.numel() * s.sum.element_size() for s in stats), stats[0].n_tokens)
+            return (sum(t.numel() * t.element_size() for s in stats for t in (s.sum, s.sum_signed, s.sum_sq)),
+                    stats[0].n_tokens)
 
 
 def _timed(fn) -> tuple[float, float]:

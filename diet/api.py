@@ -28,52 +28,69 @@ log = logging.getLogger(__name__)
 def plan(task_scores: Mapping[str, Mapping[str, torch.Tensor]], geo: Geometry, *,
          merge_cfg: MergeConfig = MergeConfig(), prune_cfg: PruneConfig = PruneConfig(),
          select_cfg: SelectConfig = SelectConfig(), generic: Mapping[str, torch.Tensor] | None = None,
-         magnitude: Mapping[str, torch.Tensor] | None = None):
+         magnitude: Mapping[str, torch.Tensor] | None = None, baseline: Mapping[str, torch.Tensor] | None = None):
     """Merge per-task scores into one order per group and select the mask: (merged, Mask)."""
     from diet.select import select
 
     merged = merge_scores(task_scores, geo, merge_cfg=merge_cfg, prune_cfg=prune_cfg,
-                          generic=generic, magnitude=magnitude)
+                          generic=generic, magnitude=magnitude, baseline=baseline)
     mask = select({g: m["priority"] for g, m in merged.items()}, geo.widths, geo.costs,
                   sparsity=prune_cfg.sparsity, decoder_params=geo.decoder_params, min_keep=select_cfg.min_keep,
                   multiple=select_cfg.multiple, layout=select_cfg.layout)
     return merged, mask
 
 
-def apply(model, mask, layout: str | None = None):
-    """Physically remove what ``mask`` drops; returns the (same, now smaller) model."""
+def apply(model, mask, layout: str | None = None, means: Mapping[str, torch.Tensor] | None = None):
+    """Physically remove what ``mask`` drops; returns the (same, now smaller) model.
+
+    ``means`` (``{group: (L, D)}``, from ``diet.merge.recovery_means``) folds the removed channels' calibration
+    means into the output projections' biases (``prune.recover: bias``).
+    """
     from diet.pruning import apply_mask
 
-    return apply_mask(model, mask.keep_tensors(), layout or mask.layout)
+    return apply_mask(model, mask.keep_tensors(), layout or mask.layout,
+                      means=dict(means) if means is not None else None)
 
 
 def prune(model, tokenizer, tasks: Mapping[str, Sequence[str]], sparsity: float = 0.2, *,
           score_cfg: ScoreConfig | None = None, merge_cfg: MergeConfig = MergeConfig(),
           groups: Sequence[str] = ("mlp",), select_cfg: SelectConfig = SelectConfig(), max_length: int = 512,
-          generic_texts: Sequence[str] | None = None, progress: bool = True):
+          generic_texts: Sequence[str] | None = None, progress: bool = True, recover: str = "none"):
     """Prune ``model`` in place for ``tasks`` ({task name: calibration texts}); returns (model, Mask).
 
-    ``merge_cfg.method`` picks DIET's majority vote (default) or a baseline; ``task_agnostic`` needs
-    ``generic_texts``.
+    ``merge_cfg.method`` picks DIET's majority vote (default) or a baseline; ``task_agnostic``, ``wanda_sp``
+    and ``flap`` need ``generic_texts``, and so does ``recover="bias"`` for every method that does not rank
+    with the tasks (``diet.merge.means_source``).
     """
-    prune_cfg = PruneConfig(sparsity=sparsity, groups=tuple(groups))
+    from diet.merge import MOMENT_METHODS, magnitude_scores, means_source, moment_baseline_scores, recovery_means
+    from diet.scoring import split_scores
+
+    prune_cfg = PruneConfig(sparsity=sparsity, groups=tuple(groups), recover=recover)
     prune_cfg.validate()
     score_cfg = score_cfg or ScoreConfig(groups=tuple(groups))
     if not tasks:
         raise ConfigError("no tasks to prune for", "pass {task name: [calibration texts]}")
-    task_scores = {}
+    task_scores, task_moments = {}, {}
     for name, texts in tasks.items():
         log.info("scoring %s on %d texts", name, len(texts))
-        task_scores[name], _ = score(model, tokenizer, texts, score_cfg, max_length=max_length, progress=progress)
-    generic = magnitude = None
-    if merge_cfg.method == "task_agnostic":
+        tensors, _ = score(model, tokenizer, texts, score_cfg, max_length=max_length, progress=progress)
+        task_scores[name], task_moments[name] = split_scores(tensors)
+    method = merge_cfg.method
+    generic = generic_moments = magnitude = baseline = None
+    if method in ("task_agnostic", *MOMENT_METHODS) or (recover == "bias" and means_source(method) == "generic"):
         if not generic_texts:
-            raise ConfigError("merge.method task_agnostic needs generic_texts", "pass generic_texts=[...]")
-        generic, _ = score(model, tokenizer, generic_texts, score_cfg, max_length=max_length, progress=progress)
-    if merge_cfg.method == "magnitude":
-        from diet.merge import magnitude_scores
-
+            raise ConfigError(f"merge.method {method} (with prune.recover {recover}) needs generic_texts",
+                              "pass generic_texts=[...]")
+        tensors, _ = score(model, tokenizer, generic_texts, score_cfg, max_length=max_length, progress=progress)
+        generic, generic_moments = split_scores(tensors)
+    if method == "magnitude":
         magnitude = magnitude_scores(model, groups=groups)
+    if method in MOMENT_METHODS:
+        baseline = moment_baseline_scores(method, model, generic_moments, groups=groups)
     _, mask = plan(task_scores, geometry(model, score_cfg.groups), merge_cfg=merge_cfg, prune_cfg=prune_cfg,
-                   select_cfg=select_cfg, generic=generic, magnitude=magnitude)
-    return apply(model, mask, select_cfg.layout), mask
+                   select_cfg=select_cfg, generic=generic, magnitude=magnitude, baseline=baseline)
+    means = None
+    if recover == "bias":
+        means = recovery_means(method, groups, task_moments=task_moments, generic_moments=generic_moments,
+                               weights=merge_cfg.weights)
+    return apply(model, mask, select_cfg.layout, means=means), mask

@@ -19,9 +19,10 @@ from diet.errors import ConfigError
 
 STATISTICS = ("mean_abs", "l2")
 NORMALIZATIONS = ("none", "mean", "zscore", "rank")
-METHODS = ("vote", "mean", "rank", "task_agnostic", "magnitude", "random")
+METHODS = ("vote", "mean", "rank", "task_agnostic", "magnitude", "random", "wanda_sp", "flap")
 GROUPS = ("mlp", "attention")
 LAYOUTS = ("global", "uniform")
+RECOVERIES = ("none", "bias")
 DTYPES = ("float32", "bfloat16", "float16")
 #: the scoring forward's precision: float64 gives byte-identical score files on any machine and thread count
 #: (float32 matrix products split their sums by thread count and CPU); ``model`` keeps the model's dtype
@@ -125,7 +126,8 @@ class MergeConfig:
     """How per-task scores become one ranking.
 
     ``method``: ``vote`` (DIET: majority vote of per-task keep sets), ``mean`` / ``rank`` (ablations),
-    ``task_agnostic`` (scores on generic text), ``magnitude`` (weight norms), ``random`` (seeded).
+    ``task_agnostic`` (scores on generic text), ``magnitude`` (weight norms), ``random`` (seeded), and the
+    field's baselines on generic text: ``wanda_sp`` (|W| times activation norm) and ``flap`` (fluctuation).
     """
 
     method: str = "vote"
@@ -146,10 +148,15 @@ class MergeConfig:
 
 @dataclass(frozen=True)
 class PruneConfig:
-    """What to remove: the share of decoder-layer parameters and from which groups."""
+    """What to remove: the share of decoder-layer parameters and from which groups, and how to recover.
+
+    ``recover``: ``none``, or ``bias`` (fold the calibration mean of each removed dimension into the output
+    projection's bias; the data whose means are used: ``diet.merge.means_source``).
+    """
 
     sparsity: float = 0.2
     groups: tuple[str, ...] = ("mlp",)
+    recover: str = "none"
 
     def __post_init__(self):
         object.__setattr__(self, "groups", tuple(self.groups))
@@ -163,6 +170,7 @@ class PruneConfig:
             raise ConfigError("prune.groups is empty", "set e.g. groups: [mlp]")
         for g in self.groups:
             _choice("prune", "groups", g, GROUPS)
+        _choice("prune", "recover", self.recover, RECOVERIES)
 
 
 @dataclass(frozen=True)
@@ -241,7 +249,17 @@ class Params:
         if len(set(tasks)) != len(tasks):
             raise ConfigError(f"'tasks' lists a task twice: {tasks}", "list each task once")
         sections = {name: _build(klass, data.get(name), name) for name, klass in SECTIONS.items()}
-        return cls(tasks=tuple(str(t) for t in tasks), **sections)
+        params = cls(tasks=tuple(str(t) for t in tasks), **sections)
+        params.cross_check()
+        return params
+
+    def cross_check(self) -> None:
+        """Checks that span sections, run when params are read: before any stage does work."""
+        unscored = [g for g in self.prune.groups if g not in self.score.groups]
+        if self.prune.recover == "bias" and unscored:
+            raise ConfigError(f"prune.recover: bias needs the calibration means of every pruned group, but "
+                              f"{', '.join(unscored)} is not in score.groups",
+                              f"add {', '.join(unscored)} to score.groups, or set prune.recover: none")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -20,12 +20,27 @@ with several groups each removes the same fraction ``f`` of its own prunable par
     f = sparsity * decoder_params / sum_g prunable_g        target_g = f * prunable_g
 
 so the targets add up to ``sparsity * decoder_params``.
+
+The field's baselines (``wanda_sp``, ``flap``) score dimensions from the per-channel activation moments of the
+generic text (``diet.scoring``: ``mean`` and ``var`` per input channel of down_proj / o_proj) and the weights
+of that output projection ``W`` (H, D); ``moment_baseline_scores`` computes them (docs/method.md):
+
+* ``wanda_sp``: channel ``c`` scores ``sum_i |W[i, c]| * rms(a_c)``, ``rms(a_c) = sqrt(var_c + mean_c^2)``
+  (the L2 norm over tokens divided by sqrt(tokens), a constant factor);
+* ``flap``: channel ``c`` scores ``var_c * sum_i W[i, c]^2`` (FLAP's fluctuation metric), always
+  standardised per layer (``FLAP_NORMALIZE``) whatever ``merge.normalize`` says.
+
+A KV group (``attention``) sums the scores of its channels (the o_proj columns of its query heads).
+
+Recovery (``prune.recover: bias``) folds the mean of the removed channels into the output projection's bias;
+``recovery_means`` picks the means of the data the method ranked with (``means_source``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import itertools
+from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
@@ -34,6 +49,10 @@ from diet.config import METHODS, NORMALIZATIONS, MergeConfig, PruneConfig
 from diet.errors import ConfigError, DataError
 
 TASK_METHODS = ("vote", "mean", "rank")
+#: methods whose order comes from the generic text's activation moments and the weights
+MOMENT_METHODS = ("wanda_sp", "flap")
+#: FLAP standardises its metric per layer before ranking globally: part of the method, not a choice
+FLAP_NORMALIZE = "zscore"
 
 
 # -- budget ------------------------------------------------------------------------------------------------------
@@ -162,8 +181,8 @@ def layer_agreement(keeps: Sequence[torch.Tensor]) -> torch.Tensor:
 # -- merge -------------------------------------------------------------------------------------------------------
 def merge(task_scores: Mapping[str, Mapping[str, torch.Tensor]], *, method: str, normalize: str,
           weights: Mapping[str, float] | None, budget: Mapping[str, int], seed: int = 0,
-          magnitude: Mapping[str, torch.Tensor] | None = None, generic: Mapping[str, torch.Tensor] | None = None
-          ) -> dict[str, dict[str, torch.Tensor]]:
+          magnitude: Mapping[str, torch.Tensor] | None = None, generic: Mapping[str, torch.Tensor] | None = None,
+          baseline: Mapping[str, torch.Tensor] | None = None) -> dict[str, dict[str, torch.Tensor]]:
     """One global order per group of ``budget`` (``{group: dims kept by a task's top-k}``).
 
     Returns ``{group: {"priority": (L, W) float32, "votes": (L, W) float32, "agreement": (L,) float32}}``.
@@ -172,6 +191,8 @@ def merge(task_scores: Mapping[str, Mapping[str, torch.Tensor]], *, method: str,
     * ``mean``: weighted mean normalised score.  ``rank``: weighted mean of per-task global ranks.
     * ``task_agnostic``: the ``generic`` scores as the only task.  ``magnitude``: the ``magnitude`` scores
       (same per-layer normalisation).  ``random``: uniform, from a generator seeded by ``seed`` and group.
+    * ``wanda_sp`` / ``flap``: the ``baseline`` scores from ``moment_baseline_scores`` (``flap`` always
+      standardised per layer, ``FLAP_NORMALIZE``).
 
     Every method breaks remaining ties by lowest (layer, index). ``votes`` and ``agreement`` describe the
     keep sets of the tasks with a positive weight, for every method (zeros / NaN when there are none).
@@ -196,10 +217,13 @@ def merge(task_scores: Mapping[str, Mapping[str, torch.Tensor]], *, method: str,
         raise ConfigError("merge.method task_agnostic needs scores on generic text", "score the generic corpus first")
     if method == "magnitude" and magnitude is None:
         raise ConfigError("merge.method magnitude needs weight-magnitude scores", "pass magnitude_scores(...)")
+    if method in MOMENT_METHODS and baseline is None:
+        raise ConfigError(f"merge.method {method} needs its scores from the generic text's moments",
+                          f"pass moment_baseline_scores({method!r}, ...)")
 
     out = {}
     for group in budget:
-        shape = _group_shape(group, tasks, task_scores, generic, magnitude)
+        shape = _group_shape(group, tasks, task_scores, generic, magnitude, baseline)
         norm = {t: _normalized(task_scores[t], group, shape, how, t) for t in tasks}  # each (L, W)
         keeps = {t: task_keep_mask(norm[t], int(budget[group])) for t in active}        # each (L, W) bool
         votes = torch.zeros(shape, dtype=torch.float64)
@@ -219,6 +243,9 @@ def merge(task_scores: Mapping[str, Mapping[str, torch.Tensor]], *, method: str,
             order = _descending_order(_normalized(generic, group, shape, how, "generic"))
         elif method == "magnitude":
             order = _descending_order(_normalized(magnitude, group, shape, how, "magnitude"))
+        elif method in MOMENT_METHODS:
+            order = _descending_order(_normalized(baseline, group, shape,
+                                                  FLAP_NORMALIZE if method == "flap" else how, method))
         else:  # random
             gen = torch.Generator().manual_seed(_group_seed(seed, group))
             order = _descending_order(torch.rand(shape, generator=gen, dtype=torch.float64))
@@ -240,8 +267,8 @@ def _normalized(scores: Mapping[str, torch.Tensor], group: str, shape: torch.Siz
     return _normalize(scores[group], how)
 
 
-def _group_shape(group, tasks, task_scores, generic, magnitude) -> torch.Size:
-    for source in [*(task_scores[t] for t in tasks), generic, magnitude]:
+def _group_shape(group, tasks, task_scores, generic, magnitude, baseline) -> torch.Size:
+    for source in [*(task_scores[t] for t in tasks), generic, magnitude, baseline]:
         if source is not None and group in source:
             return source[group].shape
     raise DataError(f"no scores for group '{group}'", f"add '{group}' to score.groups and rescore")
@@ -291,12 +318,112 @@ def magnitude_scores(model, adapter=None, groups: Sequence[str] = ("mlp",)) -> d
     return out
 
 
+# -- the field's baselines from activation moments ---------------------------------------------------------------
+def moment_baseline_scores(method: str, model, moments: Mapping[str, Mapping[str, torch.Tensor]],
+                           groups: Sequence[str] = ("mlp",), adapter=None) -> dict[str, torch.Tensor]:
+    """Scores of ``wanda_sp`` or ``flap`` (module doc) from per-channel ``moments`` ``{group: {"mean", "var"}}``
+    (each (L, D), of the generic text) and the model's output projections: ``{group: (L, W) float32}``."""
+    if method not in MOMENT_METHODS:
+        raise ValueError(f"{method!r} is not one of {MOMENT_METHODS}")
+    if adapter is None:
+        from diet.adapters import get_adapter
+
+        adapter = get_adapter(model)
+    out = {}
+    for group in groups:
+        if group not in moments:
+            raise DataError(f"the generic scores have no moments for group '{group}'",
+                            f"add '{group}' to score.groups and rerun `dvc repro score_generic`")
+        mean = moments[group]["mean"].double()                                          # (L, D)
+        var = moments[group]["var"].double()                                            # (L, D)
+        rows = []
+        for layer in range(adapter.num_layers):
+            w = adapter.activation_module(group, layer).weight.detach().double().cpu()  # (H, D)
+            if tuple(mean[layer].shape) != (w.shape[1],):
+                raise DataError(f"the generic moments of '{group}' have {mean.shape[1]} channels, the model's "
+                                f"layer {layer} has {w.shape[1]}", "rescore the generic text on this model")
+            if method == "wanda_sp":
+                channel = w.abs().sum(dim=0) * (var[layer] + mean[layer].square()).sqrt()  # (D,)
+            else:  # flap
+                channel = var[layer] * w.square().sum(dim=0)                               # (D,)
+            if group == "attention":
+                channel = channel.view(adapter.num_kv_heads(layer), -1).sum(dim=1)         # (G,)
+            rows.append(channel)
+        if len({r.numel() for r in rows}) != 1:
+            raise DataError(f"group '{group}' has different widths per layer", "use the base (unpruned) model")
+        out[group] = torch.stack(rows).float()                                          # (L, W)
+    return out
+
+
+# -- recovery ------------------------------------------------------------------------------------------------------
+def means_source(method: str) -> str:
+    """``"tasks"`` for the methods that rank with the tasks' calibration data, ``"generic"`` for the others.
+
+    The baselines that use no data (``magnitude``, ``random``) take the generic text's means, as
+    ``task_agnostic``, ``wanda_sp`` and ``flap`` do: none of them may see the tasks.
+    """
+    if method not in METHODS:
+        raise ConfigError(f"merge.method = {method!r} is not supported", f"use one of: {', '.join(METHODS)}")
+    return "tasks" if method in TASK_METHODS else "generic"
+
+
+def recovery_means(method: str, groups: Sequence[str], *,
+                   task_moments: Mapping[str, Mapping[str, Mapping[str, torch.Tensor]]] | None = None,
+                   generic_moments: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+                   weights: Mapping[str, float] | None = None) -> dict[str, torch.Tensor]:
+    """Per-channel means ``{group: (L, D) float32}`` whose removed channels ``prune.recover: bias`` folds.
+
+    ``task_moments`` is ``{task: {group: {"mean": (L, D), ...}}}``. For the task methods the mean is the
+    merge-weighted mean of the tasks' means (tasks of weight 0 left out; default weights 1: the plain
+    average, each task counts the same whatever its token count); for the others, the generic text's mean.
+    """
+    source = means_source(method)
+    out = {}
+    for group in groups:
+        if source == "generic":
+            if generic_moments is None or group not in generic_moments:
+                raise DataError(f"recovery for merge.method {method} needs the generic text's means of '{group}'",
+                                "pass the generic score file (baselines/generic.safetensors)")
+            out[group] = generic_moments[group]["mean"].float()
+            continue
+        w = {t: float((weights or {}).get(t, 1.0)) for t in sorted(task_moments or {})}
+        active = [t for t in w if w[t] > 0]
+        if not active:
+            raise DataError(f"recovery for merge.method {method} needs the means of at least one task with a "
+                            "positive weight", "list the tasks' score files and give one a weight above 0")
+        lacking = [t for t in active if group not in task_moments[t]]
+        if lacking:
+            raise DataError(f"the score files of {', '.join(lacking)} have no moments of '{group}'",
+                            f"add '{group}' to score.groups and rescore")
+        total = sum(w[t] * task_moments[t][group]["mean"].double() for t in active)     # (L, D)
+        out[group] = (total / sum(w[t] for t in active)).float()
+    return out
+
+
 def merge_scores(task_scores, geo: "Geometry", *, merge_cfg: MergeConfig, prune_cfg: PruneConfig,
-                 generic=None, magnitude=None) -> dict[str, dict[str, torch.Tensor]]:
+                 generic=None, magnitude=None, baseline=None) -> dict[str, dict[str, torch.Tensor]]:
     """``merge`` with the budget that ``prune_cfg`` asks of a model of geometry ``geo`` (diet.geometry)."""
     missing = [g for g in prune_cfg.groups if g not in geo.widths]
     if missing:
         raise ConfigError(f"prune.groups {missing} were not measured", "add them to score.groups and rescore")
     budget = keep_count(geo.widths, geo.costs, prune_cfg.sparsity, geo.decoder_params, prune_cfg.groups)
     return merge(task_scores, method=merge_cfg.method, normalize=merge_cfg.normalize, weights=merge_cfg.weights,
-                 budget=budget, seed=merge_cfg.seed, magnitude=magnitude, generic=generic)
+                 budget=budget, seed=merge_cfg.seed, magnitude=magnitude, generic=generic, baseline=baseline)
+
+
+def recovery_means_from_files(method: str, groups: Sequence[str], *, task_files: Mapping[str, str | Path],
+                              generic_file: str | Path | None, weights: Mapping[str, float] | None = None,
+                              expect_fingerprint: str | None = None) -> dict[str, torch.Tensor]:
+    """``diet.merge.recovery_means`` from score files: ``task_files`` ({task: path}) for the task methods,
+    ``generic_file`` for the others (only the files the method's rule needs are read; each is refused if it
+    was scored on another model or carries no moments)."""
+    from diet.scoring import read_moments
+
+    if means_source(method) == "tasks":
+        active = {t: p for t, p in task_files.items() if float((weights or {}).get(t, 1.0)) > 0}
+        task_moments = {t: read_moments(p, expect_fingerprint, groups) for t, p in active.items()}
+        return recovery_means(method, groups, task_moments=task_moments, weights=weights)
+    if generic_file is None:
+        raise ConfigError(f"prune.recover: bias with merge.method {method} needs the generic score file",
+                          "pass --generic baselines/generic.safetensors")
+    return recovery_means(method, groups, generic_moments=read_moments(generic_file, expect_fingerprint, groups))

@@ -15,6 +15,11 @@ Two formats, chosen by the widths the mask leaves (``ModelAdapter.write_config``
   removing whole KV groups keeps ``num_attention_heads // num_key_value_heads``, so the stock forward and the
   KV cache handle a different head count in every layer.
 
+Output biases (``prune.recover: bias``, ``diet.adapters.base``): a family whose stock config can give the
+biased projection a bias (Llama: ``mlp_bias``, ``attention_bias``; Gemma-2/3: ``attention_bias``) stays stock;
+otherwise (Gemma-2/3 MLP, Qwen2 MLP and o_proj) the per-layer config lists the groups in ``output_biases`` and
+the per-layer model gives those output projections a bias, even when the widths are uniform.
+
 A pruned model switches between the stock and the per-layer classes in place (``retype``): the per-layer
 classes add nothing but the three lists, so every module keeps its weights and its reference to the config.
 """
@@ -42,6 +47,10 @@ PER_LAYER_FIELDS = {
     "num_key_value_heads": "num_kv_heads_per_layer",
 }
 
+#: per-layer config field: groups whose output projection carries a bias that no stock flag expresses
+OUTPUT_BIASES_FIELD = "output_biases"
+_PER_LAYER_ONLY = (*PER_LAYER_FIELDS.values(), OUTPUT_BIASES_FIELD)
+
 #: family model_type -> {"stock": (config class, model class), "per_layer": (config class, model class)}
 CLASSES: dict[str, dict[str, tuple[type, type]]] = {}
 
@@ -62,6 +71,11 @@ def _validate_per_layer(config) -> None:
         per_group = config.num_attention_heads // config.num_key_value_heads
         if any(h != k * per_group for h, k in zip(heads, kv)):
             raise ValueError(f"every layer needs {per_group} query heads per KV head")
+    from diet.adapters.base import GROUPS
+
+    unknown = [g for g in (getattr(config, OUTPUT_BIASES_FIELD) or []) if g not in GROUPS]
+    if unknown:
+        raise ValueError(f"{OUTPUT_BIASES_FIELD} lists unknown groups {unknown}; known: {list(GROUPS)}")
 
 
 def _shape_layers(model) -> None:
@@ -72,7 +86,9 @@ def _shape_layers(model) -> None:
         keep["mlp"] = [torch.arange(w) for w in config.intermediate_sizes]
     if config.num_kv_heads_per_layer is not None:
         keep["attention"] = [torch.arange(k) for k in config.num_kv_heads_per_layer]
-    get_adapter(model).slice_weights(keep)
+    adapter = get_adapter(model)
+    adapter.slice_weights(keep)
+    adapter.ensure_output_biases(getattr(config, OUTPUT_BIASES_FIELD) or [])
 
 
 def _define(model_type: str) -> None:
@@ -85,6 +101,7 @@ def _define(model_type: str) -> None:
         intermediate_sizes: list[int] | None = None
         num_heads_per_layer: list[int] | None = None
         num_kv_heads_per_layer: list[int] | None = None
+        output_biases: list[str] | None = None
 
         def validate_architecture(self):
             _validate_per_layer(self)
@@ -123,7 +140,7 @@ def retype(model, per_layer: bool) -> None:
     config_class, model_class = classes["per_layer" if per_layer else "stock"]
     config = model.config
     if not per_layer:
-        for field in PER_LAYER_FIELDS.values():
+        for field in _PER_LAYER_ONLY:
             config.__dict__.pop(field, None)
     config.__dict__.pop("model_type", None)  # a config read from config.json holds it per instance
     config.__class__ = config_class
@@ -136,7 +153,7 @@ def stock_config_problem(config, widths: dict[str, list[int]]) -> str | None:
     if uneven:
         return f"{', '.join(uneven)} differ per layer"
     stock = copy.deepcopy(config)
-    for field in PER_LAYER_FIELDS.values():
+    for field in _PER_LAYER_ONLY:
         stock.__dict__.pop(field, None)
     stock.__class__ = CLASSES[family(config.model_type)]["stock"][0]
     try:

@@ -3,6 +3,14 @@
 ``keep`` everywhere is ``{group: [LongTensor of kept indices, one per layer]}`` with the groups of
 ``diet.adapters.base.GROUPS``; a group left out of ``keep`` is not pruned. For ``attention`` the indices are
 KV groups (see ``diet.adapters.base``).
+
+Recovery (``prune.recover: bias``, ``fold_means``): ``means`` is ``{group: (L, D)}``, the calibration mean of
+every input channel of each layer's output projection (down_proj: ``D = I``; o_proj: ``D = n_heads *
+head_dim``). Removing the channels ``R`` of a projection ``y = W x + b`` then keeps their mean contribution::
+
+    y = W[:, K] x[K] + (b + W[:, R] mean[R])
+
+so the pruned model equals the dense model whose removed channels are held at their means, not at zero.
 """
 
 from __future__ import annotations
@@ -40,13 +48,18 @@ def slice_linear(linear: nn.Linear, idx: torch.Tensor, dim: str) -> nn.Linear:
     return linear
 
 
-def apply_mask(model: nn.Module, keep: dict[str, list[torch.Tensor]], layout: str = "global") -> nn.Module:
+def apply_mask(model: nn.Module, keep: dict[str, list[torch.Tensor]], layout: str = "global",
+               means: dict[str, torch.Tensor] | None = None) -> nn.Module:
     """Physically remove every dimension not in ``keep`` and update the config; returns ``model`` (pruned in place).
+
+    With ``means`` (module doc) the removed channels' mean contribution is folded into the output projections'
+    biases first (``fold_means``); every check runs before the model is touched.
 
     ``layout="uniform"`` demands the same kept width in every layer and a config that stock transformers
     accepts; it is checked before anything is removed. With ``layout="global"`` widths may differ per layer
     and the model becomes the per-layer-width ``diet_<family>`` type (unless the widths happen to be uniform,
-    in which case it stays a stock model).
+    in which case it stays a stock model). An output bias that the family's stock config cannot express makes
+    it the per-layer type whatever the widths (``diet.adapters.base``).
     """
     if layout not in LAYOUTS:
         raise ModelError(f"unknown layout {layout!r}", f"use one of: {', '.join(LAYOUTS)}")
@@ -65,8 +78,40 @@ def apply_mask(model: nn.Module, keep: dict[str, list[torch.Tensor]], layout: st
             raise ModelError(f"the uniformly pruned config is not one stock transformers accepts: {problem}",
                              "keep a number of attention groups whose head count divides hidden_size, "
                              "prune only the mlp group, or use layout: global")
+    if means is not None:
+        fold_means(model, keep, means)
     adapter.prune(keep)
     return model
+
+
+@torch.no_grad()
+def fold_means(model: nn.Module, keep: dict[str, list[torch.Tensor]], means: dict[str, torch.Tensor]) -> None:
+    """Add ``W[:, R] @ means[group][layer][R]`` to each output projection's bias, ``R`` the channels of the
+    dimensions ``keep`` drops (module doc). The dense weights are read, nothing is removed: call it before
+    pruning. All shapes are checked before any bias changes."""
+    adapter = get_adapter(model)
+    keep = adapter.check_keep(keep)
+    missing = [g for g in keep if g not in means]
+    if missing:
+        raise ModelError(f"recovery needs the calibration means of every pruned group; {', '.join(missing)} has "
+                         "none", "score the group (score.groups) and pass its means")
+    plan = []
+    for group, per_layer in keep.items():
+        mean = torch.as_tensor(means[group])                                     # (L, D)
+        widths = [adapter.activation_module(group, i).in_features for i in range(adapter.num_layers)]
+        if mean.dim() != 2 or mean.shape[0] != len(widths) or any(mean.shape[1] != w for w in widths):
+            raise ModelError(f"the {group} means have shape {tuple(mean.shape)}, the model's output projections "
+                             f"take {widths} channels per layer", "use means scored on this (dense) model")
+        if not torch.isfinite(mean).all():
+            raise ModelError(f"the {group} means contain NaN or infinite values", "rescore on a finite model")
+        for layer, kept in enumerate(per_layer):
+            dims = _removed(kept, adapter.group_widths(group)[layer])
+            plan.append((group, layer, adapter.output_channels(group, layer, dims), mean[layer]))
+    for group, layer, channels, mean in plan:
+        w = adapter.activation_module(group, layer).weight                     # (H, D)
+        cols = channels.to(w.device)
+        delta = w[:, cols].double() @ mean.to(device=w.device, dtype=torch.float64)[cols]  # (H,)
+        adapter.add_output_bias(group, layer, delta)
 
 
 @torch.no_grad()
@@ -81,12 +126,8 @@ def zero_mask(model: nn.Module, keep: dict[str, list[torch.Tensor]]) -> nn.Modul
     keep = adapter.check_keep(keep)
     for group, per_layer in keep.items():
         for layer, kept in enumerate(per_layer):
-            if group == "mlp":
-                down = adapter.mlp_projections(layer)[1]
-                cols = _removed(kept, down.in_features)
-            else:
-                down = adapter.attention_projections(layer)[3]
-                cols = adapter.attention_rows(layer, _removed(kept, adapter.num_kv_heads(layer)))["q"]
+            down = adapter.activation_module(group, layer)  # the output projection
+            cols = adapter.output_channels(group, layer, _removed(kept, adapter.group_widths(group)[layer]))
             down.weight[:, cols.to(down.weight.device)] = 0.0  # (hidden, removed)
     return dense
 

@@ -17,8 +17,20 @@ end, so a score file is byte-identical whatever the thread count or batch order 
 With ``weight_norm`` the score is multiplied by the L2 norm of the dimension's output-projection columns
 (down_proj column ``j``; the o_proj columns of the KV group), as in Wanda's ``|W| * ||X||``.
 
-Score files: ``scores/{task}.safetensors`` holds one float32 (L, W) tensor per group; the metadata sits in
-its header and beside it as ``scores/{task}.json``. Both are byte-identical for identical inputs.
+Moments: whatever the statistic, the same pass keeps, per *channel* of each hooked activation, the sum and the
+sum of squares of the signed activation (float64), and gives
+
+* ``{group}.mean``: mean of ``a`` over tokens, (L, D) float32;
+* ``{group}.var``: population variance of ``a`` over tokens, ``mean(a^2) - mean(a)^2``, (L, D) float32;
+
+with ``D`` the activation's width: ``I`` for ``mlp``, ``n_heads * head_dim`` for ``attention`` (channels,
+not KV groups: recovery and the FLAP / Wanda-sp baselines need them per o_proj column). ``split_scores``
+separates them from the group scores.
+
+Score files: ``scores/{task}.safetensors`` holds one float32 (L, W) tensor per group plus the group's two
+moment tensors; the metadata sits in its header and beside it as ``scores/{task}.json``. Both are
+byte-identical for identical inputs. ``read_scores`` returns the group scores only, ``read_moments`` the
+moments.
 """
 
 from __future__ import annotations
@@ -43,6 +55,30 @@ from diet.io import read_json, save_tensors, sha256_file, write_json
 SCORE_META_KEYS = ("model_fingerprint", "task", "task_data_hash", "n_samples", "n_tokens", "statistic",
                    "weight_norm")
 _HEADER_KEY = "diet"  # one safetensors metadata entry: several entries come back in hash order
+#: per-channel moments every score file carries for each group, as tensors named ``{group}.{moment}``
+MOMENTS = ("mean", "var")
+
+
+def moment_name(group: str, moment: str) -> str:
+    """The tensor name of ``moment`` (one of MOMENTS) of ``group`` in a score file."""
+    if moment not in MOMENTS:
+        raise ValueError(f"unknown moment {moment!r}; known: {', '.join(MOMENTS)}")
+    return f"{group}.{moment}"
+
+
+def split_scores(tensors: dict[str, torch.Tensor]
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
+    """Score-file tensors -> ({group: (L, W) score}, {group: {moment: (L, D)}})."""
+    scores, moments = {}, {}
+    for name, t in tensors.items():
+        group, _, moment = name.partition(".")
+        if not moment:
+            scores[name] = t
+        elif moment in MOMENTS:
+            moments.setdefault(group, {})[moment] = t
+        else:
+            raise DataError(f"unknown tensor {name!r} in scores", "rescore with this version of diet")
+    return scores, moments
 
 
 class ActivationStats:
@@ -53,7 +89,9 @@ class ActivationStats:
             raise ValueError(f"unknown statistic {statistic!r}; known: {', '.join(STATISTICS)}")
         self.width = width
         self.statistic = statistic
-        self.sum: torch.Tensor | None = None  # (D,) float64, on the activations' device
+        self.sum: torch.Tensor | None = None  # (D,) float64, on the activations' device: of |a| or a^2
+        self.sum_signed: torch.Tensor | None = None  # (D,) float64: of a
+        self.sum_sq: torch.Tensor | None = None      # (D,) float64: of a^2
         self.n_tokens = 0
 
     def add_batch(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
@@ -67,14 +105,22 @@ class ActivationStats:
         x = x.detach()[mask.to(x.device)].double()               # (N, D): the real tokens only, out of place
         val = x.abs() if self.statistic == "mean_abs" else x.square()  # (N, D)
         batch_sum = val.sum(dim=0)                               # (D,) float64: exact to far below float32
-        self.sum = batch_sum if self.sum is None else self.sum + batch_sum
+        signed = x.sum(dim=0)                                    # (D,) float64
+        sq = batch_sum if self.statistic == "l2" else x.square().sum(dim=0)  # (D,) float64
+        if self.sum is None:
+            self.sum, self.sum_signed, self.sum_sq = batch_sum, signed, sq
+        else:
+            self.sum, self.sum_signed, self.sum_sq = self.sum + batch_sum, self.sum_signed + signed, self.sum_sq + sq
         self.n_tokens += int(mask.sum())
 
-    def finalize(self, n_groups: int | None = None) -> torch.Tensor:
-        """Score per channel (D,), or per group of ``D // n_groups`` contiguous channels (n_groups,)."""
+    def _check_filled(self) -> None:
         if self.sum is None or self.n_tokens == 0:
             raise DataError("no non-padding token reached this activation",
                             "check that the calibration texts are not empty and the attention mask is set")
+
+    def finalize(self, n_groups: int | None = None) -> torch.Tensor:
+        """Score per channel (D,), or per group of ``D // n_groups`` contiguous channels (n_groups,)."""
+        self._check_filled()
         total = self.sum.cpu()                                   # (D,) float64
         if n_groups is not None:
             if self.width % n_groups:
@@ -82,6 +128,13 @@ class ActivationStats:
             total = total.view(n_groups, self.width // n_groups).mean(dim=1)  # (G,)
         score = total / self.n_tokens if self.statistic == "mean_abs" else total.sqrt()
         return score.float()                                     # the one rounding to float32
+
+    def moments(self) -> dict[str, torch.Tensor]:
+        """Per-channel ``{"mean": (D,), "var": (D,)}`` of the signed activation over tokens, float32."""
+        self._check_filled()
+        mean = self.sum_signed.cpu() / self.n_tokens             # (D,) float64
+        var = (self.sum_sq.cpu() / self.n_tokens - mean.square()).clamp_min(0.0)  # (D,) float64, population
+        return {"mean": mean.float(), "var": var.float()}        # the one rounding to float32
 
 
 class ActivationRecorder:
@@ -187,11 +240,12 @@ def forward_precision(model: nn.Module, precision: str) -> Iterator[None]:
 def score_texts(model: nn.Module, tokenizer, texts: Sequence[str], *, groups: Sequence[str], statistic: str,
                 weight_norm: bool, batch_size: int, max_length: int, add_bos: bool, progress: bool = True,
                 adapter=None, precision: str = "float64") -> tuple[dict[str, torch.Tensor], dict]:
-    """Score every dimension of ``groups`` on ``texts``: ({group: (L, W) float32}, {n_samples, n_tokens}).
+    """Score every dimension of ``groups`` on ``texts``: (tensors, {n_samples, n_tokens}).
 
-    Texts run longest first in batches of ``batch_size``, right-padded; padding is excluded from every
-    statistic. With ``precision="float64"`` (see ``forward_precision``) the result is byte-identical for
-    identical inputs on any machine and thread count.
+    ``tensors`` holds ``{group: (L, W) float32}`` and each group's moments ``{group}.mean`` / ``{group}.var``
+    (L, D) (module doc; ``split_scores`` separates them). Texts run longest first in batches of ``batch_size``,
+    right-padded; padding is excluded from every statistic. With ``precision="float64"`` (see
+    ``forward_precision``) the result is byte-identical for identical inputs on any machine and thread count.
     """
     from tqdm.auto import tqdm
 
@@ -218,7 +272,10 @@ def score_texts(model: nn.Module, tokenizer, texts: Sequence[str], *, groups: Se
             for batch in tqdm(batches, desc="scoring", unit="batch", disable=not progress):
                 ids, mask = pad_right([encoded[i] for i in batch], pad_id)  # (B, T)
                 rec.mask = mask.to(device)
-                model(input_ids=ids.to(device), attention_mask=mask.to(device), **extra)
+                # No attention mask: with right padding and causal attention a real token never sees a pad,
+                # and rows of pads that a mask would leave with no key to attend to (a sliding window past
+                # the text's end) turn to NaN in float64, which reaches real tokens through 0 * NaN.
+                model(input_ids=ids.to(device), **extra)
                 n_tokens += int(mask.sum())
         scores = {}
         for group in groups:
@@ -228,6 +285,9 @@ def score_texts(model: nn.Module, tokenizer, texts: Sequence[str], *, groups: Se
             if weight_norm:
                 s = s.double() * output_weight_norms(adapter, group)           # (L, W)
             scores[group] = s.float().contiguous()
+            per_layer = [stats.moments() for stats in rec.stats[group]]            # each {moment: (D,)}
+            for moment in MOMENTS:
+                scores[moment_name(group, moment)] = _stack_layers([m[moment] for m in per_layer], group)  # (L, D)
     finally:
         model.train(was_training)
     return scores, {"n_samples": len(encoded), "n_tokens": n_tokens}
@@ -257,14 +317,19 @@ def model_fingerprint(model_dir: str | os.PathLike) -> str:
 
 
 def write_scores(path: str | os.PathLike, scores: dict[str, torch.Tensor], meta: dict) -> None:
-    """Write ``{group: (L, W)}`` to ``path`` (safetensors) and its metadata to ``path`` with suffix .json."""
+    """Write ``{group: (L, W)}`` (and moment tensors ``{group}.{moment}``, module doc) to ``path`` (safetensors)
+    and its metadata to ``path`` with suffix .json."""
     import diet
 
     missing = [k for k in SCORE_META_KEYS if k not in meta]
     if missing:
         raise ValueError(f"score metadata lacks {', '.join(missing)}")
+    groups, moments = split_scores(scores)
+    orphans = sorted(set(moments) - set(groups))
+    if orphans:
+        raise ValueError(f"moments of {', '.join(orphans)} without the group's scores")
     path = Path(path)
-    full = {**meta, "code_version": diet.__version__, "groups": sorted(scores),
+    full = {**meta, "code_version": diet.__version__, "groups": sorted(groups),
             "shapes": {g: list(t.shape) for g, t in sorted(scores.items())}}
     tensors = {g: t.detach().to(device="cpu", dtype=torch.float32) for g, t in scores.items()}
     save_tensors(path, tensors, metadata={_HEADER_KEY: json.dumps(full, sort_keys=True)})
@@ -273,7 +338,31 @@ def write_scores(path: str | os.PathLike, scores: dict[str, torch.Tensor], meta:
 
 def read_scores(path: str | os.PathLike, expect_fingerprint: str | None = None
                 ) -> tuple[dict[str, torch.Tensor], dict]:
-    """Read a score file; refuse it when it was computed on another model than ``expect_fingerprint``."""
+    """Read a score file's group scores ``{group: (L, W)}`` and metadata; refuse it when it was computed on
+    another model than ``expect_fingerprint``. The moment tensors are left out (``read_moments``)."""
+    tensors, meta = _read_score_file(path, expect_fingerprint)
+    return split_scores(tensors)[0], meta
+
+
+def read_moments(path: str | os.PathLike, expect_fingerprint: str | None = None,
+                 groups: Sequence[str] | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """A score file's per-channel moments ``{group: {"mean": (L, D), "var": (L, D)}}`` for ``groups`` (default:
+    every group it scored); refuses a file without them (written before moments were recorded)."""
+    path = Path(path)
+    tensors, meta = _read_score_file(path, expect_fingerprint)
+    scores, moments = split_scores(tensors)
+    lacking = [g for g in (groups if groups is not None else sorted(scores))
+               if set(moments.get(g, {})) != set(MOMENTS)]
+    if lacking:
+        task = meta.get("task", path.stem)
+        stage = "score_generic" if task == "generic" else f"score@{task}"
+        raise DataError(f"{path} carries no activation moments for {', '.join(lacking)} (it was written before "
+                        "score files recorded them, or without that group)",
+                        f"rescore: `dvc repro {stage}` (with the group in score.groups)")
+    return {g: moments[g] for g in (groups if groups is not None else sorted(scores))}
+
+
+def _read_score_file(path: str | os.PathLike, expect_fingerprint: str | None) -> tuple[dict[str, torch.Tensor], dict]:
     from safetensors import safe_open
 
     path = Path(path)
@@ -298,7 +387,11 @@ def read_scores(path: str | os.PathLike, expect_fingerprint: str | None = None
 
 def score(model, tokenizer, texts: Sequence[str], cfg: ScoreConfig = ScoreConfig(), *, max_length: int = 512,
           progress: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
-    """Per-dimension importance of ``cfg.groups`` on ``texts``: ({group: (L, W) float32}, stats)."""
+    """Per-dimension importance of ``cfg.groups`` on ``texts``: (tensors, stats).
+
+    ``tensors`` holds ``{group: (L, W) float32}`` and the per-channel moments ``{group}.mean`` / ``{group}.var``
+    (L, D); ``split_scores`` separates them.
+    """
     from diet.adapters import get_adapter
     from diet.tokens import resolve_add_bos
 

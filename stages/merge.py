@@ -1,4 +1,9 @@
-"""DVC stage `merge`: per-task scores of the tasks in params -> one priority per dimension (majority vote)."""
+"""DVC stage `merge`: per-task scores of the tasks in params -> one priority per dimension (majority vote).
+
+The baselines read the generic score file (`task_agnostic`: its scores; `wanda_sp`, `flap`: its activation
+moments, with the model's weights). With `prune.recover: bias` the score files whose means the prune stage
+will fold are checked here, so a file without moments fails before any pruning.
+"""
 
 from __future__ import annotations
 
@@ -15,26 +20,34 @@ def main(args, params) -> None:
     set_threads()
     from diet.geometry import geometry_from_folder
     from diet.io import atomic_dir, save_tensors, write_json, write_text
-    from diet.merge import merge_scores
-    from diet.scoring import model_fingerprint, read_scores
+    from diet.merge import (MOMENT_METHODS, magnitude_scores, merge_scores, moment_baseline_scores,
+                            recovery_means_from_files)
+    from diet.scoring import model_fingerprint, read_moments, read_scores
 
     fingerprint = model_fingerprint(args.model)
     method = params.merge.method
     # The task list comes from params, never from the folder: a removed task's file may linger there.
     task_scores = {t: read_scores(args.scores / f"{t}.safetensors", expect_fingerprint=fingerprint)[0]
                    for t in params.tasks}
-    generic = magnitude = None
+    if params.prune.recover == "bias":
+        recovery_means_from_files(method, params.prune.groups, generic_file=args.generic,  # fail before prune
+                                  task_files={t: args.scores / f"{t}.safetensors" for t in params.tasks},
+                                  weights=params.merge.weights, expect_fingerprint=fingerprint)
+    generic = magnitude = baseline = None
     if method == "task_agnostic":
         generic = read_scores(args.generic, expect_fingerprint=fingerprint)[0]
-    if method == "magnitude":
-        from diet.merge import magnitude_scores
+    if method == "magnitude" or method in MOMENT_METHODS:
         from diet.modeling import load_model
 
         model = load_model(args.model, dtype=params.model.dtype)
-        magnitude = magnitude_scores(model, groups=params.prune.groups)
+        if method == "magnitude":
+            magnitude = magnitude_scores(model, groups=params.prune.groups)
+        else:
+            moments = read_moments(args.generic, expect_fingerprint=fingerprint, groups=params.prune.groups)
+            baseline = moment_baseline_scores(method, model, moments, groups=params.prune.groups)
     geo = geometry_from_folder(args.model, groups=tuple(next(iter(task_scores.values())).keys()))
     merged = merge_scores(task_scores, geo, merge_cfg=params.merge, prune_cfg=params.prune,
-                              generic=generic, magnitude=magnitude)
+                          generic=generic, magnitude=magnitude, baseline=baseline)
     tensors = {f"{g}.{k}": v for g, m in merged.items() for k, v in m.items()}
     lines = ["group,layer,agreement"] + [f"{g},{i},{float(a):.6f}" for g, m in merged.items()
                                          for i, a in enumerate(m["agreement"])]

@@ -129,3 +129,23 @@ def test_check_keep_sorts_and_accepts_lists():
     keep = adapter.check_keep({"mlp": [[5, 1, 3], torch.tensor([2]), (0,)]})
     assert [k.tolist() for k in keep["mlp"]] == [[1, 3, 5], [2], [0]]
     assert all(k.dtype == torch.long for k in keep["mlp"])
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_bias_flags_match_what_stock_transformers_builds(model_type):
+    """A flag in BIAS_FLAGS gives every projection of its group a bias in the stock model; a group without a
+    flag has no output bias in the stock model."""
+    from diet.adapters.base import GROUPS
+
+    flags = adapter_class(model_type).BIAS_FLAGS
+    plain = get_adapter(tiny_model(model_type))
+    assert plain.output_bias_groups() == []
+    flagged = get_adapter(tiny_model(model_type, **{flag: True for flag in flags.values()}))
+    for group in GROUPS:
+        for layer in range(flagged.num_layers):
+            projections = flagged.group_projections(group, layer)
+            if group in flags:
+                assert all(p.bias is not None for p in projections)
+            else:
+                assert projections[-1].bias is None
+    assert flagged.output_bias_groups() == [g for g in GROUPS if g in flags]

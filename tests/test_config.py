@@ -34,7 +34,8 @@ def test_unknown_keys_are_refused_with_a_hint(data, needle):
     {"prune": {"sparsity": "high"}}, {"prune": {"groups": ["hidden"]}}, {"merge": {"method": "best"}},
     {"score": {"statistic": "max"}}, {"select": {"layout": "diagonal"}}, {"calibration": {"n_samples": 0}},
     {"tasks": []}, {"tasks": "arc_easy"}, {"tasks": ["a", "a"]}, {"evaluate": {"limit": -5}},
-    {"merge": {"weights": {"boolq": -1}}},
+    {"merge": {"weights": {"boolq": -1}}}, {"prune": {"recover": "retrain"}},
+    {"prune": {"recover": "bias", "groups": ["mlp", "attention"]}, "score": {"groups": ["mlp"]}},
 ])
 def test_bad_values_are_refused(data):
     with pytest.raises(ConfigError) as e:
@@ -57,3 +58,10 @@ def test_load_params_errors(tmp_path):
     ok = tmp_path / "ok.yaml"
     ok.write_text(yaml.safe_dump({"tasks": ["t1"], "prune": {"sparsity": 0.3}}))
     assert load_params(ok).prune.sparsity == 0.3
+
+
+def test_recovery_and_new_methods_accepted():
+    params = Params.from_dict({"prune": {"recover": "bias"}, "merge": {"method": "flap"}})
+    assert params.prune.recover == "bias" and params.merge.method == "flap"
+    assert Params.from_dict({}).prune.recover == "none"
+    assert Params.from_dict({"merge": {"method": "wanda_sp"}}).merge.method == "wanda_sp"

@@ -340,48 +340,55 @@ def _params(path: Path, tasks: list[str]) -> Path:
     path.write_text(yaml.safe_dump({
         "tasks": tasks, "calibration": {"n_samples": 4, "seed": 0, "max_length": 32},
         "score": {"batch_size": 2, "groups": ["mlp", "attention"]},
-        "evaluate": {"limit": None, "batch_size": 4, "perplexity_docs": 2, "perplexity_max_length": 32,
-                     "latency_tokens": 2}}))
+        "evaluate": {"limit": None, "batch_size": 4, "perplexity_docs": 2, "perplexity_max_length": 32}}))
     return path
 
 
-def test_evaluate_stage(tmp_path, tasks):
-    from stages import evaluate as stage
+def test_evaluate_perplexity_and_report_stages(tmp_path, tasks):
+    """Per-task evaluation files, the model figures, and the report that assembles them into metrics."""
+    from stages import evaluate, perplexity, report
     from stages._common import run_stage
 
     model_dir = tmp_path / "model"
     tiny_model("llama").save_pretrained(model_dir)
     tiny_tokenizer().save_pretrained(model_dir)
     params = _params(tmp_path / "params.yaml", list(tasks))
-    data = tasks["mc"].parent
-    argv = ["--params", str(params), "--model", str(model_dir), "--data", str(data)]
-    assert run_stage(stage.main, stage.parser(), argv + ["--out", str(tmp_path / "dense.json"),
-                                                         "--details", str(tmp_path / "res_dense")]) == 0
-    dense = json.loads((tmp_path / "dense.json").read_text())
-    assert set(dense["tasks"]) == {"mc", "wg", "yn"} and dense["method"] == "dense" and dense["sparsity"] == 0.0
-    assert dense["tasks"]["mc"]["n"] == 8 and 0 <= dense["mean"]["acc"] <= 1
-    assert math.isfinite(dense["perplexity"]) and dense["latency"]["ms_per_token"] > 0
-    assert dense["params"]["total"] == sum(p.numel() for p in tiny_model("llama").parameters())
-    assert dense["checkpoint"]["weights_bytes"] > 0
-    items = [json.loads(line) for line in (tmp_path / "res_dense" / "wg.jsonl").read_text().splitlines()]
-    assert [r["id"] for r in items] == [r["id"] for r in partial_rows()]
+    base = ["--params", str(params), "--model", str(model_dir)]
+    for kind, backend in (("dense", "lm_eval"), ("pruned", "direct")):  # the same model under both names
+        for name, data in tasks.items():
+            out = tmp_path / "results" / kind / "tasks" / f"{name}.json"
+            assert run_stage(evaluate.main, evaluate.parser(), base + [
+                "--task", name, "--data", str(data), "--out", str(out), "--backend", backend]) == 0
+        assert run_stage(perplexity.main, perplexity.parser(),
+                         base + ["--out", str(tmp_path / "results" / kind / "model.json")]) == 0
+    mc = json.loads((tmp_path / "results/dense/tasks/mc.json").read_text())
+    assert mc["task"] == "mc" and mc["n"] == 8 and mc["backend"] == "lm_eval" and len(mc["items"]) == 8
+    direct = json.loads((tmp_path / "results/pruned/tasks/mc.json").read_text())
+    assert [r["acc"] for r in direct["items"]] == [r["acc"] for r in mc["items"]]   # same model: same items
+    wg = json.loads((tmp_path / "results/dense/tasks/wg.json").read_text())
+    assert [r["id"] for r in wg["items"]] == [r["id"] for r in partial_rows()]
+    stats = json.loads((tmp_path / "results/dense/model.json").read_text())
+    assert math.isfinite(stats["perplexity"]["ppl"]) and stats["checkpoint"]["weights_bytes"] > 0
+    assert stats["params"]["total"] == sum(p.numel() for p in tiny_model("llama").parameters())
 
     mask = tmp_path / "mask.json"
     mask.write_text(json.dumps({"summary": {"achieved_sparsity": 0.25, "layout": "global"}, "keep": {}}))
-    assert run_stage(stage.main, stage.parser(), argv + [
-        "--out", str(tmp_path / "pruned.json"), "--details", str(tmp_path / "res_pruned"), "--mask", str(mask),
-        "--dense", str(tmp_path / "dense.json"), "--backend", "direct"]) == 0
-    pruned = json.loads((tmp_path / "pruned.json").read_text())
-    assert pruned["sparsity"] == 0.25 and pruned["method"] == "vote" and pruned["backend"] == "direct"
-    assert pruned["tasks"]["mc"]["acc"] == pytest.approx(dense["tasks"]["mc"]["acc"])    # same model: same items
-    table = (tmp_path / "res_pruned" / "table.md").read_text()
-    assert "Δ acc" in table and "| mc | 8 |" in table
-    summary = json.loads((tmp_path / "res_pruned" / "summary.json").read_text())
-    assert summary["mask"]["achieved_sparsity"] == 0.25 and len(summary["params"]["per_layer"]) == 3
+    argv = ["--params", str(params), "--results", str(tmp_path / "results"), "--mask", str(mask),
+            "--out", str(tmp_path / "metrics")]
+    assert run_stage(report.main, report.parser(), argv) == 0
+    dense, pruned = (json.loads((tmp_path / "metrics" / f"{k}.json").read_text()) for k in ("dense", "pruned"))
+    assert set(dense) == {"acc", "acc_norm", "perplexity", "params_M", "decoder_M", "sparsity"}
+    assert dense["sparsity"] == 0.0 and pruned["sparsity"] == 0.25 and pruned["acc"] == dense["acc"]
+    summary = json.loads((tmp_path / "results/pruned/summary.json").read_text())
+    assert set(summary["tasks"]) == {"mc", "wg", "yn"} and summary["method"] == "vote"
+    assert summary["tasks"]["mc"]["acc_stderr"] > 0 and len(summary["params_per_layer"]) == 3
+    table = (tmp_path / "results" / "table.md").read_text()
+    assert "Δ acc" in table and "| mc | 8 |" in table and " ± " in table
 
-    code = run_stage(stage.main, stage.parser(), argv + ["--out", str(tmp_path / "x.json"), "--details",
-                                                         str(tmp_path / "x"), "--dense", str(tmp_path / "nope.json")])
-    assert code == 2 and not (tmp_path / "x.json").exists()
+    (tmp_path / "results/pruned/tasks/yn.json").unlink()   # a missing evaluation names the stage to run
+    before = (tmp_path / "metrics" / "pruned.json").read_bytes()
+    assert run_stage(report.main, report.parser(), argv) == 2
+    assert (tmp_path / "metrics" / "pruned.json").read_bytes() == before
 
 
 def test_score_generic_stage(tmp_path):

@@ -7,9 +7,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from diet.errors import ConfigError
-from diet.merge import (_descending_order, keep_count, layer_agreement, magnitude_scores, merge, normalize,
-                        removal_targets, task_keep_mask)
+from diet.errors import ConfigError, DataError
+from diet.merge import (_descending_order, keep_count, layer_agreement, magnitude_scores, means_source, merge,
+                        moment_baseline_scores, normalize, recovery_means, removal_targets, task_keep_mask)
 from diet.select import Mask, floor_width, select
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -125,9 +125,9 @@ def test_mean_rank_and_baselines_run():
     budget = {"mlp": 7, "attention": 3}
     generic = {"mlp": torch.rand(2, 6, generator=g), "attention": torch.rand(2, 3, generator=g)}
     mag = {"mlp": torch.rand(2, 6, generator=g), "attention": torch.rand(2, 3, generator=g)}
-    for method in ["vote", "mean", "rank", "task_agnostic", "magnitude", "random"]:
+    for method in ["vote", "mean", "rank", "task_agnostic", "magnitude", "random", "wanda_sp", "flap"]:
         out = merge(tasks, method=method, normalize="zscore", weights={}, budget=budget, seed=5,
-                    generic=generic, magnitude=mag)
+                    generic=generic, magnitude=mag, baseline=mag)
         for group, shape in [("mlp", (2, 6)), ("attention", (2, 3))]:
             assert out[group]["priority"].shape == shape and _is_permutation_priority(out[group]["priority"])
             assert out[group]["votes"].sum() == 3 * budget[group]
@@ -174,6 +174,86 @@ def test_magnitude_scores_brute_force():
              o.weight[:, 16:32]]
     want = torch.cat([p.reshape(-1) for p in parts]).norm()
     torch.testing.assert_close(mag["attention"][0, g], want.detach())
+
+
+def _moments(model, seed=0):
+    """Random per-channel moments of each output projection's input: {group: {"mean", "var"}} of (L, D)."""
+    from diet.adapters import get_adapter
+
+    g = torch.Generator().manual_seed(seed)
+    adapter = get_adapter(model)
+    out = {}
+    for group in ("mlp", "attention"):
+        shape = (adapter.num_layers, adapter.activation_module(group, 0).in_features)
+        out[group] = {"mean": torch.randn(shape, generator=g), "var": torch.rand(shape, generator=g)}
+    return out
+
+
+def test_wanda_sp_and_flap_scores_brute_force():
+    from diet.adapters import get_adapter
+    from tests.tiny import tiny_model
+
+    model = tiny_model("llama")
+    adapter = get_adapter(model)
+    moments = _moments(model)
+    wanda = moment_baseline_scores("wanda_sp", model, moments, groups=["mlp", "attention"])
+    flap = moment_baseline_scores("flap", model, moments, groups=["mlp", "attention"])
+    assert wanda["mlp"].shape == flap["mlp"].shape == (3, 64)
+    assert wanda["attention"].shape == flap["attention"].shape == (3, 2)
+    down = adapter.mlp_projections(2)[1].weight.detach()                     # (H, I)
+    j = 7
+    mean, var = moments["mlp"]["mean"][2, j], moments["mlp"]["var"][2, j]
+    rms = (var + mean ** 2).sqrt()                                           # norm over tokens / sqrt(tokens)
+    torch.testing.assert_close(wanda["mlp"][2, j], sum(down[i, j].abs() * rms for i in range(down.shape[0])))
+    torch.testing.assert_close(flap["mlp"][2, j], var * sum(down[i, j] ** 2 for i in range(down.shape[0])))
+    o = adapter.attention_projections(1)[3].weight.detach()                  # (H, 4 heads * 8)
+    cols = range(16, 32)                                                     # KV group 1: query heads 2 and 3
+    m = moments["attention"]
+    want_w = sum(o[:, c].abs().sum() * (m["var"][1, c] + m["mean"][1, c] ** 2).sqrt() for c in cols)
+    want_f = sum(m["var"][1, c] * o[:, c].square().sum() for c in cols)
+    torch.testing.assert_close(wanda["attention"][1, 1], want_w)
+    torch.testing.assert_close(flap["attention"][1, 1], want_f)
+    with pytest.raises(DataError, match="moments"):
+        moment_baseline_scores("flap", model, {"attention": m}, groups=["mlp"])
+    with pytest.raises(DataError, match="channels"):
+        moment_baseline_scores("flap", model, {"mlp": {"mean": torch.zeros(3, 5), "var": torch.zeros(3, 5)}})
+
+
+def test_flap_always_standardises_wanda_sp_follows_normalize():
+    g = torch.Generator().manual_seed(4)
+    base = {"mlp": torch.rand(3, 6, generator=g) * torch.tensor([[1.0], [10.0], [100.0]])}  # layers of other scales
+    budget = {"mlp": 9}
+    flap = merge({}, method="flap", normalize="none", weights={}, budget=budget, baseline=base)
+    wanda = merge({}, method="wanda_sp", normalize="none", weights={}, budget=budget, baseline=base)
+    assert _order(flap["mlp"]["priority"]) == _descending_order(normalize(base["mlp"], "zscore")).tolist()
+    assert _order(wanda["mlp"]["priority"]) == _descending_order(base["mlp"]).tolist()
+    assert _order(flap["mlp"]["priority"]) != _order(wanda["mlp"]["priority"])
+    with pytest.raises(ConfigError, match="flap"):
+        merge({}, method="flap", normalize="zscore", weights={}, budget=budget)
+
+
+def test_recovery_means_follow_the_methods_data():
+    g = torch.Generator().manual_seed(5)
+    task = {t: {"mlp": {"mean": torch.randn(2, 4, generator=g)}} for t in "abc"}
+    generic = {"mlp": {"mean": torch.randn(2, 4, generator=g)}}
+    assert [means_source(m) for m in ("vote", "mean", "rank")] == ["tasks"] * 3
+    assert [means_source(m) for m in ("task_agnostic", "wanda_sp", "flap", "magnitude", "random")] == ["generic"] * 5
+    plain = recovery_means("vote", ["mlp"], task_moments=task, generic_moments=generic)
+    torch.testing.assert_close(plain["mlp"], (task["a"]["mlp"]["mean"] + task["b"]["mlp"]["mean"]
+                                              + task["c"]["mlp"]["mean"]) / 3)
+    weighted = recovery_means("rank", ["mlp"], task_moments=task, weights={"a": 3.0, "c": 0})
+    torch.testing.assert_close(weighted["mlp"], (3 * task["a"]["mlp"]["mean"] + task["b"]["mlp"]["mean"]) / 4)
+    for method in ("flap", "random"):
+        assert torch.equal(recovery_means(method, ["mlp"], task_moments=task, generic_moments=generic)["mlp"],
+                           generic["mlp"]["mean"])
+    with pytest.raises(DataError, match="generic"):
+        recovery_means("magnitude", ["mlp"], task_moments=task)
+    with pytest.raises(DataError, match="positive weight"):
+        recovery_means("vote", ["mlp"], task_moments=task, weights={t: 0 for t in "abc"})
+    with pytest.raises(DataError, match="attention"):
+        recovery_means("vote", ["attention"], task_moments=task)
+    with pytest.raises(ConfigError):
+        means_source("best")
 
 
 # -- budget --------------------------------------------------------------------------------------------------------

@@ -252,6 +252,34 @@ def test_score_and_select_are_deterministic(built, work_copy):
     assert lock(repo) == lock(built.repo)
 
 
+@pytest.mark.slow
+def test_editing_a_module_marks_exactly_the_stages_that_import_it(built, work_copy):
+    """Append a comment to each library or stage module: `dvc status` marks the stages whose code can import
+    it (their import closure), no others."""
+    from tests.stage_deps import closure
+
+    repo = work_copy
+    spec = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+    instances = {s: ([f"{s}@{t}" for t in TASKS] if "foreach" in body else [s]) for s, body in spec.items()}
+    users: dict[Path, set[str]] = {}
+    for name, body in spec.items():
+        module = shlex.split(body.get("do", body)["cmd"])[2]
+        for f in closure(module, repo):
+            users.setdefault(f, set()).update(instances[name])
+    assert ok(repro(repo)).ran == set()
+    for rel, expected in sorted(users.items()):
+        path = repo / rel
+        original = path.read_bytes()
+        path.write_bytes(original + b"\n# edited\n")
+        try:
+            p = subprocess.run([dvc(), "status", "--json"], cwd=repo, env=dvc_env(), capture_output=True, text=True)
+            assert p.returncode == 0, p.stderr
+            changed = set(json.loads(p.stdout or "{}"))
+        finally:
+            path.write_bytes(original)
+        assert changed == expected, f"{rel}: dvc status marks {sorted(changed)}, its importers are {sorted(expected)}"
+
+
 def stage_cmd(repo: Path, stage: str, task: str | None = None) -> list[str]:
     """The command of ``stage`` (of instance ``stage@task``) as dvc.yaml declares it."""
     spec = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"][stage]

@@ -334,3 +334,125 @@ def test_parameter_counts_count_tied_weights_once():
         assert counts["non_embedding"] == counts["total"] - counts["embedding"]
         assert counts["decoder"] == sum(counts["per_layer"]) == get_adapter(model).decoder_param_count()
         assert len(counts["per_layer"]) == 3
+
+
+# -- recovery: removed channels held at their calibration means ------------------------------------------------------
+def random_means(model, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Per-channel means of each output projection's input, {group: (L, D)}, far enough from 0 to matter."""
+    g = torch.Generator().manual_seed(seed)
+    adapter = get_adapter(model)
+    return {group: torch.randn(adapter.num_layers, adapter.activation_module(group, 0).in_features, generator=g)
+            for group in ("mlp", "attention")}
+
+
+CALIBRATION = ["the quick brown fox jumps over the lazy dog", "question: which gas do plants take in? answer: carbon",
+               "pack my box with five dozen liquor jugs, then count 0 1 2 3"]
+
+
+def calibration_means(model) -> dict[str, torch.Tensor]:
+    """The per-channel means the scoring pass records on a few texts, {group: (L, D)}."""
+    from diet.scoring import score_texts, split_scores
+
+    tensors, _ = score_texts(model, tiny_tokenizer(), CALIBRATION, groups=["mlp", "attention"], statistic="mean_abs",
+                             weight_norm=False, batch_size=2, max_length=32, add_bos=True, progress=False)
+    return {g: m["mean"] for g, m in split_scores(tensors)[1].items()}
+
+
+def removed_channels(model, group: str, layer: int, kept: torch.Tensor) -> torch.Tensor:
+    """Input channels of the output projection that the removed dimensions own (written out independently)."""
+    config = model.config
+    width = config.intermediate_size if group == "mlp" else config.num_key_value_heads
+    removed = torch.tensor(sorted(set(range(width)) - set(kept.tolist())), dtype=torch.long)
+    if group == "mlp":
+        return removed
+    per_group = config.num_attention_heads // config.num_key_value_heads * config.head_dim  # channels per KV group
+    return (removed[:, None] * per_group + torch.arange(per_group)).flatten()
+
+
+@torch.no_grad()
+def held_at_means_logits(model, keep, means, ids) -> torch.Tensor:
+    """Dense logits with every removed channel of down_proj / o_proj's input overwritten by its mean."""
+    adapter = get_adapter(model)
+    handles = []
+
+    def hook(channels, mean):
+        def pre(module, args):
+            x = args[0].clone()                                   # (B, T, D)
+            x[..., channels] = mean[channels]
+            return (x,)
+        return pre
+
+    try:
+        for group, per_layer in keep.items():
+            for layer, kept in enumerate(per_layer):
+                module = adapter.activation_module(group, layer)
+                channels = removed_channels(model, group, layer, kept)
+                handles.append(module.register_forward_pre_hook(hook(channels, means[group][layer])))
+        return logits(model, ids)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+#: family -> whether a uniform checkpoint with output biases of both groups is a stock one
+STOCK_WITH_BIASES = {"llama": True, "gemma2": False, "gemma3_text": False, "qwen2": False}
+
+
+@pytest.mark.parametrize("layout", ["global", "uniform"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bias_recovery_equals_dense_with_removed_channels_at_their_means(family, layout, tmp_path):
+    model = tiny_model(family, seed=4)
+    keep = random_keep(model, ("mlp", "attention"), layout, seed=13)
+    means = calibration_means(model)
+    ids = input_ids(4)
+    reference = held_at_means_logits(model, keep, means, ids)
+    zeroed = logits(zero_mask(model, keep), ids)
+
+    apply_mask(model, keep, layout, means=means)
+
+    out = logits(model, ids)
+    torch.testing.assert_close(out, reference, atol=ATOL, rtol=RTOL)
+    assert (out - zeroed).abs().max() > 1e-2  # the means did matter
+    check_metadata(model)
+    assert is_per_layer(model) == (layout == "global" or not STOCK_WITH_BIASES[family])
+    save_pruned(model, tiny_tokenizer(), tmp_path / "m", {})
+    reloaded = load_model(tmp_path / "m")
+    assert type(reloaded) is type(model)
+    torch.testing.assert_close(logits(reloaded, ids), out, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("family, groups", [("llama", ("mlp", "attention")), ("gemma2", ("attention",)),
+                                            ("gemma3_text", ("attention",))])
+def test_bias_recovery_uniform_checkpoint_loads_in_the_stock_class(family, groups, tmp_path):
+    model = tiny_model(family, seed=6)
+    keep = random_keep(model, groups, "uniform", seed=2)
+    means = random_means(model, seed=3)
+    ids = input_ids(5)
+    reference = held_at_means_logits(model, keep, means, ids)
+    apply_mask(model, keep, "uniform", means=means)
+    assert not is_per_layer(model)
+    save_pruned(model, None, tmp_path / "m", {})
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["model_type"] == family and "output_biases" not in config
+    stock_class = getattr(__import__("transformers"), adapter_class(family).model_class_name)
+    stock, info = stock_class.from_pretrained(tmp_path / "m", output_loading_info=True, **load_kwargs(family))
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    torch.testing.assert_close(logits(stock.eval(), ids), reference, atol=ATOL, rtol=RTOL)
+
+
+def test_bias_recovery_refuses_bad_means_before_touching_the_model():
+    model = tiny_model("qwen2")
+    keep = random_keep(model, ("mlp", "attention"), "global")
+    means = random_means(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    bad_inputs = [
+        ({"mlp": means["mlp"]}, "attention has none"),
+        ({**means, "attention": means["attention"][:, :-1]}, "shape"),
+        ({**means, "mlp": means["mlp"][:2]}, "shape"),
+        ({**means, "mlp": torch.full_like(means["mlp"], float("nan"))}, "NaN"),
+    ]
+    for bad, message in bad_inputs:
+        with pytest.raises(ModelError, match=message):
+            apply_mask(model, keep, "global", means=bad)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)

@@ -10,8 +10,8 @@ import torch
 
 from diet.adapters import get_adapter
 from diet.errors import DietError
-from diet.scoring import (ActivationStats, model_fingerprint, output_weight_norms, read_scores, record_activations,
-                          score_texts, write_scores)
+from diet.scoring import (MOMENTS, ActivationStats, model_fingerprint, moment_name, output_weight_norms, read_moments,
+                          read_scores, record_activations, score_texts, split_scores, write_scores)
 from tests.tiny import FAMILIES, tiny_model, tiny_tokenizer
 
 TEXTS = ["the cat sat on the mat", "a", "question: why is the sky blue? answer: scattering",
@@ -56,6 +56,10 @@ def test_stats_match_brute_force_and_ignore_padding(statistic):
     else:
         want = expected.square().view(3, 4).mean(1).sqrt()
     torch.testing.assert_close(grouped, want, rtol=1e-5, atol=1e-6)
+    moments = stats.moments()                                      # each (D,), of the signed activation
+    torch.testing.assert_close(moments["mean"], flat.mean(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(moments["var"], flat.var(0, correction=0), rtol=1e-5, atol=1e-6)
+    assert moments["mean"].dtype == moments["var"].dtype == torch.float32
 
 
 def test_stats_reject_bad_shapes():
@@ -66,6 +70,8 @@ def test_stats_reject_bad_shapes():
         stats.add_batch(torch.zeros(2, 3, 4), torch.ones(2, 4, dtype=torch.bool))
     with pytest.raises(DietError):
         stats.finalize()
+    with pytest.raises(DietError):
+        stats.moments()
 
 
 def _hook_count(adapter):
@@ -91,9 +97,14 @@ def test_score_texts_equals_unbatched_unpadded_reference(family, tokenizer):
     model = tiny_model(family)
     adapter = get_adapter(model)
     L, I, G = adapter.num_layers, adapter.group_widths("mlp")[0], adapter.num_kv_heads(0)
-    scores, stats = score_texts(model, tokenizer, TEXTS, groups=["mlp", "attention"], statistic="mean_abs",
-                                weight_norm=False, batch_size=4, max_length=9, add_bos=True, progress=False)
+    tensors, stats = score_texts(model, tokenizer, TEXTS, groups=["mlp", "attention"], statistic="mean_abs",
+                                 weight_norm=False, batch_size=4, max_length=9, add_bos=True, progress=False)
+    scores, moments = split_scores(tensors)
     assert scores["mlp"].shape == (L, I) and scores["attention"].shape == (L, G)
+    channels = {"mlp": I, "attention": adapter.num_heads(0) * adapter.head_dim()}
+    for g, d in channels.items():
+        assert set(moments[g]) == set(MOMENTS)
+        assert all(t.shape == (L, d) and t.dtype == torch.float32 for t in moments[g].values())
     assert scores["mlp"].dtype == torch.float32
 
     # reference: each text alone, no padding, activations collected by hand
@@ -117,6 +128,10 @@ def test_score_texts_equals_unbatched_unpadded_reference(family, tokenizer):
         torch.testing.assert_close(scores["mlp"][i], mlp, rtol=1e-4, atol=1e-6)
         att = torch.cat(acts[("attention", i)]).abs().mean(0).view(G, -1).mean(1)  # (G,)
         torch.testing.assert_close(scores["attention"][i], att, rtol=1e-4, atol=1e-6)
+        for g in channels:
+            x = torch.cat(acts[(g, i)])                                            # (N, D)
+            torch.testing.assert_close(moments[g]["mean"][i], x.mean(0), rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(moments[g]["var"][i], x.var(0, correction=0), rtol=1e-4, atol=1e-6)
 
 
 def test_score_texts_deterministic_and_weight_norm(model, tokenizer):
@@ -126,9 +141,11 @@ def test_score_texts_deterministic_and_weight_norm(model, tokenizer):
     a, _ = score_texts(model, tokenizer, TEXTS, weight_norm=False, **kw)
     b, _ = score_texts(model, tokenizer, TEXTS, weight_norm=False, **kw)
     c, _ = score_texts(model, tokenizer, TEXTS, weight_norm=True, **kw)
-    for g in a:
-        assert torch.equal(a[g], b[g])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for g in ("mlp", "attention"):
         torch.testing.assert_close(c[g], (a[g].double() * output_weight_norms(adapter, g)).float())
+        for m in MOMENTS:  # moments are of the activation alone
+            assert torch.equal(c[moment_name(g, m)], a[moment_name(g, m)])
     down = adapter.mlp_projections(1)[1].weight                              # (H, I)
     torch.testing.assert_close(output_weight_norms(adapter, "mlp")[1].float(), down.detach().norm(dim=0))
     o = adapter.attention_projections(0)[3].weight.detach()                 # (H, 4 heads * 8)
@@ -141,10 +158,33 @@ def _meta(fingerprint="f" * 64, task="arc_easy"):
             "n_tokens": 40, "statistic": "mean_abs", "weight_norm": False}
 
 
+def test_score_texts_same_bytes_whatever_the_thread_count(model, tokenizer, tmp_path):
+    kw = dict(groups=["mlp", "attention"], statistic="mean_abs", weight_norm=False, batch_size=2, max_length=16,
+              add_bos=False, progress=False)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            tensors, _ = score_texts(model, tokenizer, TEXTS, **kw)
+            write_scores(tmp_path / f"t{n}.safetensors", tensors, _meta())
+    finally:
+        torch.set_num_threads(threads)
+    assert (tmp_path / "t1.safetensors").read_bytes() == (tmp_path / "t2.safetensors").read_bytes()
+
+
+def _with_moments(scores: dict) -> dict:
+    g = torch.Generator().manual_seed(0)
+    out = dict(scores)
+    for group, t in scores.items():
+        for m in MOMENTS:
+            out[moment_name(group, m)] = torch.rand(t.shape[0], 4 * t.shape[1], generator=g)  # (L, D)
+    return out
+
+
 def test_score_files_byte_identical_and_roundtrip(tmp_path):
-    scores = {"mlp": torch.rand(3, 8), "attention": torch.rand(3, 2)}
+    scores = _with_moments({"mlp": torch.rand(3, 8), "attention": torch.rand(3, 2)})
     write_scores(tmp_path / "a" / "arc_easy.safetensors", scores, _meta())
-    write_scores(tmp_path / "b" / "arc_easy.safetensors", {k: scores[k] for k in ["attention", "mlp"]}, _meta())
+    write_scores(tmp_path / "b" / "arc_easy.safetensors", {k: scores[k] for k in sorted(scores, reverse=True)}, _meta())
     for name in ["arc_easy.safetensors", "arc_easy.json"]:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     # a second process too: safetensors writes several metadata entries in hash order, so one entry is used
@@ -159,6 +199,10 @@ def test_score_files_byte_identical_and_roundtrip(tmp_path):
     assert (tmp_path / "c" / "arc_easy.safetensors").read_bytes() == first
     loaded, meta = read_scores(tmp_path / "a" / "arc_easy.safetensors", expect_fingerprint="f" * 64)
     assert set(loaded) == {"mlp", "attention"} and torch.equal(loaded["mlp"], scores["mlp"])
+    moments = read_moments(tmp_path / "a" / "arc_easy.safetensors", expect_fingerprint="f" * 64)
+    assert set(moments) == {"mlp", "attention"}
+    assert torch.equal(moments["attention"]["var"], scores["attention.var"])
+    assert set(read_moments(tmp_path / "a" / "arc_easy.safetensors", groups=["mlp"])) == {"mlp"}
     import diet
 
     assert meta["code_version"] == diet.__version__ and meta["n_tokens"] == 40 and meta["weight_norm"] is False
@@ -173,6 +217,17 @@ def test_read_scores_refuses_other_model(tmp_path):
     assert "a" * 64 in msg and "b" * 64 in msg and "dvc repro score@boolq" in msg
     with pytest.raises(ValueError):
         write_scores(path, {"mlp": torch.rand(2, 4)}, {"task": "boolq"})
+    with pytest.raises(ValueError, match="without the group"):
+        write_scores(path, {"mlp": torch.rand(2, 4), "attention.mean": torch.rand(2, 8)}, _meta())
+
+
+def test_read_moments_refuses_file_without_them(tmp_path):
+    path = tmp_path / "boolq.safetensors"
+    write_scores(path, {"mlp": torch.rand(2, 4)}, _meta(task="boolq"))       # as written before moments
+    assert set(read_scores(path)[0]) == {"mlp"}
+    with pytest.raises(DietError, match="no activation moments for mlp") as err:
+        read_moments(path)
+    assert "dvc repro score@boolq" in str(err.value)
 
 
 def test_fingerprint_stable_across_copies(model, tmp_path):

@@ -12,6 +12,12 @@ Dimension groups (DESIGN.md):
 * ``attention``: KV group ``g`` of layer ``l`` = KV head ``g`` (rows of k_proj / v_proj) plus the
   ``heads_per_group`` query heads that share it (rows of q_proj, columns of o_proj). Its activation is the
   input of o_proj, shape (B, T, n_heads_l * head_dim), heads contiguous.
+
+Output biases (``prune.recover: bias``): a group's *output projection* (down_proj, o_proj) may gain a bias.
+Where the family's stock config has a flag that gives it one (``BIAS_FLAGS``; Llama's ``mlp_bias`` and
+``attention_bias`` give *all* the group's projections a bias), ``write_config`` sets the flag and gives the
+group's other projections zero biases, so the checkpoint stays stock. Where it has none, the model becomes
+the per-layer ``diet_<family>`` type, whose config lists the groups in ``output_biases``.
 """
 
 from __future__ import annotations
@@ -39,6 +45,8 @@ class ModelAdapter(ABC):
     #: stock transformers classes of the family, by name in the ``transformers`` namespace
     config_class_name: ClassVar[str]
     model_class_name: ClassVar[str]
+    #: group -> stock config flag that gives the group's output projection (and its other projections) a bias
+    BIAS_FLAGS: ClassVar[dict[str, str]] = {}
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -79,6 +87,15 @@ class ModelAdapter(ABC):
     def heads_per_group(self, layer: int) -> int:
         return self.num_heads(layer) // self.num_kv_heads(layer)
 
+    def group_projections(self, group: str, layer: int) -> list[nn.Linear]:
+        """Every projection of ``group`` in ``layer``, the output projection last."""
+        if group == "mlp":
+            ins, out = self.mlp_projections(layer)
+            return [*ins, out]
+        if group == "attention":
+            return list(self.attention_projections(layer))
+        raise ValueError(f"unknown group {group!r}; known: {', '.join(GROUPS)}")
+
     # -- group views used by scoring and selection -------------------------------------------------------------
     def group_widths(self, group: str) -> list[int]:
         """Number of prunable dimensions of ``group`` in each layer."""
@@ -107,6 +124,53 @@ class ModelAdapter(ABC):
         if group == "attention":
             return self.attention_projections(layer)[3]
         raise ValueError(f"unknown group {group!r}; known: {', '.join(GROUPS)}")
+
+    def output_channels(self, group: str, layer: int, dims: torch.Tensor) -> torch.Tensor:
+        """Input channels of ``group``'s output projection (columns of down_proj / o_proj) that belong to the
+        dimensions ``dims`` of ``layer``: the same indices for ``mlp``, the query heads' channels of each KV
+        group for ``attention`` (``attention_rows``)."""
+        if group == "mlp":
+            return dims.to(torch.long)
+        if group == "attention":
+            return self.attention_rows(layer, dims)["q"]
+        raise ValueError(f"unknown group {group!r}; known: {', '.join(GROUPS)}")
+
+    def add_output_bias(self, group: str, layer: int, delta: torch.Tensor) -> None:
+        """Add ``delta`` (H,) to the bias of ``group``'s output projection in ``layer`` (created at zero if
+        absent), summing in float64."""
+        lin = self.activation_module(group, layer)  # the output projection: its input is the group's activation
+        _ensure_bias(lin)
+        new = lin.bias.detach().double() + delta.to(device=lin.bias.device, dtype=torch.float64)  # (H,)
+        lin.bias = nn.Parameter(new.to(lin.weight.dtype), requires_grad=lin.bias.requires_grad)
+
+    def output_bias_groups(self) -> list[str]:
+        """Groups whose output projection carries a bias in any layer."""
+        return [g for g in GROUPS if any(self.activation_module(g, i).bias is not None for i in range(self.num_layers))]
+
+    def ensure_output_biases(self, groups: Sequence[str]) -> None:
+        """Give the output projection of every layer of ``groups`` a (zero) bias where it has none."""
+        for group in groups:
+            for layer in range(self.num_layers):
+                _ensure_bias(self.activation_module(group, layer))
+
+    def carry_output_biases(self) -> list[str]:
+        """Make the config describe the output biases; returns the groups no stock flag can carry.
+
+        A group with a flag in ``BIAS_FLAGS`` gets the flag set and zero biases on every projection the flag
+        governs (and every layer), so stock transformers builds the same parameters.
+        """
+        unflagged = []
+        for group in self.output_bias_groups():
+            flag = self.BIAS_FLAGS.get(group)
+            if flag is None:
+                unflagged.append(group)
+                continue
+            setattr(self.config, flag, True)
+            for layer in range(self.num_layers):
+                for lin in self.group_projections(group, layer):
+                    _ensure_bias(lin)
+        self.ensure_output_biases(unflagged)
+        return unflagged
 
     def decoder_param_count(self) -> int:
         return sum(p.numel() for layer in self.decoder_layers() for p in layer.parameters())
@@ -197,16 +261,19 @@ class ModelAdapter(ABC):
         config become the registered ``diet_<family>`` types that also carry the per-layer lists; their scalar
         fields hold the widest layer.
         """
-        from diet.modeling import PER_LAYER_FIELDS, retype, stock_config_problem
+        from diet.modeling import OUTPUT_BIASES_FIELD, PER_LAYER_FIELDS, retype, stock_config_problem
 
         widths = self.layer_widths()
+        unflagged = self.carry_output_biases()
         uniform = all(len(set(v)) == 1 for v in widths.values())
-        per_layer = not uniform or stock_config_problem(self.config, widths) is not None
+        per_layer = not uniform or bool(unflagged) or stock_config_problem(self.config, widths) is not None
         retype(self.model, per_layer=per_layer)
         for name, values in widths.items():
             setattr(self.config, name, max(values))
             if per_layer:
                 setattr(self.config, PER_LAYER_FIELDS[name], list(values))
+        if per_layer:
+            setattr(self.config, OUTPUT_BIASES_FIELD, unflagged or None)
 
     def prune(self, keep: dict[str, list[torch.Tensor]]) -> None:
         """Physically remove every dimension not in ``keep[group][layer]`` (LongTensor of kept indices).
@@ -216,3 +283,11 @@ class ModelAdapter(ABC):
         """
         self.slice_weights(self.check_keep(keep))
         self.write_config()
+
+
+def _ensure_bias(lin: nn.Linear) -> None:
+    """Give ``lin`` a zero bias (out_features,) on its weight's device and dtype if it has none."""
+    if lin.bias is None:
+        w = lin.weight
+        lin.bias = nn.Parameter(torch.zeros(lin.out_features, dtype=w.dtype, device=w.device),
+                                requires_grad=w.requires_grad)

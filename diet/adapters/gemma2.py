@@ -8,4 +8,5 @@ class Gemma2Adapter(LlamaAdapter):
     config_class_name = "Gemma2Config"
     model_class_name = "Gemma2ForCausalLM"
     needs_bos = True
+    BIAS_FLAGS = {"attention": "attention_bias"}  # on q/k/v/o; the MLP has no bias flag
     attn_implementation = "eager"

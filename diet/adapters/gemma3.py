@@ -9,3 +9,4 @@ class Gemma3TextAdapter(LlamaAdapter):
     config_class_name = "Gemma3TextConfig"
     model_class_name = "Gemma3ForCausalLM"
     needs_bos = True
+    BIAS_FLAGS = {"attention": "attention_bias"}  # on q/k/v/o; the MLP has no bias flag

@@ -14,6 +14,7 @@ class LlamaAdapter(ModelAdapter):
     model_type = "llama"
     config_class_name = "LlamaConfig"
     model_class_name = "LlamaForCausalLM"
+    BIAS_FLAGS = {"mlp": "mlp_bias", "attention": "attention_bias"}
 
     def decoder_layers(self) -> Sequence[nn.Module]:
         return self.model.model.layers

@@ -1,4 +1,4 @@
-"""Qwen2: Llama layout; q/k/v carry biases, sliced with their rows."""
+"""Qwen2: Llama layout; q/k/v carry biases, sliced with their rows; o_proj and the MLP have no bias flag."""
 
 from diet.adapters.llama import LlamaAdapter
 
@@ -7,3 +7,4 @@ class Qwen2Adapter(LlamaAdapter):
     model_type = "qwen2"
     config_class_name = "Qwen2Config"
     model_class_name = "Qwen2ForCausalLM"
+    BIAS_FLAGS = {}  # q/k/v always carry biases, o_proj and the MLP never: no flag

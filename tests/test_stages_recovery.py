@@ -1,0 +1,158 @@
+"""The field's baselines and bias recovery through the stage entry points (in process, on the tiny project),
+and through ``diet.api.prune``."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from diet import api
+from diet.config import MergeConfig, SelectConfig
+from diet.modeling import load_model
+from diet.scoring import read_moments, read_scores, split_scores, write_scores
+from diet.select import Mask
+from tests.repo_fixture import MODEL_DIR, make_tiny_repo
+from tests.test_pruning import held_at_means_logits, input_ids, logits
+from tests.tiny import tiny_model, tiny_tokenizer
+
+TASKS = ("t1", "t2")
+
+
+@contextlib.contextmanager
+def cwd(path: Path):
+    old = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
+def run(stage: str, *argv: str) -> int:
+    import importlib
+
+    module = importlib.import_module(f"stages.{stage}")
+    return module.run_stage(module.main, module.parser(), list(argv))
+
+
+def write_params(repo: Path, name: str, **sections) -> str:
+    values = yaml.safe_load((repo / "params.yaml").read_text())
+    for section, value in sections.items():
+        values[section] = {**values[section], **value}
+    (repo / name).write_text(yaml.safe_dump(values, sort_keys=False))
+    return name
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory):
+    """The tiny project with its base model, both tasks' score files and the generic score file."""
+    repo = make_tiny_repo(tmp_path_factory.mktemp("stages"), tasks=TASKS)
+    with cwd(repo):
+        assert run("model", "--out", "models/base") == 0
+        for t in TASKS:
+            assert run("prepare", "--task", t, "--out", f"data/tasks/{t}") == 0
+            assert run("score", "--task", t, "--model", "models/base", "--calib", f"data/tasks/{t}/calib.jsonl",
+                       "--out", f"scores/{t}.safetensors") == 0
+        assert run("score_generic", "--model", "models/base", "--out", "baselines/generic.safetensors") == 0
+    return repo
+
+
+def merge_select_prune(repo: Path, params: str, tag: str) -> Path:
+    with cwd(repo):
+        assert run("merge", "--params", params, "--model", "models/base", "--scores", "scores",
+                   "--generic", "baselines/generic.safetensors", "--out", f"merged-{tag}") == 0
+        assert run("select", "--params", params, "--model", "models/base", "--merged", f"merged-{tag}",
+                   "--out", f"masks-{tag}/mask.json") == 0
+        assert run("prune", "--params", params, "--model", "models/base", "--mask", f"masks-{tag}/mask.json",
+                   "--scores", "scores", "--generic", "baselines/generic.safetensors", "--out", f"pruned-{tag}") == 0
+    return repo / f"pruned-{tag}"
+
+
+@pytest.mark.parametrize("method", ["flap", "wanda_sp", "vote"])
+def test_stages_prune_with_bias_recovery_from_the_methods_data(scored, method):
+    repo = scored
+    params = write_params(repo, f"params-{method}.yaml", merge={"method": method}, prune={"recover": "bias"})
+    out = merge_select_prune(repo, params, method)
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["recover"] == "bias"
+    assert manifest["recover_means"] == ("tasks" if method == "vote" else "generic")
+    assert json.loads((repo / f"merged-{method}" / "merge.json").read_text())["method"] == method
+    if method == "vote":  # the plain average of the tasks' means
+        means = sum(read_moments(repo / f"scores/{t}.safetensors")["mlp"]["mean"] for t in TASKS) / len(TASKS)
+    else:
+        means = read_moments(repo / "baselines/generic.safetensors")["mlp"]["mean"]
+    mask = Mask.load(repo / f"masks-{method}/mask.json")
+    dense = load_model(repo / "models/base")
+    ids = input_ids(6)
+    reference = held_at_means_logits(dense, mask.keep_tensors(), {"mlp": means}, ids)
+    pruned = load_model(out)
+    assert all(pruned.model.layers[i].mlp.down_proj.bias is not None for i in range(3))
+    torch.testing.assert_close(logits(pruned, ids), reference, atol=1e-5, rtol=1.3e-6)
+
+
+def test_baseline_orders_differ_from_the_task_aware_one(scored):
+    repo = scored
+    orders = {}
+    for method in ("flap", "wanda_sp", "vote"):
+        params = write_params(repo, f"params-order-{method}.yaml", merge={"method": method})
+        with cwd(repo):
+            assert run("merge", "--params", params, "--model", "models/base", "--scores", "scores",
+                       "--generic", "baselines/generic.safetensors", "--out", f"order-{method}") == 0
+        from safetensors.torch import load_file
+
+        orders[method] = load_file(str(repo / f"order-{method}" / "votes.safetensors"))["mlp.priority"]
+    assert not torch.equal(orders["flap"], orders["wanda_sp"])
+    assert not torch.equal(orders["flap"], orders["vote"])
+
+
+def test_score_files_without_moments_fail_at_merge_and_prune(scored, tmp_path, capsys):
+    repo = scored
+    old = tmp_path / "scores"
+    old.mkdir()
+    for t in TASKS:  # as written before score files carried moments
+        scores, meta = read_scores(repo / f"scores/{t}.safetensors")
+        write_scores(old / f"{t}.safetensors", scores, {k: v for k, v in meta.items() if k not in ("groups", "shapes")})
+    params = write_params(repo, "params-old.yaml", prune={"recover": "bias"})
+    with cwd(repo):
+        assert run("merge", "--params", params, "--scores", str(old), "--out", "merged-old") == 2
+        err = capsys.readouterr().err
+        assert "carries no activation moments for mlp" in err and "dvc repro score@t1" in err
+        assert not (repo / "merged-old").exists()
+        merge_select_prune(repo, write_params(repo, "params-none.yaml"), "none")
+        assert run("prune", "--params", params, "--mask", "masks-none/mask.json", "--scores", str(old),
+                   "--out", "pruned-old") == 2
+        assert "carries no activation moments" in capsys.readouterr().err
+        assert not (repo / "pruned-old").exists()
+
+
+def test_api_prune_with_baselines_and_recovery():
+    tok = tiny_tokenizer()
+    tasks = {"a": ["the quick brown fox jumps over the lazy dog", "pack my box with five dozen jugs"],
+             "b": ["question: which gas do plants take in? answer: carbon dioxide", "count 0 1 2 3 4 5"]}
+    generic = ["a small model is pruned by removing whole dimensions", "the lazy dog sleeps in the sun"]
+    ids = input_ids(7)
+    for method in ("flap", "wanda_sp", "vote"):
+        model = tiny_model("llama", seed=8)
+        dense = tiny_model("llama", seed=8)
+        pruned, mask = api.prune(model, tok, tasks, 0.2, merge_cfg=MergeConfig(method=method), groups=("mlp",),
+                                 select_cfg=SelectConfig(multiple=1), generic_texts=generic, recover="bias",
+                                 progress=False)
+        texts = generic if method != "vote" else None
+        if texts is not None:
+            means = split_scores(api.score(dense, tok, texts, progress=False)[0])[1]["mlp"]["mean"]
+        else:
+            per_task = [split_scores(api.score(dense, tok, t, progress=False)[0])[1]["mlp"]["mean"]
+                        for t in tasks.values()]
+            means = sum(per_task) / len(per_task)
+        reference = held_at_means_logits(dense, mask.keep_tensors(), {"mlp": means}, ids)
+        torch.testing.assert_close(logits(pruned, ids), reference, atol=1e-5, rtol=1.3e-6)
+    with pytest.raises(Exception, match="generic_texts"):
+        api.prune(tiny_model("llama"), tok, tasks, 0.2, merge_cfg=MergeConfig(method="random"), recover="bias",
+                  progress=False)
