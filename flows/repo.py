@@ -128,8 +128,25 @@ def available_tasks(repo: Path, task_dir: str = "data/tasks") -> list[str]:
     return sorted(p.stem for p in (repo / task_dir).glob("*.yaml"))
 
 
+#: the task-name rule of ``diet.config.TASK_NAME`` (repeated here: the flows import no part of ``diet``)
+TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+TASK_NAME_RULE = "letters, digits, '_' and '-' only, starting with a letter or digit"
+
+
+def check_task_names(tasks: Iterable[Any]) -> list[str]:
+    """The names as a list, or a FlowError naming the first one that breaks the task-name rule."""
+    tasks = list(tasks)
+    for t in tasks:
+        if not isinstance(t, str) or not TASK_NAME.fullmatch(t):
+            raise FlowError(f"task name {t!r} is not valid: use {TASK_NAME_RULE}",
+                            "rename the task (and its file data/tasks/<task>.yaml), e.g. arc_easy or my-task-2")
+    return tasks
+
+
 def check_tasks(repo: Path, tasks: Iterable[str], task_dir: str = "data/tasks") -> None:
-    """Every task needs a task file ``<task_dir>/<task>.yaml``; name the missing ones and the known ones."""
+    """Every task needs a valid name and a task file ``<task_dir>/<task>.yaml``; name the missing ones and the
+    known ones."""
+    tasks = check_task_names(tasks)
     known = available_tasks(repo, task_dir)
     missing = [t for t in tasks if not (repo / task_dir / f"{t}.yaml").is_file()]
     if missing:
