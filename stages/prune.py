@@ -17,10 +17,12 @@ def main(args, params) -> None:
     from diet.modeling import save_pruned
     from diet.pruning import parameter_counts
     from diet.scoring import model_fingerprint
-    from diet.select import Mask
+    from diet.adapters import get_adapter
+    from diet.select import Mask, check_fits
 
     mask = Mask.load(args.mask)
     model, tokenizer = load_model_and_tokenizer(args.model, params.model.dtype)
+    check_fits(mask, {g: get_adapter(model).group_widths(g) for g in mask.base_widths}, args.mask, args.model)
     before = parameter_counts(model)
     api.apply(model, mask, params.select.layout)
     after = parameter_counts(model)

@@ -13,15 +13,12 @@ log = logging.getLogger("diet.select")
 
 def main(args, params) -> None:
     set_threads()
-    from safetensors.torch import load_file
-
     from diet import api
     from diet.io import write_text
-    from diet.select import select
+    from diet.select import read_priority, select
 
-    merged = load_file(str(args.merged / "votes.safetensors"))
-    priority = {g: merged[f"{g}.priority"] for g in params.prune.groups}
     geo = api.geometry_from_folder(args.model, groups=params.prune.groups)
+    priority = read_priority(args.merged / "votes.safetensors", params.prune.groups, geo.widths)
     mask = select(priority, geo.widths, geo.costs, sparsity=params.prune.sparsity,
                   decoder_params=geo.decoder_params, min_keep=params.select.min_keep,
                   multiple=params.select.multiple, layout=params.select.layout)
