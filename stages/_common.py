@@ -17,24 +17,36 @@ log = logging.getLogger("diet")
 def stage_parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error (also: DIET_DEBUG=1)")
     return p
 
 
 def run_stage(main: Callable[[argparse.Namespace, Params], None], parser: argparse.ArgumentParser,
               argv: list[str] | None = None) -> int:
-    """Parse args and params, run ``main``; a DietError becomes a one-screen message and exit code 2."""
+    """Parse args and params, run ``main``. A DietError prints ``error: <problem>`` and ``  fix: <fix>`` and
+    exits 2; any other exception prints one line naming it and exits 1. ``--debug`` or DIET_DEBUG=1 re-raise."""
     logging.basicConfig(level=os.environ.get("DIET_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     args = parser.parse_args(argv)
     try:
-        params = load_params(args.params)
-        main(args, params)
-    except DietError as e:
-        print(f"error: {e.problem}", file=sys.stderr)
-        if e.fix:
-            print(f"  fix: {e.fix}", file=sys.stderr)
-        return 2
+        main(args, load_params(args.params))
+    except Exception as e:
+        if getattr(args, "debug", False) or os.environ.get("DIET_DEBUG", "") not in ("", "0"):
+            raise
+        if isinstance(e, DietError):
+            return _report(e.problem, e.fix, 2)
+        text = str(e).strip().splitlines()
+        return _report(f"unexpected {type(e).__name__}: {text[0] if text else '(no message)'}",
+                       "rerun with --debug (or DIET_DEBUG=1) for the traceback, and report it if the input is "
+                       "correct", 1)
     return 0
+
+
+def _report(problem: str, fix: str | None, code: int) -> int:
+    print(f"error: {problem}", file=sys.stderr)
+    if fix:
+        print(f"  fix: {fix}", file=sys.stderr)
+    return code
 
 
 def set_threads() -> None:
@@ -47,9 +59,16 @@ def set_threads() -> None:
 
 
 def load_model_and_tokenizer(path, dtype: str = "float32"):
-    """A saved checkpoint folder (base or pruned) and its tokenizer."""
+    """A saved checkpoint folder (base or pruned) and its tokenizer, each checked when read."""
     from transformers import AutoTokenizer
 
-    from diet.modeling import load_model
+    from diet.errors import ModelError
+    from diet.modeling import MODEL_FIX, load_model
 
-    return load_model(path, dtype=dtype), AutoTokenizer.from_pretrained(str(path))
+    model = load_model(path, dtype=dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:  # noqa: BLE001 - a missing or damaged tokenizer raises several types
+        raise ModelError(f"cannot load the tokenizer of {path}: {type(e).__name__}: {str(e).strip()[:200]}",
+                         MODEL_FIX) from None
+    return model, tokenizer
