@@ -24,7 +24,7 @@ def main(args, params) -> None:
                    for t in params.tasks}
     generic = magnitude = None
     if method == "task_agnostic":
-        generic = read_scores(args.generic, expect_fingerprint=fingerprint)[0]
+        generic = read_scores(args.generic, expect_fingerprint=fingerprint, regenerate="dvc repro -f score_generic")[0]
     if method == "magnitude":
         from diet.merge import magnitude_scores
         from diet.modeling import load_model
