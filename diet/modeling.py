@@ -310,6 +310,19 @@ def load_model(path: str | os.PathLike, dtype: str | torch.dtype = "float32", *,
     return model.eval()
 
 
+def load_model_and_tokenizer(path: str | os.PathLike, dtype: str | torch.dtype = "float32"):
+    """A saved checkpoint folder (base or pruned) and its tokenizer, each checked when read."""
+    from transformers import AutoTokenizer
+
+    model = load_model(path, dtype=dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:  # noqa: BLE001 - a missing or damaged tokenizer raises several types
+        raise ModelError(f"cannot load the tokenizer of {path}: {_last_line(e)}",
+                         PRUNED_FIX if (Path(path) / "manifest.json").exists() else MODEL_FIX) from None
+    return model, tokenizer
+
+
 def model_card(model_type: str, stock_loadable: bool, manifest: dict) -> str:
     """README.md of a pruned checkpoint: what it is and how to load it."""
     mask = manifest.get("mask") or {}

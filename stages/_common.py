@@ -60,15 +60,6 @@ def set_threads() -> None:
 
 def load_model_and_tokenizer(path, dtype: str = "float32"):
     """A saved checkpoint folder (base or pruned) and its tokenizer, each checked when read."""
-    from transformers import AutoTokenizer
+    from diet.modeling import load_model_and_tokenizer
 
-    from diet.errors import ModelError
-    from diet.modeling import MODEL_FIX, load_model
-
-    model = load_model(path, dtype=dtype)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
-    except Exception as e:  # noqa: BLE001 - a missing or damaged tokenizer raises several types
-        raise ModelError(f"cannot load the tokenizer of {path}: {type(e).__name__}: {str(e).strip()[:200]}",
-                         MODEL_FIX) from None
-    return model, tokenizer
+    return load_model_and_tokenizer(path, dtype)

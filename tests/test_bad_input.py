@@ -431,6 +431,21 @@ def test_missing_base_model_folder_is_not_a_hub_error(repo, capsys):
     fails_unchanged(repo, "select", argv_of(repo, "select"), capsys, "tiny_model does not exist")  # geometry too
 
 
+def test_model_source_folder_that_does_not_exist_is_not_a_hub_error(repo, capsys, monkeypatch):
+    monkeypatch.chdir(repo)  # model.source is relative to the project root, like in params.yaml
+    write_params(repo, model={"source": "data/tiny_modle"})
+    err = fails_unchanged(repo, "model", ["--out", repo / "models/base", "--params", repo / "params.yaml"], capsys,
+                          "model.source 'data/tiny_modle' does not exist", "an existing folder")
+    assert "hub" not in err.split("fix:")[0]
+
+
+def test_model_source_folder_of_an_unknown_model_type(repo, capsys):
+    edit_config(repo / MODEL_DIR, lambda c: c.update(model_type="llamaXL"))
+    write_params(repo, model={"source": str(repo / MODEL_DIR)})
+    fails_unchanged(repo, "model", ["--out", repo / "models/base", "--params", repo / "params.yaml"], capsys,
+                    "model.source: ", "model_type 'llamaXL' is unknown to transformers", "point model.source")
+
+
 def edit_config(folder: Path, change) -> None:
     path = folder / "config.json"
     config = json.loads(path.read_text())
