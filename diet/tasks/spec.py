@@ -11,7 +11,9 @@ Example (``data/tasks/my_task.yaml``)::
     label: answer                   # field with the gold choice: an index, or the choice's text
     label_map: {"false": 0, "true": 1}   # optional: raw label value -> choice index
 
-Relative ``data_files`` are resolved against the task file's folder.
+Relative ``data_files`` are resolved against the task file's folder. Templates name plain row fields only
+(``{question}``): attributes, indexing, positional fields, conversions and format specs are refused when the
+task file is read, and a literal ``choices`` list needs at least two entries.
 """
 
 from __future__ import annotations
