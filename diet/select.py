@@ -18,8 +18,10 @@ parameters are closest to the target, then keeps each layer's highest-priority d
 from __future__ import annotations
 
 import heapq
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
@@ -101,9 +103,6 @@ class Mask:
     @classmethod
     def load(cls, path) -> "Mask":
         """Read a mask file written by ``save``, checked when read (DataError naming the file and the fix)."""
-        import json
-        from pathlib import Path
-
         path = Path(path)
         if not path.is_file():
             raise DataError(f"mask file not found: {path}", f"run `{MASK_FIX}` to select the mask")
@@ -146,7 +145,8 @@ def _check_mask_json(path, data) -> None:
     if not _is_int(before) or not _is_int(after) or not 0 < after <= before:
         raise _mask_error(path, f"params_before {before!r} and params_after {after!r} must be integers with "
                           "0 < params_after <= params_before")
-    summary = data.get("summary", {}).get("groups", {}) if isinstance(data.get("summary"), dict) else {}
+    summary = data["summary"].get("groups") if isinstance(data.get("summary"), dict) else None
+    summary = summary if isinstance(summary, dict) else {}  # the human-readable part; checked where present
     for g, layers in keep.items():
         if g not in GROUPS:
             raise _mask_error(path, f"unknown group '{g}' (known: {', '.join(GROUPS)})")
@@ -318,8 +318,6 @@ def check_fits(mask: Mask, widths: Mapping[str, Sequence[int]], mask_path, model
 
 def read_priority(path, groups: Sequence[str], widths: Mapping[str, Sequence[int]]) -> dict[str, torch.Tensor]:
     """``{group: (L, W) priority}`` from the merge stage's votes file, checked against the model's ``widths``."""
-    from pathlib import Path
-
     from safetensors.torch import load_file
 
     path, fix = Path(path), "run `dvc repro merge` to regenerate it"
