@@ -9,11 +9,11 @@ Two formats, chosen by the widths the mask leaves (``ModelAdapter.write_config``
   ``diet_<f>`` carrying ``intermediate_sizes``, ``num_heads_per_layer`` and ``num_kv_heads_per_layer``, and a
   causal-LM subclass that builds every layer at its own widths. Importing ``diet.modeling`` registers both with
   ``AutoConfig`` / ``AutoModelForCausalLM``, so ``AutoModelForCausalLM.from_pretrained(path)`` works without
-  remote code (each pruned folder's README.md says so). ``hidden_size`` never changes (Gemma scales embeddings by its square root). The scalar width
-  fields hold the widest layer, so every layer is built that wide and then sliced to its listed width
-  (on the meta device when loading, so nothing is allocated twice). Attention reshapes with ``-1`` heads and
-  removing whole KV groups keeps ``num_attention_heads // num_key_value_heads``, so the stock forward and the
-  KV cache handle a different head count in every layer.
+  remote code (each pruned folder's README.md says so). ``hidden_size`` never changes (Gemma scales embeddings
+  by its square root). The scalar width fields hold the widest layer, so every layer is built that wide and
+  then sliced to its listed width (on the meta device when loading, so nothing is allocated twice). Attention
+  reshapes with ``-1`` heads and removing whole KV groups keeps ``num_attention_heads // num_key_value_heads``,
+  so the stock forward and the KV cache handle a different head count in every layer.
 
 A pruned model switches between the stock and the per-layer classes in place (``retype``): the per-layer
 classes add nothing but the three lists, so every module keeps its weights and its reference to the config.

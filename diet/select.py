@@ -332,8 +332,8 @@ def read_priority(path, groups: Sequence[str], widths: Mapping[str, Sequence[int
     for g in groups:
         t = merged.get(f"{g}.priority")
         if t is None:
-            raise DataError(f"{path} holds no priority for group '{g}' (it has {', '.join(sorted(merged)) or 'nothing'})",
-                            fix)
+            have = ", ".join(sorted(merged)) or "nothing"
+            raise DataError(f"{path} holds no priority for group '{g}' (it has {have})", fix)
         shape = (len(widths[g]), max(widths[g]))
         if t.dim() != 2 or not t.dtype.is_floating_point or tuple(t.shape) != shape:
             raise DataError(f"{path}: the '{g}' priority is a {tuple(t.shape)} {t.dtype} tensor; the model needs "

@@ -106,9 +106,9 @@ def built(tmp_path_factory, checkout_untouched):
         assert run_stage(module.main, module.parser(), [*map(str, argv), "--params", str(params)]) == 0, name
     (repo.parent / "uniform").mkdir()
     uniform = write_params(repo.parent / "uniform", select={"layout": "uniform"})
-    for name, argv in [("select", ["--model", model, "--merged", repo / "merged", "--out", repo.parent / "uniform/mask.json"]),
-                       ("prune", ["--model", model, "--mask", repo.parent / "uniform/mask.json",
-                                  "--out", repo.parent / "uniform/pruned"])]:
+    mask = repo.parent / "uniform/mask.json"
+    for name, argv in [("select", ["--model", model, "--merged", repo / "merged", "--out", mask]),
+                       ("prune", ["--model", model, "--mask", mask, "--out", repo.parent / "uniform/pruned"])]:
         module = importlib.import_module(f"stages.{name}")
         assert run_stage(module.main, module.parser(), [*map(str, argv), "--params", str(uniform)]) == 0, name
     return repo
@@ -595,7 +595,8 @@ def test_stage_as_a_process_prints_no_traceback(repo):
     out = subprocess.run([sys.executable, "-m", "stages.prune", *argv], cwd=PROJECT, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
-    assert "error: mask " in out.stderr and "not valid JSON" in out.stderr and "fix: run `dvc repro select`" in out.stderr
+    assert "error: mask " in out.stderr and "not valid JSON" in out.stderr
+    assert "fix: run `dvc repro select`" in out.stderr
     assert snapshot(repo) == before
 
 
