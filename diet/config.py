@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -28,6 +29,18 @@ DTYPES = ("float32", "bfloat16", "float16")
 #: (float32 matrix products split their sums by thread count and CPU); ``model`` keeps the model's dtype
 PRECISIONS = ("float64", "model")
 EVAL_BACKENDS = ("lm_eval", "direct")
+
+#: a task name is a file name (data/tasks/<task>.yaml) and a DVC stage key (score@<task>): no paths, no spaces
+TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+TASK_NAME_RULE = "letters, digits, '_' and '-' only, starting with a letter or digit"
+
+
+def check_task_name(name: Any, where: str = "task name") -> str:
+    """Return ``name`` if it follows the task-name rule, else raise a ConfigError that states the rule."""
+    if not isinstance(name, str) or not TASK_NAME.fullmatch(name):
+        raise ConfigError(f"{where} {name!r} is not a valid task name: use {TASK_NAME_RULE}",
+                          "rename the task (and its file data/tasks/<task>.yaml), e.g. arc_easy or my-task-2")
+    return name
 
 
 def _build(cls, data: Mapping[str, Any] | None, section: str):
@@ -246,10 +259,16 @@ class Params:
         if isinstance(tasks, str) or not isinstance(tasks, (list, tuple)) or not tasks:
             raise ConfigError("'tasks' must be a non-empty list of task names",
                               "write e.g.\ntasks:\n  - arc_easy\n  - boolq")
+        for t in tasks:
+            check_task_name(t, "tasks:")
         if len(set(tasks)) != len(tasks):
             raise ConfigError(f"'tasks' lists a task twice: {tasks}", "list each task once")
         sections = {name: _build(klass, data.get(name), name) for name, klass in SECTIONS.items()}
-        params = cls(tasks=tuple(str(t) for t in tasks), **sections)
+        unknown = sorted(set(sections["merge"].weights) - set(tasks), key=str)
+        if unknown:
+            raise ConfigError(f"merge.weights names {', '.join(map(repr, unknown))}, not in 'tasks' {list(tasks)}",
+                              "remove those weights, fix their names, or add the tasks to 'tasks'")
+        params = cls(tasks=tuple(tasks), **sections)
         params.cross_check()
         return params
 

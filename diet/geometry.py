@@ -29,9 +29,11 @@ def geometry(model, groups: Sequence[str] = ("mlp", "attention")) -> Geometry:
 
 def geometry_from_folder(model_dir: str | Path, groups: Sequence[str] = ("mlp", "attention")) -> Geometry:
     """Geometry from a model folder's config alone (the model is built on the meta device: no weights read)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(str(model_dir))
+    from diet.modeling import read_config
+
+    config = read_config(model_dir)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     return geometry(model, groups)

@@ -7,13 +7,13 @@ Two formats, chosen by the widths the mask leaves (``ModelAdapter.write_config``
   (and other runtimes) load it without this package.
 * **per-layer** (widths differ, ``layout: global``): for each family ``<f>`` a config subclass with model_type
   ``diet_<f>`` carrying ``intermediate_sizes``, ``num_heads_per_layer`` and ``num_kv_heads_per_layer``, and a
-  causal-LM subclass that builds every layer at its own widths. Importing ``diet`` registers both with
+  causal-LM subclass that builds every layer at its own widths. Importing ``diet.modeling`` registers both with
   ``AutoConfig`` / ``AutoModelForCausalLM``, so ``AutoModelForCausalLM.from_pretrained(path)`` works without
-  remote code. ``hidden_size`` never changes (Gemma scales embeddings by its square root). The scalar width
-  fields hold the widest layer, so every layer is built that wide and then sliced to its listed width
-  (on the meta device when loading, so nothing is allocated twice). Attention reshapes with ``-1`` heads and
-  removing whole KV groups keeps ``num_attention_heads // num_key_value_heads``, so the stock forward and the
-  KV cache handle a different head count in every layer.
+  remote code (each pruned folder's README.md says so). ``hidden_size`` never changes (Gemma scales embeddings
+  by its square root). The scalar width fields hold the widest layer, so every layer is built that wide and
+  then sliced to its listed width (on the meta device when loading, so nothing is allocated twice). Attention
+  reshapes with ``-1`` heads and removing whole KV groups keeps ``num_attention_heads // num_key_value_heads``,
+  so the stock forward and the KV cache handle a different head count in every layer.
 
 Output biases (``prune.recover: bias``, ``diet.adapters.base``): a family whose stock config can give the
 biased projection a bias (Llama: ``mlp_bias``, ``attention_bias``; Gemma-2/3: ``attention_bias``) stays stock;
@@ -27,6 +27,7 @@ classes add nothing but the three lists, so every module keeps its weights and i
 from __future__ import annotations
 
 import copy
+import json
 import os
 from pathlib import Path
 
@@ -35,9 +36,9 @@ import transformers
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from diet.adapters import SUPPORTED, adapter_class, family, get_adapter, pruned_model_type
+from diet.adapters import PRUNED, SUPPORTED, adapter_class, family, get_adapter, pruned_model_type
 from diet.errors import ModelError
-from diet.io import atomic_dir, write_json
+from diet.io import atomic_dir, write_json, write_text
 from diet.pruning import parameter_counts
 
 #: stock scalar config field -> per-layer list field of the diet_<family> configs
@@ -170,7 +171,8 @@ def save_pruned(model, tokenizer, out_dir: str | os.PathLike, manifest: dict) ->
 
     ``config.tie_word_embeddings`` is set from the weights right before saving, so a tied head is stored once
     and re-tied on load. ``manifest.json`` holds ``manifest`` plus a ``checkpoint`` entry: model_type, whether
-    stock transformers loads it, the per-layer widths and the parameter counts.
+    stock transformers loads it, the per-layer widths and the parameter counts. ``README.md`` (a model card)
+    says how to load the folder.
     """
     inp, out = model.get_input_embeddings(), model.get_output_embeddings()
     model.config.tie_word_embeddings = out is None or out.weight is inp.weight
@@ -188,25 +190,175 @@ def save_pruned(model, tokenizer, out_dir: str | os.PathLike, manifest: dict) ->
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         write_json(tmp / "manifest.json", {**manifest, "checkpoint": checkpoint})
+        write_text(tmp / "README.md", model_card(checkpoint["model_type"], checkpoint["stock_loadable"], manifest))
     return out_dir
 
 
-def load_model(path: str | os.PathLike, dtype: str | torch.dtype = "float32"):
-    """Load a stock or pruned checkpoint folder as a causal LM in eval mode, with the family's attention."""
+MODEL_FIX = ("run `dvc repro model` to materialise the base model (models/base), or `dvc repro prune` for the "
+             "pruned one (models/pruned)")
+PRUNED_FIX = "run `dvc repro prune` to rewrite the pruned checkpoint"
+LOAD_HINT = ("import diet.modeling before AutoModelForCausalLM.from_pretrained(path) (it registers the per-layer "
+             "classes), or load with diet.modeling.load_model(path)")
+
+
+def _last_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[-1].strip() if text else ''}"
+
+
+def read_config(path: str | os.PathLike):
+    """The config of a checkpoint folder, checked before transformers sees it (ModelError naming the fix).
+
+    Catches what transformers would report misleadingly: a missing folder (a hub repo-id error), a model_type
+    it does not know or whose per-layer classes are not registered (an "upgrade Transformers" message), and
+    per-layer width lists that do not match the number of layers.
+    """
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise ModelError(f"no model checkpoint at {path} (config.json missing)",
-                         "point to a folder written by save_pretrained / save_pruned, or run the stage that makes it")
-    config = AutoConfig.from_pretrained(path)
+    if not path.is_dir():
+        raise ModelError(f"model folder {path} does not exist", MODEL_FIX)
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise ModelError(f"no model checkpoint at {path} (config.json missing)", MODEL_FIX)
+    try:
+        raw = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelError(f"{config_path} is not valid JSON ({e})", MODEL_FIX) from None
+    model_type = raw.get("model_type") if isinstance(raw, dict) else None
+    if not isinstance(model_type, str) or not model_type:
+        raise ModelError(f"{config_path} names no model_type", MODEL_FIX)
+    if model_type.startswith("diet_") and model_type not in PRUNED:
+        raise ModelError(f"{path} is a per-layer-width checkpoint of model_type {model_type!r}, which this version "
+                         f"of diet does not define (it defines {', '.join(PRUNED)})",
+                         "load it with the diet version that pruned it, or rerun `dvc repro prune` with this one")
+    if model_type not in CONFIG_MAPPING:
+        if model_type in PRUNED:
+            raise ModelError(f"{path} has per-layer widths (model_type {model_type!r}) but the diet classes are not "
+                             f"registered with transformers", LOAD_HINT)
+        raise ModelError(f"{config_path}: model_type {model_type!r} is unknown to transformers "
+                         f"{transformers.__version__}",
+                         f"use a checkpoint of a supported family ({', '.join(SUPPORTED)}), or upgrade "
+                         "transformers if the model is newer than it; then rerun `dvc repro model`")
+    family(model_type)  # a transformers model without a diet adapter: ModelError naming the supported ones
+    if model_type in PRUNED:
+        _check_layer_lists(raw, config_path)
+    try:
+        return AutoConfig.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001 - strict config validation raises several types
+        raise ModelError(f"{config_path} does not validate: {_last_line(e)}",
+                         PRUNED_FIX if model_type in PRUNED else MODEL_FIX) from None
+
+
+def _check_layer_lists(raw: dict, config_path: Path) -> None:
+    n = raw.get("num_hidden_layers")
+    for field in PER_LAYER_FIELDS.values():
+        values = raw.get(field)
+        if values is None:
+            continue
+        if not isinstance(values, list) or not all(isinstance(v, int) and v > 0 for v in values):
+            raise ModelError(f"{config_path}: {field} must be a list of positive integers, got {values!r}", PRUNED_FIX)
+        if len(values) != n:
+            raise ModelError(f"{config_path}: {field} lists {len(values)} widths for num_hidden_layers = {n}",
+                             PRUNED_FIX)
+
+
+def config_widths(config) -> dict[str, list[int]]:
+    """Per-layer widths a config describes, keyed like ``ModelAdapter.layer_widths``."""
+    n = config.num_hidden_layers
+    return {scalar: list(getattr(config, field, None) or [getattr(config, scalar)] * n)
+            for scalar, field in PER_LAYER_FIELDS.items()}
+
+
+def read_manifest(path: str | os.PathLike, config) -> dict:
+    """``manifest.json`` of a pruned checkpoint, checked against its config (model_type, per-layer widths)."""
+    manifest_path = Path(path) / "manifest.json"
+    if not manifest_path.is_file():
+        raise ModelError(f"pruned checkpoint {path} has no manifest.json", PRUNED_FIX)
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelError(f"{manifest_path} is not valid JSON (truncated?): {e}", PRUNED_FIX) from None
+    checkpoint = manifest.get("checkpoint") if isinstance(manifest, dict) else None
+    if not isinstance(checkpoint, dict) or not all(k in checkpoint for k in ("model_type", "widths", "parameters")):
+        raise ModelError(f"{manifest_path} lacks its 'checkpoint' entry (model_type, widths, parameters)", PRUNED_FIX)
+    if checkpoint["model_type"] != config.model_type:
+        raise ModelError(f"{manifest_path} describes a {checkpoint['model_type']!r} checkpoint, config.json a "
+                         f"{config.model_type!r} one", PRUNED_FIX)
+    widths = config_widths(config)
+    stated = checkpoint["widths"] if isinstance(checkpoint["widths"], dict) else {}
+    for name, values in widths.items():
+        if stated.get(name) != values:
+            raise ModelError(f"{manifest_path} gives {name} per layer {stated.get(name)}, config.json {values}",
+                             PRUNED_FIX)
+    return manifest
+
+
+def _check_parameters(path: Path, manifest: dict, model) -> None:
+    stated = (manifest["checkpoint"].get("parameters") or {}).get("total")
+    total = parameter_counts(model)["total"]
+    if stated != total:
+        raise ModelError(f"{path / 'manifest.json'} counts {stated} parameters, the loaded weights {total}",
+                         PRUNED_FIX)
+
+
+def load_model(path: str | os.PathLike, dtype: str | torch.dtype = "float32", *, pruned: bool | None = None):
+    """Load a stock or pruned checkpoint folder as a causal LM in eval mode, with the family's attention.
+
+    Every problem of the folder is a ModelError naming the command that rewrites it. A pruned checkpoint
+    (``pruned=True``, a per-layer model_type, or a folder holding manifest.json) must carry a manifest that
+    agrees with its config and its parameter count.
+    """
+    path = Path(path)
+    config = read_config(path)
+    if pruned is None:
+        pruned = is_per_layer(config) or (path / "manifest.json").exists()
+    manifest = read_manifest(path, config) if pruned else None
     adapter = adapter_class(config.model_type)
     kwargs = {"attn_implementation": adapter.attn_implementation} if adapter.attn_implementation else {}
     torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch_dtype, **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch_dtype, **kwargs)
+    except Exception as e:  # noqa: BLE001 - missing or mismatched weight files raise several types
+        raise ModelError(f"cannot load the weights of {path}: {_last_line(e)}",
+                         PRUNED_FIX if pruned else MODEL_FIX) from None
+    if manifest is not None:
+        _check_parameters(path, manifest, model)
     return model.eval()
 
 
 def load_model_and_tokenizer(path: str | os.PathLike, dtype: str | torch.dtype = "float32"):
-    """A saved checkpoint folder (base or pruned) and its tokenizer."""
+    """A saved checkpoint folder (base or pruned) and its tokenizer, each checked when read."""
     from transformers import AutoTokenizer
 
-    return load_model(path, dtype=dtype), AutoTokenizer.from_pretrained(str(path))
+    model = load_model(path, dtype=dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:  # noqa: BLE001 - a missing or damaged tokenizer raises several types
+        raise ModelError(f"cannot load the tokenizer of {path}: {_last_line(e)}",
+                         PRUNED_FIX if (Path(path) / "manifest.json").exists() else MODEL_FIX) from None
+    return model, tokenizer
+
+
+def model_card(model_type: str, stock_loadable: bool, manifest: dict) -> str:
+    """README.md of a pruned checkpoint: what it is and how to load it."""
+    mask = manifest.get("mask") or {}
+    lines = [f"# Pruned {family(model_type)} checkpoint (DIET)", "",
+             f"Structured pruning with DIET: {mask.get('achieved_sparsity', '?')} of the decoder-layer parameters "
+             f"removed (target {mask.get('target_sparsity', '?')}, layout {mask.get('layout', '?')}). "
+             "`manifest.json` lists the per-layer widths and the parameter counts.", "", "## Load it", ""]
+    if stock_loadable:
+        lines += ["Every layer has the same widths: the config is a stock one, so plain transformers loads it:", "",
+                  "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+                  'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")',
+                  'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")', "```"]
+    else:
+        lines += [f"The layers have different widths (model_type `{model_type}`). Its classes are registered with "
+                  "transformers by `diet.modeling`, so import it first:", "",
+                  "```python", "import diet.modeling  # registers the per-layer-width classes",
+                  "from transformers import AutoModelForCausalLM", "",
+                  'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")',
+                  "# or: model = diet.modeling.load_model(\"path/to/this/folder\")", "```", "",
+                  "Without that import transformers does not recognise the model type and asks to upgrade it; "
+                  "upgrading does not help."]
+    return "\n".join(lines) + "\n"

@@ -133,7 +133,8 @@ def resolve_source(source: str) -> tuple[str, str]:
             raise ModelError(f"model.source folder {p} has no config.json",
                              "point model.source at a Hugging Face model folder (save_pretrained output)")
         return "folder", str(p.resolve())
-    if source.startswith((".", "/", "~")) or os.sep in source and source.count("/") > 1:
+    # a path, or 'folder/name' inside an existing local folder (a hub id 'org/name' has no local 'org/')
+    if source.startswith((".", "/", "~")) or os.sep in source and (source.count("/") > 1 or p.parent.is_dir()):
         raise ModelError(f"model.source {source!r} does not exist",
                          f"use a built-in ({', '.join(BUILTINS)}), an existing folder, or a hub id 'org/name'")
     return "hub", source
@@ -153,6 +154,14 @@ def load_source(source: str, dtype: str = "float32", revision: str | None = None
     if kind == "gguf":
         model, tok = load_gguf(Path(norm), dtype)
         return model, tok, {"kind": kind, "source": norm}
+    if kind == "folder":
+        from diet.modeling import read_config
+
+        try:
+            read_config(norm)  # an unknown model_type or a damaged config.json, said plainly
+        except ModelError as e:
+            raise ModelError(f"model.source: {e.problem}", "point model.source in params.yaml at a complete Hugging "
+                             "Face model folder of a supported family") from None
     try:
         model, tok = load_pretrained(norm, dtype, revision)
     except OSError as e:

@@ -336,11 +336,12 @@ def write_scores(path: str | os.PathLike, scores: dict[str, torch.Tensor], meta:
     write_json(path.with_suffix(".json"), full)
 
 
-def read_scores(path: str | os.PathLike, expect_fingerprint: str | None = None
-                ) -> tuple[dict[str, torch.Tensor], dict]:
-    """Read a score file's group scores ``{group: (L, W)}`` and metadata; refuse it when it was computed on
-    another model than ``expect_fingerprint``. The moment tensors are left out (``read_moments``)."""
-    tensors, meta = _read_score_file(path, expect_fingerprint)
+def read_scores(path: str | os.PathLike, expect_fingerprint: str | None = None, *,
+                regenerate: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read a score file's group scores ``{group: (L, W)}`` and metadata, checked when read; refuse it when it
+    was computed on another model than ``expect_fingerprint``. ``regenerate`` is the command that rewrites it
+    (default ``dvc repro -f score@<stem>``). The moment tensors are left out (``read_moments``)."""
+    tensors, meta = _read_score_file(path, expect_fingerprint, regenerate)
     return split_scores(tensors)[0], meta
 
 
@@ -362,27 +363,67 @@ def read_moments(path: str | os.PathLike, expect_fingerprint: str | None = None,
     return {g: moments[g] for g in (groups if groups is not None else sorted(scores))}
 
 
-def _read_score_file(path: str | os.PathLike, expect_fingerprint: str | None) -> tuple[dict[str, torch.Tensor], dict]:
-    from safetensors import safe_open
-
+def _read_score_file(path: str | os.PathLike, expect_fingerprint: str | None,
+                     regenerate: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Every tensor of a score file and its metadata, checked; refused when scored on another model."""
     path = Path(path)
+    fix = f"run `{regenerate or f'dvc repro -f score@{path.stem}'}` to regenerate it"
     if not path.exists():
-        raise DataError(f"score file not found: {path}", f"run `dvc repro score@{path.stem}`")
-    with safe_open(str(path), framework="pt") as f:
-        header = f.metadata() or {}
-        scores = {name: f.get_tensor(name) for name in f.keys()}
-    if _HEADER_KEY in header:
-        meta = json.loads(header[_HEADER_KEY])
-    elif path.with_suffix(".json").exists():
-        meta = read_json(path.with_suffix(".json"))
-    else:
-        raise DataError(f"{path} carries no score metadata", f"rerun `dvc repro score@{path.stem}`")
+        raise DataError(f"score file not found: {path}", fix)
+    tensors, meta = _load_score_file(path, fix)
+    _check_scores(path, split_scores(tensors)[0], meta, fix)
     if expect_fingerprint is not None and meta.get("model_fingerprint") != expect_fingerprint:
-        task = meta.get("task", path.stem)
+        again = regenerate or f"dvc repro score@{meta.get('task', path.stem)}"
         raise DietError(f"{path} was scored on model {meta.get('model_fingerprint')}, "
                         f"but the current model is {expect_fingerprint}",
-                        f"rerun `dvc repro score@{task}` to rescore it on the current model")
+                        f"rerun `{again}` to rescore it on the current model")
+    return tensors, meta
+
+
+def _load_score_file(path: Path, fix: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors and metadata of a score file; DataError if it is not a complete safetensors file with metadata."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            scores = {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for a damaged file
+        raise DataError(f"{path} is not a readable safetensors score file (truncated, or another format): "
+                        f"{type(e).__name__}: {e}", fix) from None
+    try:
+        if _HEADER_KEY in header:
+            meta = json.loads(header[_HEADER_KEY])
+        elif path.with_suffix(".json").exists():
+            meta = read_json(path.with_suffix(".json"))
+        else:
+            raise DataError(f"{path} carries no score metadata", fix)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: its score metadata is not valid JSON ({e})", fix) from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{path}: its score metadata is not a JSON object", fix)
     return scores, meta
+
+
+def _check_scores(path: Path, scores: dict[str, torch.Tensor], meta: dict, fix: str) -> None:
+    """Metadata complete; one finite 2-D float tensor per group, as the metadata lists them."""
+    missing = [k for k in (*SCORE_META_KEYS, "groups", "shapes") if k not in meta]
+    if missing:
+        raise DataError(f"{path}: score metadata lacks {', '.join(missing)}", fix)
+    groups, shapes = meta["groups"], meta["shapes"]
+    if not isinstance(shapes, dict) or not isinstance(groups, list) or sorted(scores) != sorted(groups) \
+            or any(g not in shapes for g in groups):     # shapes also lists the moment tensors
+        raise DataError(f"{path}: holds groups {sorted(scores)} but its metadata lists {groups}", fix)
+    if not scores:
+        raise DataError(f"{path}: holds no scores", fix)
+    for g, t in scores.items():
+        if t.dim() != 2 or not t.dtype.is_floating_point:
+            raise DataError(f"{path}: scores of '{g}' are a {t.dim()}-D {t.dtype} tensor, not 2-D float "
+                            "(layers x dimensions)", fix)
+        if list(t.shape) != list(shapes[g]):
+            raise DataError(f"{path}: scores of '{g}' have shape {list(t.shape)}, the metadata says {shapes[g]}", fix)
+        if not bool(torch.isfinite(t).all()):
+            raise DataError(f"{path}: scores of '{g}' contain NaN or infinite values", fix)
 
 
 def score(model, tokenizer, texts: Sequence[str], cfg: ScoreConfig = ScoreConfig(), *, max_length: int = 512,

@@ -18,14 +18,16 @@ parameters are closest to the target, then keeps each layer's highest-priority d
 from __future__ import annotations
 
 import heapq
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
 
-from diet.config import LAYOUTS
-from diet.errors import ConfigError
+from diet.config import GROUPS, LAYOUTS
+from diet.errors import ConfigError, DataError
 from diet.merge import prunable_params, removal_targets
 
 
@@ -100,9 +102,76 @@ class Mask:
 
     @classmethod
     def load(cls, path) -> "Mask":
-        from diet.io import read_json
+        """Read a mask file written by ``save``, checked when read (DataError naming the file and the fix)."""
+        path = Path(path)
+        if not path.is_file():
+            raise DataError(f"mask file not found: {path}", f"run `{MASK_FIX}` to select the mask")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise _mask_error(path, f"not valid JSON (truncated or another format?): {e}") from None
+        _check_mask_json(path, data)
+        try:
+            return cls.from_json(data)
+        except (ValueError, TypeError, KeyError) as e:
+            raise _mask_error(path, str(e)) from None
 
-        return cls.from_json(read_json(path))
+
+MASK_FIX = "dvc repro select"
+_MASK_KEYS = ("keep", "base_widths", "params_before", "params_after", "target_sparsity")
+
+
+def _mask_error(path, problem: str) -> DataError:
+    return DataError(f"mask {path}: {problem}", f"run `{MASK_FIX}` to regenerate it")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_mask_json(path, data) -> None:
+    """Everything ``Mask.from_json`` relies on, with the group and layer of the first problem."""
+    if not isinstance(data, dict):
+        raise _mask_error(path, f"holds a JSON {type(data).__name__}, not an object")
+    missing = [k for k in _MASK_KEYS if k not in data]
+    if missing:
+        raise _mask_error(path, f"lacks {', '.join(missing)}")
+    keep, base = data["keep"], data["base_widths"]
+    if not isinstance(keep, dict) or not isinstance(base, dict) or not keep:
+        raise _mask_error(path, "'keep' and 'base_widths' must be non-empty objects {group: per-layer lists}")
+    if data.get("layout", "global") not in LAYOUTS:
+        raise _mask_error(path, f"layout {data.get('layout')!r} is not one of {', '.join(LAYOUTS)}")
+    before, after = data["params_before"], data["params_after"]
+    if not _is_int(before) or not _is_int(after) or not 0 < after <= before:
+        raise _mask_error(path, f"params_before {before!r} and params_after {after!r} must be integers with "
+                          "0 < params_after <= params_before")
+    summary = data["summary"].get("groups") if isinstance(data.get("summary"), dict) else None
+    summary = summary if isinstance(summary, dict) else {}  # the human-readable part; checked where present
+    for g, layers in keep.items():
+        if g not in GROUPS:
+            raise _mask_error(path, f"unknown group '{g}' (known: {', '.join(GROUPS)})")
+        widths = base.get(g)
+        if not isinstance(widths, list) or not all(_is_int(w) and w > 0 for w in widths):
+            raise _mask_error(path, f"group '{g}' has no list of positive base widths")
+        if not isinstance(layers, list) or len(layers) != len(widths):
+            raise _mask_error(path, f"group '{g}' keeps {len(layers) if isinstance(layers, list) else '?'} layers, "
+                              f"its base_widths list {len(widths)}")
+        for i, (kept, w) in enumerate(zip(layers, widths)):
+            where = f"group '{g}' layer {i}"
+            if not isinstance(kept, list) or not kept:
+                raise _mask_error(path, f"{where} keeps nothing (an empty layer)")
+            if not all(_is_int(k) for k in kept):
+                raise _mask_error(path, f"{where}: kept indices must be integers")
+            if len(set(kept)) != len(kept):
+                raise _mask_error(path, f"{where} lists an index twice")
+            if min(kept) < 0 or max(kept) >= w:
+                raise _mask_error(path, f"{where} has indices outside [0, {w})")
+            if kept != sorted(kept):
+                raise _mask_error(path, f"{where}: kept indices are not sorted")
+        stated = summary.get(g, {}).get("widths") if isinstance(summary.get(g), dict) else None
+        if stated is not None and str(stated).split() != [str(len(k)) for k in layers]:
+            raise _mask_error(path, f"group '{g}': the summary's widths {stated!r} do not match the keep lists "
+                              f"({' '.join(str(len(k)) for k in layers)})")
 
 
 def floor_width(width: int, min_keep: float, multiple: int) -> int:
@@ -236,3 +305,40 @@ def _check_reachable(groups, widths, costs, floors, sparsity, decoder_params, la
                               "select.multiple")
         raise ConfigError(problem, f"set prune.sparsity <= {math.floor(reachable * 1e4) / 1e4}, or lower "
                           "select.min_keep / select.multiple, or prune more groups")
+
+
+def check_fits(mask: Mask, widths: Mapping[str, Sequence[int]], mask_path, model_path) -> None:
+    """Refuse a mask selected for other layer widths than the model it is applied to (``widths`` by group)."""
+    for g, base in mask.base_widths.items():
+        have = list(widths.get(g, []))
+        if have != list(base):
+            raise DataError(f"mask {mask_path} was selected for {g} widths {base}, but {model_path} has {have}",
+                            f"run `{MASK_FIX}` to select a mask for this model")
+
+
+def read_priority(path, groups: Sequence[str], widths: Mapping[str, Sequence[int]]) -> dict[str, torch.Tensor]:
+    """``{group: (L, W) priority}`` from the merge stage's votes file, checked against the model's ``widths``."""
+    from safetensors.torch import load_file
+
+    path, fix = Path(path), "run `dvc repro merge` to regenerate it"
+    if not path.is_file():
+        raise DataError(f"merged priorities not found: {path}", "run `dvc repro merge` first")
+    try:
+        merged = load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for a damaged file
+        raise DataError(f"{path} is not a readable safetensors file (truncated, or another format): "
+                        f"{type(e).__name__}: {e}", fix) from None
+    out = {}
+    for g in groups:
+        t = merged.get(f"{g}.priority")
+        if t is None:
+            have = ", ".join(sorted(merged)) or "nothing"
+            raise DataError(f"{path} holds no priority for group '{g}' (it has {have})", fix)
+        shape = (len(widths[g]), max(widths[g]))
+        if t.dim() != 2 or not t.dtype.is_floating_point or tuple(t.shape) != shape:
+            raise DataError(f"{path}: the '{g}' priority is a {tuple(t.shape)} {t.dtype} tensor; the model needs "
+                            f"a float {shape} one", fix)
+        if not bool(torch.isfinite(t).all()):
+            raise DataError(f"{path}: the '{g}' priority contains NaN or infinite values", fix)
+        out[g] = t
+    return out

@@ -17,7 +17,8 @@ from typing import Any
 
 import yaml
 
-from flows.repo import CHILD_ENV, FlowError
+from diet.errors import DietError
+from flows.repo import CHILD_ENV, FlowError, check_task_names
 
 
 def parse_sets(items: list[str] | None) -> dict[str, Any]:
@@ -41,6 +42,14 @@ def _floats(text: str) -> list[float]:
 
 def _names(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _task_names(text: str) -> list[str]:
+    """``--tasks a,b``: each name must follow the task-name rule (it becomes a path and a stage name)."""
+    try:
+        return check_task_names(_names(text))
+    except DietError as e:
+        raise argparse.ArgumentTypeError(f"{e.problem} ({e.fix})") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,13 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("push", help="upload task scores and the run-cache to a DVC remote")
     q.add_argument("--repo", default=".", help="the DIET project (default: .)")
     q.add_argument("--remote", help="remote name (default: the default remote)")
-    q.add_argument("--tasks", type=_names, help="comma-separated tasks (default: params.yaml tasks)")
+    q.add_argument("--tasks", type=_task_names, help="comma-separated tasks (default: params.yaml tasks)")
     q.add_argument("--no-deps", action="store_true", help="push only the score files, not the model and task data")
     q.add_argument("--add-remote", metavar="URL", help="first add URL as the default remote named 'shared'")
 
     q = sub.add_parser("pull", help="restore task scores from the default remote instead of computing them")
     common(q)
-    q.add_argument("--tasks", type=_names, help="comma-separated tasks (default: params.yaml tasks)")
+    q.add_argument("--tasks", type=_task_names, help="comma-separated tasks (default: params.yaml tasks)")
     q.add_argument("--all", dest="all_stages", action="store_true", help="the whole pipeline, not only scores")
     q.add_argument("--add-remote", metavar="URL", help="first add URL as the default remote named 'shared'")
     return p
@@ -107,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault(k, v)
     try:
         result = dispatch(args)
-    except FlowError as e:
+    except DietError as e:  # FlowError, and the configuration errors of diet.config
         print(f"error: {e.problem}", file=sys.stderr)
         if e.fix:
             print(f"  fix: {e.fix}", file=sys.stderr)

@@ -137,8 +137,18 @@ def available_tasks(repo: Path, task_dir: str = "data/tasks") -> list[str]:
     return sorted(p.stem for p in (repo / task_dir).glob("*.yaml"))
 
 
+def check_task_names(tasks: Iterable[Any]) -> list[str]:
+    """The names as a list, or a ConfigError naming the first one that breaks the task-name rule
+    (``diet.config.check_task_name``)."""
+    from diet.config import check_task_name
+
+    return [check_task_name(t) for t in tasks]
+
+
 def check_tasks(repo: Path, tasks: Iterable[str], task_dir: str = "data/tasks") -> None:
-    """Every task needs a task file ``<task_dir>/<task>.yaml``; name the missing ones and the known ones."""
+    """Every task needs a valid name and a task file ``<task_dir>/<task>.yaml``; name the missing ones and the
+    known ones."""
+    tasks = check_task_names(tasks)
     known = available_tasks(repo, task_dir)
     missing = [t for t in tasks if not (repo / task_dir / f"{t}.yaml").is_file()]
     if missing:
@@ -242,8 +252,9 @@ def stage_graph(repo: Path) -> dict[str, list[str]]:
     try:
         with Repo(str(repo)) as dvc_repo:
             graph = dvc_repo.index.graph                       # edges: stage -> a stage it depends on
-            stages = [s for s in graph.nodes if getattr(s, "is_data_source", False) is False]
-            parents = {s.addressing: sorted(d.addressing for d in graph.successors(s)) for s in stages}
+            named = [s for s in graph.nodes if getattr(s, "name", None)]  # pipeline stages; .dvc files have none
+            parents = {s.name: sorted(d.name for d in graph.successors(s) if getattr(d, "name", None))
+                       for s in named}
     except DvcException as e:
         raise FlowError(f"DVC cannot read the pipeline in {repo}: {e}", "fix dvc.yaml or params.yaml") from None
     if not parents:

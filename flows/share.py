@@ -19,7 +19,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from flows.pipeline import pipeline_flow
-from flows.repo import FlowError, ensure_repo, lock_stages, read_params, run_dvc
+from flows.repo import FlowError, check_task_names, ensure_repo, lock_stages, read_params, run_dvc
 
 
 def add_remote(repo: str | Path, url: str, name: str = "shared", default: bool = True) -> None:
@@ -44,7 +44,7 @@ SHARED = ("score_generic", "perplexity_dense")
 
 def score_stages(repo: Path, tasks: list[str] | None = None) -> list[str]:
     """The shared stages of ``tasks`` (default: the params' tasks) plus the task-independent shared stages."""
-    tasks = list(tasks) if tasks else list(read_params(repo).get("tasks") or [])
+    tasks = check_task_names(tasks if tasks else read_params(repo).get("tasks") or [])
     return [f"{s}@{t}" for t in tasks for s in SHARED_PER_TASK] + list(SHARED)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -74,12 +75,12 @@ def _check_same_items(table, dense: dict[str, Any], dense_path: Path) -> None:
 
 @task(name="dvc-exp-run", task_run_name="{method} @ {sparsity}", retries=1, retry_delay_seconds=5,
       cache_policy=NO_CACHE)
-def run_experiment(repo: str, method: str, sparsity: float, stages: list[str],
+def run_experiment(repo: str, method: str, sparsity: float, stages: list[str], sweep_id: str,
                    metrics_file: str = PRUNED_METRICS) -> dict[str, Any]:
     """One workspace experiment; returns its name, which of ``stages`` ran, and its metrics (and the dense ones)."""
     logger = get_run_logger()
-    name = experiment_name(method, sparsity)
-    args = ["exp", "run", "--name", name, "--force", "-S", f"prune.sparsity={sparsity}", "-S", f"merge.method={method}"]
+    name = experiment_name(method, sparsity, sweep_id)
+    args = ["exp", "run", "--name", name, "-S", f"prune.sparsity={sparsity}", "-S", f"merge.method={method}"]
     res = run_dvc(args, repo, check=False)
     logger.info("dvc %s\n%s", " ".join(args), res.output.rstrip())
     if res.returncode != 0:
@@ -94,9 +95,9 @@ def run_experiment(repo: str, method: str, sparsity: float, stages: list[str],
             "dense": json.loads(dense.read_text()) if dense.is_file() else None}
 
 
-def experiment_name(method: str, sparsity: float) -> str:
-    """The DVC experiment name of one sweep point, e.g. ``vote-s0.2`` (a later sweep's point replaces it)."""
-    return f"{method}-s{sparsity:g}"
+def experiment_name(method: str, sparsity: float, sweep_id: str) -> str:
+    """The DVC experiment name of one sweep point, e.g. ``vote-s0.2-20261129T0312`` (unique per sweep)."""
+    return f"{method}-s{sparsity:g}-{sweep_id}"
 
 
 def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
@@ -301,10 +302,11 @@ def sweep_flow(repo: str = ".", sparsities: list[float] | None = None, methods: 
         rows = run_stages.with_options(task_runner=runner)(str(root), graph, shared, False, retries)
         publish_report(rows, "diet-sweep-shared", f"DIET sweep in {root}: stages shared by every experiment")
         dense = None
+        sweep_id = time.strftime("%Y%m%dT%H%M%S")
         experiment = run_experiment.with_options(retries=retries)
         for method in methods:
             for sparsity in sparsities:
-                run = experiment(str(root), method, sparsity, order)
+                run = experiment(str(root), method, sparsity, order, sweep_id)
                 dense = dense or run["dense"]
                 ran = [s for s, st in run["stages"].items() if st == RAN]
                 logger.info("%s @ %s (%s): ran %s", method, sparsity, run["experiment"], ", ".join(ran) or "nothing")

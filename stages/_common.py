@@ -18,24 +18,29 @@ log = logging.getLogger("diet")
 def stage_parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error (also: DIET_DEBUG=1)")
     return p
 
 
 def run_stage(main: Callable[[argparse.Namespace, Params], None], parser: argparse.ArgumentParser,
               argv: list[str] | None = None) -> int:
-    """Parse args and params, run ``main``; a DietError becomes a one-screen message and exit code 2."""
+    """Parse args and params, run ``main``. A DietError prints ``error: <problem>`` and ``  fix: <fix>`` and
+    exits 2; any other exception prints one line naming it and exits 1. ``--debug`` or DIET_DEBUG=1 re-raise."""
     logging.basicConfig(level=os.environ.get("DIET_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     args = parser.parse_args(argv)
     record_run()
     try:
-        params = load_params(args.params)
-        main(args, params)
-    except DietError as e:
-        print(f"error: {e.problem}", file=sys.stderr)
-        if e.fix:
-            print(f"  fix: {e.fix}", file=sys.stderr)
-        return 2
+        main(args, load_params(args.params))
+    except Exception as e:
+        if getattr(args, "debug", False) or os.environ.get("DIET_DEBUG", "") not in ("", "0"):
+            raise
+        if isinstance(e, DietError):
+            return _report(e.problem, e.fix, 2)
+        text = str(e).strip().splitlines()
+        return _report(f"unexpected {type(e).__name__}: {text[0] if text else '(no message)'}",
+                       "rerun with --debug (or DIET_DEBUG=1) for the traceback, and report it if the input is "
+                       "correct", 1)
     return 0
 
 
@@ -50,6 +55,13 @@ def record_run() -> None:
     if path and stage:
         with open(path, "a") as f:  # one short append per run: lines of parallel stages never interleave
             f.write(json.dumps({"stage": stage, "pid": os.getpid()}) + "\n")
+
+
+def _report(problem: str, fix: str | None, code: int) -> int:
+    print(f"error: {problem}", file=sys.stderr)
+    if fix:
+        print(f"  fix: {fix}", file=sys.stderr)
+    return code
 
 
 def set_threads() -> None:

@@ -20,6 +20,7 @@ def main(args, params) -> None:
     set_threads()
     from diet.geometry import geometry_from_folder
     from diet.io import atomic_dir, save_tensors, write_json, write_text
+    from diet.plots import per_layer_chart
     from diet.merge import (MOMENT_METHODS, magnitude_scores, merge_scores, moment_baseline_scores,
                             recovery_means_from_files)
     from diet.scoring import model_fingerprint, read_moments, read_scores
@@ -35,7 +36,8 @@ def main(args, params) -> None:
                                   weights=params.merge.weights, expect_fingerprint=fingerprint)
     generic = magnitude = baseline = None
     if method == "task_agnostic":
-        generic = read_scores(args.generic, expect_fingerprint=fingerprint)[0]
+        generic = read_scores(args.generic, expect_fingerprint=fingerprint,
+                              regenerate="dvc repro -f score_generic")[0]
     if method == "magnitude" or method in MOMENT_METHODS:
         from diet.modeling import load_model
 
@@ -54,6 +56,8 @@ def main(args, params) -> None:
     with atomic_dir(args.out) as tmp:
         save_tensors(tmp / "votes.safetensors", tensors)
         write_text(tmp / "agreement.csv", "\n".join(lines) + "\n")
+        per_layer_chart(tmp / "agreement.png", {g: [float(a) for a in m["agreement"]] for g, m in merged.items()},
+                        ylabel="mean pairwise Jaccard", title="Task agreement per layer (the tasks' keep sets)")
         write_json(tmp / "merge.json", {"method": method, "normalize": params.merge.normalize,
                                         "tasks": list(params.tasks), "weights": params.merge.weights,
                                         "sparsity": params.prune.sparsity, "groups": list(params.prune.groups),

@@ -23,7 +23,8 @@ def main(args, params) -> None:
     from diet.modeling import save_pruned
     from diet.pruning import apply_mask, parameter_counts
     from diet.scoring import model_fingerprint
-    from diet.select import Mask
+    from diet.adapters import get_adapter
+    from diet.select import Mask, check_fits
 
     mask = Mask.load(args.mask)
     fingerprint = model_fingerprint(args.model)
@@ -34,6 +35,7 @@ def main(args, params) -> None:
             task_files={t: args.scores / f"{t}.safetensors" for t in params.tasks},
             weights=params.merge.weights, expect_fingerprint=fingerprint)
     model, tokenizer = load_model_and_tokenizer(args.model, params.model.dtype)
+    check_fits(mask, {g: get_adapter(model).group_widths(g) for g in mask.base_widths}, args.mask, args.model)
     before = parameter_counts(model)
     apply_mask(model, mask.keep_tensors(), params.select.layout, means=means)
     after = parameter_counts(model)

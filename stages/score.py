@@ -6,7 +6,6 @@ import logging
 import sys
 from pathlib import Path
 
-from diet.errors import DataError
 from stages._common import run_stage, set_threads, stage_parser
 
 log = logging.getLogger("diet.score")
@@ -14,17 +13,15 @@ log = logging.getLogger("diet.score")
 
 def main(args, params) -> None:
     set_threads()
+    from diet.config import check_task_name
+    from diet.io import sha256_file, sha256_json
     from diet.modeling import load_model_and_tokenizer
-    from diet.io import read_jsonl, sha256_file, sha256_json
     from diet.scoring import model_fingerprint, score, write_scores
+    from diet.tasks import read_calibration
 
-    if not args.calib.exists():
-        raise DataError(f"prepared calibration data missing: {args.calib}",
-                        f"run `dvc repro prepare@{args.task}` first")
-    rows = read_jsonl(args.calib)
+    texts = read_calibration(args.calib, check_task_name(args.task, "--task"))
     model, tokenizer = load_model_and_tokenizer(args.model, params.model.dtype)
-    scores, stats = score(model, tokenizer, [r["text"] for r in rows], params.score,
-                              max_length=params.calibration.max_length)
+    scores, stats = score(model, tokenizer, texts, params.score, max_length=params.calibration.max_length)
     write_scores(args.out, scores, {
         "model_fingerprint": model_fingerprint(args.model), "task": args.task,
         "task_data_hash": sha256_file(args.calib), "n_samples": stats["n_samples"],

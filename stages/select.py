@@ -13,15 +13,13 @@ log = logging.getLogger("diet.select")
 
 def main(args, params) -> None:
     set_threads()
-    from safetensors.torch import load_file
-
     from diet.geometry import geometry_from_folder
     from diet.io import write_text
-    from diet.select import select
+    from diet.plots import per_layer_chart
+    from diet.select import read_priority, select
 
-    merged = load_file(str(args.merged / "votes.safetensors"))
-    priority = {g: merged[f"{g}.priority"] for g in params.prune.groups}
     geo = geometry_from_folder(args.model, groups=params.prune.groups)
+    priority = read_priority(args.merged / "votes.safetensors", params.prune.groups, geo.widths)
     mask = select(priority, geo.widths, geo.costs, sparsity=params.prune.sparsity,
                   decoder_params=geo.decoder_params, min_keep=params.select.min_keep,
                   multiple=params.select.multiple, layout=params.select.layout)
@@ -29,6 +27,8 @@ def main(args, params) -> None:
     rows = ["group,layer,kept,width"] + [f"{g},{i},{k},{w}" for g in mask.widths
                                          for i, (k, w) in enumerate(zip(mask.widths[g], mask.base_widths[g]))]
     write_text(args.out.parent / "widths.csv", "\n".join(rows) + "\n")
+    per_layer_chart(args.out.parent / "widths.png", mask.widths, reference=mask.base_widths, ylabel="kept width",
+                    title=f"Kept width per layer ({mask.summary()['achieved_sparsity']:.1%} of decoder parameters removed)")
     s = mask.summary()
     log.info("mask: %.2f%% of decoder parameters removed (target %.2f%%), %s layout -> %s",
              100 * s["achieved_sparsity"], 100 * s["target_sparsity"], s["layout"], args.out)

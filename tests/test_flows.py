@@ -86,7 +86,7 @@ def test_project_sweep_splits_shared_from_swept_stages():
              "evaluate@a": ["prune", "prepare@a"], "perplexity": ["prune"],
              "report": ["evaluate_dense@a", "perplexity_dense", "evaluate@a", "perplexity", "select"]}
     readers = stages_reading(PROJECT, graph, ["prune.sparsity", "merge.method"])
-    assert readers == {"merge", "select", "report"}
+    assert readers == {"merge", "select", "prune", "report"}   # prune: merge.method picks the recovery means
     assert downstream(graph, readers) == {"merge", "select", "prune", "evaluate@a", "perplexity", "report"}
 
 
@@ -364,8 +364,11 @@ def test_cli_parses_every_command():
 
 
 def test_flows_never_import_torch():
-    code = ("import sys, flows.pipeline, flows.sweep, flows.share, flows.schedule, flows.cli; "
-            "bad = [m for m in ('torch', 'transformers', 'diet') if m in sys.modules]; "
+    """The flows share diet's light layers (errors, config) and never load torch, transformers or a model."""
+    code = ("import sys, flows.pipeline, flows.sweep, flows.share, flows.schedule, flows.cli, flows.repo; "
+            "flows.repo.check_task_names(['t1']); "
+            "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; "
+            "bad += [m for m in sys.modules if m.startswith('diet.') and m not in ('diet.errors', 'diet.config')]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], cwd=PROJECT, check=True, env=dvc_env())
 

@@ -301,7 +301,7 @@ def test_load_model_uses_family_attention_and_dtype(tmp_path):
     assert loaded.config._attn_implementation == "eager"
     assert not loaded.training
     assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
-    with pytest.raises(ModelError, match="config.json"):
+    with pytest.raises(ModelError, match="does not exist"):
         load_model(tmp_path / "missing")
 
 

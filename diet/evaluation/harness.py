@@ -103,7 +103,7 @@ def evaluate_tasks(model, tokenizer, tasks: dict[str, str | Path], *, batch_size
     _sync_tied_flag(model)
     try:
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=int(batch_size), add_bos_token=add_bos,
-                  max_length=model_max_length(model))
+                  max_length=model_max_length(model), backend="causal")  # a pruned model's type is ours
     except Exception as e:  # noqa: BLE001 - lm-eval raises anything; the user needs the cause
         raise DietError(f"lm-eval could not wrap the model: {type(e).__name__}: {e}",
                         "check that the model and tokenizer load with transformers") from e

@@ -17,12 +17,13 @@ reads it.
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 from typing import Any
 
 from diet.errors import DataError
-from diet.io import atomic_dir, read_json, read_jsonl, sha256_file, write_json, write_jsonl
+from diet.io import atomic_dir, read_json, sha256_file, write_json, write_jsonl
 from diet.tasks.sources import load_rows
 from diet.tasks.spec import TaskSpec
 
@@ -66,7 +67,14 @@ def to_item(row: dict, spec: TaskSpec) -> dict[str, Any]:
             if spec.choices not in row:
                 raise DataError(f"task '{spec.name}': choices field '{spec.choices}' is not in the rows",
                                 f"use one of: {', '.join(k for k in row if not k.startswith('_'))}")
-            choices = [str(c) for c in row[spec.choices]]
+            value = row[spec.choices]
+            if not isinstance(value, (list, tuple)) or len(value) < 2:
+                raise DataError(f"task '{spec.name}' (task file {spec.path}), row {row.get('_id')}: choices field "
+                                f"'{spec.choices}' holds {value!r}; a multiple-choice item needs a list of at "
+                                "least 2 choices",
+                                f"fix that row of the data, or point 'choices' in {spec.path} at a field holding "
+                                "a list")
+            choices = [str(c) for c in value]
         else:
             choices = [_fmt(t, row, spec) for t in spec.choices]
     if spec.label not in row:
@@ -151,10 +159,52 @@ def _order(row: dict) -> tuple:
 
 
 def read_prepared(task_dir: str | Path, which: str = "eval") -> tuple[list[dict], dict]:
-    """Rows of ``calib`` or ``eval`` and the meta of one prepared task folder."""
+    """Rows of ``calib`` or ``eval`` and the meta of one prepared task folder, each checked when read."""
     task_dir = Path(task_dir)
     path = task_dir / f"{which}.jsonl"
     if not path.exists() or not (task_dir / "meta.json").exists():
         raise DataError(f"prepared task data missing: {path}",
                         f"run `dvc repro prepare@{task_dir.name}` first")
-    return read_jsonl(path), read_json(task_dir / "meta.json")
+    fix = f"run `dvc repro prepare@{task_dir.name}` to regenerate it"
+    try:
+        meta = read_json(task_dir / "meta.json")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{task_dir / 'meta.json'} is not valid JSON ({e})", fix) from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{task_dir / 'meta.json'} is not a JSON object", fix)
+    need = ("text",) if which == "calib" else ("context", "choices", "label")
+    return read_rows(path, need, task=task_dir.name), meta
+
+
+def read_calibration(path: str | Path, task: str) -> list[str]:
+    """The ``text`` of every row of a prepared ``calib.jsonl``, checked when read."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"prepared calibration data missing: {path}", f"run `dvc repro prepare@{task}` first")
+    return [row["text"] for row in read_rows(path, ("text",), task=task)]
+
+
+def read_rows(path: Path, need: tuple[str, ...], *, task: str) -> list[dict]:
+    """A prepared JSONL file whose every row is an object with the fields ``need``; DataError otherwise."""
+    fix = f"the file is damaged or from another version: run `dvc repro prepare@{task}` to regenerate it"
+    rows = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}, line {n}: not valid JSON ({e.msg})", fix) from None
+                missing = [k for k in need if not isinstance(row, dict) or k not in row]
+                if missing:
+                    raise DataError(f"{path}, line {n}: row lacks {', '.join(missing)}", fix)
+                if "text" in need and not isinstance(row["text"], str):
+                    raise DataError(f"{path}, line {n}: 'text' is {type(row['text']).__name__}, not a string", fix)
+                rows.append(row)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text ({e.reason})", fix) from None
+    if not rows:
+        raise DataError(f"{path} is empty: it holds no rows", fix)
+    return rows

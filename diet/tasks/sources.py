@@ -67,9 +67,24 @@ def _hf_disk(task: str, name: str, split: str) -> list[dict]:
     return [{**row, "_id": f"{split}-{i}"} for i, row in enumerate(ds)]
 
 
+def _local_files(kwargs: dict, split: str) -> list[Path]:
+    """The local data files of ``split`` named in ``data_files`` (a path, a list, or {split: path(s)})."""
+    files = kwargs.get("data_files")
+    if isinstance(files, dict):
+        files = files.get(split)
+    if isinstance(files, str):
+        files = [files]
+    return [Path(f) for f in files or [] if isinstance(f, str) and "://" not in f]
+
+
 def _datasets(task: str, kwargs: dict, split: str) -> list[dict]:
     import datasets
 
+    for path in _local_files(kwargs, split):
+        if path.is_file() and not path.read_bytes().strip():
+            raise DataError(f"task '{task}': data file {path} (split '{split}') is empty",
+                            f"fill it with rows or point data_files in data/tasks/{task}.yaml at the right file, "
+                            f"then run `dvc repro prepare@{task}`")
     try:
         ds = datasets.load_dataset(**kwargs, split=split)
     except (FileNotFoundError, ValueError, KeyError) as e:
@@ -78,4 +93,10 @@ def _datasets(task: str, kwargs: dict, split: str) -> list[dict]:
     except ConnectionError as e:  # pragma: no cover - needs a hub name while offline
         raise DataError(f"task '{task}': dataset {kwargs.get('path')} is not reachable offline: {e}",
                         "use local files (path: json, data_files: ...) or run with network access") from e
+    except Exception as e:  # noqa: BLE001 - datasets wraps parse errors of a damaged file in many types
+        files = ", ".join(map(str, _local_files(kwargs, split))) or kwargs.get("path")
+        raise DataError(f"task '{task}': cannot read split '{split}' from {files}: {type(e).__name__}: "
+                        f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}",
+                        f"fix the data file (one JSON object per line for json) in data/tasks/{task}.yaml's "
+                        f"source, then run `dvc repro prepare@{task}`") from e
     return [{**row, "_id": f"{split}-{i}"} for i, row in enumerate(ds)]

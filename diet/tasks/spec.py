@@ -11,19 +11,23 @@ Example (``data/tasks/my_task.yaml``)::
     label: answer                   # field with the gold choice: an index, or the choice's text
     label_map: {"false": 0, "true": 1}   # optional: raw label value -> choice index
 
-Relative ``data_files`` are resolved against the task file's folder.
+Relative ``data_files`` are resolved against the task file's folder. Templates name plain row fields only
+(``{question}``): attributes, indexing, positional fields, conversions and format specs are refused when the
+task file is read, and a literal ``choices`` list needs at least two entries.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from diet.config import check_task_name
 from diet.errors import ConfigError
 
 SOURCE_KINDS = ("olmo", "hf_disk", "datasets")
@@ -69,6 +73,7 @@ def _err(path: Path, problem: str, fix: str) -> ConfigError:
 
 def load_task(name: str, task_dir: str | Path = "data/tasks") -> TaskSpec:
     """Read and validate ``{task_dir}/{name}.yaml``."""
+    check_task_name(name)
     task_dir = Path(task_dir)
     path = task_dir / f"{name}.yaml"
     if not path.exists():
@@ -102,6 +107,7 @@ def load_task(name: str, task_dir: str | Path = "data/tasks") -> TaskSpec:
     src = raw["source"]
     if not isinstance(src, dict) or len(src) != 1 or next(iter(src)) not in SOURCE_KINDS:
         raise _err(path, f"'source' must have exactly one of {', '.join(SOURCE_KINDS)}", _FIELD_HELP["source"])
+    _check_templates(path, raw)
     if raw.get("preprocess") is not None and raw["preprocess"] not in PREPROCESSORS:
         raise _err(path, f"unknown preprocess '{raw['preprocess']}'", f"use one of: {', '.join(PREPROCESSORS)}")
     splits = {"calibration": "train", "evaluation": "validation", **(raw.get("splits") or {})}
@@ -117,6 +123,52 @@ def load_task(name: str, task_dir: str | Path = "data/tasks") -> TaskSpec:
         src = {"datasets": _resolve_files(dict(src["datasets"] or {}), path.parent)}
         raw["source"] = src
     return TaskSpec(**raw, path=str(path))
+
+
+def _check_templates(path: Path, raw: dict) -> None:
+    """``prompt`` and literal ``choices``: python format strings over plain row fields, two choices at least."""
+    choices = raw.get("choices")
+    if isinstance(choices, list):
+        if len(choices) < 2:
+            raise _err(path, f"'choices' lists {len(choices)} choice(s); a multiple-choice item needs at least 2",
+                       _FIELD_HELP["choices"])
+        templates = [("choices", c) for c in choices]
+    elif choices is None or isinstance(choices, str):
+        templates = []
+    else:
+        raise _err(path, f"'choices' must be a list of templates or a field name, got {type(choices).__name__}",
+                   _FIELD_HELP["choices"])
+    if raw.get("prompt") is not None:
+        templates.insert(0, ("prompt", raw["prompt"]))
+    for key, template in templates:
+        if not isinstance(template, str):
+            raise _err(path, f"'{key}' holds {template!r}, not a text template", _FIELD_HELP[key])
+        problem = template_problem(template)
+        if problem:
+            raise _err(path, f"'{key}' template {template!r}: {problem}",
+                       "use plain row fields only, e.g. \"Question: {question}\\nAnswer:\"; write {{ and }} "
+                       "for literal braces")
+
+
+def template_problem(template: str) -> str | None:
+    """Why ``template`` is not a format string over plain field names (``{question}``), or None if it is.
+
+    Indexing, attributes, positional fields, conversions and format specs are refused: a task file must not
+    reach into python objects (``{question.__class__}``) and each field must name a column of the rows.
+    """
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as e:
+        return f"not a valid format string ({e})"
+    for _, field_name, spec, conversion in parts:
+        if field_name is None:
+            continue
+        if not field_name.isidentifier():
+            what = "an empty field {}" if not field_name else f"field {{{field_name}}}"
+            return f"{what} is not a plain field name"
+        if conversion or spec:
+            return f"field {{{field_name}}} carries a conversion or format spec; only plain {{{field_name}}} is allowed"
+    return None
 
 
 def _resolve_files(kwargs: dict, base: Path) -> dict:

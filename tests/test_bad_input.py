@@ -1,0 +1,637 @@
+"""Bad input and foreign artifacts: every case fails with a clear error and changes nothing.
+
+Each case feeds one wrong thing (a params value, a task file, a damaged or foreign artifact, a flow argument)
+and asserts that the error names the problem and the fix (by meaningful substrings), that a stage entry
+point prints ``error:`` / ``  fix:`` and no traceback, and that no file of the temporary project changed.
+The artifacts are made once per module by the real stages on the tiny llama of ``tests/tiny.py``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from diet.config import Params, load_params
+from diet.errors import ConfigError, DataError, DietError, ModelError
+from stages._common import run_stage
+from tests.repo_fixture import MODEL_DIR, PROJECT, TINY_PARAMS, write_task, write_tiny_model
+
+TASKS = ("t1", "t2")
+
+
+# --- helpers ------------------------------------------------------------------------------------------------
+
+def snapshot(root: Path) -> dict[str, str]:
+    """sha256 of every file under ``root``, by relative path."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and "__pycache__" not in p.parts}
+
+
+def stage(name: str, argv: list[str], capsys) -> tuple[int, str]:
+    """Run ``stages/<name>.py`` in-process through ``run_stage``; (exit code, stderr)."""
+    module = importlib.import_module(f"stages.{name}")
+    capsys.readouterr()
+    code = run_stage(module.main, module.parser(), [str(a) for a in argv])
+    return code, capsys.readouterr().err
+
+
+def assert_clean(code: int, err: str, *needles: str) -> None:
+    """Exit 2, ``error:`` and ``  fix:`` lines, no traceback, and every needle in the message."""
+    assert code == 2, err
+    assert "error: " in err and "\n  fix: " in err, err
+    assert "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, f"{needle!r} not in:\n{err}"
+
+
+def fails_unchanged(repo: Path, name: str, argv: list[str], capsys, *needles: str) -> str:
+    """The stage fails cleanly and leaves every file of ``repo`` as it was (nothing added, nothing changed)."""
+    before = snapshot(repo)
+    code, err = stage(name, argv, capsys)
+    assert_clean(code, err, *needles)
+    assert snapshot(repo) == before, "a failing stage changed or wrote files"
+    return err
+
+
+def write_params(repo: Path, **sections) -> Path:
+    values = {"tasks": list(TASKS), **{k: dict(v) for k, v in TINY_PARAMS.items()}}
+    for section, value in sections.items():
+        values[section] = {**values[section], **value} if isinstance(value, dict) else value
+    path = repo / "params.yaml"
+    path.write_text(yaml.safe_dump(values, sort_keys=False))
+    return path
+
+
+# --- one project with real artifacts, copied per test -------------------------------------------------------
+
+@pytest.fixture(scope="module", autouse=True)
+def checkout_untouched():
+    """Nothing is written into this checkout: the temporary projects hold every file a case writes."""
+    def status():
+        return subprocess.run(["git", "status", "--porcelain"], cwd=PROJECT, capture_output=True, text=True).stdout
+
+    before = status()
+    yield
+    assert status() == before
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, checkout_untouched):
+    """prepare, score, merge, select and prune run once (global layout), plus a uniform pruned checkpoint."""
+    repo = tmp_path_factory.mktemp("bad-input") / "repo"
+    for task in TASKS:
+        write_task(repo, task)
+    write_tiny_model(repo / MODEL_DIR)
+    params = write_params(repo)
+    model = repo / MODEL_DIR
+    runs = [("prepare", ["--task", t, "--task-dir", repo / "data/tasks", "--out", repo / "data/tasks" / t])
+            for t in TASKS]
+    runs += [("score", ["--task", t, "--model", model, "--calib", repo / "data/tasks" / t / "calib.jsonl",
+                        "--out", repo / "scores" / f"{t}.safetensors"]) for t in TASKS]
+    runs += [("merge", ["--model", model, "--scores", repo / "scores", "--out", repo / "merged"]),
+             ("select", ["--model", model, "--merged", repo / "merged", "--out", repo / "masks/mask.json"]),
+             ("prune", ["--model", model, "--mask", repo / "masks/mask.json", "--out", repo / "models/pruned"])]
+    for name, argv in runs:
+        module = importlib.import_module(f"stages.{name}")
+        assert run_stage(module.main, module.parser(), [*map(str, argv), "--params", str(params)]) == 0, name
+    (repo.parent / "uniform").mkdir()
+    uniform = write_params(repo.parent / "uniform", select={"layout": "uniform"})
+    mask = repo.parent / "uniform/mask.json"
+    for name, argv in [("select", ["--model", model, "--merged", repo / "merged", "--out", mask]),
+                       ("prune", ["--model", model, "--mask", mask, "--out", repo.parent / "uniform/pruned"])]:
+        module = importlib.import_module(f"stages.{name}")
+        assert run_stage(module.main, module.parser(), [*map(str, argv), "--params", str(uniform)]) == 0, name
+    return repo
+
+
+@pytest.fixture
+def repo(built, tmp_path):
+    """A private copy of the built project."""
+    dst = tmp_path / "repo"
+    shutil.copytree(built, dst)
+    return dst
+
+
+def argv_of(repo: Path, name: str, task: str = "t1") -> list:
+    model = repo / MODEL_DIR
+    return {
+        "prepare": ["--task", task, "--task-dir", repo / "data/tasks", "--out", repo / "data/tasks" / task],
+        "score": ["--task", task, "--model", model, "--calib", repo / "data/tasks" / task / "calib.jsonl",
+                  "--out", repo / "scores" / f"{task}.safetensors"],
+        "merge": ["--model", model, "--scores", repo / "scores", "--out", repo / "merged"],
+        "select": ["--model", model, "--merged", repo / "merged", "--out", repo / "masks/mask.json"],
+        "prune": ["--model", model, "--mask", repo / "masks/mask.json", "--out", repo / "models/pruned"],
+    }[name] + ["--params", repo / "params.yaml"]
+
+
+# --- params -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["../x", "a/b", "", "-lead", "_lead", "has space", "t1.yaml", "ü", 7, None])
+def test_task_names_follow_the_rule(name):
+    with pytest.raises(ConfigError) as e:
+        Params.from_dict({"tasks": [name]})
+    assert "not a valid task name" in e.value.problem and "letters, digits" in e.value.problem
+    assert "rename the task" in e.value.fix
+
+
+def test_good_task_names_pass():
+    assert Params.from_dict({"tasks": ["arc_easy", "my-task-2", "T3"]}).tasks == ("arc_easy", "my-task-2", "T3")
+
+
+def test_path_like_task_fails_at_params_load_before_anything_is_written(repo, capsys):
+    write_params(repo, tasks=["../x"])
+    fails_unchanged(repo, "prepare", argv_of(repo, "prepare"), capsys, "'../x' is not a valid task name",
+                    "letters, digits, '_' and '-'")
+
+
+def test_merge_weight_of_an_unlisted_task_fails_at_params_load():
+    with pytest.raises(ConfigError) as e:
+        Params.from_dict({"tasks": ["t1"], "merge": {"weights": {"t1": 1.0, "boolq": 0.5}}})
+    assert "merge.weights names 'boolq'" in e.value.problem and "not in 'tasks'" in e.value.problem
+    assert "add the tasks to 'tasks'" in e.value.fix
+
+
+def test_merge_weight_of_an_unlisted_task_fails_before_scores_are_read(repo, capsys):
+    write_params(repo, merge={"weights": {"nope": 2.0}})
+    shutil.rmtree(repo / "scores")  # the params check comes first: no score file is even looked for
+    fails_unchanged(repo, "merge", argv_of(repo, "merge"), capsys, "merge.weights names 'nope'")
+
+
+def test_stage_task_argument_follows_the_rule(repo, capsys):
+    argv = argv_of(repo, "prepare")
+    argv[1] = "../t1"
+    fails_unchanged(repo, "prepare", argv, capsys, "'../t1' is not a valid task name")
+    argv = argv_of(repo, "score")
+    argv[1] = "../t1"
+    fails_unchanged(repo, "score", argv, capsys, "--task '../t1' is not a valid task name")
+
+
+def test_params_file_that_is_not_yaml(repo, capsys):
+    (repo / "params.yaml").write_text("tasks: [t1\n")
+    fails_unchanged(repo, "merge", argv_of(repo, "merge"), capsys, "not valid YAML", "fix the YAML syntax")
+
+
+# --- task files ---------------------------------------------------------------------------------------------
+
+def edit_task(repo: Path, task: str = "t1", **fields) -> None:
+    path = repo / "data/tasks" / f"{task}.yaml"
+    spec = yaml.safe_load(path.read_text())
+    spec.update(fields)
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+
+
+def test_a_literal_list_of_one_choice_fails_at_load(repo, capsys):
+    edit_task(repo, "t2", choices=["yes"])
+    fails_unchanged(repo, "prepare", argv_of(repo, "prepare", "t2"), capsys,
+                    "t2.yaml", "'choices' lists 1 choice(s)", "at least 2")
+
+
+@pytest.mark.parametrize("template, needle", [
+    ("{question.__class__}", "{question.__class__} is not a plain field name"),
+    ("{question[0]}", "{question[0]} is not a plain field name"),
+    ("{0}", "{0} is not a plain field name"),
+    ("{}", "empty field {} is not a plain field name"),
+    ("{question!r}", "conversion or format spec"),
+    ("{question:>{width}}", "conversion or format spec"),
+    ("Question: {question", "not a valid format string"),
+])
+def test_prompt_templates_are_plain_field_names(repo, capsys, template, needle):
+    edit_task(repo, "t1", prompt=template)
+    fails_unchanged(repo, "prepare", argv_of(repo, "prepare"), capsys, "t1.yaml", needle, "use plain row fields only")
+
+
+def test_choice_templates_are_plain_field_names(repo, capsys):
+    edit_task(repo, "t2", choices=["{passage.upper}", "yes"])
+    fails_unchanged(repo, "prepare", argv_of(repo, "prepare", "t2"), capsys,
+                    "'choices' template '{passage.upper}'", "not a plain field name")
+
+
+def rewrite_rows(path: Path, change) -> None:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    path.write_text("".join(json.dumps(change(i, r)) + "\n" for i, r in enumerate(rows)))
+
+
+@pytest.mark.parametrize("value, shown", [(["red"], "['red']"), ("red", "'red'"), ([], "[]")])
+def test_a_choices_field_with_fewer_than_two_choices_fails_naming_the_row(repo, capsys, value, shown):
+    rewrite_rows(repo / "data/tiny/t1/train.jsonl", lambda i, r: {**r, "choices": value} if i >= 3 else r)
+    err = fails_unchanged(repo, "prepare", argv_of(repo, "prepare"), capsys,
+                          "t1.yaml", f"choices field 'choices' holds {shown}", "at least 2 choices")
+    row = int(err.split("row train-")[1].split(":")[0])  # the first sampled row among the damaged ones
+    assert row >= 3
+
+
+def test_an_empty_local_data_file(repo, capsys):
+    (repo / "data/tiny/t1/train.jsonl").write_text("")
+    fails_unchanged(repo, "prepare", argv_of(repo, "prepare"), capsys,
+                    "train.jsonl (split 'train') is empty", "dvc repro prepare@t1")
+
+
+def test_a_local_data_file_that_is_not_json(repo, capsys):
+    (repo / "data/tiny/t1/train.jsonl").write_text('{"question": "a", "choices": ["x", "y"], "answer": 0}\n{oops\n')
+    fails_unchanged(repo, "prepare", argv_of(repo, "prepare"), capsys,
+                    "cannot read split 'train'", "train.jsonl", "dvc repro prepare@t1")
+
+
+@pytest.mark.parametrize("damage, needle", [
+    (lambda p: p.write_text(p.read_text()[:-40]), "line 8: not valid JSON"),               # truncated
+    (lambda p: rewrite_rows(p, lambda i, r: {k: v for k, v in r.items() if k != "text"}), "row lacks text"),
+    (lambda p: rewrite_rows(p, lambda i, r: {**r, "text": 5}), "'text' is int, not a string"),
+    (lambda p: p.write_text(""), "is empty"),
+    (lambda p: p.write_bytes(b"\xff\xfe\x00garbage"), "not UTF-8"),
+])
+def test_damaged_calibration_data(repo, capsys, damage, needle):
+    damage(repo / "data/tasks/t1/calib.jsonl")
+    fails_unchanged(repo, "score", argv_of(repo, "score"), capsys, "calib.jsonl", needle, "dvc repro prepare@t1")
+
+
+def test_damaged_evaluation_data_and_meta(repo):
+    from diet.tasks import read_prepared
+
+    folder = repo / "data/tasks/t1"
+    rewrite_rows(folder / "eval.jsonl", lambda i, r: {k: v for k, v in r.items() if k != "label"})
+    with pytest.raises(DataError) as e:
+        read_prepared(folder)
+    assert "eval.jsonl, line 1: row lacks label" in e.value.problem and "dvc repro prepare@t1" in e.value.fix
+    (folder / "meta.json").write_text('{"task": "t1", ')
+    with pytest.raises(DataError) as e:
+        read_prepared(folder, "calib")
+    assert "meta.json is not valid JSON" in e.value.problem and "dvc repro prepare@t1" in e.value.fix
+
+
+# --- score files --------------------------------------------------------------------------------------------
+
+def rewrite_scores(path: Path, tensors=None, header=None) -> None:
+    """Rewrite a score file with changed tensors and/or header (None: keep)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    save_file(tensors if tensors is not None else load_file(str(path)), str(path),
+              metadata=meta if header is None else header)
+
+
+def scores_meta(path: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads(f.metadata()["diet"])
+
+
+def _truncate(p):
+    p.write_bytes(p.read_bytes()[:-100])
+
+
+def _foreign(p):
+    p.write_text("mlp,layer,score\n0,0,1.0\n")
+
+
+def _no_meta(p):
+    save_file(load_file(str(p)), str(p))
+    p.with_suffix(".json").unlink()
+
+
+def _meta_lacks_shapes(p):
+    meta = scores_meta(p)
+    del meta["shapes"]
+    rewrite_scores(p, header={"diet": json.dumps(meta)})
+
+
+def _one_d(p):
+    rewrite_scores(p, tensors={k: v.flatten() for k, v in load_file(str(p)).items()})
+
+
+def _ints(p):
+    rewrite_scores(p, tensors={k: v.to(torch.int32) for k, v in load_file(str(p)).items()})
+
+
+def _extra_group(p):
+    rewrite_scores(p, tensors={**load_file(str(p)), "hidden": torch.zeros(3, 32)})
+
+
+def _wrong_shape(p):
+    rewrite_scores(p, tensors={k: v[:, :-1].contiguous() if k == "mlp" else v for k, v in load_file(str(p)).items()})
+
+
+def _nan(p):
+    t = load_file(str(p))
+    t["mlp"][0, 0] = float("nan")
+    rewrite_scores(p, tensors=t)
+
+
+@pytest.mark.parametrize("damage, needle", [
+    (_truncate, "not a readable safetensors score file"),
+    (_foreign, "not a readable safetensors score file"),
+    (_no_meta, "carries no score metadata"),
+    (_meta_lacks_shapes, "score metadata lacks shapes"),
+    (_one_d, "1-D torch.float32 tensor, not 2-D float"),
+    (_ints, "2-D torch.int32 tensor, not 2-D float"),
+    (_extra_group, "holds groups ['attention', 'hidden', 'mlp'] but its metadata lists ['attention', 'mlp']"),
+    (_wrong_shape, "have shape [3, 63], the metadata says [3, 64]"),
+    (_nan, "contain NaN or infinite values"),
+], ids=["truncated", "foreign", "no-metadata", "metadata-lacks-shapes", "1-D", "int", "extra-group", "shape", "nan"])
+def test_damaged_score_files(repo, capsys, damage, needle):
+    damage(repo / "scores/t1.safetensors")
+    fails_unchanged(repo, "merge", argv_of(repo, "merge"), capsys, "t1.safetensors", needle, "dvc repro -f score@t1")
+
+
+def test_score_file_of_another_model(repo, capsys):
+    path = repo / "scores/t2.safetensors"
+    rewrite_scores(path, header={"diet": json.dumps({**scores_meta(path), "model_fingerprint": "f" * 64})})
+    fails_unchanged(repo, "merge", argv_of(repo, "merge"), capsys, "scored on model ffff", "dvc repro score@t2")
+
+
+def test_damaged_generic_scores_name_their_own_stage(repo, capsys):
+    shutil.copy(repo / "scores/t1.safetensors", repo / "generic.safetensors")
+    _truncate(repo / "generic.safetensors")
+    write_params(repo, merge={"method": "task_agnostic"})
+    fails_unchanged(repo, "merge", [*argv_of(repo, "merge"), "--generic", repo / "generic.safetensors"], capsys,
+                    "generic.safetensors", "not a readable safetensors", "dvc repro -f score_generic")
+
+
+# --- merged priorities --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("damage, needle", [
+    (_truncate, "not a readable safetensors file"),
+    (lambda p: save_file({"attention.priority": torch.zeros(3, 2)}, str(p)), "holds no priority for group 'mlp'"),
+    (lambda p: save_file({"mlp.priority": torch.zeros(3, 60)}, str(p)), "the model needs a float (3, 64) one"),
+], ids=["truncated", "missing-group", "shape"])
+def test_damaged_merged_priorities(repo, capsys, damage, needle):
+    damage(repo / "merged/votes.safetensors")
+    fails_unchanged(repo, "select", argv_of(repo, "select"), capsys, "votes.safetensors", needle, "dvc repro merge")
+
+
+# --- masks --------------------------------------------------------------------------------------------------
+
+def edit_mask(repo: Path, change) -> None:
+    path = repo / "masks/mask.json"
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+def _set_layer(i, value):
+    def change(d):
+        d["keep"]["mlp"][i] = value(d["keep"]["mlp"][i])
+    return change
+
+
+@pytest.mark.parametrize("damage, needle", [
+    (lambda d: None, "not valid JSON"),  # replaced by a truncation below
+    (lambda d: d.pop("keep"), "lacks keep"),
+    (lambda d: d.pop("params_after"), "lacks params_after"),
+    (_set_layer(0, lambda k: k[:-1] + [64]), "group 'mlp' layer 0 has indices outside [0, 64)"),
+    (_set_layer(1, lambda k: [-1] + k[1:]), "group 'mlp' layer 1 has indices outside [0, 64)"),
+    (_set_layer(2, lambda k: k[:1] + k[:-1]), "group 'mlp' layer 2 lists an index twice"),
+    (_set_layer(0, lambda k: []), "group 'mlp' layer 0 keeps nothing (an empty layer)"),
+    (_set_layer(0, lambda k: k[::-1]), "layer 0: kept indices are not sorted"),
+    (_set_layer(0, lambda k: k[:-8]), "the summary's widths"),
+    (lambda d: d["keep"]["mlp"].pop(), "keeps 2 layers, its base_widths list 3"),
+    (lambda d: d["keep"].update(hidden=d["keep"]["mlp"]), "unknown group 'hidden'"),
+    (lambda d: d.update(params_after=d["params_before"] + 1), "0 < params_after <= params_before"),
+    (lambda d: d.update(layout="diagonal"), "layout 'diagonal'"),
+], ids=["truncated", "no-keep", "no-params-after", "index-too-large", "negative-index", "duplicate", "empty-layer",
+        "unsorted", "widths-vs-keep", "layer-count", "unknown-group", "params", "layout"])
+def test_damaged_masks(repo, capsys, damage, needle):
+    if needle == "not valid JSON":
+        path = repo / "masks/mask.json"
+        path.write_text(path.read_text()[: len(path.read_text()) // 2])
+    else:
+        edit_mask(repo, damage)
+    fails_unchanged(repo, "prune", argv_of(repo, "prune"), capsys, "mask.json", needle, "dvc repro select")
+
+
+def test_mask_of_a_model_with_other_widths(repo, capsys):
+    edit_mask(repo, lambda d: d["base_widths"].update(mlp=[96, 96, 96]))
+    fails_unchanged(repo, "prune", argv_of(repo, "prune"), capsys,
+                    "was selected for mlp widths [96, 96, 96]", "has [64, 64, 64]", "dvc repro select")
+
+
+def test_missing_mask(repo, capsys):
+    (repo / "masks/mask.json").unlink()
+    fails_unchanged(repo, "prune", argv_of(repo, "prune"), capsys, "mask file not found", "dvc repro select")
+
+
+# --- model folders and checkpoints --------------------------------------------------------------------------
+
+def test_missing_base_model_folder_is_not_a_hub_error(repo, capsys):
+    shutil.rmtree(repo / MODEL_DIR)
+    err = fails_unchanged(repo, "score", argv_of(repo, "score"), capsys, "tiny_model does not exist",
+                          "dvc repro model")
+    assert "repo id" not in err.lower() and "huggingface" not in err.lower()
+    fails_unchanged(repo, "select", argv_of(repo, "select"), capsys, "tiny_model does not exist")  # geometry too
+
+
+def test_model_source_folder_that_does_not_exist_is_not_a_hub_error(repo, capsys, monkeypatch):
+    monkeypatch.chdir(repo)  # model.source is relative to the project root, like in params.yaml
+    write_params(repo, model={"source": "data/tiny_modle"})
+    err = fails_unchanged(repo, "model", ["--out", repo / "models/base", "--params", repo / "params.yaml"], capsys,
+                          "model.source 'data/tiny_modle' does not exist", "an existing folder")
+    assert "hub" not in err.split("fix:")[0]
+
+
+def test_model_source_folder_of_an_unknown_model_type(repo, capsys):
+    edit_config(repo / MODEL_DIR, lambda c: c.update(model_type="llamaXL"))
+    write_params(repo, model={"source": str(repo / MODEL_DIR)})
+    fails_unchanged(repo, "model", ["--out", repo / "models/base", "--params", repo / "params.yaml"], capsys,
+                    "model.source: ", "model_type 'llamaXL' is unknown to transformers", "point model.source")
+
+
+def edit_config(folder: Path, change) -> None:
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    change(config)
+    path.write_text(json.dumps(config))
+
+
+def test_model_type_transformers_does_not_know(repo, capsys):
+    edit_config(repo / MODEL_DIR, lambda c: c.update(model_type="llamaXL"))
+    fails_unchanged(repo, "score", argv_of(repo, "score"), capsys,
+                    "model_type 'llamaXL' is unknown to transformers", "use a checkpoint of a supported family")
+
+
+def test_config_that_is_not_json(repo, capsys):
+    (repo / MODEL_DIR / "config.json").write_text('{"model_type": "llama",')
+    fails_unchanged(repo, "score", argv_of(repo, "score"), capsys, "config.json is not valid JSON", "dvc repro model")
+
+
+def test_missing_tokenizer(repo, capsys):
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (repo / MODEL_DIR / name).unlink(missing_ok=True)
+    fails_unchanged(repo, "score", argv_of(repo, "score"), capsys, "cannot load the tokenizer", "dvc repro model")
+
+
+def test_truncated_weights(repo, capsys):
+    weights = repo / MODEL_DIR / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    fails_unchanged(repo, "score", argv_of(repo, "score"), capsys, "cannot load the weights of", "dvc repro model")
+
+
+def load_error(folder: Path) -> ModelError:
+    from diet.modeling import load_model
+
+    with pytest.raises(ModelError) as e:
+        load_model(folder)
+    return e.value
+
+
+def test_pruned_config_with_a_per_layer_list_of_the_wrong_length(repo):
+    pruned = repo / "models/pruned"
+    edit_config(pruned, lambda c: c.update(intermediate_sizes=c["intermediate_sizes"][:2]))
+    e = load_error(pruned)
+    assert "intermediate_sizes lists 2 widths for num_hidden_layers = 3" in e.problem and "dvc repro prune" in e.fix
+
+
+def test_unknown_per_layer_model_type(repo):
+    edit_config(repo / "models/pruned", lambda c: c.update(model_type="diet_mistral"))
+    e = load_error(repo / "models/pruned")
+    assert "'diet_mistral', which this version of diet does not define" in e.problem and "dvc repro prune" in e.fix
+
+
+def test_missing_registration_names_the_import(repo, monkeypatch):
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    extra = {k: v for k, v in CONFIG_MAPPING._extra_content.items() if k != "diet_llama"}
+    monkeypatch.setattr(CONFIG_MAPPING, "_extra_content", extra)
+    e = load_error(repo / "models/pruned")
+    assert "diet classes are not registered" in e.problem
+    assert "import diet.modeling before AutoModelForCausalLM.from_pretrained" in e.fix and "load_model" in e.fix
+
+
+def edit_manifest(folder: Path, change) -> None:
+    path = folder / "manifest.json"
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("damage, needle", [
+    (lambda p: (p / "manifest.json").unlink(), "has no manifest.json"),
+    (lambda p: (p / "manifest.json").write_text('{"checkpoint": {'), "manifest.json is not valid JSON"),
+    (lambda p: edit_manifest(p, lambda m: m.pop("checkpoint")), "lacks its 'checkpoint' entry"),
+    (lambda p: edit_manifest(p, lambda m: m["checkpoint"].update(model_type="diet_qwen2")),
+     "describes a 'diet_qwen2' checkpoint"),
+    (lambda p: edit_manifest(p, lambda m: m["checkpoint"]["widths"]["intermediate_size"].reverse()),
+     "gives intermediate_size per layer"),
+    (lambda p: edit_manifest(p, lambda m: m["checkpoint"]["parameters"].update(total=7)),
+     "counts 7 parameters, the loaded weights"),
+], ids=["missing", "truncated", "no-checkpoint", "model-type", "widths", "parameters"])
+def test_damaged_pruned_manifest(repo, damage, needle):
+    pruned = repo / "models/pruned"
+    if needle == "gives intermediate_size per layer":
+        assert len(set(json.loads((pruned / "config.json").read_text())["intermediate_sizes"])) > 1
+    damage(pruned)
+    e = load_error(pruned)
+    assert needle in e.problem and "dvc repro prune" in e.fix
+
+
+def test_model_cards_say_how_to_load(built):
+    from diet.modeling import load_model
+
+    card = (built / "models/pruned/README.md").read_text()
+    assert "diet_llama" in card and "import diet.modeling" in card and "diet.modeling.load_model(" in card
+    uniform = built.parent / "uniform/pruned"
+    card = (uniform / "README.md").read_text()
+    assert "plain transformers loads it" in card and "import diet" not in card
+    assert json.loads((uniform / "config.json").read_text())["model_type"] == "llama"
+    assert load_model(uniform).config.model_type == "llama"  # its manifest checks out too
+
+
+@pytest.mark.slow  # a fresh interpreter imports torch and transformers: about 5 s
+def test_a_global_checkpoint_without_the_import_is_what_the_card_warns_of(built):
+    """Plain transformers, without ``import diet.modeling``, does not know the per-layer model type."""
+    code = ("import sys; from transformers import AutoModelForCausalLM\n"
+            "try:\n    AutoModelForCausalLM.from_pretrained(sys.argv[1])\n"
+            "except ValueError as e:\n    print('refused', 'diet_llama' in str(e))\n")
+    out = subprocess.run([sys.executable, "-c", code, str(built / "models/pruned")], capture_output=True, text=True,
+                         timeout=120)
+    assert out.stdout.strip() == "refused True", out.stderr[-2000:]
+
+
+# --- stage entry points -------------------------------------------------------------------------------------
+
+def _boom(args, params):
+    raise RuntimeError("something broke\nsecond line")
+
+
+def _parser():
+    from stages._common import stage_parser
+
+    return stage_parser("test stage")
+
+
+def test_unexpected_errors_are_one_line_and_point_to_debug(repo, capsys, monkeypatch):
+    monkeypatch.delenv("DIET_DEBUG", raising=False)
+    capsys.readouterr()
+    code = run_stage(_boom, _parser(), ["--params", str(repo / "params.yaml")])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err and "second line" not in err
+    assert "error: unexpected RuntimeError: something broke" in err and "--debug" in err and "DIET_DEBUG=1" in err
+
+
+def test_debug_flag_and_variable_show_the_traceback(repo, monkeypatch):
+    with pytest.raises(RuntimeError, match="something broke"):
+        run_stage(_boom, _parser(), ["--params", str(repo / "params.yaml"), "--debug"])
+    monkeypatch.setenv("DIET_DEBUG", "1")
+    with pytest.raises(ConfigError, match="params file not found"):
+        run_stage(_boom, _parser(), ["--params", str(repo / "missing.yaml")])
+
+
+@pytest.mark.slow  # a fresh interpreter imports torch and transformers: about 5 s
+def test_stage_as_a_process_prints_no_traceback(repo):
+    path = repo / "masks/mask.json"
+    path.write_text(path.read_text()[:50])
+    before = snapshot(repo)
+    argv = [str(a) for a in argv_of(repo, "prune")]
+    out = subprocess.run([sys.executable, "-m", "stages.prune", *argv], cwd=PROJECT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert "error: mask " in out.stderr and "not valid JSON" in out.stderr
+    assert "fix: run `dvc repro select`" in out.stderr
+    assert snapshot(repo) == before
+
+
+# --- flow arguments -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["../x", "a/b", "x y", ".hidden"])
+def test_check_tasks_refuses_bad_names(tmp_path, name):
+    from flows.repo import check_tasks
+
+    with pytest.raises(DietError) as e:
+        check_tasks(tmp_path, ["t1", name])
+    assert f"{name!r} is not a valid task name" in e.value.problem and "letters, digits" in e.value.problem
+
+
+@pytest.mark.parametrize("command", [["push", "--tasks", "t1,../x"], ["pull", "--tasks", "../x"]])
+def test_cli_tasks_argument_refuses_bad_names(tmp_path, capsys, command):
+    from flows.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main([*command, "--repo", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    assert "argument --tasks: task name '../x' is not a valid task name" in err and "letters, digits" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_run_refuses_a_bad_task_in_set(tmp_path, capsys):
+    from flows.cli import main
+
+    repo = tmp_path / "flowrepo"
+    (repo / ".dvc").mkdir(parents=True)
+    (repo / "dvc.yaml").write_text("stages: {}\n")
+    (repo / "params.yaml").write_text("tasks: [t1]\n")
+    before = snapshot(repo)
+    assert main(["run", "--repo", str(repo), "--set", "tasks=[../x]"]) == 2
+    err = capsys.readouterr().err
+    assert "error: task name '../x' is not a valid task name" in err and "fix: rename the task" in err and "Traceback" not in err
+    assert snapshot(repo) == before
