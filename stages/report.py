@@ -31,20 +31,22 @@ def _read(path: Path, regenerate: str):
 
 
 def main(args, params) -> None:
-    from diet.evaluation.report import markdown_table, model_record, short_metrics
+    from diet.evaluation.report import markdown_table, model_record, paired_differences, short_metrics
     from diet.io import read_json, write_json, write_text
 
     mask = read_json(args.mask) if args.mask.is_file() else {}
     mask_summary = mask.get("summary") or {}
-    records = {}
+    records, results = {}, {}
     for kind, suffix, method in (("dense", "_dense", "dense"), ("pruned", "", params.merge.method)):
         folder = args.results / kind
         tasks = {t: _read(folder / "tasks" / f"{t}.json", f"evaluate{suffix}@{t}") for t in params.tasks}
+        results[kind] = tasks
         stats = _read(folder / "model.json", f"perplexity{suffix}")
         backends = sorted({r.get("backend") for r in tasks.values()})
         records[kind] = model_record(tasks, stats, method=method, backend=",".join(map(str, backends)),
                                      sparsity=mask_summary.get("achieved_sparsity") if kind == "pruned" else 0.0,
                                      mask=mask_summary if kind == "pruned" else None)
+    records["pruned"]["vs_dense"] = paired_differences(results["dense"], results["pruned"])
     for kind, record in records.items():
         write_json(args.results / kind / "summary.json", record)
         write_json(args.out / f"{kind}.json", short_metrics(record))

@@ -41,7 +41,7 @@ TINY_PARAMS: dict[str, Any] = {
     "calibration": {"n_samples": 8, "seed": 0, "max_length": 64},
     "score": {"statistic": "mean_abs", "weight_norm": False, "batch_size": 4, "groups": ["mlp", "attention"]},
     "merge": {"method": "vote", "normalize": "zscore", "weights": {}, "seed": 0},
-    "prune": {"sparsity": 0.2, "groups": ["mlp"]},
+    "prune": {"sparsity": 0.2, "groups": ["mlp"], "recover": "none"},
     "select": {"min_keep": 0.05, "multiple": 8, "layout": "global"},
     "evaluate": {"limit": 8, "seed": 1234, "batch_size": 4, "perplexity_docs": 2, "perplexity_max_length": 64,
                  "backend": "direct"},

@@ -383,7 +383,9 @@ def test_evaluate_perplexity_and_report_stages(tmp_path, tasks):
     assert set(summary["tasks"]) == {"mc", "wg", "yn"} and summary["method"] == "vote"
     assert summary["tasks"]["mc"]["acc_stderr"] > 0 and len(summary["params_per_layer"]) == 3
     table = (tmp_path / "results" / "table.md").read_text()
-    assert "Δ acc" in table and "| mc | 8 |" in table and " ± " in table
+    assert "Δ acc [95% CI]" in table and "| mc | 8 |" in table and " ± " in table
+    assert "+0.0000 [+0.0000, +0.0000] |" in table          # the same model on both sides: no difference
+    assert summary["vs_dense"]["acc"]["mean"]["significant"] is False
 
     (tmp_path / "results/pruned/tasks/yn.json").unlink()   # a missing evaluation names the stage to run
     before = (tmp_path / "metrics" / "pruned.json").read_bytes()

@@ -43,6 +43,21 @@ def model_record(task_results: dict[str, dict], model_stats: dict, *, method: st
             "mask": mask}
 
 
+def paired_differences(reference: dict[str, dict], candidate: dict[str, dict], *, seed: int = 0) -> dict:
+    """``candidate - reference`` accuracy per task and for the mean over tasks, with paired 95% bootstrap
+    intervals (``diet.evaluation.stats``), from the evaluate stage's per-item results of both models:
+    ``{metric: {task | "mean": {diff, low, high, significant, n_items}}}``."""
+    from diet.evaluation.stats import compare_metrics
+
+    def items(results: dict[str, dict]) -> dict[str, dict]:
+        return {t: {str(r["id"]): {k: r[k] for k in ACC_KEYS} for r in res["items"]} for t, res in results.items()}
+
+    compared = compare_metrics(items(reference), items(candidate), metrics=ACC_KEYS, seed=seed)
+    return {metric: {name: {"diff": d.diff, "low": d.low, "high": d.high, "significant": d.significant,
+                            "n_items": d.n_items} for name, d in by_task.items()}
+            for metric, by_task in compared.items()}
+
+
 def short_metrics(record: dict) -> dict:
     """The figures ``dvc metrics show`` prints as columns: mean acc / acc_norm, perplexity, size, sparsity."""
     params = record.get("params") or {}
@@ -72,6 +87,15 @@ def _pm(x: Any, stderr: Any) -> str:
     return f"{_fmt(x)} ± {stderr:.4f}" if _finite(x) and _finite(stderr) else _fmt(x)
 
 
+def _paired(diffs: dict | None, metric: str, name: str) -> str | None:
+    """``+0.031 [+0.004, +0.058]*`` from a ``paired_differences`` entry (star: the interval excludes zero)."""
+    d = ((diffs or {}).get(metric) or {}).get(name)
+    if d is None:
+        return None
+    star = "*" if d["significant"] else ""
+    return f"{d['diff']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]{star}"
+
+
 def _delta(x: Any, ref: Any, digits: int = 4, percent: bool = False) -> str:
     if not (_finite(x) and _finite(ref)):
         return "-"
@@ -91,7 +115,7 @@ def markdown_table(metrics: dict, dense: dict | None = None) -> str:
     dense_tasks = (dense or {}).get("tasks", {})
     header = ["task", "n", "acc", "acc_norm"]
     if dense is not None:
-        header += ["dense acc", "Δ acc", "dense acc_norm", "Δ acc_norm"]
+        header += ["dense acc", "Δ acc [95% CI]", "dense acc_norm", "Δ acc_norm [95% CI]"]
     rows = []
     entries = list(tasks.items()) + [("**mean**", {**metrics.get("mean", {}), "n": None})]
     for name, m in entries:
@@ -99,11 +123,18 @@ def markdown_table(metrics: dict, dense: dict | None = None) -> str:
         row = [name, _fmt(m.get("n")), _pm(m.get("acc"), m.get("acc_stderr")),
                _pm(m.get("acc_norm"), m.get("acc_norm_stderr"))]
         if dense is not None:
-            row += [_fmt(d.get("acc")), _delta(m.get("acc"), d.get("acc")),
-                    _fmt(d.get("acc_norm")), _delta(m.get("acc_norm"), d.get("acc_norm"))]
+            key = "mean" if name == "**mean**" else name
+            paired = metrics.get("vs_dense")
+            row += [_fmt(d.get("acc")), _paired(paired, "acc", key) or _delta(m.get("acc"), d.get("acc")),
+                    _fmt(d.get("acc_norm")),
+                    _paired(paired, "acc_norm", key) or _delta(m.get("acc_norm"), d.get("acc_norm"))]
         rows.append(row)
     lines = [f"### Zero-shot accuracy ({metrics.get('method', '-')}, sparsity {_fmt(metrics.get('sparsity'), 3)})",
              "", *_table(header, rows), ""]
+    if metrics.get("vs_dense"):
+        lines += ["Accuracy ± its standard error. Δ: this model minus the dense one on the same items, with the "
+                  "95% interval of a paired bootstrap over items (10,000 resamples); * marks an interval that "
+                  "excludes zero.", ""]
 
     params, ckpt = metrics.get("params") or {}, metrics.get("checkpoint") or {}
     figures = [
