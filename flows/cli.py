@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from typing import Any
@@ -110,10 +111,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _quiet_user_error_tracebacks() -> None:
+    """Prefect logs a failed flow or task with its traceback; for a DietError (a user's mistake, whose message
+    names the problem and the fix) the log records keep the message alone."""
+    make_record = logging.getLogRecordFactory()
+
+    def factory(*args, **kwargs) -> logging.LogRecord:
+        record = make_record(*args, **kwargs)
+        if record.exc_info and isinstance(record.exc_info[1], DietError):
+            record.exc_info, record.exc_text = None, None
+        return record
+
+    logging.setLogRecordFactory(factory)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     for k, v in CHILD_ENV.items():  # before Prefect is imported: it reads its settings once
         os.environ.setdefault(k, v)
+    _quiet_user_error_tracebacks()
     try:
         result = dispatch(args)
     except DietError as e:  # FlowError, and the configuration errors of diet.config

@@ -30,9 +30,11 @@ def add_remote(repo: str | Path, url: str, name: str = "shared", default: bool =
 
 
 def default_remote(repo: str | Path) -> str | None:
-    res = run_dvc(["remote", "default"], ensure_repo(repo), check=False)
-    name = res.output.strip().splitlines()[-1].strip() if res.returncode == 0 and res.output.strip() else ""
-    return name or None
+    """The name of the repository's default DVC remote (``core.remote`` in DVC's config), if any."""
+    from dvc.repo import Repo
+
+    with Repo(str(ensure_repo(repo))) as dvc_repo:
+        return dvc_repo.config["core"].get("remote") or None
 
 
 #: the stages whose outputs another team needs to skip the costly work: every task's scores (and, with their

@@ -665,3 +665,33 @@ def test_report_refuses_a_dense_row_of_another_evaluation_size(tmp_path):
     assert "| dense | 0.60 / 0.60 | 0.60 / 0.60 |" in md
     with pytest.raises(FlowError, match="no dense metrics at"):
         report(tmp_path, csvs=[tmp_path / "a.csv"], dense=tmp_path / "missing.json")
+
+
+def test_cli_logs_user_errors_without_tracebacks():
+    """A DietError logged with its exception (as Prefect logs a failed flow) keeps the message, not the
+    traceback; any other exception keeps its traceback."""
+    import logging
+
+    from flows.cli import _quiet_user_error_tracebacks
+
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+
+    factory = logging.getLogRecordFactory()
+    logger = logging.getLogger("diet-test-cli")
+    logger.addHandler(Keep())
+    try:
+        _quiet_user_error_tracebacks()
+        for exc in (FlowError("no remote", "add one"), ValueError("a bug")):
+            try:
+                raise exc
+            except Exception:
+                logger.exception("flow failed")
+    finally:
+        logging.setLogRecordFactory(factory)
+    user, bug = records
+    assert user.exc_info is None and "flow failed" in user.getMessage()
+    assert bug.exc_info is not None and bug.exc_info[0] is ValueError
