@@ -221,10 +221,7 @@ def read_config(path: str | os.PathLike):
     config_path = path / "config.json"
     if not config_path.is_file():
         raise ModelError(f"no model checkpoint at {path} (config.json missing)", MODEL_FIX)
-    try:
-        raw = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelError(f"{config_path} is not valid JSON ({e})", MODEL_FIX) from None
+    raw = _read_json(config_path, MODEL_FIX)
     model_type = raw.get("model_type") if isinstance(raw, dict) else None
     if not isinstance(model_type, str) or not model_type:
         raise ModelError(f"{config_path} names no model_type", MODEL_FIX)
@@ -248,6 +245,14 @@ def read_config(path: str | os.PathLike):
     except Exception as e:  # noqa: BLE001 - strict config validation raises several types
         raise ModelError(f"{config_path} does not validate: {_last_line(e)}",
                          PRUNED_FIX if model_type in PRUNED else MODEL_FIX) from None
+
+
+def _read_json(path: Path, fix: str):
+    """A checkpoint's JSON file, or a ModelError naming it and ``fix``."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelError(f"{path} is not valid JSON (truncated?): {e}", fix) from None
 
 
 def _check_layer_lists(raw: dict, config_path: Path) -> None:
@@ -275,10 +280,7 @@ def read_manifest(path: str | os.PathLike, config) -> dict:
     manifest_path = Path(path) / "manifest.json"
     if not manifest_path.is_file():
         raise ModelError(f"pruned checkpoint {path} has no manifest.json", PRUNED_FIX)
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelError(f"{manifest_path} is not valid JSON (truncated?): {e}", PRUNED_FIX) from None
+    manifest = _read_json(manifest_path, PRUNED_FIX)
     checkpoint = manifest.get("checkpoint") if isinstance(manifest, dict) else None
     if not isinstance(checkpoint, dict) or not all(k in checkpoint for k in ("model_type", "widths", "parameters")):
         raise ModelError(f"{manifest_path} lacks its 'checkpoint' entry (model_type, widths, parameters)", PRUNED_FIX)

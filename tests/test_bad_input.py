@@ -372,11 +372,15 @@ def test_damaged_merged_priorities(repo, capsys, damage, needle):
 
 # --- masks --------------------------------------------------------------------------------------------------
 
-def edit_mask(repo: Path, change) -> None:
-    path = repo / "masks/mask.json"
+def edit_json(path: Path, change) -> None:
+    """Apply ``change`` to the JSON object in ``path`` and write it back."""
     data = json.loads(path.read_text())
     change(data)
     path.write_text(json.dumps(data))
+
+
+def edit_mask(repo: Path, change) -> None:
+    edit_json(repo / "masks/mask.json", change)
 
 
 def _set_layer(i, value):
@@ -447,10 +451,7 @@ def test_model_source_folder_of_an_unknown_model_type(repo, capsys):
 
 
 def edit_config(folder: Path, change) -> None:
-    path = folder / "config.json"
-    config = json.loads(path.read_text())
-    change(config)
-    path.write_text(json.dumps(config))
+    edit_json(folder / "config.json", change)
 
 
 def test_model_type_transformers_does_not_know(repo, capsys):
