@@ -20,9 +20,9 @@ def main(args, params) -> None:
     set_threads()
     from diet.geometry import geometry_from_folder
     from diet.io import atomic_dir, save_tensors, write_json, write_text
-    from diet.plots import per_layer_chart
     from diet.merge import (MOMENT_METHODS, magnitude_scores, merge_scores, moment_baseline_scores,
                             recovery_means_from_files)
+    from diet.plots import per_layer_chart
     from diet.scoring import model_fingerprint, read_moments, read_scores
 
     fingerprint = model_fingerprint(args.model)
