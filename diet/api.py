@@ -30,8 +30,9 @@ def plan(task_scores: Mapping[str, Mapping[str, torch.Tensor]], geo: Geometry, *
          select_cfg: SelectConfig = SelectConfig(), generic: Mapping[str, torch.Tensor] | None = None,
          magnitude: Mapping[str, torch.Tensor] | None = None, baseline: Mapping[str, torch.Tensor] | None = None):
     """Merge per-task scores into one order per group and select the mask: (merged, Mask)."""
-    from diet.select import select
+    from diet.select import check_constraints, select
 
+    check_constraints(geo.widths, prune_cfg.groups, select_cfg.min_keep, select_cfg.multiple)
     merged = merge_scores(task_scores, geo, merge_cfg=merge_cfg, prune_cfg=prune_cfg,
                           generic=generic, magnitude=magnitude, baseline=baseline)
     mask = select({g: m["priority"] for g, m in merged.items()}, geo.widths, geo.costs,

@@ -186,20 +186,64 @@ class PruneConfig:
         _choice("prune", "recover", self.recover, RECOVERIES)
 
 
+def check_min_keep(key: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
+        raise ConfigError(f"{key} = {value!r} must be in [0, 1)",
+                          "set the least share of each layer's dimensions to keep, e.g. 0.05")
+
+
+def check_multiple(key: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{key} = {value!r} must be a positive integer", f"set {key} to e.g. 8 (or 1)")
+
+
+def check_per_group(key: str, value: Any, check_one) -> None:
+    """Validate a constraint given as one value for every group, or as a mapping ``{group: value}``.
+
+    A mapping may only name known groups (``GROUPS``); each value is checked by ``check_one(key, value)``.
+    """
+    if isinstance(value, Mapping):
+        if not value:
+            raise ConfigError(f"{key} is an empty mapping", f"give one value for every group, e.g. {key}: 8, or "
+                              f"one per pruned group, e.g. {{mlp: 8, attention: 1}}")
+        for group, one in value.items():
+            if group not in GROUPS:
+                raise ConfigError(f"{key} names an unknown group {group!r}",
+                                  f"use group names from: {', '.join(GROUPS)}")
+            check_one(f"{key}.{group}", one)
+    else:
+        check_one(key, value)
+
+
+def per_group(value: Any, group: str) -> Any:
+    """The value of a per-group constraint (scalar or ``{group: value}``) for ``group`` (None if not given)."""
+    return value.get(group) if isinstance(value, Mapping) else value
+
+
 @dataclass(frozen=True)
 class SelectConfig:
-    """Constraints that turn a ranking into per-layer widths."""
+    """Constraints that turn a ranking into per-layer widths.
 
-    min_keep: float = 0.05
-    multiple: int = 8
+    ``min_keep`` and ``multiple`` are each one value for every pruned group, or a mapping per group
+    (``multiple: {mlp: 8, attention: 1}``); a mapping must name every group of ``prune.groups``
+    (``Params.cross_check``). Limits that depend on the model's widths (a ``multiple`` above a group's width,
+    a ``min_keep`` that keeps every dimension) are checked by ``diet.select.check_constraints``.
+    """
+
+    min_keep: float | dict[str, float] = 0.05
+    multiple: int | dict[str, int] = 8
     layout: str = "global"
 
     def validate(self) -> None:
-        if not isinstance(self.min_keep, (int, float)) or not 0.0 <= float(self.min_keep) < 1.0:
-            raise ConfigError(f"select.min_keep = {self.min_keep!r} must be in [0, 1)",
-                              "set the least share of each layer's dimensions to keep, e.g. 0.05")
-        _positive_int("select", "multiple", self.multiple)
+        check_per_group("select.min_keep", self.min_keep, check_min_keep)
+        check_per_group("select.multiple", self.multiple, check_multiple)
         _choice("select", "layout", self.layout, LAYOUTS)
+
+    def min_keep_for(self, group: str) -> float:
+        return per_group(self.min_keep, group)
+
+    def multiple_for(self, group: str) -> int:
+        return per_group(self.multiple, group)
 
 
 @dataclass(frozen=True)
@@ -274,6 +318,15 @@ class Params:
 
     def cross_check(self) -> None:
         """Checks that span sections, run when params are read: before any stage does work."""
+        for key in ("min_keep", "multiple"):
+            value = getattr(self.select, key)
+            missing = [g for g in self.prune.groups if per_group(value, g) is None]
+            if missing:
+                given = ", ".join(f"{g}: {v}" for g, v in value.items())
+                raise ConfigError(f"select.{key} gives values per group ({{{given}}}) but none for "
+                                  f"{', '.join(missing)}, which prune.groups prunes",
+                                  f"add {', '.join(f'{g}: <value>' for g in missing)} to select.{key}, or give "
+                                  "one value for every group")
         unscored = [g for g in self.prune.groups if g not in self.score.groups]
         if self.prune.recover == "bias" and unscored:
             raise ConfigError(f"prune.recover: bias needs the calibration means of every pruned group, but "

@@ -8,6 +8,8 @@ from typing import Sequence
 
 import torch
 
+from diet.config import GROUPS
+
 
 @dataclass(frozen=True)
 class Geometry:
@@ -18,7 +20,7 @@ class Geometry:
     decoder_params: int            # parameters of all decoder layers (the base of sparsity)
 
 
-def geometry(model, groups: Sequence[str] = ("mlp", "attention")) -> Geometry:
+def geometry(model, groups: Sequence[str] = GROUPS) -> Geometry:
     from diet.adapters import get_adapter
 
     adapter = get_adapter(model)
@@ -27,7 +29,7 @@ def geometry(model, groups: Sequence[str] = ("mlp", "attention")) -> Geometry:
                     decoder_params=adapter.decoder_param_count())
 
 
-def geometry_from_folder(model_dir: str | Path, groups: Sequence[str] = ("mlp", "attention")) -> Geometry:
+def geometry_from_folder(model_dir: str | Path, groups: Sequence[str] = GROUPS) -> Geometry:
     """Geometry from a model folder's config alone (the model is built on the meta device: no weights read)."""
     from transformers import AutoModelForCausalLM
 

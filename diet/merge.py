@@ -30,7 +30,8 @@ of that output projection ``W`` (H, D); ``moment_baseline_scores`` computes them
 * ``flap``: channel ``c`` scores ``var_c * sum_i W[i, c]^2`` (FLAP's fluctuation metric), always
   standardised per layer (``FLAP_NORMALIZE``) whatever ``merge.normalize`` says.
 
-A KV group (``attention``) sums the scores of its channels (the o_proj columns of its query heads).
+A dimension that owns a block of channels (an ``attention`` KV group: the o_proj columns of its query heads;
+``DimensionGroup.channel_blocks``) sums the scores of its channels.
 
 Recovery (``prune.recover: bias``) folds the mean of the removed channels into the output projection's bias;
 ``recovery_means`` picks the means of the data the method ranked with (``means_source``).
@@ -47,6 +48,7 @@ import torch
 
 from diet.config import METHODS, NORMALIZATIONS, MergeConfig, PruneConfig
 from diet.errors import ConfigError, DataError
+from diet.groups import get_group
 
 TASK_METHODS = ("vote", "mean", "rank")
 #: methods whose order comes from the generic text's activation moments and the weights
@@ -287,31 +289,10 @@ def magnitude_scores(model, adapter=None, groups: Sequence[str] = ("mlp",)) -> d
 
         adapter = get_adapter(model)
 
-    def sq(lin, dim):  # squared norms of rows (dim=1) or columns (dim=0) of a Linear's weight
-        return lin.weight.detach().float().square().sum(dim=dim)
-
     out = {}
     for group in groups:
-        rows = []
-        for layer in range(adapter.num_layers):
-            if group == "mlp":
-                ins, down = adapter.mlp_projections(layer)
-                total = sq(down, 0)                                                     # (I,)
-                for lin in ins:
-                    total = total + sq(lin, 1)                                          # (I,)
-                    if lin.bias is not None:
-                        total = total + lin.bias.detach().float().square()
-            elif group == "attention":
-                q, k, v, o = adapter.attention_projections(layer)
-                g = adapter.num_kv_heads(layer)
-                total = sq(o, 0).view(g, -1).sum(dim=1)                                 # (G,)
-                for lin in (q, k, v):  # rows: heads contiguous, a group's rows contiguous
-                    total = total + sq(lin, 1).view(g, -1).sum(dim=1)                   # (G,)
-                    if lin.bias is not None:
-                        total = total + lin.bias.detach().float().square().view(g, -1).sum(dim=1)
-            else:
-                raise ValueError(f"unknown group {group!r}")
-            rows.append(total.sqrt().cpu())
+        rule = get_group(group)
+        rows = [rule.magnitude(adapter, layer).cpu() for layer in range(adapter.num_layers)]  # each (W,)
         if len({r.numel() for r in rows}) != 1:
             raise DataError(f"group '{group}' has different widths per layer", "use the base (unpruned) model")
         out[group] = torch.stack(rows)                                                  # (L, W)
@@ -346,9 +327,8 @@ def moment_baseline_scores(method: str, model, moments: Mapping[str, Mapping[str
                 channel = w.abs().sum(dim=0) * (var[layer] + mean[layer].square()).sqrt()  # (D,)
             else:  # flap
                 channel = var[layer] * w.square().sum(dim=0)                               # (D,)
-            if group == "attention":
-                channel = channel.view(adapter.num_kv_heads(layer), -1).sum(dim=1)         # (G,)
-            rows.append(channel)
+            blocks = get_group(group).channel_blocks(adapter, layer)  # a dimension sums its block of channels
+            rows.append(channel if blocks is None else channel.view(blocks, -1).sum(dim=1))  # (W,)
         if len({r.numel() for r in rows}) != 1:
             raise DataError(f"group '{group}' has different widths per layer", "use the base (unpruned) model")
         out[group] = torch.stack(rows).float()                                          # (L, W)

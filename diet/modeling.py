@@ -1,6 +1,6 @@
 """Loadable pruned checkpoints.
 
-Two formats, chosen by the widths the mask leaves (``ModelAdapter.write_config``):
+Two formats, chosen by the widths the mask leaves (``write_config``):
 
 * **uniform** (same widths in every layer): a stock config with ``intermediate_size``,
   ``num_attention_heads`` and ``num_key_value_heads`` updated and ``head_dim`` explicit. Plain transformers
@@ -37,16 +37,10 @@ from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from diet.adapters import PRUNED, SUPPORTED, adapter_class, family, get_adapter, pruned_model_type
+from diet.adapters.base import parameter_counts
 from diet.errors import ModelError
+from diet.groups import GROUPS, PER_LAYER_FIELDS  # PER_LAYER_FIELDS: stock width field -> per-layer list field
 from diet.io import atomic_dir, write_json, write_text
-from diet.pruning import parameter_counts
-
-#: stock scalar config field -> per-layer list field of the diet_<family> configs
-PER_LAYER_FIELDS = {
-    "intermediate_size": "intermediate_sizes",
-    "num_attention_heads": "num_heads_per_layer",
-    "num_key_value_heads": "num_kv_heads_per_layer",
-}
 
 #: per-layer config field: groups whose output projection carries a bias that no stock flag expresses
 OUTPUT_BIASES_FIELD = "output_biases"
@@ -72,8 +66,6 @@ def _validate_per_layer(config) -> None:
         per_group = config.num_attention_heads // config.num_key_value_heads
         if any(h != k * per_group for h, k in zip(heads, kv)):
             raise ValueError(f"every layer needs {per_group} query heads per KV head")
-    from diet.adapters.base import GROUPS
-
     unknown = [g for g in (getattr(config, OUTPUT_BIASES_FIELD) or []) if g not in GROUPS]
     if unknown:
         raise ValueError(f"{OUTPUT_BIASES_FIELD} lists unknown groups {unknown}; known: {list(GROUPS)}")
@@ -82,11 +74,7 @@ def _validate_per_layer(config) -> None:
 def _shape_layers(model) -> None:
     """Slice a freshly built model (every layer at the widest widths) to the per-layer widths of its config."""
     config = model.config
-    keep = {}
-    if config.intermediate_sizes is not None:
-        keep["mlp"] = [torch.arange(w) for w in config.intermediate_sizes]
-    if config.num_kv_heads_per_layer is not None:
-        keep["attention"] = [torch.arange(k) for k in config.num_kv_heads_per_layer]
+    keep = {name: kept for name, group in GROUPS.items() if (kept := group.per_layer_keep(config)) is not None}
     adapter = get_adapter(model)
     adapter.slice_weights(keep)
     adapter.ensure_output_biases(getattr(config, OUTPUT_BIASES_FIELD) or [])
@@ -146,6 +134,28 @@ def retype(model, per_layer: bool) -> None:
     config.__dict__.pop("model_type", None)  # a config read from config.json holds it per instance
     config.__class__ = config_class
     model.__class__ = model_class
+
+
+def write_config(model) -> None:
+    """Make the config of a sliced ``model`` describe its weights.
+
+    Uniform widths that stock transformers accepts give a stock config (``intermediate_size``,
+    ``num_attention_heads``, ``num_key_value_heads``; ``head_dim`` stays explicit). Otherwise the model and
+    config become the registered ``diet_<family>`` types that also carry the per-layer lists; their scalar
+    fields hold the widest layer.
+    """
+    adapter = get_adapter(model)
+    widths = adapter.layer_widths()
+    unflagged = adapter.carry_output_biases()
+    uniform = all(len(set(v)) == 1 for v in widths.values())
+    per_layer = not uniform or bool(unflagged) or stock_config_problem(model.config, widths) is not None
+    retype(model, per_layer=per_layer)
+    for name, values in widths.items():
+        setattr(model.config, name, max(values))
+        if per_layer:
+            setattr(model.config, PER_LAYER_FIELDS[name], list(values))
+    if per_layer:
+        setattr(model.config, OUTPUT_BIASES_FIELD, unflagged or None)
 
 
 def stock_config_problem(config, widths: dict[str, list[int]]) -> str | None:

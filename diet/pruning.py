@@ -1,8 +1,9 @@
 """Pruning primitives that keep module metadata, the config and the checkpoint format true.
 
 ``keep`` everywhere is ``{group: [LongTensor of kept indices, one per layer]}`` with the groups of
-``diet.adapters.base.GROUPS``; a group left out of ``keep`` is not pruned. For ``attention`` the indices are
-KV groups (see ``diet.adapters.base``).
+``diet.groups.GROUPS``; a group left out of ``keep`` is not pruned. For ``attention`` the indices are
+KV groups (see ``diet.groups``). The primitives (``slice_linear``) live in ``diet.groups``, the config update
+in ``diet.modeling.write_config``; this module composes them.
 
 Recovery (``prune.recover: bias``, ``fold_means``): ``means`` is ``{group: (L, D)}``, the calibration mean of
 every input channel of each layer's output projection (down_proj: ``D = I``; o_proj: ``D = n_heads *
@@ -21,31 +22,14 @@ import torch
 from torch import nn
 
 from diet.adapters import get_adapter
+from diet.adapters.base import parameter_counts
 from diet.errors import ModelError
+from diet.groups import slice_linear
+from diet.modeling import stock_config_problem, write_config
+
+__all__ = ["LAYOUTS", "apply_mask", "fold_means", "parameter_counts", "slice_linear", "zero_mask"]
 
 LAYOUTS = ("global", "uniform")
-
-
-def slice_linear(linear: nn.Linear, idx: torch.Tensor, dim: str) -> nn.Linear:
-    """Keep only the output rows (``dim="out"``) or input columns (``dim="in"``) ``idx`` of ``linear``, in place.
-
-    ``in_features`` / ``out_features`` follow the new weight; an output slice also slices the bias.
-    Returns ``linear`` (the same module, so hooks and references stay valid).
-    """
-    w = linear.weight  # (out, in)
-    idx = idx.to(device=w.device, dtype=torch.long)
-    if dim == "out":
-        linear.weight = nn.Parameter(w.detach().index_select(0, idx), requires_grad=w.requires_grad)  # (k, in)
-        if linear.bias is not None:
-            b = linear.bias
-            linear.bias = nn.Parameter(b.detach().index_select(0, idx), requires_grad=b.requires_grad)  # (k,)
-        linear.out_features = idx.numel()
-    elif dim == "in":
-        linear.weight = nn.Parameter(w.detach().index_select(1, idx), requires_grad=w.requires_grad)  # (out, k)
-        linear.in_features = idx.numel()
-    else:
-        raise ValueError(f"dim must be 'out' or 'in', got {dim!r}")
-    return linear
 
 
 def apply_mask(model: nn.Module, keep: dict[str, list[torch.Tensor]], layout: str = "global",
@@ -71,8 +55,6 @@ def apply_mask(model: nn.Module, keep: dict[str, list[torch.Tensor]], layout: st
         if uneven:
             raise ModelError(f"layout 'uniform' needs the same width in every layer, the mask gives {uneven}",
                              "select the mask with select.layout: uniform, or prune with layout: global")
-        from diet.modeling import stock_config_problem
-
         problem = stock_config_problem(model.config, widths)
         if problem:
             raise ModelError(f"the uniformly pruned config is not one stock transformers accepts: {problem}",
@@ -80,7 +62,8 @@ def apply_mask(model: nn.Module, keep: dict[str, list[torch.Tensor]], layout: st
                              "prune only the mlp group, or use layout: global")
     if means is not None:
         fold_means(model, keep, means)
-    adapter.prune(keep)
+    adapter.slice_weights(keep)
+    write_config(model)
     return model
 
 
@@ -136,18 +119,3 @@ def _removed(kept: torch.Tensor, width: int) -> torch.Tensor:
     mask = torch.ones(width, dtype=torch.bool)
     mask[kept] = False
     return mask.nonzero().flatten()  # (width - len(kept),)
-
-
-def parameter_counts(model: nn.Module) -> dict:
-    """Parameter counts, each shared (tied) tensor counted once.
-
-    ``embedding``: input embeddings plus an untied output head; ``non_embedding`` = total - embedding;
-    ``decoder``: the decoder layers (the base of ``prune.sparsity``); ``per_layer``: one count per layer.
-    """
-    total = sum(p.numel() for p in model.parameters())
-    embedding_params = {id(m.weight): m.weight for m in (model.get_input_embeddings(), model.get_output_embeddings())
-                        if m is not None}
-    embedding = sum(p.numel() for p in embedding_params.values())
-    per_layer = [sum(p.numel() for p in layer.parameters()) for layer in get_adapter(model).decoder_layers()]
-    return {"total": total, "embedding": embedding, "non_embedding": total - embedding,
-            "decoder": sum(per_layer), "per_layer": per_layer}

@@ -49,6 +49,7 @@ from torch import nn
 from diet.batching import by_length, pad_right
 from diet.config import STATISTICS, ScoreConfig
 from diet.errors import DataError, DietError, ModelError
+from diet.groups import get_group
 from diet.io import read_json, save_tensors, sha256_file, write_json
 
 #: metadata every score file carries (``code_version`` and ``groups`` are added by ``write_scores``)
@@ -194,18 +195,8 @@ def encode_texts(tokenizer, texts: Sequence[str], *, max_length: int, add_bos: b
 def output_weight_norms(adapter, group: str) -> torch.Tensor:
     """L2 norm of each dimension's output-projection columns, (L, W) float64 (summed in an order that no thread
     count changes the result of at float32 resolution)."""
-    rows = []
-    for layer in range(adapter.num_layers):
-        if group == "mlp":
-            w = adapter.mlp_projections(layer)[1].weight.detach().double()   # (H, I)
-            rows.append(w.norm(dim=0))                                        # (I,)
-        elif group == "attention":
-            w = adapter.attention_projections(layer)[3].weight.detach().double()  # (H, n_heads * hd)
-            n_kv = adapter.num_kv_heads(layer)
-            w = w.view(w.shape[0], n_kv, -1)                                  # (H, G, hpg * hd)
-            rows.append(w.square().sum(dim=(0, 2)).sqrt())                    # (G,)
-        else:
-            raise ValueError(f"unknown group {group!r}")
+    rule = get_group(group)
+    rows = [rule.weight_norms(adapter, layer) for layer in range(adapter.num_layers)]  # each (W,)
     return _stack_layers(rows, group).cpu()
 
 
@@ -279,8 +270,8 @@ def score_texts(model: nn.Module, tokenizer, texts: Sequence[str], *, groups: Se
                 n_tokens += int(mask.sum())
         scores = {}
         for group in groups:
-            rows = [stats.finalize(adapter.num_kv_heads(layer) if group == "attention" else None)
-                    for layer, stats in enumerate(rec.stats[group])]
+            rule = get_group(group)
+            rows = [stats.finalize(rule.channel_blocks(adapter, layer)) for layer, stats in enumerate(rec.stats[group])]
             s = _stack_layers(rows, group)                                     # (L, W)
             if weight_norm:
                 s = s.double() * output_weight_norms(adapter, group)           # (L, W)

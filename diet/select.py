@@ -26,8 +26,10 @@ from typing import Mapping, Sequence
 
 import torch
 
-from diet.config import GROUPS, LAYOUTS
+from diet.config import GROUPS as GROUP_NAMES
+from diet.config import LAYOUTS, check_min_keep, check_multiple, check_per_group, per_group
 from diet.errors import ConfigError, DataError
+from diet.groups import GROUPS
 from diet.merge import prunable_params, removal_targets
 
 
@@ -41,8 +43,8 @@ class Mask:
     params_after: int
     target_sparsity: float
     layout: str = "global"
-    multiple: int = 1
-    min_keep: float = 0.0
+    multiple: int | dict[str, int] = 1          # one for every group, or per group (select.multiple)
+    min_keep: float | dict[str, float] = 0.0    # one for every group, or per group (select.min_keep)
     widths: dict[str, list[int]] = field(init=False)  # group -> kept width per layer
 
     def __post_init__(self):
@@ -93,7 +95,8 @@ class Mask:
                    base_widths={g: list(map(int, w)) for g, w in data["base_widths"].items()},
                    params_before=int(data["params_before"]), params_after=int(data["params_after"]),
                    target_sparsity=float(data["target_sparsity"]), layout=data.get("layout", "global"),
-                   multiple=int(data.get("multiple", 1)), min_keep=float(data.get("min_keep", 0.0)))
+                   multiple=_per_group_value(data.get("multiple", 1), int),
+                   min_keep=_per_group_value(data.get("min_keep", 0.0), float))
 
     def save(self, path) -> None:
         from diet.io import write_json
@@ -115,6 +118,11 @@ class Mask:
             return cls.from_json(data)
         except (ValueError, TypeError, KeyError) as e:
             raise _mask_error(path, str(e)) from None
+
+
+def _per_group_value(value, cast):
+    """A constraint read from a mask file: one value, or ``{group: value}``."""
+    return {str(g): cast(v) for g, v in value.items()} if isinstance(value, Mapping) else cast(value)
 
 
 MASK_FIX = "dvc repro select"
@@ -148,8 +156,8 @@ def _check_mask_json(path, data) -> None:
     summary = data["summary"].get("groups") if isinstance(data.get("summary"), dict) else None
     summary = summary if isinstance(summary, dict) else {}  # the human-readable part; checked where present
     for g, layers in keep.items():
-        if g not in GROUPS:
-            raise _mask_error(path, f"unknown group '{g}' (known: {', '.join(GROUPS)})")
+        if g not in GROUP_NAMES:
+            raise _mask_error(path, f"unknown group '{g}' (known: {', '.join(GROUP_NAMES)})")
         widths = base.get(g)
         if not isinstance(widths, list) or not all(_is_int(w) and w > 0 for w in widths):
             raise _mask_error(path, f"group '{g}' has no list of positive base widths")
@@ -187,36 +195,94 @@ def _next_width(width: int, current: int, floor: int, multiple: int) -> int | No
 
 
 def select(priority: Mapping[str, torch.Tensor], widths: Mapping[str, Sequence[int]],
-           costs: Mapping[str, Sequence[int]], *, sparsity: float, decoder_params: int, min_keep: float,
-           multiple: int, layout: str) -> Mask:
-    """Kept dimensions per layer for every group in ``priority`` ({group: (L, W), higher = keep first})."""
+           costs: Mapping[str, Sequence[int]], *, sparsity: float, decoder_params: int,
+           min_keep: float | Mapping[str, float], multiple: int | Mapping[str, int], layout: str) -> Mask:
+    """Kept dimensions per layer for every group in ``priority`` ({group: (L, W), higher = keep first}).
+
+    ``min_keep`` and ``multiple`` are one value for every group or a mapping ``{group: value}`` naming every
+    group of ``priority`` (``diet.config.SelectConfig``).
+    """
     if layout not in LAYOUTS:
         raise ConfigError(f"select.layout = {layout!r} is not supported", f"use one of: {', '.join(LAYOUTS)}")
-    if not isinstance(multiple, int) or multiple < 1:
-        raise ConfigError(f"select.multiple = {multiple!r} must be a positive integer", "set e.g. multiple: 8")
-    if not 0.0 <= float(min_keep) < 1.0:
-        raise ConfigError(f"select.min_keep = {min_keep!r} must be in [0, 1)", "set e.g. min_keep: 0.05")
     if not 0.0 < float(sparsity) < 1.0:
         raise ConfigError(f"prune.sparsity = {sparsity!r} is outside (0, 1)", "set e.g. sparsity: 0.2")
     groups = list(priority)
+    keeps, multiples = _resolve(min_keep, multiple, groups)
     for g in groups:
         if g not in widths or g not in costs:
             raise ValueError(f"group '{g}' has a priority but no widths or costs")
         if tuple(priority[g].shape) != (len(widths[g]), max(widths[g])):
             raise ValueError(f"priority of '{g}' is {tuple(priority[g].shape)}, widths are {list(widths[g])}")
-    floors = {g: [floor_width(w, min_keep, multiple) for w in widths[g]] for g in groups}
-    _check_reachable(groups, widths, costs, floors, sparsity, decoder_params, layout, multiple)
+    floors = {g: [floor_width(w, keeps[g], multiples[g]) for w in widths[g]] for g in groups}
+    _check_reachable(groups, widths, costs, floors, sparsity, decoder_params, layout, multiples)
     targets = removal_targets(widths, costs, sparsity, decoder_params, groups)
 
     keep, removed = {}, 0
     for g in groups:
         pick = _select_uniform if layout == "uniform" else _select_global
-        kept_widths = pick(priority[g], list(widths[g]), list(costs[g]), floors[g], multiple, targets[g])
+        kept_widths = pick(priority[g], list(widths[g]), list(costs[g]), floors[g], multiples[g], targets[g])
         keep[g] = [_top_indices(priority[g][i, : widths[g][i]], k) for i, k in enumerate(kept_widths)]
         removed += sum((w - k) * c for w, k, c in zip(widths[g], kept_widths, costs[g]))
+    scalar = not isinstance(min_keep, Mapping) and not isinstance(multiple, Mapping)
     return Mask(keep=keep, base_widths={g: list(map(int, widths[g])) for g in groups},
                 params_before=int(decoder_params), params_after=int(decoder_params - removed),
-                target_sparsity=float(sparsity), layout=layout, multiple=multiple, min_keep=float(min_keep))
+                target_sparsity=float(sparsity), layout=layout,
+                multiple=multiple if scalar else multiples, min_keep=float(min_keep) if scalar else keeps)
+
+
+def _resolve(min_keep, multiple, groups: Sequence[str]) -> tuple[dict[str, float], dict[str, int]]:
+    """Per-group ``min_keep`` and ``multiple`` from scalars or mappings, each checked (ConfigError)."""
+    check_per_group("select.min_keep", min_keep, check_min_keep)
+    check_per_group("select.multiple", multiple, check_multiple)
+    out = []
+    for key, value in (("min_keep", min_keep), ("multiple", multiple)):
+        missing = [g for g in groups if per_group(value, g) is None]
+        if missing:
+            raise ConfigError(f"select.{key} gives values per group but none for {', '.join(missing)}",
+                              f"add {', '.join(f'{g}: <value>' for g in missing)} to select.{key}")
+        out.append({g: per_group(value, g) for g in groups})
+    keeps, multiples = out
+    return {g: float(v) for g, v in keeps.items()}, multiples
+
+
+def check_constraints(widths: Mapping[str, Sequence[int]], groups: Sequence[str],
+                      min_keep: float | Mapping[str, float], multiple: int | Mapping[str, int]) -> None:
+    """Refuse, before any work, a pruned group that these constraints (or the model) leave nothing to remove.
+
+    For each group of ``groups`` (``widths``: the dense model's dimensions per layer): a group the model cannot
+    prune at all (``DimensionGroup.unprunable_reason``, e.g. attention with one KV head per layer), a
+    ``multiple`` larger than every layer's width, and a ``min_keep`` whose floor keeps every dimension. Each
+    is a ConfigError naming the key and the fix. The budget itself is checked by ``select``.
+    """
+    keeps, multiples = _resolve(min_keep, multiple, groups)
+    others = lambda g: [o for o in groups if o != g]  # noqa: E731
+    for g in groups:
+        w = list(widths[g])
+        reason = GROUPS[g].unprunable_reason(w)
+        if reason:
+            rest = others(g)
+            raise ConfigError(f"prune.groups includes {g!r}, but this model's {g} group cannot be pruned: {reason}",
+                              f"set prune.groups to {rest}" if rest else
+                              f"prune another group (prune.groups: [{', '.join(o for o in GROUPS if o != g)}])")
+        key_multiple = "select.multiple" + (f".{g}" if isinstance(multiple, Mapping) else "")
+        if multiples[g] > max(w):
+            per = {o: multiples[o] if o != g else 1 for o in groups}
+            raise ConfigError(f"{key_multiple} = {multiples[g]} is larger than the {g} group's width (at most "
+                              f"{max(w)} per layer): no {g} dimension could be removed",
+                              f"give {g} its own multiple, e.g. select.multiple: "
+                              f"{{{', '.join(f'{o}: {v}' for o, v in per.items())}}}, or leave {g} out of "
+                              "prune.groups")
+        if all(floor_width(x, keeps[g], multiples[g]) >= x for x in w):
+            key = "select.min_keep" + (f".{g}" if isinstance(min_keep, Mapping) else "")
+            widest = max(w)
+            raise ConfigError(f"{key} = {keeps[g]} keeps every {g} dimension (with select.multiple "
+                              f"{multiples[g]}, the least kept width equals the width {widest}): nothing is left "
+                              "to prune",
+                              f"lower {key} below {math.floor((widest - 1) / widest * 1e4) / 1e4} (at "
+                              f"most {widest - 1} of {widest} kept), e.g. select.min_keep: "
+                              f"{{{', '.join(f'{o}: {keeps[o]}' for o in groups if o != g)}"
+                              f"{', ' if len(groups) > 1 else ''}{g}: {round(1 / widest, 2)}}}, or leave {g} out "
+                              "of prune.groups")
 
 
 def _removal_order(prio: torch.Tensor) -> list[int]:
@@ -271,7 +337,7 @@ def _select_uniform(prio: torch.Tensor, widths: list[int], costs: list[int], flo
     return [best] * len(widths)
 
 
-def _check_reachable(groups, widths, costs, floors, sparsity, decoder_params, layout, multiple) -> None:
+def _check_reachable(groups, widths, costs, floors, sparsity, decoder_params, layout, multiples) -> None:
     """Refuse a budget that would need cutting below the floors; say the largest reachable sparsity.
 
     Every group removes the same fraction of its parameters, so the group with the least room sets the limit.
@@ -285,15 +351,16 @@ def _check_reachable(groups, widths, costs, floors, sparsity, decoder_params, la
                 raise ConfigError(f"layout uniform cannot give group '{g}' one width: its layers' widths "
                                   f"{sorted(set(widths[g]))} and floors {sorted(set(floors[g]))} do not overlap",
                                   "use select.layout: global, or prune the base (unpruned) model")
-            least = -(-lo // multiple) * multiple
+            least = -(-lo // multiples[g]) * multiples[g]
             floor_g = [least if least <= hi else hi] * len(widths[g])
         most[g] = sum((w - f) * c for w, f, c in zip(widths[g], floor_g, costs[g]))
     prunable = {g: prunable_params(widths, costs, g) for g in groups}
     reachable_params = min(most[g] / prunable[g] for g in groups) * sum(prunable.values())
     if float(sparsity) * decoder_params > reachable_params * (1 + 1e-9):
         reachable = reachable_params / decoder_params
+        shown = next(iter(multiples.values())) if len(set(multiples.values())) == 1 else multiples
         problem = (f"prune.sparsity {sparsity} cannot be reached: with select.min_keep, select.multiple = "
-                   f"{multiple} and layout {layout}, at most {reachable:.4f} of the decoder parameters can be "
+                   f"{shown} and layout {layout}, at most {reachable:.4f} of the decoder parameters can be "
                    f"removed from the groups {list(groups)}")
         stuck = [g for g in groups if most[g] == 0]  # e.g. attention with one KV group per layer (Gemma-3-270M)
         if stuck:

@@ -16,9 +16,10 @@ def main(args, params) -> None:
     from diet.geometry import geometry_from_folder
     from diet.io import write_text
     from diet.plots import per_layer_chart
-    from diet.select import read_priority, select
+    from diet.select import check_constraints, read_priority, select
 
-    geo = geometry_from_folder(args.model, groups=params.prune.groups)
+    geo = geometry_from_folder(args.model, groups=params.prune.groups)  # from the config: no weights read
+    check_constraints(geo.widths, params.prune.groups, params.select.min_keep, params.select.multiple)
     priority = read_priority(args.merged / "votes.safetensors", params.prune.groups, geo.widths)
     mask = select(priority, geo.widths, geo.costs, sparsity=params.prune.sparsity,
                   decoder_params=geo.decoder_params, min_keep=params.select.min_keep,

@@ -120,7 +120,7 @@ def test_attention_rows_follow_repeat_kv_grouping():
 def test_bad_keep_sets_are_refused(keep, problem):
     model = tiny_model("llama")
     with pytest.raises(ModelError, match=problem):
-        get_adapter(model).prune(keep)
+        apply_mask(model, keep)
     assert get_adapter(model).group_widths("mlp") == [64] * 3  # untouched
 
 

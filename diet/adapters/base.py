@@ -3,19 +3,15 @@
 Scoring, selection and pruning never name a model-specific module: they ask an adapter. Each family
 (``llama``, ``gemma2``, ``gemma3_text``, ``qwen2``) has one small subclass, chosen by ``config.model_type``
 through the lazy registry in ``diet.adapters``; a subclass says where the weights are, and the keep-set
-checks, weight slicing and config update below are shared.
+checks and weight slicing below are shared (the config update is ``diet.modeling.write_config``).
 
-Dimension groups (DESIGN.md):
-
-* ``mlp``: intermediate channel ``j`` of layer ``l`` = row ``j`` of gate_proj and up_proj and column ``j``
-  of down_proj. Its activation is the input of down_proj, shape (B, T, I_l).
-* ``attention``: KV group ``g`` of layer ``l`` = KV head ``g`` (rows of k_proj / v_proj) plus the
-  ``heads_per_group`` query heads that share it (rows of q_proj, columns of o_proj). Its activation is the
-  input of o_proj, shape (B, T, n_heads_l * head_dim), heads contiguous.
+Dimension groups: the rules of each group (widths, cost, slicing, which activation feeds it) live in
+``diet.groups``, one object per group, written in terms of what every adapter provides (the projections,
+head sizes); the adapter's group views below only delegate to the group named.
 
 Output biases (``prune.recover: bias``): a group's *output projection* (down_proj, o_proj) may gain a bias.
 Where the family's stock config has a flag that gives it one (``BIAS_FLAGS``; Llama's ``mlp_bias`` and
-``attention_bias`` give *all* the group's projections a bias), ``write_config`` sets the flag and gives the
+``attention_bias`` give *all* the group's projections a bias), ``carry_output_biases`` sets the flag and gives the
 group's other projections zero biases, so the checkpoint stays stock. Where it has none, the model becomes
 the per-layer ``diet_<family>`` type, whose config lists the groups in ``output_biases``.
 """
@@ -29,9 +25,7 @@ import torch
 from torch import nn
 
 from diet.errors import ModelError
-from diet.pruning import slice_linear
-
-GROUPS = ("mlp", "attention")
+from diet.groups import GROUPS, ensure_bias, get_group
 
 
 class ModelAdapter(ABC):
@@ -87,59 +81,37 @@ class ModelAdapter(ABC):
     def heads_per_group(self, layer: int) -> int:
         return self.num_heads(layer) // self.num_kv_heads(layer)
 
+    # -- group views: the rules live in ``diet.groups``; these delegate to the group named --------------------
     def group_projections(self, group: str, layer: int) -> list[nn.Linear]:
         """Every projection of ``group`` in ``layer``, the output projection last."""
-        if group == "mlp":
-            ins, out = self.mlp_projections(layer)
-            return [*ins, out]
-        if group == "attention":
-            return list(self.attention_projections(layer))
-        raise ValueError(f"unknown group {group!r}; known: {', '.join(GROUPS)}")
+        return get_group(group).projections(self, layer)
 
-    # -- group views used by scoring and selection -------------------------------------------------------------
     def group_widths(self, group: str) -> list[int]:
         """Number of prunable dimensions of ``group`` in each layer."""
-        if group == "mlp":
-            return [self.mlp_projections(i)[1].in_features for i in range(self.num_layers)]
-        if group == "attention":
-            return [self.num_kv_heads(i) for i in range(self.num_layers)]
-        raise ValueError(f"unknown group {group!r}; known: {', '.join(GROUPS)}")
+        return get_group(group).widths(self)
 
     def dimension_cost(self, group: str, layer: int) -> int:
         """Parameters removed with one dimension of ``group`` in ``layer`` (weights and biases)."""
-        if group == "mlp":
-            ins, out = self.mlp_projections(layer)
-            return sum(p.in_features + (1 if p.bias is not None else 0) for p in ins) + out.out_features
-        if group == "attention":
-            q, k, v, o = self.attention_projections(layer)
-            hd, hpg = self.head_dim(), self.heads_per_group(layer)
-            per_row = lambda lin: lin.in_features + (1 if lin.bias is not None else 0)  # noqa: E731
-            return hd * (hpg * per_row(q) + per_row(k) + per_row(v)) + hpg * hd * o.out_features
-        raise ValueError(f"unknown group {group!r}; known: {', '.join(GROUPS)}")
+        return get_group(group).cost(self, layer)
 
     def activation_module(self, group: str, layer: int) -> nn.Linear:
         """The module whose *input* is the activation that feeds ``group``'s dimensions (hook target)."""
-        if group == "mlp":
-            return self.mlp_projections(layer)[1]
-        if group == "attention":
-            return self.attention_projections(layer)[3]
-        raise ValueError(f"unknown group {group!r}; known: {', '.join(GROUPS)}")
+        return get_group(group).output_projection(self, layer)
 
     def output_channels(self, group: str, layer: int, dims: torch.Tensor) -> torch.Tensor:
         """Input channels of ``group``'s output projection (columns of down_proj / o_proj) that belong to the
-        dimensions ``dims`` of ``layer``: the same indices for ``mlp``, the query heads' channels of each KV
-        group for ``attention`` (``attention_rows``)."""
-        if group == "mlp":
-            return dims.to(torch.long)
-        if group == "attention":
-            return self.attention_rows(layer, dims)["q"]
-        raise ValueError(f"unknown group {group!r}; known: {', '.join(GROUPS)}")
+        dimensions ``dims`` of ``layer`` (``DimensionGroup.output_channels``)."""
+        return get_group(group).output_channels(self, layer, dims)
+
+    def attention_rows(self, layer: int, kv_groups: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Weight rows of ``kv_groups`` in ``layer`` (``AttentionGroup.rows``)."""
+        return GROUPS["attention"].rows(self, layer, kv_groups)
 
     def add_output_bias(self, group: str, layer: int, delta: torch.Tensor) -> None:
         """Add ``delta`` (H,) to the bias of ``group``'s output projection in ``layer`` (created at zero if
         absent), summing in float64."""
         lin = self.activation_module(group, layer)  # the output projection: its input is the group's activation
-        _ensure_bias(lin)
+        ensure_bias(lin)
         new = lin.bias.detach().double() + delta.to(device=lin.bias.device, dtype=torch.float64)  # (H,)
         lin.bias = nn.Parameter(new.to(lin.weight.dtype), requires_grad=lin.bias.requires_grad)
 
@@ -151,7 +123,7 @@ class ModelAdapter(ABC):
         """Give the output projection of every layer of ``groups`` a (zero) bias where it has none."""
         for group in groups:
             for layer in range(self.num_layers):
-                _ensure_bias(self.activation_module(group, layer))
+                ensure_bias(self.activation_module(group, layer))
 
     def carry_output_biases(self) -> list[str]:
         """Make the config describe the output biases; returns the groups no stock flag can carry.
@@ -168,7 +140,7 @@ class ModelAdapter(ABC):
             setattr(self.config, flag, True)
             for layer in range(self.num_layers):
                 for lin in self.group_projections(group, layer):
-                    _ensure_bias(lin)
+                    ensure_bias(lin)
         self.ensure_output_biases(unflagged)
         return unflagged
 
@@ -182,7 +154,7 @@ class ModelAdapter(ABC):
         for group, per_layer in keep.items():
             if group not in GROUPS:
                 raise ModelError(f"unknown dimension group {group!r} in the mask", f"use: {', '.join(GROUPS)}")
-            widths = self.group_widths(group)
+            widths = GROUPS[group].widths(self)
             if len(per_layer) != len(widths):
                 raise ModelError(f"the {group} mask has {len(per_layer)} layers, the model has {len(widths)}",
                                  "build the mask from this model's scores")
@@ -203,34 +175,13 @@ class ModelAdapter(ABC):
             out[group] = cleaned
         return out
 
-    def attention_rows(self, layer: int, kv_groups: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Weight rows of ``kv_groups`` in ``layer``: ``q`` (rows of q_proj = columns of o_proj), ``kv`` (rows of k/v).
-
-        With head_dim ``d`` and ``r`` query heads per KV group, group ``g`` owns k/v rows [g*d, (g+1)*d) and
-        query heads [g*r, (g+1)*r), i.e. q rows [g*r*d, (g+1)*r*d): repeat_kv expands KV head ``g`` to the
-        ``r`` consecutive query heads.
-        """
-        d, r = self.head_dim(), self.heads_per_group(layer)
-        g = kv_groups.to(torch.long)[:, None]  # (G, 1)
-        kv = (g * d + torch.arange(d)).flatten()  # (G*d,)
-        q = (g * r * d + torch.arange(r * d)).flatten()  # (G*r*d,)
-        return {"q": q, "kv": kv}
-
     def slice_weights(self, keep: dict[str, list[torch.Tensor]]) -> None:
         """Remove the dimensions not in ``keep`` from the weights only (``keep`` already checked; the config is
-        left alone). Also used to shape freshly built per-layer-width models, possibly on the meta device."""
-        for layer, kept in enumerate(keep.get("mlp", [])):
-            ins, out = self.mlp_projections(layer)
-            for lin in ins:
-                slice_linear(lin, kept, "out")
-            slice_linear(out, kept, "in")
-        for layer, kept in enumerate(keep.get("attention", [])):
-            rows = self.attention_rows(layer, kept)  # computed before slicing changes the head counts
-            q, k, v, o = self.attention_projections(layer)
-            slice_linear(q, rows["q"], "out")
-            slice_linear(k, rows["kv"], "out")
-            slice_linear(v, rows["kv"], "out")
-            slice_linear(o, rows["q"], "in")
+        left alone: ``diet.modeling.write_config``). Also used to shape freshly built per-layer-width models,
+        possibly on the meta device."""
+        for name, group in GROUPS.items():
+            for layer, kept in enumerate(keep.get(name, [])):
+                group.slice(self, layer, kept)
         self.sync_module_attributes()
 
     def sync_module_attributes(self) -> None:
@@ -238,56 +189,28 @@ class ModelAdapter(ABC):
 
     def layer_widths(self) -> dict[str, list[int]]:
         """Per-layer widths read from the weights, keyed by the config field each one sets."""
-        n = range(self.num_layers)
-        return {"intermediate_size": self.group_widths("mlp"),
-                "num_attention_heads": [self.num_heads(i) for i in n],
-                "num_key_value_heads": [self.num_kv_heads(i) for i in n]}
+        return {field: values for group in GROUPS.values() for field, values in group.config_widths(self).items()}
 
     def widths_after(self, keep: dict[str, list[torch.Tensor]]) -> dict[str, list[int]]:
-        """The per-layer widths that ``prune(keep)`` would give, without touching the model."""
+        """The per-layer widths that pruning to ``keep`` would give, without touching the model."""
         widths = self.layer_widths()
-        if "mlp" in keep:
-            widths["intermediate_size"] = [len(k) for k in keep["mlp"]]
-        if "attention" in keep:
-            widths["num_key_value_heads"] = [len(k) for k in keep["attention"]]
-            widths["num_attention_heads"] = [len(k) * self.heads_per_group(i) for i, k in enumerate(keep["attention"])]
+        for name, kept in keep.items():
+            widths.update(GROUPS[name].config_widths(self, kept))
         return widths
 
-    def write_config(self) -> None:
-        """Make the config describe the weights.
 
-        Uniform widths that stock transformers accepts give a stock config (``intermediate_size``,
-        ``num_attention_heads``, ``num_key_value_heads``; ``head_dim`` stays explicit). Otherwise the model and
-        config become the registered ``diet_<family>`` types that also carry the per-layer lists; their scalar
-        fields hold the widest layer.
-        """
-        from diet.modeling import OUTPUT_BIASES_FIELD, PER_LAYER_FIELDS, retype, stock_config_problem
+def parameter_counts(model: nn.Module) -> dict:
+    """Parameter counts, each shared (tied) tensor counted once.
 
-        widths = self.layer_widths()
-        unflagged = self.carry_output_biases()
-        uniform = all(len(set(v)) == 1 for v in widths.values())
-        per_layer = not uniform or bool(unflagged) or stock_config_problem(self.config, widths) is not None
-        retype(self.model, per_layer=per_layer)
-        for name, values in widths.items():
-            setattr(self.config, name, max(values))
-            if per_layer:
-                setattr(self.config, PER_LAYER_FIELDS[name], list(values))
-        if per_layer:
-            setattr(self.config, OUTPUT_BIASES_FIELD, unflagged or None)
+    ``embedding``: input embeddings plus an untied output head; ``non_embedding`` = total - embedding;
+    ``decoder``: the decoder layers (the base of ``prune.sparsity``); ``per_layer``: one count per layer.
+    """
+    from diet.adapters import get_adapter
 
-    def prune(self, keep: dict[str, list[torch.Tensor]]) -> None:
-        """Physically remove every dimension not in ``keep[group][layer]`` (LongTensor of kept indices).
-
-        Slices weights in place, keeps ``in_features``/``out_features`` true and updates the config
-        (per-layer widths) so that the model saves and reloads.
-        """
-        self.slice_weights(self.check_keep(keep))
-        self.write_config()
-
-
-def _ensure_bias(lin: nn.Linear) -> None:
-    """Give ``lin`` a zero bias (out_features,) on its weight's device and dtype if it has none."""
-    if lin.bias is None:
-        w = lin.weight
-        lin.bias = nn.Parameter(torch.zeros(lin.out_features, dtype=w.dtype, device=w.device),
-                                requires_grad=w.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    embedding_params = {id(m.weight): m.weight for m in (model.get_input_embeddings(), model.get_output_embeddings())
+                        if m is not None}
+    embedding = sum(p.numel() for p in embedding_params.values())
+    per_layer = [sum(p.numel() for p in layer.parameters()) for layer in get_adapter(model).decoder_layers()]
+    return {"total": total, "embedding": embedding, "non_embedding": total - embedding,
+            "decoder": sum(per_layer), "per_layer": per_layer}

@@ -1,0 +1,291 @@
+"""Dimension groups: every rule of one kind of prunable dimension, in one object.
+
+A *group* says what one dimension of a layer is, in terms any model family provides through its adapter
+(``diet.adapters.base.ModelAdapter``: where the projections are, the head sizes). Scoring, merging, selection,
+pruning and checkpoint writing ask a group, never test a group's name:
+
+* ``widths``: dimensions per layer; ``cost``: parameters removed with one dimension of a layer (weights and
+  biases);
+* ``projections``: the Linears a dimension owns rows or columns of, the output projection last;
+  ``output_projection``: the Linear whose *input* is the group's activation (hook target, recovery bias);
+* ``channel_blocks``: how the activation's channels map to dimensions (one each, or contiguous blocks);
+  ``output_channels``: the output projection's input columns that belong to some dimensions;
+* ``slice``: remove the dimensions not kept from the weights, keeping ``in/out_features`` true;
+  ``config_widths`` / ``per_layer_fields``: the config width fields the group sets;
+* ``weight_norms`` / ``magnitude``: weight statistics per dimension (``score.weight_norm``, ``merge: magnitude``);
+* ``unprunable_reason``: why a model with these widths cannot lose any dimension of the group.
+
+Groups (DESIGN.md):
+
+* ``mlp`` (``MlpGroup``): intermediate channel ``j`` of layer ``l`` = row ``j`` of gate_proj and up_proj and
+  column ``j`` of down_proj. Its activation is the input of down_proj, shape (B, T, I_l).
+* ``attention`` (``AttentionGroup``): KV group ``g`` of layer ``l`` = KV head ``g`` (rows of k_proj / v_proj)
+  plus the ``heads_per_group`` query heads that share it (rows of q_proj, columns of o_proj). Its activation is
+  the input of o_proj, shape (B, T, n_heads_l * head_dim), heads contiguous.
+
+``GROUPS`` holds one instance per name of ``diet.config.GROUPS``, in that order (the order in which files
+list the groups' widths). A new group is one subclass here plus its name in ``diet.config.GROUPS``.
+
+The pruning primitives the groups compose (``slice_linear``, ``ensure_bias``) live here too, so that this
+module depends on torch and ``diet.config`` alone, and every other module can import it.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, ClassVar, Sequence
+
+import torch
+from torch import nn
+
+from diet.config import GROUPS as GROUP_NAMES
+
+if TYPE_CHECKING:
+    from diet.adapters.base import ModelAdapter
+
+
+# -- primitives ----------------------------------------------------------------------------------------------------
+def slice_linear(linear: nn.Linear, idx: torch.Tensor, dim: str) -> nn.Linear:
+    """Keep only the output rows (``dim="out"``) or input columns (``dim="in"``) ``idx`` of ``linear``, in place.
+
+    ``in_features`` / ``out_features`` follow the new weight; an output slice also slices the bias.
+    Returns ``linear`` (the same module, so hooks and references stay valid).
+    """
+    w = linear.weight  # (out, in)
+    idx = idx.to(device=w.device, dtype=torch.long)
+    if dim == "out":
+        linear.weight = nn.Parameter(w.detach().index_select(0, idx), requires_grad=w.requires_grad)  # (k, in)
+        if linear.bias is not None:
+            b = linear.bias
+            linear.bias = nn.Parameter(b.detach().index_select(0, idx), requires_grad=b.requires_grad)  # (k,)
+        linear.out_features = idx.numel()
+    elif dim == "in":
+        linear.weight = nn.Parameter(w.detach().index_select(1, idx), requires_grad=w.requires_grad)  # (out, k)
+        linear.in_features = idx.numel()
+    else:
+        raise ValueError(f"dim must be 'out' or 'in', got {dim!r}")
+    return linear
+
+
+def ensure_bias(lin: nn.Linear) -> None:
+    """Give ``lin`` a zero bias (out_features,) on its weight's device and dtype if it has none."""
+    if lin.bias is None:
+        w = lin.weight
+        lin.bias = nn.Parameter(torch.zeros(lin.out_features, dtype=w.dtype, device=w.device),
+                                requires_grad=w.requires_grad)
+
+
+def _sq(lin: nn.Linear, dim: int) -> torch.Tensor:
+    """Squared norms of the rows (``dim=1``) or columns (``dim=0``) of a Linear's weight, float32."""
+    return lin.weight.detach().float().square().sum(dim=dim)
+
+
+def _row_cost(lin: nn.Linear) -> int:
+    """Parameters of one output row of ``lin``: its weights and its bias entry."""
+    return lin.in_features + (1 if lin.bias is not None else 0)
+
+
+# -- the interface -------------------------------------------------------------------------------------------------
+class DimensionGroup(ABC):
+    """The rules of one dimension group; stateless, every method takes the model's adapter."""
+
+    name: ClassVar[str]
+    #: stock config width field -> per-layer list field of the ``diet_<family>`` configs (``diet.modeling``)
+    per_layer_fields: ClassVar[dict[str, str]]
+    #: the per-layer list field that counts this group's dimensions
+    dimension_field: ClassVar[str]
+
+    @abstractmethod
+    def widths(self, adapter: ModelAdapter) -> list[int]:
+        """Number of prunable dimensions in each layer."""
+
+    @abstractmethod
+    def cost(self, adapter: ModelAdapter, layer: int) -> int:
+        """Parameters removed with one dimension of ``layer`` (weights and biases)."""
+
+    @abstractmethod
+    def projections(self, adapter: ModelAdapter, layer: int) -> list[nn.Linear]:
+        """Every projection the group's dimensions own rows or columns of, the output projection last."""
+
+    def output_projection(self, adapter: ModelAdapter, layer: int) -> nn.Linear:
+        """The projection whose *input* is the activation feeding the dimensions (hook target, output bias)."""
+        return self.projections(adapter, layer)[-1]
+
+    def channel_blocks(self, adapter: ModelAdapter, layer: int) -> int | None:
+        """None when each channel of the activation is one dimension; else the number of dimensions, each
+        owning an equal block of contiguous channels (scores and baselines reduce over a block)."""
+        return None
+
+    @abstractmethod
+    def output_channels(self, adapter: ModelAdapter, layer: int, dims: torch.Tensor) -> torch.Tensor:
+        """Input columns of the output projection that belong to dimensions ``dims`` of ``layer`` (LongTensor)."""
+
+    @abstractmethod
+    def slice(self, adapter: ModelAdapter, layer: int, kept: torch.Tensor) -> None:
+        """Remove every dimension of ``layer`` not in ``kept`` (sorted LongTensor) from the weights."""
+
+    @abstractmethod
+    def config_widths(self, adapter: ModelAdapter, kept: Sequence[torch.Tensor] | None = None
+                      ) -> dict[str, list[int]]:
+        """Per-layer values of the config fields of ``per_layer_fields``: read from the weights, or (with
+        ``kept``, one LongTensor per layer) those that keeping ``kept`` would give."""
+
+    @abstractmethod
+    def weight_norms(self, adapter: ModelAdapter, layer: int) -> torch.Tensor:
+        """L2 norm of each dimension's output-projection columns, (W,) float64."""
+
+    @abstractmethod
+    def magnitude(self, adapter: ModelAdapter, layer: int) -> torch.Tensor:
+        """L2 norm of all weights (and biases) each dimension owns, (W,) float32."""
+
+    def unprunable_reason(self, widths: Sequence[int]) -> str | None:
+        """Why no dimension of a model whose layers have ``widths`` can ever be removed (None when some can)."""
+        if all(w <= 1 for w in widths):
+            return f"every layer has a single {self.name} dimension, and a layer is never emptied"
+        return None
+
+    def per_layer_keep(self, config) -> list[torch.Tensor] | None:
+        """Kept indices ``arange(width)`` per layer from a per-layer config's lists (None: the config has none):
+        shapes a freshly built per-layer model whose layers are all built at the widest width."""
+        widths = getattr(config, self.dimension_field, None)
+        return None if widths is None else [torch.arange(w) for w in widths]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class MlpGroup(DimensionGroup):
+    """Intermediate channels of each layer's MLP (module doc)."""
+
+    name = "mlp"
+    per_layer_fields = {"intermediate_size": "intermediate_sizes"}
+    dimension_field = "intermediate_sizes"
+
+    def widths(self, adapter):
+        return [adapter.mlp_projections(i)[1].in_features for i in range(adapter.num_layers)]
+
+    def cost(self, adapter, layer):
+        ins, out = adapter.mlp_projections(layer)
+        return sum(_row_cost(p) for p in ins) + out.out_features
+
+    def projections(self, adapter, layer):
+        ins, out = adapter.mlp_projections(layer)
+        return [*ins, out]
+
+    def output_channels(self, adapter, layer, dims):
+        return dims.to(torch.long)
+
+    def slice(self, adapter, layer, kept):
+        ins, out = adapter.mlp_projections(layer)
+        for lin in ins:
+            slice_linear(lin, kept, "out")
+        slice_linear(out, kept, "in")
+
+    def config_widths(self, adapter, kept=None):
+        return {"intermediate_size": self.widths(adapter) if kept is None else [len(k) for k in kept]}
+
+    def weight_norms(self, adapter, layer):
+        w = adapter.mlp_projections(layer)[1].weight.detach().double()   # (H, I)
+        return w.norm(dim=0)                                              # (I,)
+
+    def magnitude(self, adapter, layer):
+        ins, down = adapter.mlp_projections(layer)
+        total = _sq(down, 0)                                              # (I,)
+        for lin in ins:
+            total = total + _sq(lin, 1)                                   # (I,)
+            if lin.bias is not None:
+                total = total + lin.bias.detach().float().square()
+        return total.sqrt()
+
+
+class AttentionGroup(DimensionGroup):
+    """KV groups of each layer's attention, with the query heads that share them (module doc)."""
+
+    name = "attention"
+    per_layer_fields = {"num_attention_heads": "num_heads_per_layer", "num_key_value_heads": "num_kv_heads_per_layer"}
+    dimension_field = "num_kv_heads_per_layer"
+
+    def widths(self, adapter):
+        return [adapter.num_kv_heads(i) for i in range(adapter.num_layers)]
+
+    def cost(self, adapter, layer):
+        q, k, v, o = adapter.attention_projections(layer)
+        hd, hpg = adapter.head_dim(), adapter.heads_per_group(layer)
+        return hd * (hpg * _row_cost(q) + _row_cost(k) + _row_cost(v)) + hpg * hd * o.out_features
+
+    def projections(self, adapter, layer):
+        return list(adapter.attention_projections(layer))
+
+    def channel_blocks(self, adapter, layer):
+        return adapter.num_kv_heads(layer)
+
+    def rows(self, adapter, layer: int, kv_groups: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Weight rows of ``kv_groups`` in ``layer``: ``q`` (rows of q_proj = columns of o_proj), ``kv`` (rows of k/v).
+
+        With head_dim ``d`` and ``r`` query heads per KV group, group ``g`` owns k/v rows [g*d, (g+1)*d) and
+        query heads [g*r, (g+1)*r), i.e. q rows [g*r*d, (g+1)*r*d): repeat_kv expands KV head ``g`` to the
+        ``r`` consecutive query heads.
+        """
+        d, r = adapter.head_dim(), adapter.heads_per_group(layer)
+        g = kv_groups.to(torch.long)[:, None]  # (G, 1)
+        kv = (g * d + torch.arange(d)).flatten()  # (G*d,)
+        q = (g * r * d + torch.arange(r * d)).flatten()  # (G*r*d,)
+        return {"q": q, "kv": kv}
+
+    def output_channels(self, adapter, layer, dims):
+        return self.rows(adapter, layer, dims)["q"]
+
+    def slice(self, adapter, layer, kept):
+        rows = self.rows(adapter, layer, kept)  # computed before slicing changes the head counts
+        q, k, v, o = adapter.attention_projections(layer)
+        slice_linear(q, rows["q"], "out")
+        slice_linear(k, rows["kv"], "out")
+        slice_linear(v, rows["kv"], "out")
+        slice_linear(o, rows["q"], "in")
+
+    def config_widths(self, adapter, kept=None):
+        n = range(adapter.num_layers)
+        if kept is None:
+            return {"num_attention_heads": [adapter.num_heads(i) for i in n],
+                    "num_key_value_heads": [adapter.num_kv_heads(i) for i in n]}
+        return {"num_attention_heads": [len(k) * adapter.heads_per_group(i) for i, k in enumerate(kept)],
+                "num_key_value_heads": [len(k) for k in kept]}
+
+    def weight_norms(self, adapter, layer):
+        w = adapter.attention_projections(layer)[3].weight.detach().double()  # (H, n_heads * hd)
+        w = w.view(w.shape[0], adapter.num_kv_heads(layer), -1)            # (H, G, hpg * hd)
+        return w.square().sum(dim=(0, 2)).sqrt()                           # (G,)
+
+    def magnitude(self, adapter, layer):
+        q, k, v, o = adapter.attention_projections(layer)
+        g = adapter.num_kv_heads(layer)
+        total = _sq(o, 0).view(g, -1).sum(dim=1)                           # (G,)
+        for lin in (q, k, v):  # rows: heads contiguous, a group's rows contiguous
+            total = total + _sq(lin, 1).view(g, -1).sum(dim=1)             # (G,)
+            if lin.bias is not None:
+                total = total + lin.bias.detach().float().square().view(g, -1).sum(dim=1)
+        return total.sqrt()
+
+    def unprunable_reason(self, widths):
+        if all(w <= 1 for w in widths):
+            return ("every layer has a single KV head (multi-query attention), so removing a KV group would "
+                    "empty the layer's attention")
+        return None
+
+
+#: name -> group, in the order of ``diet.config.GROUPS``
+GROUPS: dict[str, DimensionGroup] = {g.name: g for g in (MlpGroup(), AttentionGroup())}
+assert tuple(GROUPS) == GROUP_NAMES, "diet.config.GROUPS and diet.groups.GROUPS must list the same groups"
+
+#: every stock config width field a group sets -> its per-layer list field
+PER_LAYER_FIELDS: dict[str, str] = {field: per_layer for group in GROUPS.values()
+                                    for field, per_layer in group.per_layer_fields.items()}
+
+
+def get_group(name: str) -> DimensionGroup:
+    """The group called ``name``; ValueError otherwise (a programming error: user input naming groups is
+    refused earlier, by ``diet.config`` and the mask and keep-set checks, with a DietError)."""
+    try:
+        return GROUPS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown group {name!r}; known: {', '.join(GROUPS)}") from None
