@@ -265,24 +265,25 @@ def check_constraints(widths: Mapping[str, Sequence[int]], groups: Sequence[str]
                               f"set prune.groups to {rest}" if rest else
                               f"prune another group (prune.groups: [{', '.join(o for o in GROUPS if o != g)}])")
         key_multiple = "select.multiple" + (f".{g}" if isinstance(multiple, Mapping) else "")
-        if multiples[g] > max(w):
+        widest = max(w)
+        if multiples[g] >= widest:  # the widths allowed are multiples of it, or the whole width
             per = {o: multiples[o] if o != g else 1 for o in groups}
-            raise ConfigError(f"{key_multiple} = {multiples[g]} is larger than the {g} group's width (at most "
-                              f"{max(w)} per layer): no {g} dimension could be removed",
+            raise ConfigError(f"{key_multiple} = {multiples[g]} is not smaller than the {g} group's width (at most "
+                              f"{widest} per layer): no {g} dimension could be removed",
                               f"give {g} its own multiple, e.g. select.multiple: "
                               f"{{{', '.join(f'{o}: {v}' for o, v in per.items())}}}, or leave {g} out of "
                               "prune.groups")
         if all(floor_width(x, keeps[g], multiples[g]) >= x for x in w):
             key = "select.min_keep" + (f".{g}" if isinstance(min_keep, Mapping) else "")
-            widest = max(w)
+            most = (widest - 1) // multiples[g] * multiples[g]  # the widest kept width below the whole layer
+            bound = math.floor(most / widest * 1e4) / 1e4
+            example = {**{o: keeps[o] for o in groups if o != g}, g: bound}
             raise ConfigError(f"{key} = {keeps[g]} keeps every {g} dimension (with select.multiple "
                               f"{multiples[g]}, the least kept width equals the width {widest}): nothing is left "
                               "to prune",
-                              f"lower {key} below {math.floor((widest - 1) / widest * 1e4) / 1e4} (at "
-                              f"most {widest - 1} of {widest} kept), e.g. select.min_keep: "
-                              f"{{{', '.join(f'{o}: {keeps[o]}' for o in groups if o != g)}"
-                              f"{', ' if len(groups) > 1 else ''}{g}: {round(1 / widest, 2)}}}, or leave {g} out "
-                              "of prune.groups")
+                              f"set {key} to at most {bound} (keeping {most} of {widest}), e.g. select.min_keep: "
+                              f"{{{', '.join(f'{o}: {v}' for o, v in example.items())}}}, or leave {g} out of "
+                              "prune.groups")
 
 
 def _removal_order(prio: torch.Tensor) -> list[int]:
@@ -367,11 +368,21 @@ def _check_reachable(groups, widths, costs, floors, sparsity, decoder_params, la
             others = [g for g in groups if g not in stuck]
             raise ConfigError(f"{problem}: {', '.join(repr(g) for g in stuck)} has nothing to remove (every "
                               "layer already sits at its least kept width)",
-                              f"set prune.groups to {others}" if others else
-                              f"prune another group than {', '.join(stuck)}, or lower select.min_keep / "
-                              "select.multiple")
+                              _stuck_fix(stuck, others, groups, widths, multiples))
         raise ConfigError(problem, f"set prune.sparsity <= {math.floor(reachable * 1e4) / 1e4}, or lower "
                           "select.min_keep / select.multiple, or prune more groups")
+
+
+def _stuck_fix(stuck, others, groups, widths, multiples) -> str:
+    """The fix for groups with nothing to remove: leave them out where the model cannot lose any of their
+    dimensions (``unprunable_reason``), else also loosen their own constraints."""
+    if all(GROUPS[g].unprunable_reason(widths[g]) for g in stuck):
+        return (f"set prune.groups to {others}" if others else
+                f"prune another group than {', '.join(stuck)}, or lower select.min_keep / select.multiple")
+    example = ", ".join(f"{g}: {1 if g in stuck else multiples[g]}" for g in groups)
+    return ((f"set prune.groups to {others}, or " if others else "") +
+            f"give {', '.join(stuck)} its own select.multiple / select.min_keep (e.g. multiple: {{{example}}}), "
+            "or lower them")
 
 
 def check_fits(mask: Mask, widths: Mapping[str, Sequence[int]], mask_path, model_path) -> None:

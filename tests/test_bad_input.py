@@ -181,6 +181,71 @@ def test_params_file_that_is_not_yaml(repo, capsys):
     fails_unchanged(repo, "merge", argv_of(repo, "merge"), capsys, "not valid YAML", "fix the YAML syntax")
 
 
+# --- dimension groups and their selection constraints (select.min_keep, select.multiple) -----------------------
+
+@pytest.mark.parametrize("select, needles", [
+    ({"multiple": {"mlp": 8, "heads": 1}}, ("select.multiple names an unknown group 'heads'", "mlp, attention")),
+    ({"min_keep": {"mlp": 1.5}}, ("select.min_keep.mlp = 1.5 must be in [0, 1)", "e.g. 0.05")),
+    ({"multiple": {"mlp": 0}}, ("select.multiple.mlp = 0 must be a positive integer", "e.g. 8")),
+    ({"multiple": {}}, ("select.multiple is an empty mapping", "one per pruned group")),
+    ({"multiple": {"attention": 1}}, ("none for mlp, which prune.groups prunes", "add mlp: <value>")),
+], ids=["unknown-group", "min-keep-range", "multiple-zero", "empty-mapping", "mapping-misses-a-pruned-group"])
+def test_per_group_constraints_fail_at_params_load(repo, capsys, select, needles):
+    write_params(repo, select=select)
+    shutil.rmtree(repo / "merged")  # the params check comes first: no priority file is even looked for
+    fails_unchanged(repo, "select", argv_of(repo, "select"), capsys, *needles)
+
+
+def test_a_multiple_wider_than_the_group_fails_before_the_priorities_are_read(repo, capsys):
+    """The tiny llama has 2 KV groups per layer: the default multiple 8 could never remove one."""
+    write_params(repo, prune={"groups": ["mlp", "attention"]})
+    shutil.rmtree(repo / "merged")  # checked against the model's widths first: no priority file is looked for
+    fails_unchanged(repo, "select", argv_of(repo, "select"), capsys,
+                    "select.multiple = 8 is not smaller than the attention group's width (at most 2 per layer)",
+                    "select.multiple: {mlp: 8, attention: 1}")
+
+
+def test_a_min_keep_that_keeps_every_dimension_fails_before_the_priorities_are_read(repo, capsys):
+    write_params(repo, prune={"groups": ["mlp", "attention"]},
+                 select={"multiple": {"mlp": 8, "attention": 1}, "min_keep": {"mlp": 0.05, "attention": 0.6}})
+    shutil.rmtree(repo / "merged")
+    fails_unchanged(repo, "select", argv_of(repo, "select"), capsys,
+                    "select.min_keep.attention = 0.6 keeps every attention dimension", "nothing is left to prune",
+                    "set select.min_keep.attention to at most 0.5 (keeping 1 of 2)", "attention: 0.5}")
+
+
+def test_attention_on_a_model_with_one_kv_head_per_layer_fails_before_any_weight_is_read(repo, capsys):
+    """Multi-query attention (Gemma-3-270M has one KV head per layer): no KV group can go."""
+    from tests.tiny import tiny_model
+
+    mqa = repo / "data/mqa_model"
+    tiny_model("gemma3_text", num_key_value_heads=1).save_pretrained(mqa)
+    for weights in mqa.glob("*.safetensors"):
+        weights.write_bytes(b"not weights")  # geometry comes from config.json alone
+    write_params(repo, prune={"groups": ["mlp", "attention"]}, select={"multiple": {"mlp": 8, "attention": 1}})
+    argv = argv_of(repo, "select")
+    argv[1] = mqa
+    err = fails_unchanged(repo, "select", argv, capsys, "prune.groups includes 'attention'",
+                          "single KV head (multi-query attention)", "set prune.groups to ['mlp']")
+    assert "not weights" not in err
+
+
+def test_a_budget_above_what_the_group_holds_fails_at_merge(repo, capsys):
+    """Attention holds about a third of the tiny llama's decoder parameters: half of them cannot be removed."""
+    write_params(repo, prune={"groups": ["attention"], "sparsity": 0.5}, select={"multiple": 1})
+    fails_unchanged(repo, "merge", argv_of(repo, "merge"), capsys, "sparsity 0.5 asks to remove",
+                    "the groups ['attention'] hold only", "lower prune.sparsity below 0.33")
+
+
+def test_a_budget_that_would_empty_a_layers_heads_fails_at_select(repo, capsys):
+    """Every layer keeps at least one KV group (of 2): at most half the attention parameters can go."""
+    write_params(repo, prune={"groups": ["attention"], "sparsity": 0.2},
+                 select={"multiple": {"attention": 1}, "min_keep": {"attention": 0.0}})
+    assert stage("merge", argv_of(repo, "merge"), capsys)[0] == 0  # the budget fits what attention holds
+    fails_unchanged(repo, "select", argv_of(repo, "select"), capsys, "prune.sparsity 0.2 cannot be reached",
+                    "at most 0.16", "set prune.sparsity <= 0.16")
+
+
 # --- task files ---------------------------------------------------------------------------------------------
 
 def edit_task(repo: Path, task: str = "t1", **fields) -> None:

@@ -65,3 +65,28 @@ def test_recovery_and_new_methods_accepted():
     assert params.prune.recover == "bias" and params.merge.method == "flap"
     assert Params.from_dict({}).prune.recover == "none"
     assert Params.from_dict({"merge": {"method": "wanda_sp"}}).merge.method == "wanda_sp"
+
+
+def test_select_constraints_per_group():
+    p = Params.from_dict({"prune": {"groups": ["mlp", "attention"]},
+                          "select": {"multiple": {"mlp": 8, "attention": 1}, "min_keep": {"mlp": 0.05, "attention": 0.34}}})
+    assert p.select.multiple_for("attention") == 1 and p.select.multiple_for("mlp") == 8
+    assert p.select.min_keep_for("attention") == 0.34
+    assert Params.from_dict(p.to_dict()) == p
+    scalar = Params.from_dict({"select": {"multiple": 4}})
+    assert scalar.select.multiple_for("mlp") == scalar.select.multiple_for("attention") == 4
+
+
+@pytest.mark.parametrize("select, prune_groups, needles", [
+    ({"multiple": {"mlp": 8, "hidden": 1}}, ["mlp"], ("unknown group 'hidden'", "mlp, attention")),
+    ({"min_keep": {"attention": 1.0}}, ["mlp"], ("select.min_keep.attention = 1.0 must be in [0, 1)",)),
+    ({"multiple": {"mlp": 2.5}}, ["mlp"], ("select.multiple.mlp = 2.5 must be a positive integer",)),
+    ({"multiple": {"mlp": 8}}, ["mlp", "attention"], ("none for attention", "add attention: <value>")),
+    ({"min_keep": {"attention": 0.3}}, ["mlp"], ("none for mlp",)),
+])
+def test_select_constraints_per_group_are_checked(select, prune_groups, needles):
+    with pytest.raises(ConfigError) as e:
+        Params.from_dict({"prune": {"groups": prune_groups}, "select": select})
+    for needle in needles:
+        assert needle in str(e.value)
+    assert e.value.fix

@@ -381,3 +381,71 @@ def test_impossible_budget_names_the_reachable_sparsity():
     with pytest.raises(ConfigError):
         select(prio, {"mlp": [16, 16]}, {"mlp": [10, 10]}, sparsity=0.2, decoder_params=320, min_keep=0.0,
                multiple=1, layout="diagonal")
+
+
+@pytest.mark.parametrize("layout", ["global", "uniform"])
+def test_per_group_constraints_apply_to_their_own_group(layout, tmp_path):
+    """multiple / min_keep given per group: each group's widths follow its own values, and the mask file
+    records the mapping and reads it back; a scalar stays a scalar in the file."""
+    g = torch.Generator().manual_seed(1)
+    widths = {"mlp": [64, 64, 64], "attention": [4, 4, 4]}
+    costs = {"mlp": [96, 96, 96], "attention": [1536, 1536, 1536]}
+    prio = {"mlp": torch.rand(3, 64, generator=g), "attention": torch.rand(3, 4, generator=g)}
+    decoder = 3 * (64 * 96 + 4 * 1536) + 300
+    kw = dict(sparsity=0.3, decoder_params=decoder, layout=layout)
+    multiple, min_keep = {"mlp": 8, "attention": 1}, {"mlp": 0.05, "attention": 0.5}
+    mask = select(prio, widths, costs, min_keep=min_keep, multiple=multiple, **kw)
+    assert all(w % 8 == 0 for w in mask.widths["mlp"]) and sum(mask.widths["mlp"]) < 192
+    assert all(2 <= w < 4 for w in mask.widths["attention"])    # whole KV groups removed, min_keep 0.5 of 4 kept
+    assert mask.multiple == multiple and mask.min_keep == min_keep
+    mask.save(tmp_path / "mask.json")
+    back = Mask.load(tmp_path / "mask.json")
+    assert back.multiple == multiple and back.min_keep == min_keep and back.keep == mask.keep
+    # one value for every group, as before: a scalar in the file
+    scalar = select({"mlp": prio["mlp"]}, widths, costs, min_keep=0.05, multiple=8, **kw)
+    assert scalar.multiple == 8 and scalar.min_keep == 0.05 and scalar.to_json()["multiple"] == 8
+    # multiple 8 leaves 4 KV groups no smaller width: the group is stuck, and the fix says how to free it
+    with pytest.raises(ConfigError) as err:
+        select(prio, widths, costs, min_keep=0.05, multiple=8, **kw)
+    assert "'attention' has nothing to remove" in err.value.problem
+    assert "give attention its own select.multiple" in err.value.fix
+
+
+def test_per_group_constraints_must_name_every_selected_group():
+    prio = {"mlp": torch.rand(2, 16), "attention": torch.rand(2, 4)}
+    widths, costs = {"mlp": [16, 16], "attention": [4, 4]}, {"mlp": [10, 10], "attention": [40, 40]}
+    with pytest.raises(ConfigError) as err:
+        select(prio, widths, costs, sparsity=0.2, decoder_params=800, min_keep=0.0, multiple={"mlp": 8},
+               layout="global")
+    assert "none for attention" in err.value.problem and "attention: <value>" in err.value.fix
+    with pytest.raises(ConfigError, match="unknown group 'heads'"):
+        select(prio, widths, costs, sparsity=0.2, decoder_params=800, min_keep={"heads": 0.1}, multiple=1,
+               layout="global")
+
+
+@pytest.mark.parametrize("widths, groups, min_keep, multiple, needles", [
+    ({"mlp": [64] * 2, "attention": [3] * 2}, ["mlp", "attention"], 0.05, 8,
+     ("select.multiple = 8 is not smaller than the attention group's width", "{mlp: 8, attention: 1}")),
+    ({"mlp": [64] * 2, "attention": [3] * 2}, ["mlp", "attention"], {"mlp": 0.05, "attention": 0.7},
+     {"mlp": 8, "attention": 1}, ("select.min_keep.attention = 0.7 keeps every attention dimension",
+                                  "at most 0.6666 (keeping 2 of 3)")),
+    ({"mlp": [64] * 2}, ["mlp"], 0.9, 8, ("select.min_keep = 0.9 keeps every mlp dimension",
+                                          "at most 0.875 (keeping 56 of 64)")),
+    ({"mlp": [64] * 2, "attention": [1] * 2}, ["mlp", "attention"], 0.05, {"mlp": 8, "attention": 1},
+     ("attention group cannot be pruned", "single KV head", "set prune.groups to ['mlp']")),
+], ids=["multiple-wider-than-group", "min-keep-keeps-all", "multiple-rounds-min-keep-up", "one-kv-head"])
+def test_check_constraints_names_the_key_and_the_fix(widths, groups, min_keep, multiple, needles):
+    from diet.select import check_constraints
+
+    with pytest.raises(ConfigError) as err:
+        check_constraints(widths, groups, min_keep, multiple)
+    for needle in needles:
+        assert needle in str(err.value)
+
+
+def test_check_constraints_accepts_what_leaves_something_to_prune():
+    from diet.select import check_constraints
+
+    check_constraints({"mlp": [64] * 2, "attention": [3] * 2}, ["mlp", "attention"],
+                      {"mlp": 0.05, "attention": 0.34}, {"mlp": 8, "attention": 1})
+    check_constraints({"mlp": [64] * 2, "attention": [1] * 2}, ["mlp"], 0.05, 8)  # attention not pruned

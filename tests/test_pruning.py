@@ -456,3 +456,61 @@ def test_bias_recovery_refuses_bad_means_before_touching_the_model():
             apply_mask(model, keep, "global", means=bad)
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+# -- masks selected with per-group constraints (select.multiple / select.min_keep per group) ---------------------
+PER_GROUP_SELECT = {"multiple": {"mlp": 8, "attention": 1}, "min_keep": {"mlp": 0.05, "attention": 0.25}}
+#: (query heads, KV heads, tied head): 2 query heads per KV head with a tied head, 4 per KV head untied
+GQA_SHAPES = {"gqa2-tied": (8, 4, True), "gqa4-untied": (8, 2, False)}
+#: share of decoder parameters removed: attention holds about half of the tiny models' decoder parameters
+SPARSITY = {("attention",): 0.2, ("mlp", "attention"): 0.3}
+
+
+@pytest.mark.parametrize("layout", ["global", "uniform"])
+@pytest.mark.parametrize("shape", list(GQA_SHAPES))
+@pytest.mark.parametrize("groups", list(SPARSITY), ids=["attention", "both"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_per_group_selection_removes_whole_kv_groups_exactly(family, groups, shape, layout, tmp_path):
+    """multiple {mlp: 8, attention: 1}: selection removes whole KV groups (with their query heads) while MLP widths
+    stay multiples of 8, and the pruned model (in memory and reloaded) equals the dense one with them zeroed."""
+    from diet.api import geometry, plan
+    from diet.config import PruneConfig, SelectConfig
+
+    heads, kv, tied = GQA_SHAPES[shape]
+    # hidden 48: every kept head count (k KV groups x heads per group) divides it, as stock configs demand
+    model = tiny_model(family, hidden_size=48, num_attention_heads=heads, num_key_value_heads=kv,
+                       tie_word_embeddings=tied)
+    adapter = get_adapter(model)
+    geo = geometry(model)
+    g = torch.Generator().manual_seed(7)
+    task_scores = {t: {grp: torch.rand(len(w), max(w), generator=g) for grp, w in geo.widths.items()}
+                   for t in ("t1", "t2", "t3")}                                       # each (L, W)
+    select_cfg = SelectConfig(**PER_GROUP_SELECT, layout=layout)
+    _, mask = plan(task_scores, geo, prune_cfg=PruneConfig(sparsity=SPARSITY[groups], groups=groups),
+                   select_cfg=select_cfg)
+
+    assert set(mask.keep) == set(groups)
+    assert sum(mask.widths["attention"]) < kv * adapter.num_layers                  # whole KV groups went
+    assert min(mask.widths["attention"]) >= 1
+    if "mlp" in groups:
+        assert all(w % 8 == 0 for w in mask.widths["mlp"]) and sum(mask.widths["mlp"]) < 64 * adapter.num_layers
+    assert mask.multiple == {g_: PER_GROUP_SELECT["multiple"][g_] for g_ in groups}
+    keep = mask.keep_tensors()
+    ids = input_ids(2)
+    dense, reference = logits(model, ids), logits(zero_mask(model, keep), ids)
+    before = parameter_counts(model)
+
+    apply_mask(model, keep, layout)
+
+    out = logits(model, ids)
+    torch.testing.assert_close(out, reference, atol=ATOL, rtol=RTOL)
+    assert (out - dense).abs().max() > 1e-2
+    check_metadata(model)
+    assert [adapter.num_heads(i) for i in range(adapter.num_layers)] == [k * heads // kv for k in mask.widths["attention"]]
+    assert before["decoder"] - parameter_counts(model)["decoder"] == mask.removed
+    save_pruned(model, tiny_tokenizer(), tmp_path / "pruned", {"mask": mask.summary()})
+    reloaded = load_model(tmp_path / "pruned")
+    uneven = any(len(set(widths)) > 1 for widths in mask.widths.values())
+    assert is_per_layer(reloaded) == uneven and (layout == "global" or not uneven)  # even widths: a stock config
+    assert (reloaded.get_output_embeddings().weight is reloaded.get_input_embeddings().weight) == tied
+    torch.testing.assert_close(logits(reloaded, ids), reference, atol=ATOL, rtol=RTOL)
