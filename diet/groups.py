@@ -150,6 +150,11 @@ class DimensionGroup(ABC):
         widths = getattr(config, self.dimension_field, None)
         return None if widths is None else [torch.arange(w) for w in widths]
 
+    def per_layer_config_problem(self, config) -> str | None:
+        """What is wrong with a per-layer config's lists for this group beyond their lengths and ranges
+        (checked by ``diet.modeling``), or None."""
+        return None
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
@@ -265,6 +270,14 @@ class AttentionGroup(DimensionGroup):
             if lin.bias is not None:
                 total = total + lin.bias.detach().float().square().view(g, -1).sum(dim=1)
         return total.sqrt()
+
+    def per_layer_config_problem(self, config):
+        heads, kv = config.num_heads_per_layer, config.num_kv_heads_per_layer
+        if heads is not None and kv is not None:
+            per_group = config.num_attention_heads // config.num_key_value_heads  # removing KV groups keeps it
+            if any(h != k * per_group for h, k in zip(heads, kv)):
+                return f"every layer needs {per_group} query heads per KV head"
+        return None
 
     def unprunable_reason(self, widths):
         if all(w <= 1 for w in widths):

@@ -61,11 +61,10 @@ def _validate_per_layer(config) -> None:
             raise ValueError(f"{field} has {len(values)} entries for {n} layers")
         if min(values) <= 0 or max(values) != getattr(config, scalar):
             raise ValueError(f"{field} must be positive with its maximum equal to {scalar}")
-    heads, kv = config.num_heads_per_layer, config.num_kv_heads_per_layer
-    if heads is not None and kv is not None:
-        per_group = config.num_attention_heads // config.num_key_value_heads
-        if any(h != k * per_group for h, k in zip(heads, kv)):
-            raise ValueError(f"every layer needs {per_group} query heads per KV head")
+    for group in GROUPS.values():
+        problem = group.per_layer_config_problem(config)
+        if problem:
+            raise ValueError(problem)
     unknown = [g for g in (getattr(config, OUTPUT_BIASES_FIELD) or []) if g not in GROUPS]
     if unknown:
         raise ValueError(f"{OUTPUT_BIASES_FIELD} lists unknown groups {unknown}; known: {list(GROUPS)}")

@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM, GPT2Config
 
 from diet.adapters import PRUNED, SUPPORTED, adapter_class, family, get_adapter, pruned_model_type
 from diet.adapters.base import ModelAdapter
+from diet.groups import GROUPS as GROUP_RULES
 from diet.errors import ModelError
 from diet.pruning import apply_mask, parameter_counts
 from tests.tiny import FAMILIES, tiny_model
@@ -149,3 +150,42 @@ def test_bias_flags_match_what_stock_transformers_builds(model_type):
             else:
                 assert projections[-1].bias is None
     assert flagged.output_bias_groups() == [g for g in GROUPS if g in flags]
+
+
+@pytest.mark.parametrize("group", list(GROUP_RULES))
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_group_rules_agree_with_the_weights(model_type, group):
+    """The contract every dimension group keeps (diet/groups.py), on every family: removing one dimension of a
+    layer removes exactly ``cost`` parameters, the config widths it predicts are those read back, and its
+    activation's channels map onto its dimensions."""
+    model = tiny_model(model_type, num_attention_heads=8, num_key_value_heads=4)
+    adapter = get_adapter(model)
+    rule = GROUP_RULES[group]
+    widths = rule.widths(adapter)
+    assert len(widths) == adapter.num_layers and min(widths) > 1
+    for layer in range(adapter.num_layers):
+        out = rule.output_projection(adapter, layer)
+        assert rule.projections(adapter, layer)[-1] is out
+        blocks = rule.channel_blocks(adapter, layer)
+        assert out.in_features == widths[layer] if blocks is None else (blocks == widths[layer]
+                                                                         and out.in_features % blocks == 0)
+        assert rule.weight_norms(adapter, layer).shape == rule.magnitude(adapter, layer).shape == (widths[layer],)
+        dims = torch.tensor([widths[layer] - 1])
+        assert rule.output_channels(adapter, layer, dims).numel() == out.in_features // widths[layer]
+    kept = [torch.arange(1, w) for w in widths]  # each layer loses its first dimension
+    predicted = rule.config_widths(adapter, kept)
+    before = adapter.decoder_param_count()
+    cost = sum(rule.cost(adapter, i) for i in range(adapter.num_layers))
+    for layer, k in enumerate(kept):
+        rule.slice(adapter, layer, k)
+    assert before - adapter.decoder_param_count() == cost
+    assert rule.config_widths(adapter) == predicted
+    assert rule.widths(adapter) == [w - 1 for w in widths]
+
+
+def test_group_registry_follows_the_config_names():
+    from diet.config import GROUPS as NAMES
+
+    assert tuple(GROUP_RULES) == NAMES
+    assert all(rule.name == name for name, rule in GROUP_RULES.items())
+    assert GROUP_RULES["attention"].unprunable_reason([1, 1]) and GROUP_RULES["attention"].unprunable_reason([2, 1]) is None
