@@ -97,6 +97,29 @@ def test_stages_prune_with_bias_recovery_from_the_methods_data(scored, method):
     torch.testing.assert_close(logits(pruned, ids), reference, atol=1e-5, rtol=1.3e-6)
 
 
+def test_stages_prune_whole_kv_groups_with_per_group_constraints(scored):
+    """prune.groups [mlp, attention] with multiple {mlp: 8, attention: 1} through merge, select and prune: KV
+    groups go (the tiny llama has 2 per layer), MLP widths stay multiples of 8, and the checkpoint equals the
+    dense model with the removed dimensions zeroed."""
+    from diet.pruning import zero_mask
+
+    repo = scored
+    params = write_params(repo, "params-groups.yaml", prune={"groups": ["mlp", "attention"], "sparsity": 0.3},
+                          select={"multiple": {"mlp": 8, "attention": 1}, "min_keep": {"mlp": 0.05, "attention": 0.5}})
+    out = merge_select_prune(repo, params, "groups")
+
+    mask = Mask.load(repo / "masks-groups/mask.json")
+    assert mask.multiple == {"mlp": 8, "attention": 1} and mask.min_keep == {"mlp": 0.05, "attention": 0.5}
+    assert 1 in mask.widths["attention"] and all(w in (1, 2) for w in mask.widths["attention"])
+    assert all(w % 8 == 0 for w in mask.widths["mlp"]) and sum(mask.widths["mlp"]) < 3 * 64
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["checkpoint"]["widths"]["num_key_value_heads"] == mask.widths["attention"]
+    assert manifest["checkpoint"]["widths"]["num_attention_heads"] == [2 * w for w in mask.widths["attention"]]
+    ids = input_ids(7)
+    reference = logits(zero_mask(load_model(repo / "models/base"), mask.keep_tensors()), ids)
+    torch.testing.assert_close(logits(load_model(out), ids), reference, atol=1e-5, rtol=1.3e-6)
+
+
 def test_baseline_orders_differ_from_the_task_aware_one(scored):
     repo = scored
     orders = {}
