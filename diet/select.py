@@ -251,16 +251,17 @@ def check_constraints(widths: Mapping[str, Sequence[int]], groups: Sequence[str]
 
     For each group of ``groups`` (``widths``: the dense model's dimensions per layer): a group the model cannot
     prune at all (``DimensionGroup.unprunable_reason``, e.g. attention with one KV head per layer), a
-    ``multiple`` larger than every layer's width, and a ``min_keep`` whose floor keeps every dimension. Each
-    is a ConfigError naming the key and the fix. The budget itself is checked by ``select``.
+    ``multiple`` not smaller than the widest layer (the only width it allows is the whole layer), and a
+    ``min_keep`` whose floor keeps every dimension. Each is a ConfigError naming the key and the fix. Needs the
+    widths only (``diet.geometry.geometry_from_folder`` reads them from the config). The budget itself is
+    checked by ``select``.
     """
     keeps, multiples = _resolve(min_keep, multiple, groups)
-    others = lambda g: [o for o in groups if o != g]  # noqa: E731
     for g in groups:
         w = list(widths[g])
         reason = GROUPS[g].unprunable_reason(w)
         if reason:
-            rest = others(g)
+            rest = [o for o in groups if o != g]
             raise ConfigError(f"prune.groups includes {g!r}, but this model's {g} group cannot be pruned: {reason}",
                               f"set prune.groups to {rest}" if rest else
                               f"prune another group (prune.groups: [{', '.join(o for o in GROUPS if o != g)}])")

@@ -188,4 +188,5 @@ def test_group_registry_follows_the_config_names():
 
     assert tuple(GROUP_RULES) == NAMES
     assert all(rule.name == name for name, rule in GROUP_RULES.items())
-    assert GROUP_RULES["attention"].unprunable_reason([1, 1]) and GROUP_RULES["attention"].unprunable_reason([2, 1]) is None
+    attention = GROUP_RULES["attention"]
+    assert "single KV head" in attention.unprunable_reason([1, 1]) and attention.unprunable_reason([2, 1]) is None

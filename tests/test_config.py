@@ -68,8 +68,8 @@ def test_recovery_and_new_methods_accepted():
 
 
 def test_select_constraints_per_group():
-    p = Params.from_dict({"prune": {"groups": ["mlp", "attention"]},
-                          "select": {"multiple": {"mlp": 8, "attention": 1}, "min_keep": {"mlp": 0.05, "attention": 0.34}}})
+    select = {"multiple": {"mlp": 8, "attention": 1}, "min_keep": {"mlp": 0.05, "attention": 0.34}}
+    p = Params.from_dict({"prune": {"groups": ["mlp", "attention"]}, "select": select})
     assert p.select.multiple_for("attention") == 1 and p.select.multiple_for("mlp") == 8
     assert p.select.min_keep_for("attention") == 0.34
     assert Params.from_dict(p.to_dict()) == p

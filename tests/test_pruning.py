@@ -506,7 +506,8 @@ def test_per_group_selection_removes_whole_kv_groups_exactly(family, groups, sha
     torch.testing.assert_close(out, reference, atol=ATOL, rtol=RTOL)
     assert (out - dense).abs().max() > 1e-2
     check_metadata(model)
-    assert [adapter.num_heads(i) for i in range(adapter.num_layers)] == [k * heads // kv for k in mask.widths["attention"]]
+    heads_kept = [k * heads // kv for k in mask.widths["attention"]]                 # whole groups of query heads
+    assert [adapter.num_heads(i) for i in range(adapter.num_layers)] == heads_kept
     assert before["decoder"] - parameter_counts(model)["decoder"] == mask.removed
     save_pruned(model, tiny_tokenizer(), tmp_path / "pruned", {"mask": mask.summary()})
     reloaded = load_model(tmp_path / "pruned")

@@ -11,8 +11,8 @@ head sizes); the adapter's group views below only delegate to the group named.
 
 Output biases (``prune.recover: bias``): a group's *output projection* (down_proj, o_proj) may gain a bias.
 Where the family's stock config has a flag that gives it one (``BIAS_FLAGS``; Llama's ``mlp_bias`` and
-``attention_bias`` give *all* the group's projections a bias), ``carry_output_biases`` sets the flag and gives the
-group's other projections zero biases, so the checkpoint stays stock. Where it has none, the model becomes
+``attention_bias`` give *all* the group's projections a bias), ``carry_output_biases`` sets the flag and gives
+the group's other projections zero biases, so the checkpoint stays stock. Where it has none, the model becomes
 the per-layer ``diet_<family>`` type, whose config lists the groups in ``output_biases``.
 """
 
