@@ -82,14 +82,27 @@ def peak_rss() -> int:
 TIMES = ("prefill_wall", "prefill_cpu", "decode_wall", "decode_cpu")
 
 
+#: a measure whose rounds spread wider than this share of their median is flagged as noisy (a busy machine)
+NOISY_SPREAD = 0.25
+
+
 def timing_summary(times: dict[str, list[float]], dense: dict[str, list[float]]) -> dict:
-    """Milliseconds: median and min of every measure, all rounds, and the median per-round ratio to dense."""
+    """Milliseconds: median and min of every measure, all rounds, their spread ((max - min) / median, flagged
+    ``noisy`` above NOISY_SPREAD), and the median per-round ratio to dense."""
     out = {}
     for k in TIMES:
         ms = [1000 * x for x in times[k]]
-        out.update({f"{k}_ms": statistics.median(ms), f"{k}_ms_min": min(ms), f"{k}_ms_all": ms,
+        median = statistics.median(ms)
+        spread = (max(ms) - min(ms)) / median if median else float("inf")
+        out.update({f"{k}_ms": median, f"{k}_ms_min": min(ms), f"{k}_ms_all": ms, f"{k}_spread": spread,
+                    f"{k}_noisy": spread > NOISY_SPREAD,
                     f"{k}_ratio": statistics.median(p / d for p, d in zip(times[k], dense[k]))})
     return out
+
+
+def _ms(r: dict, key: str, digits: int) -> str:
+    """A median time, with ``†`` when its rounds were noisy."""
+    return f"{r[key + '_ms']:.{digits}f}" + (" †" if r.get(key + "_noisy") else "")
 
 
 def rss_child(path: str, prompt_tokens: int, new_tokens: int) -> None:
@@ -214,8 +227,10 @@ def markdown(result: dict) -> str:
         lines.append(f"| {r['name']} | {r['achieved_sparsity']:.3f} | {r['mlp_width_min']}-{r['mlp_width_max']} "
                      f"| {r['params_total'] / 1e6:.1f} | {r['params_decoder'] / 1e6:.1f} "
                      f"| {r['param_bytes'] / 2**20:.0f} | {r['rss_peak_mb']:.0f} "
-                     f"| {r['prefill_cpu_ms']:.0f} | {r['prefill_cpu_ratio']:.2f} | {r['prefill_wall_ms_min']:.0f} "
-                     f"| {r['decode_cpu_ms']:.1f} | {r['decode_cpu_ratio']:.2f} | {r['decode_wall_ms_min']:.1f} |")
+                     f"| {_ms(r, 'prefill_cpu', 0)} | {r['prefill_cpu_ratio']:.2f} | {r['prefill_wall_ms_min']:.0f} "
+                     f"| {_ms(r, 'decode_cpu', 1)} | {r['decode_cpu_ratio']:.2f} | {r['decode_wall_ms_min']:.1f} |")
+    lines += ["", f"Times are medians over rounds; † marks a measure whose rounds spread by more than "
+                  f"{NOISY_SPREAD:.0%} of the median (a busy machine): compare its ratio, not its time."]
     return "\n".join(lines)
 
 

@@ -245,3 +245,28 @@ def test_fingerprint_stable_across_copies(model, tmp_path):
     assert model_fingerprint(tmp_path / "copy") != fp
     with pytest.raises(DietError):
         model_fingerprint(tmp_path / "nothing")
+
+
+def test_scoring_takes_the_bos_rule_of_evaluation():
+    """A tokenizer that prepends BOS by default (Llama-2/3 style) gets BOS in calibration too, as in
+    evaluation and perplexity (diet.tokens.resolve_add_bos): one more token per text, the same sequences."""
+    from diet.config import ScoreConfig
+    from diet.scoring import score
+    from tests.test_evaluation import bos_tokenizer
+
+    model, plain, with_bos = tiny_model("llama"), tiny_tokenizer(), bos_tokenizer()
+    texts = ["the quick brown fox", "a small model"]
+    cfg = ScoreConfig(groups=("mlp",), batch_size=2)
+    _, stats_plain = score(model, plain, texts, cfg, max_length=64, progress=False)
+    _, stats_bos = score(model, with_bos, texts, cfg, max_length=64, progress=False)
+    lengths = [len(plain(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    assert stats_plain["n_tokens"] == sum(lengths)
+    assert stats_bos["n_tokens"] == sum(lengths) + len(texts)
+
+
+def test_import_diet_loads_no_torch():
+    """The configuration, error and I/O layers serve tools that never run a model (the flows)."""
+    code = ("import sys, diet, diet.config, diet.errors, diet.io; "
+            "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; assert not bad, bad; "
+            "assert callable(diet.prune)")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent)

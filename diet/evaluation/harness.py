@@ -102,6 +102,8 @@ def evaluate_tasks(model, tokenizer, tasks: dict[str, str | Path], *, batch_size
 
     _sync_tied_flag(model)
     try:
+        # lm-eval warns that an in-memory model "may ignore other model arguments": that is this module's use
+        logging.getLogger("lm_eval.models.huggingface").setLevel(logging.ERROR)
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=int(batch_size), add_bos_token=add_bos,
                   max_length=model_max_length(model), backend="causal")  # a pruned model's type is ours
     except Exception as e:  # noqa: BLE001 - lm-eval raises anything; the user needs the cause
