@@ -505,7 +505,7 @@ def test_second_team_reuses_scores_through_a_remote(tmp_path, prefect_harness, m
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     team_b = clone(team_a, tmp_path / "b")
     add_remote(team_b, str(remote))
-    b = pull_scores(repo=str(team_b), tasks=["t3"])                 # adds t3 to params.yaml
+    b = pull_scores(repo=str(team_b), tasks=["t1", "t2", "t3"])     # adds t3 to params.yaml
     assert yaml.safe_load((team_b / "params.yaml").read_text())["tasks"] == ["t1", "t2", "t3"]
     ran_b = {s for s, st in b.items() if st == RAN}
     assert ran_b == {"prepare@t3", "score@t3", "evaluate_dense@t3"}, b   # only what nobody computed
