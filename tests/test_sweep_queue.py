@@ -100,8 +100,11 @@ def test_queued_sweep_runs_points_in_parallel_and_leaves_the_workspace(tmp_path,
     assert [(e["method"], e["sparsity"]) for e in out["experiments"]] == [("vote", 0.1), ("vote", 0.2), ("vote", 0.3)]
     for e in out["experiments"]:
         ran = {s for s, st in e["stages"].items() if st == RAN}
-        assert "merge" in ran and ran <= {"merge", "select", "prune", "evaluate@t1", "evaluate@t2", "perplexity",
-                                          "report"}, e
+        if e["sparsity"] == 0.2:  # the committed run's own params: DVC restores every stage from its cache
+            assert ran == set(), e
+        else:
+            assert "merge" in ran and ran <= {"merge", "select", "prune", "evaluate@t1", "evaluate@t2", "perplexity",
+                                              "report"}, e
     assert table["sparsity"].tolist() == [0.1, 0.2, 0.3]
     assert (table["achieved_sparsity"] - table["sparsity"]).abs().max() < 0.05   # each row is its own experiment
     assert table["params_decoder"].is_monotonic_decreasing and table["acc"].between(0, 1).all()
