@@ -161,13 +161,23 @@ def queue_experiments(root: Path, points: list[tuple[str, float]], sweep_id: str
     return names
 
 
-def run_queue(root: Path, names: list[str], jobs: int, run_log: Path, *, poll: float = 5.0,
-              timeout: float | None = None) -> dict[str, dict[str, Any]]:
+def succeeded(root: Path, names: list[str]) -> set[str]:
+    """Those of ``names`` whose experiment has a git ref (``refs/exps/.../<name>``): DVC writes it when the
+    experiment succeeds. A cheap check (``git for-each-ref``) to poll often; ``experiment_states`` costs a DVC
+    process and finds failures too."""
+    out = subprocess.run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], cwd=root,
+                         capture_output=True, text=True, check=True).stdout
+    return set(names) & {ref.rsplit("/", 1)[-1] for ref in out.splitlines()}
+
+
+def run_queue(root: Path, names: list[str], jobs: int, run_log: Path, *, poll: float = 2.0,
+              check_every: float = 30.0, timeout: float | None = None) -> dict[str, dict[str, Any]]:
     """Start DVC's queue with ``jobs`` workers and wait until every experiment of ``names`` has finished.
 
     ``dvc queue start`` leaves its workers running in the background; their stages append to ``run_log``.
-    Returns each experiment's state and commit (``experiment_states``); a failed one is a FlowError naming
-    the command that shows its log.
+    Polls ``succeeded`` every ``poll`` seconds and ``experiment_states`` (which sees failures) every
+    ``check_every``. Returns each experiment's state and commit (``experiment_states``); a failed one is a
+    FlowError naming the command that shows its log.
     """
     start = time.monotonic()
     with tempfile.TemporaryFile() as out:  # not a pipe: the workers keep their copy of it open
@@ -176,18 +186,23 @@ def run_queue(root: Path, names: list[str], jobs: int, run_log: Path, *, poll: f
         if proc.returncode != 0:
             out.seek(0)
             raise DvcCommandError(["queue", "start", "--jobs", str(jobs)], proc.returncode, out.read().decode())
+    checked = time.monotonic()
     while True:
-        states = experiment_states(root)
-        pending = [n for n in names if (states.get(n) or {}).get("state") not in (DONE, FAILED)]
+        time.sleep(poll)
+        pending = [n for n in names if n not in succeeded(root, names)]
+        if pending and time.monotonic() - checked >= check_every:
+            states, checked = experiment_states(root), time.monotonic()
+            pending = [n for n in names if (states.get(n) or {}).get("state") not in (DONE, FAILED)]
         if not pending:
             break
         if timeout is not None and time.monotonic() - start > timeout:
             raise FlowError(f"experiments {', '.join(pending)} had not finished after {timeout:.0f} s",
                             "see `dvc queue status`; stop them with `dvc queue kill NAME`, or raise the timeout")
-        time.sleep(poll)
-    failed = [n for n in names if states[n]["state"] == FAILED]
+    states = experiment_states(root)
+    failed = [n for n in names if (states.get(n) or {}).get("state") != DONE]
     if failed:
-        raise FlowError(f"experiment(s) {', '.join(failed)} failed in DVC's queue",
+        raise FlowError(f"experiment(s) {', '.join(failed)} failed in DVC's queue "
+                        f"(states: {', '.join(str((states.get(n) or {}).get('state')) for n in failed)})",
                         f"read why with `dvc queue logs {failed[0]}`; drop them with `dvc queue remove --failed`")
     return states
 

@@ -84,13 +84,13 @@ def test_queued_sweep_runs_points_in_parallel_and_leaves_the_workspace(tmp_path,
     git(repo, "commit", "-q", "-m", "pipeline run at sparsity 0.2")
     before = _state(repo)
     during = []
-    real_states = sweep.experiment_states
+    real_succeeded = sweep.succeeded
 
-    def watched(root):  # polled while the queue runs: the workspace must not move meanwhile
+    def watched(root, names):  # polled while the queue runs: the workspace must not move meanwhile
         during.append(_state(repo))
-        return real_states(root)
+        return real_succeeded(root, names)
 
-    monkeypatch.setattr(sweep, "experiment_states", watched)
+    monkeypatch.setattr(sweep, "succeeded", watched)
     out = sweep_flow(repo=str(repo), sparsities=[0.1, 0.2, 0.3], methods=["vote"], mode="queue", jobs=2)
 
     assert during and all(s == before for s in during)
@@ -108,7 +108,7 @@ def test_queued_sweep_runs_points_in_parallel_and_leaves_the_workspace(tmp_path,
     assert table["sparsity"].tolist() == [0.1, 0.2, 0.3]
     assert (table["achieved_sparsity"] - table["sparsity"]).abs().max() < 0.05   # each row is its own experiment
     assert table["params_decoder"].is_monotonic_decreasing and table["acc"].between(0, 1).all()
-    states = real_states(repo)
+    states = sweep.experiment_states(repo)
     assert {states[e]["state"] for e in table["experiment"]} == {"success"}
 
 
@@ -122,3 +122,42 @@ def test_cli_sweep_takes_mode_and_jobs():
     assert (a.mode, a.jobs) == ("workspace", 3)
     with pytest.raises(SystemExit):
         p.parse_args(["sweep", "--mode", "parallel"])
+
+
+@pytest.fixture
+def fake_queue(monkeypatch, tmp_path):
+    """run_queue against canned experiment states: ``states`` maps a name to its executor state."""
+    import flows.sweep as sweep
+
+    states: dict = {}
+    started = []
+    monkeypatch.setattr(sweep.subprocess, "run", lambda cmd, **kw: started.append(cmd) or
+                        subprocess.CompletedProcess(cmd, 0))
+    monkeypatch.setattr(sweep, "succeeded", lambda root, names: {n for n in names if states.get(n) == "success"})
+    monkeypatch.setattr(sweep, "experiment_states",
+                        lambda root: {n: {"state": st, "rev": f"rev-{n}"} for n, st in states.items()})
+    return sweep, states, started, tmp_path
+
+
+def test_run_queue_returns_the_commits_of_finished_experiments(fake_queue):
+    sweep, states, started, tmp_path = fake_queue
+    states.update(a="success", b="success")
+    out = sweep.run_queue(tmp_path, ["a", "b"], 3, tmp_path / "log", poll=0, check_every=0)
+    assert out == {"a": {"state": "success", "rev": "rev-a"}, "b": {"state": "success", "rev": "rev-b"}}
+    assert started[0][1:] == ["queue", "start", "--jobs", "3"]
+
+
+def test_run_queue_names_a_failed_experiment(fake_queue):
+    sweep, states, _, tmp_path = fake_queue
+    states.update(a="success", b="failed")
+    with pytest.raises(FlowError, match=r"experiment\(s\) b failed in DVC's queue") as e:
+        sweep.run_queue(tmp_path, ["a", "b"], 2, tmp_path / "log", poll=0, check_every=0)
+    assert "dvc queue logs b" in e.value.fix
+
+
+def test_run_queue_gives_up_after_its_timeout(fake_queue):
+    sweep, states, _, tmp_path = fake_queue
+    states.update(a="running")
+    with pytest.raises(FlowError, match="a had not finished after 0 s") as e:
+        sweep.run_queue(tmp_path, ["a"], 2, tmp_path / "log", poll=0, check_every=0, timeout=0)
+    assert "dvc queue kill" in e.value.fix
