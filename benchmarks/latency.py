@@ -54,17 +54,27 @@ def fixed_prompt(vocab: int, n: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(vocab, (1, n), generator=torch.Generator().manual_seed(seed))
 
 
+def no_sync() -> None:
+    """On the CPU every kernel has finished when the call returns: nothing to wait for."""
+
+
 @torch.no_grad()
-def time_once(model, prompt: torch.Tensor, new_tokens: int) -> dict[str, float]:
-    """Seconds of one greedy run with the KV cache: prefill and per decoded token, wall clock and CPU time."""
+def time_once(model, prompt: torch.Tensor, new_tokens: int, sync=no_sync) -> dict[str, float]:
+    """Seconds of one greedy run with the KV cache: prefill and per decoded token, wall clock and CPU time.
+
+    ``sync`` waits for the device's queued kernels before each clock reading (``torch.cuda.synchronize`` on a
+    GPU, whose calls return before the work is done)."""
+    sync()
     wall, cpu = time.perf_counter(), time.process_time()
     out = model(input_ids=prompt, use_cache=True)
+    sync()
     result = {"prefill_wall": time.perf_counter() - wall, "prefill_cpu": time.process_time() - cpu}
     cache, token = out.cache, out.logits[:, -1:].argmax(-1)                    # (1, 1)
     wall, cpu = time.perf_counter(), time.process_time()
     for _ in range(new_tokens):
         out = model(input_ids=token, cache=cache, use_cache=True)
         cache, token = out.cache, out.logits[:, -1:].argmax(-1)                # (1, 1)
+    sync()
     n = max(new_tokens, 1)
     result.update(decode_wall=(time.perf_counter() - wall) / n, decode_cpu=(time.process_time() - cpu) / n)
     return result

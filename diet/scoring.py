@@ -208,6 +208,18 @@ def _stack_layers(rows: list[torch.Tensor], group: str) -> torch.Tensor:
     return torch.stack(rows)  # (L, W)
 
 
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """``float64`` or ``model``: the scoring precision ``precision`` (``score.precision``) means on ``device``.
+
+    ``auto`` is ``float64`` on the CPU (byte-identical score files) and ``model`` on a GPU, where float64
+    arithmetic runs at a small fraction of the bfloat16/float32 rate and the model would take 4x (from
+    bfloat16) the memory. An explicit ``float64`` is kept on any device.
+    """
+    if precision == "auto":
+        return "float64" if torch.device(device).type == "cpu" else "model"
+    return precision
+
+
 @contextlib.contextmanager
 def forward_precision(model: nn.Module, precision: str) -> Iterator[None]:
     """Run the block with the model in float64 (``precision="float64"``), then restore its dtype exactly.
@@ -215,10 +227,13 @@ def forward_precision(model: nn.Module, precision: str) -> Iterator[None]:
     A float32 matrix product sums in an order that depends on the thread count and the CPU, so activations
     differ in their last bits between machines; in float64 those differences stay far below float32's
     resolution, and the scores, rounded to float32 once, come out byte-identical. ``"model"`` leaves the
-    model as it is (faster, half the memory; identical only on the same hardware and thread count).
+    model as it is (faster, half the memory; identical only on the same hardware and thread count). ``"auto"``
+    is one or the other by the model's device (``resolve_precision``). Float32 and bfloat16 weights both go to
+    float64 and back exactly.
     """
-    dtype = next(model.parameters()).dtype
-    if precision == "model" or dtype == torch.float64:
+    param = next(model.parameters())
+    dtype = param.dtype
+    if resolve_precision(precision, param.device) == "model" or dtype == torch.float64:
         yield
         return
     model.to(torch.float64)

@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     common(q)
     q.add_argument("--sparsities", type=_floats, default=[0.1, 0.2, 0.3], help="comma-separated (default: 0.1,0.2,0.3)")
     q.add_argument("--methods", type=_names, default=["vote"], help="comma-separated merge methods (default: vote)")
+    q.add_argument("--mode", choices=("queue", "workspace"), default="queue",
+                   help="queue: DVC's experiment queue, --jobs points at a time in temporary copies (the workspace "
+                        "is left alone); workspace: one point after the other in the workspace (default: queue)")
+    q.add_argument("--jobs", type=int, help="experiments run at a time in queue mode (default: --workers)")
 
     q = sub.add_parser("report", help="render the sweep table and plot again (results/sweep.csv, results/dense/summary.json)")
     q.add_argument("--repo", default=".", help="the DIET project (default: .)")
@@ -158,7 +162,7 @@ def dispatch(args: argparse.Namespace) -> Any:
 
         out = sweep_flow(repo=args.repo, sparsities=args.sparsities, methods=args.methods,
                          params=parse_sets(args.sets), task_runner=args.runner, workers=args.workers,
-                         address=args.address, retries=args.retries)
+                         address=args.address, retries=args.retries, mode=args.mode, jobs=args.jobs)
         return {"files": out["files"], "shared": out["shared"]}
     if args.command == "serve":
         from flows.schedule import load_schedule, serve_pipeline

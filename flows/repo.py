@@ -311,13 +311,15 @@ def check_stages(graph: Mapping[str, list[str]], names: Iterable[str]) -> None:
 
 # --- what DVC did ---------------------------------------------------------------------------------------
 
-def read_run_log(path: str | os.PathLike) -> list[str]:
-    """The stage names a run log lists (one JSON object per line), in order, each once."""
+def read_run_log(path: str | os.PathLike, experiment: str | None = None) -> list[str]:
+    """The stage names a run log lists (one JSON object per line), in order, each once; with ``experiment``,
+    only those run inside that DVC experiment (the lines' ``experiment``, from ``$DVC_EXP_NAME``)."""
     try:
         lines = Path(path).read_text().splitlines()
     except FileNotFoundError:
         return []
-    return list(dict.fromkeys(json.loads(line)["stage"] for line in lines if line.strip()))
+    rows = [json.loads(line) for line in lines if line.strip()]
+    return list(dict.fromkeys(r["stage"] for r in rows if experiment is None or r.get("experiment") == experiment))
 
 
 def stage_status(result: DvcResult, stages: Iterable[str]) -> dict[str, str]:

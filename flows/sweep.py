@@ -3,9 +3,15 @@
 1. The stages that read no swept parameter (model, prepare@*, score@*, score_generic, evaluate_dense@*,
    perplexity_dense) run
    once in the workspace through the pipeline flow; their outputs land in DVC's cache and run-cache.
-2. Each (method, sparsity) is a workspace experiment, ``dvc exp run -S prune.sparsity=.. -S merge.method=..``,
-   run one after the other: DVC skips every stage whose inputs are unchanged, so only merge, select, prune
-   and evaluate run per point. The experiment's metrics file is read right after it.
+2. Each (method, sparsity) is a DVC experiment with ``-S prune.sparsity=.. -S merge.method=..``; DVC skips
+   every stage whose inputs are unchanged, so only merge, select, prune and evaluate run per point.
+   ``mode="queue"`` (default): every point is queued (``dvc exp run --queue``), params.yaml and dvc.lock are
+   put back at once, and ``dvc queue start --jobs N`` runs the points N at a time, each in its own temporary
+   copy of the repo sharing the DVC cache: the workspace, params.yaml, dvc.lock and HEAD stay as they are
+   while they run. The flow waits on the experiments' states in ``dvc exp show --json`` and reads each one's
+   ``results/{pruned,dense}/summary.json`` at its experiment commit through ``dvc.api.read``.
+   ``mode="workspace"``: ``dvc exp run`` in the workspace, one point after the other, each point's metrics
+   read from the workspace right after it.
 3. The rows go to ``results/sweep.csv``, ``results/sweep.md`` and ``plots/accuracy_vs_sparsity.png``, and
    are published as Prefect artifacts.
 4. params.yaml and dvc.lock are put back as they were, and the workspace outputs checked out to match.
@@ -15,6 +21,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -24,8 +33,8 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from prefect.cache_policies import NO_CACHE
 
 from flows.pipeline import make_task_runner, plan, publish_report, run_stages, validate_run
-from flows.repo import (RAN, DvcCommandError, FlowError, atomic_write, downstream, run_dvc, stage_status,
-                        stages_reading, write_params)
+from flows.repo import (RAN, RUN_LOG, DvcCommandError, DvcResult, FlowError, atomic_write, child_env, downstream,
+                        dvc_executable, read_run_log, run_dvc, stage_status, stages_reading, write_params)
 
 SWEPT = ("prune.sparsity", "merge.method")
 DEFAULT_SPARSITIES, DEFAULT_METHODS = (0.1, 0.2, 0.3), ("vote",)
@@ -33,6 +42,9 @@ PRUNED_METRICS = "results/pruned/summary.json"  # the report stage's whole recor
 DENSE_METRICS = "results/dense/summary.json"
 CSV, MARKDOWN, PLOT = "results/sweep.csv", "results/sweep.md", "plots/accuracy_vs_sparsity.png"
 SWEEP_DENSE = "results/sweep-dense.json"  # the dense metrics of the sweep's own evaluation settings
+MODES = ("queue", "workspace")
+#: ``dvc exp show --json`` executor states of an experiment that has finished
+DONE, FAILED = "success", "failed"
 
 
 def _number(x: Any) -> float | None:
@@ -80,7 +92,7 @@ def run_experiment(repo: str, method: str, sparsity: float, stages: list[str], s
     """One workspace experiment; returns its name, which of ``stages`` ran, and its metrics (and the dense ones)."""
     logger = get_run_logger()
     name = experiment_name(method, sparsity, sweep_id)
-    args = ["exp", "run", "--name", name, "-S", f"prune.sparsity={sparsity}", "-S", f"merge.method={method}"]
+    args = ["exp", "run", "--name", name, *_sets(method, sparsity)]
     res = run_dvc(args, repo, check=False)
     logger.info("dvc %s\n%s", " ".join(args), res.output.rstrip())
     if res.returncode != 0:
@@ -93,6 +105,137 @@ def run_experiment(repo: str, method: str, sparsity: float, stages: list[str], s
     return {"method": method, "sparsity": sparsity, "experiment": name, "stages": stage_status(res, stages),
             "seconds": round(res.seconds, 2), "metrics": json.loads(path.read_text()),
             "dense": json.loads(dense.read_text()) if dense.is_file() else None}
+
+
+def check_mode(mode: str, jobs: Any) -> int:
+    """``jobs`` if ``mode`` is a sweep mode and ``jobs`` a worker count, else a FlowError naming the fix."""
+    if mode not in MODES:
+        raise FlowError(f"sweep mode {mode!r} is unknown", f"use one of: {', '.join(MODES)}")
+    if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
+        raise FlowError(f"jobs = {jobs!r}: the queue needs at least one worker", "pass jobs=2 (or more)")
+    return jobs
+
+
+def _sets(method: str, sparsity: float) -> list[str]:
+    return ["-S", f"prune.sparsity={sparsity}", "-S", f"merge.method={method}"]
+
+
+def experiment_states(root: Path) -> dict[str, dict[str, Any]]:
+    """``{experiment name: {"state": executor state or None, "rev": its commit}}`` from ``dvc exp show --json``
+    (states: queued, running, success, failed; a finished experiment's commit holds its outputs' hashes)."""
+    res = run_dvc(["exp", "show", "--json"], root)
+    starts = [i for i, line in enumerate(res.output.splitlines(keepends=True)) if line.startswith("[")]
+    try:  # the JSON list starts a line of its own; stderr lines (warnings) may come before it
+        text = "".join(res.output.splitlines(keepends=True)[starts[0]:])
+        baselines, _ = json.JSONDecoder().raw_decode(text)
+    except (IndexError, ValueError):
+        raise FlowError("`dvc exp show --json` printed no JSON list", "run it in the repo to see why") from None
+    out: dict[str, dict[str, Any]] = {}
+    for baseline in baselines:
+        for exp in baseline.get("experiments") or []:
+            revs = exp.get("revs") or [{}]
+            name = exp.get("name") or revs[0].get("name")
+            if name:
+                out[name] = {"state": (exp.get("executor") or {}).get("state"), "rev": revs[0].get("rev")}
+    return out
+
+
+def read_at(root: Path, path: str, rev: str) -> dict[str, Any] | None:
+    """The JSON file ``path`` as experiment commit ``rev`` recorded it (from the DVC cache), None if absent."""
+    import dvc.api
+    from dvc.exceptions import DvcException
+
+    try:
+        return json.loads(dvc.api.read(path, repo=str(root), rev=rev))
+    except (FileNotFoundError, DvcException):
+        return None
+
+
+def queue_experiments(root: Path, points: list[tuple[str, float]], sweep_id: str) -> list[str]:
+    """Queue one experiment per (method, sparsity) with the workspace as it is now; returns their names."""
+    names = []
+    for method, sparsity in points:
+        name = experiment_name(method, sparsity, sweep_id)
+        run_dvc(["exp", "run", "--queue", "--name", name, *_sets(method, sparsity)], root)
+        names.append(name)
+    return names
+
+
+def succeeded(root: Path, names: list[str]) -> set[str]:
+    """Those of ``names`` whose experiment has a git ref (``refs/exps/.../<name>``): DVC writes it when the
+    experiment succeeds. A cheap check (``git for-each-ref``) to poll often; ``experiment_states`` costs a DVC
+    process and finds failures too."""
+    out = subprocess.run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], cwd=root,
+                         capture_output=True, text=True, check=True).stdout
+    return set(names) & {ref.rsplit("/", 1)[-1] for ref in out.splitlines()}
+
+
+def run_queue(root: Path, names: list[str], jobs: int, run_log: Path, *, poll: float = 2.0,
+              check_every: float = 30.0, timeout: float | None = None) -> dict[str, dict[str, Any]]:
+    """Start DVC's queue with ``jobs`` workers and wait until every experiment of ``names`` has finished.
+
+    ``dvc queue start`` leaves its workers running in the background; their stages append to ``run_log``.
+    Polls ``succeeded`` every ``poll`` seconds and ``experiment_states`` (which sees failures) every
+    ``check_every``. Returns each experiment's state and commit (``experiment_states``); a failed one is a
+    FlowError naming the command that shows its log.
+    """
+    start = time.monotonic()
+    with tempfile.TemporaryFile() as out:  # not a pipe: the workers keep their copy of it open
+        proc = subprocess.run([dvc_executable(), "queue", "start", "--jobs", str(jobs)], cwd=root,
+                              env=child_env({RUN_LOG: str(run_log)}), stdout=out, stderr=subprocess.STDOUT)
+        if proc.returncode != 0:
+            out.seek(0)
+            raise DvcCommandError(["queue", "start", "--jobs", str(jobs)], proc.returncode, out.read().decode())
+    checked = time.monotonic()
+    while True:
+        time.sleep(poll)
+        pending = [n for n in names if n not in succeeded(root, names)]
+        if pending and time.monotonic() - checked >= check_every:
+            states, checked = experiment_states(root), time.monotonic()
+            pending = [n for n in names if (states.get(n) or {}).get("state") not in (DONE, FAILED)]
+        if not pending:
+            break
+        if timeout is not None and time.monotonic() - start > timeout:
+            raise FlowError(f"experiments {', '.join(pending)} had not finished after {timeout:.0f} s",
+                            "see `dvc queue status`; stop them with `dvc queue kill NAME`, or raise the timeout")
+    states = experiment_states(root)
+    failed = [n for n in names if (states.get(n) or {}).get("state") != DONE]
+    if failed:
+        raise FlowError(f"experiment(s) {', '.join(failed)} failed in DVC's queue "
+                        f"(states: {', '.join(str((states.get(n) or {}).get('state')) for n in failed)})",
+                        f"read why with `dvc queue logs {failed[0]}`; drop them with `dvc queue remove --failed`")
+    return states
+
+
+def queued_runs(root: Path, points: list[tuple[str, float]], stages: list[str], sweep_id: str, jobs: int,
+                snap: dict[str, bytes | None], timeout: float | None = None) -> list[dict[str, Any]]:
+    """Every point as a queued experiment, ``jobs`` at a time: the rows ``write_results`` takes."""
+    logger = get_run_logger()
+    names = queue_experiments(root, points, sweep_id)
+    _restore(root, snap)  # the queue holds each point's params.yaml and dvc.lock: the workspace goes back now
+    logger.info("queued %s; running %d at a time", ", ".join(names), jobs)
+    fd, log = tempfile.mkstemp(prefix="diet-queue-runs-", suffix=".jsonl")
+    os.close(fd)
+    start = time.monotonic()
+    try:
+        states = run_queue(root, names, jobs, Path(log), timeout=timeout)
+        seconds = round(time.monotonic() - start, 2)
+        runs = []
+        for (method, sparsity), name in zip(points, names):
+            rev = states[name]["rev"]
+            metrics = read_at(root, PRUNED_METRICS, rev)
+            if metrics is None:
+                raise FlowError(f"experiment {name} ({rev}) recorded no {PRUNED_METRICS}",
+                                "check dvc.yaml: the report stage must write it as an output")
+            ran = DvcResult([], 0, "", seconds, tuple(read_run_log(log, name)))
+            runs.append({"method": method, "sparsity": sparsity, "experiment": name, "rev": rev,
+                         "stages": stage_status(ran, stages), "seconds": None, "queue_seconds": seconds,
+                         "metrics": metrics, "dense": read_at(root, DENSE_METRICS, rev)})
+            logger.info("%s @ %s (%s): ran %s", method, sparsity, name,
+                        ", ".join(s for s, st in runs[-1]["stages"].items() if st == RAN) or "nothing")
+        return runs
+    finally:
+        os.unlink(log)
 
 
 def experiment_name(method: str, sparsity: float, sweep_id: str) -> str:
@@ -270,11 +413,15 @@ def _restore(root: Path, snap: dict[str, bytes | None]) -> None:
 @flow(name="diet-sweep")
 def sweep_flow(repo: str = ".", sparsities: list[float] | None = None, methods: list[str] | None = None,
                params: dict[str, Any] | None = None, task_runner: str = "threads", workers: int = 2,
-               address: str | None = None, retries: int = 1) -> dict[str, Any]:
+               address: str | None = None, retries: int = 1, mode: str = "queue", jobs: int | None = None,
+               timeout: float | None = None) -> dict[str, Any]:
     """Evaluate every (method, sparsity) as a DVC experiment, reusing one computation of every task score.
 
     ``params`` overrides other settings for the whole sweep (restored afterwards with params.yaml).
-    Returns the table rows, the output paths, and which stages ran in the shared step and per experiment.
+    ``mode``: ``queue`` runs the experiments ``jobs`` (default: ``workers``) at a time in DVC's queue, each in a
+    temporary copy of the repo (``timeout``: seconds to wait for them, None: no limit); ``workspace`` runs them
+    one after the other in the workspace. Returns the table rows, the output paths, and which stages ran in the
+    shared step and per experiment.
     """
     logger = get_run_logger()
     sparsities = [float(s) for s in (sparsities if sparsities is not None else DEFAULT_SPARSITIES)]
@@ -286,6 +433,7 @@ def sweep_flow(repo: str = ".", sparsities: list[float] | None = None, methods: 
     bad = [s for s in sparsities if not 0.0 < s < 1.0]
     if bad:
         raise FlowError(f"sparsities {bad} are outside (0, 1)", "pass shares of parameters to remove, e.g. 0.2")
+    jobs = check_mode(mode, workers if jobs is None else jobs)
     runner = make_task_runner(task_runner, workers, address)
     root = validate_run(repo, params)
     snap = _snapshot(root)
@@ -301,16 +449,18 @@ def sweep_flow(repo: str = ".", sparsities: list[float] | None = None, methods: 
                     ", ".join(s for s in order if s in swept))
         rows = run_stages.with_options(task_runner=runner)(str(root), graph, shared, False, retries)
         publish_report(rows, "diet-sweep-shared", f"DIET sweep in {root}: stages shared by every experiment")
-        dense = None
         sweep_id = time.strftime("%Y%m%dT%H%M%S")
-        experiment = run_experiment.with_options(retries=retries)
-        for method in methods:
-            for sparsity in sparsities:
+        points = [(method, sparsity) for method in methods for sparsity in sparsities]
+        if mode == "queue":
+            runs = queued_runs(root, points, order, sweep_id, jobs, snap, timeout)
+        else:
+            experiment = run_experiment.with_options(retries=retries)
+            for method, sparsity in points:
                 run = experiment(str(root), method, sparsity, order, sweep_id)
-                dense = dense or run["dense"]
                 ran = [s for s, st in run["stages"].items() if st == RAN]
                 logger.info("%s @ %s (%s): ran %s", method, sparsity, run["experiment"], ", ".join(ran) or "nothing")
                 runs.append(run)
+        dense = next((r["dense"] for r in runs if r["dense"]), None)
     finally:
         _restore(root, snap)
 

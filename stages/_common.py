@@ -50,11 +50,15 @@ RUN_LOG = "DIET_RUN_LOG"
 
 
 def record_run() -> None:
-    """Append ``{"stage": $DVC_STAGE}`` as one JSON line to ``$DIET_RUN_LOG`` when both are set."""
+    """Append ``{"stage": $DVC_STAGE}`` as one JSON line to ``$DIET_RUN_LOG`` when both are set, with
+    ``"experiment": $DVC_EXP_NAME`` when DVC runs the stage inside a named experiment (a queued one)."""
     path, stage = os.environ.get(RUN_LOG), os.environ.get("DVC_STAGE")
     if path and stage:
+        line = {"stage": stage, "pid": os.getpid()}
+        if os.environ.get("DVC_EXP_NAME"):
+            line["experiment"] = os.environ["DVC_EXP_NAME"]
         with open(path, "a") as f:  # one short append per run: lines of parallel stages never interleave
-            f.write(json.dumps({"stage": stage, "pid": os.getpid()}) + "\n")
+            f.write(json.dumps(line) + "\n")
 
 
 def _report(problem: str, fix: str | None, code: int) -> int:

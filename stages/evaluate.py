@@ -27,7 +27,7 @@ def main(args, params) -> None:
     cfg = params.evaluate
     task = load_eval_task(args.task, args.data)           # checked before the model loads
     start = time.perf_counter()
-    model, tokenizer = load_model_and_tokenizer(args.model, params.model.dtype)
+    model, tokenizer = load_model_and_tokenizer(args.model, params.model.dtype, params.model.device)
     log.info("loaded %s in %.1fs", args.model, time.perf_counter() - start)
     backend = args.backend or cfg.backend
     if backend == "direct":

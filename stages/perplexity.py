@@ -30,7 +30,7 @@ def main(args, params) -> None:
     from diet.pruning import parameter_counts
 
     cfg = params.evaluate
-    model, tokenizer = load_model_and_tokenizer(args.model, params.model.dtype)
+    model, tokenizer = load_model_and_tokenizer(args.model, params.model.dtype, params.model.device)
     ppl = None
     if cfg.perplexity_docs:
         log.info("perplexity on %d held-out passages", cfg.perplexity_docs)

@@ -34,7 +34,7 @@ def main(args, params) -> None:
             params.merge.method, sorted(mask.keep), generic_file=args.generic,
             task_files={t: args.scores / f"{t}.safetensors" for t in params.tasks},
             weights=params.merge.weights, expect_fingerprint=fingerprint)
-    model, tokenizer = load_model_and_tokenizer(args.model, params.model.dtype)
+    model, tokenizer = load_model_and_tokenizer(args.model, params.model.dtype, params.model.device)
     check_fits(mask, {g: get_adapter(model).group_widths(g) for g in mask.base_widths}, args.mask, args.model)
     before = parameter_counts(model)
     apply_mask(model, mask.keep_tensors(), params.select.layout, means=means)

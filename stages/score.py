@@ -20,7 +20,7 @@ def main(args, params) -> None:
     from diet.tasks import read_calibration
 
     texts = read_calibration(args.calib, check_task_name(args.task, "--task"))
-    model, tokenizer = load_model_and_tokenizer(args.model, params.model.dtype)
+    model, tokenizer = load_model_and_tokenizer(args.model, params.model.dtype, params.model.device)
     scores, stats = score(model, tokenizer, texts, params.score, max_length=params.calibration.max_length)
     write_scores(args.out, scores, {
         "model_fingerprint": model_fingerprint(args.model), "task": args.task,

@@ -26,7 +26,7 @@ def main(args, params) -> None:
     texts = generic_texts(cal.n_samples, cal.seed)
     log.info("%d generic passages from %s (%s), seed %d", len(texts), source, source_path.name, cal.seed)
 
-    model, tokenizer = load_model_and_tokenizer(args.model, params.model.dtype)
+    model, tokenizer = load_model_and_tokenizer(args.model, params.model.dtype, params.model.device)
     scores, stats = score(model, tokenizer, texts, sc, max_length=cal.max_length)
     meta = {"model_fingerprint": model_fingerprint(args.model), "task": "generic", "generic_source": source,
             "task_data_hash": sha256_json(texts), "n_samples": stats["n_samples"], "n_tokens": stats["n_tokens"],

@@ -1,0 +1,163 @@
+"""The sweep through DVC's experiment queue: points run in parallel in temporary copies of the repo while the
+workspace, params.yaml, dvc.lock and HEAD stay as they are (``-m slow``: a few minutes on 2 cores)."""
+
+import atexit
+import os
+import shutil
+import tempfile
+
+# Prefect reads its home once, at import: give the tests their own before anything imports it.
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="diet-test-prefect-")
+atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], True)
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+
+import subprocess  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from flows.repo import RAN, FlowError, read_run_log  # noqa: E402
+from tests.repo_fixture import dvc, dvc_env, git, make_tiny_repo  # noqa: E402
+
+
+def test_run_log_lines_name_their_experiment(tmp_path):
+    log = tmp_path / "runs.jsonl"
+    log.write_text('{"stage": "merge", "pid": 1, "experiment": "a"}\n{"stage": "merge", "pid": 2, "experiment": "b"}\n'
+                   '{"stage": "prune", "pid": 3, "experiment": "b"}\n{"stage": "model", "pid": 4}\n')
+    assert read_run_log(log) == ["merge", "prune", "model"]
+    assert read_run_log(log, "b") == ["merge", "prune"]
+    assert read_run_log(log, "c") == []
+
+
+def test_record_run_names_the_experiment(tmp_path, monkeypatch):
+    import json
+
+    from stages._common import record_run
+
+    log = tmp_path / "runs.jsonl"
+    monkeypatch.setenv("DIET_RUN_LOG", str(log))
+    monkeypatch.setenv("DVC_STAGE", "merge")
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    record_run()
+    monkeypatch.setenv("DVC_EXP_NAME", "vote-s0.2-x")
+    record_run()
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert "experiment" not in lines[0] and lines[1]["experiment"] == "vote-s0.2-x"
+
+
+def test_bad_mode_and_jobs_are_refused():
+    from flows.sweep import check_mode
+
+    assert check_mode("queue", 2) == 2 and check_mode("workspace", 1) == 1
+    with pytest.raises(FlowError, match="sweep mode 'parallel' is unknown") as e:
+        check_mode("parallel", 2)
+    assert "queue, workspace" in e.value.fix
+    for jobs in (0, -1, 1.5, True, None):
+        with pytest.raises(FlowError, match="at least one worker"):
+            check_mode("queue", jobs)
+
+
+def _state(repo: Path) -> dict:
+    """What a sweep must leave alone: params.yaml, dvc.lock, HEAD and git's view of the working tree."""
+    return {"params": (repo / "params.yaml").read_bytes(), "lock": (repo / "dvc.lock").read_bytes(),
+            "head": git(repo, "rev-parse", "HEAD"), "status": git(repo, "status", "--porcelain")}
+
+
+@pytest.fixture(scope="module")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@pytest.mark.slow
+def test_queued_sweep_runs_points_in_parallel_and_leaves_the_workspace(tmp_path, prefect_harness, monkeypatch):
+    import pandas as pd
+
+    import flows.sweep as sweep
+    from flows.sweep import CSV, sweep_flow
+
+    repo = make_tiny_repo(tmp_path)
+    subprocess.run([dvc(), "repro"], cwd=repo, env=dvc_env(), check=True, capture_output=True)
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "pipeline run at sparsity 0.2")
+    before = _state(repo)
+    during = []
+    real_succeeded = sweep.succeeded
+
+    def watched(root, names):  # polled while the queue runs: the workspace must not move meanwhile
+        during.append(_state(repo))
+        return real_succeeded(root, names)
+
+    monkeypatch.setattr(sweep, "succeeded", watched)
+    out = sweep_flow(repo=str(repo), sparsities=[0.1, 0.2, 0.3], methods=["vote"], mode="queue", jobs=2)
+
+    assert during and all(s == before for s in during)
+    table = pd.read_csv(repo / CSV)
+    assert _state(repo) == before                     # the sweep's table and plot lie in git-ignored folders
+    assert set(out["shared"].values()) == {"cached"}                  # every shared stage was already cached
+    assert [(e["method"], e["sparsity"]) for e in out["experiments"]] == [("vote", 0.1), ("vote", 0.2), ("vote", 0.3)]
+    for e in out["experiments"]:
+        ran = {s for s, st in e["stages"].items() if st == RAN}
+        if e["sparsity"] == 0.2:  # the committed run's own params: DVC restores every stage from its cache
+            assert ran == set(), e
+        else:
+            assert "merge" in ran and ran <= {"merge", "select", "prune", "evaluate@t1", "evaluate@t2", "perplexity",
+                                              "report"}, e
+    assert table["sparsity"].tolist() == [0.1, 0.2, 0.3]
+    assert (table["achieved_sparsity"] - table["sparsity"]).abs().max() < 0.05   # each row is its own experiment
+    assert table["params_decoder"].is_monotonic_decreasing and table["acc"].between(0, 1).all()
+    states = sweep.experiment_states(repo)
+    assert {states[e]["state"] for e in table["experiment"]} == {"success"}
+
+
+def test_cli_sweep_takes_mode_and_jobs():
+    from flows.cli import build_parser
+
+    p = build_parser()
+    a = p.parse_args(["sweep", "--sparsities", "0.1,0.2"])
+    assert (a.mode, a.jobs) == ("queue", None)
+    a = p.parse_args(["sweep", "--mode", "workspace", "--jobs", "3"])
+    assert (a.mode, a.jobs) == ("workspace", 3)
+    with pytest.raises(SystemExit):
+        p.parse_args(["sweep", "--mode", "parallel"])
+
+
+@pytest.fixture
+def fake_queue(monkeypatch, tmp_path):
+    """run_queue against canned experiment states: ``states`` maps a name to its executor state."""
+    import flows.sweep as sweep
+
+    states: dict = {}
+    started = []
+    monkeypatch.setattr(sweep.subprocess, "run", lambda cmd, **kw: started.append(cmd) or
+                        subprocess.CompletedProcess(cmd, 0))
+    monkeypatch.setattr(sweep, "succeeded", lambda root, names: {n for n in names if states.get(n) == "success"})
+    monkeypatch.setattr(sweep, "experiment_states",
+                        lambda root: {n: {"state": st, "rev": f"rev-{n}"} for n, st in states.items()})
+    return sweep, states, started, tmp_path
+
+
+def test_run_queue_returns_the_commits_of_finished_experiments(fake_queue):
+    sweep, states, started, tmp_path = fake_queue
+    states.update(a="success", b="success")
+    out = sweep.run_queue(tmp_path, ["a", "b"], 3, tmp_path / "log", poll=0, check_every=0)
+    assert out == {"a": {"state": "success", "rev": "rev-a"}, "b": {"state": "success", "rev": "rev-b"}}
+    assert started[0][1:] == ["queue", "start", "--jobs", "3"]
+
+
+def test_run_queue_names_a_failed_experiment(fake_queue):
+    sweep, states, _, tmp_path = fake_queue
+    states.update(a="success", b="failed")
+    with pytest.raises(FlowError, match=r"experiment\(s\) b failed in DVC's queue") as e:
+        sweep.run_queue(tmp_path, ["a", "b"], 2, tmp_path / "log", poll=0, check_every=0)
+    assert "dvc queue logs b" in e.value.fix
+
+
+def test_run_queue_gives_up_after_its_timeout(fake_queue):
+    sweep, states, _, tmp_path = fake_queue
+    states.update(a="running")
+    with pytest.raises(FlowError, match="a had not finished after 0 s") as e:
+        sweep.run_queue(tmp_path, ["a"], 2, tmp_path / "log", poll=0, check_every=0, timeout=0)
+    assert "dvc queue kill" in e.value.fix
