@@ -151,9 +151,11 @@ def load_source(source: str, dtype: str = "float32", revision: str | None = None
             model, tok = load_gguf(path, dtype)
         return model, tok, {"kind": kind, "source": norm, "file": path.name,
                             "description": BUILTINS[norm].description}
+    # provenance records the source as written (a relative path stays relative): clones in other folders
+    # materialise byte-identical model folders
     if kind == "gguf":
         model, tok = load_gguf(Path(norm), dtype)
-        return model, tok, {"kind": kind, "source": norm}
+        return model, tok, {"kind": kind, "source": source}
     if kind == "folder":
         from diet.modeling import read_config
 
@@ -171,7 +173,7 @@ def load_source(source: str, dtype: str = "float32", revision: str | None = None
                 f"folder, and not loadable from the hub ({str(e).splitlines()[0]})",
                 "fix model.source in params.yaml; a hub id needs network access (unset HF_HUB_OFFLINE)") from e
         raise ModelError(f"cannot load model folder {norm}: {e}", "check the folder holds a complete checkpoint") from e
-    return model, tok, {"kind": kind, "source": norm, "revision": revision}
+    return model, tok, {"kind": kind, "source": source, "revision": revision}
 
 
 def materialise(source: str, out_dir: str | Path, dtype: str = "float32", revision: str | None = None) -> dict:

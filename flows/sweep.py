@@ -32,9 +32,10 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from flows import repo as flows_repo  # dvc_executable looked up on use, never bound at import
 from flows.pipeline import make_task_runner, plan, publish_report, run_stages, validate_run
 from flows.repo import (RAN, RUN_LOG, DvcCommandError, DvcResult, FlowError, atomic_write, child_env, downstream,
-                        dvc_executable, read_run_log, run_dvc, stage_status, stages_reading, write_params)
+                        read_run_log, run_dvc, stage_status, stages_reading, write_params)
 
 SWEPT = ("prune.sparsity", "merge.method")
 DEFAULT_SPARSITIES, DEFAULT_METHODS = (0.1, 0.2, 0.3), ("vote",)
@@ -181,7 +182,7 @@ def run_queue(root: Path, names: list[str], jobs: int, run_log: Path, *, poll: f
     """
     start = time.monotonic()
     with tempfile.TemporaryFile() as out:  # not a pipe: the workers keep their copy of it open
-        proc = subprocess.run([dvc_executable(), "queue", "start", "--jobs", str(jobs)], cwd=root,
+        proc = subprocess.run([flows_repo.dvc_executable(), "queue", "start", "--jobs", str(jobs)], cwd=root,
                               env=child_env({RUN_LOG: str(run_log)}), stdout=out, stderr=subprocess.STDOUT)
         if proc.returncode != 0:
             out.seek(0)
