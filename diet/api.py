@@ -9,7 +9,6 @@ Each step is also available on its own (``score``, ``plan``, ``apply``) so a sta
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch

@@ -380,9 +380,10 @@ def recovery_means(method: str, groups: Sequence[str], *,
     return out
 
 
-def merge_scores(task_scores, geo: "Geometry", *, merge_cfg: MergeConfig, prune_cfg: PruneConfig,
+def merge_scores(task_scores, geo, *, merge_cfg: MergeConfig, prune_cfg: PruneConfig,
                  generic=None, magnitude=None, baseline=None) -> dict[str, dict[str, torch.Tensor]]:
-    """``merge`` with the budget that ``prune_cfg`` asks of a model of geometry ``geo`` (diet.geometry)."""
+    """``merge`` with the budget that ``prune_cfg`` asks of a model of geometry ``geo`` (a
+    ``diet.geometry.Geometry``)."""
     missing = [g for g in prune_cfg.groups if g not in geo.widths]
     if missing:
         raise ConfigError(f"prune.groups {missing} were not measured", "add them to score.groups and rescore")

@@ -21,7 +21,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from diet.config import Params, load_params
+from diet.config import Params
 from diet.errors import ConfigError, DataError, DietError, ModelError
 from stages._common import run_stage
 from tests.repo_fixture import MODEL_DIR, PROJECT, TINY_PARAMS, write_task, write_tiny_model

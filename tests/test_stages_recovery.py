@@ -17,7 +17,7 @@ from diet.config import MergeConfig, SelectConfig
 from diet.modeling import load_model
 from diet.scoring import read_moments, read_scores, split_scores, write_scores
 from diet.select import Mask
-from tests.repo_fixture import MODEL_DIR, make_tiny_repo
+from tests.repo_fixture import make_tiny_repo
 from tests.test_pruning import held_at_means_logits, input_ids, logits
 from tests.tiny import tiny_model, tiny_tokenizer
 

@@ -141,7 +141,7 @@ def compare_metrics(reference: Mapping[str, Mapping[object, Mapping[str, float]]
                 out[task] = {i: r[metric] for i, r in items.items()}
             except KeyError:
                 raise DataError(f"the {who}'s results of task {task} lack the metric {metric!r}",
-                                f"compare only metrics both models report, e.g. metrics=('acc',)") from None
+                                "compare only metrics both models report, e.g. metrics=('acc',)") from None
         return out
 
     return {m: paired_bootstrap(pick(reference, m, "reference"), pick(candidate, m, "candidate"), **kwargs)
