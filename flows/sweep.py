@@ -1,10 +1,11 @@
 """Sparsity x merge-method sweep: one DVC experiment per point, every task score computed once.
 
 1. The stages that read no swept parameter (model, prepare@*, score@*, score_generic, evaluate_dense@*,
-   perplexity_dense) run
-   once in the workspace through the pipeline flow; their outputs land in DVC's cache and run-cache.
+   perplexity_dense) run once in the workspace through the pipeline flow; their outputs land in DVC's cache
+   and run-cache.
 2. Each (method, sparsity) is a DVC experiment with ``-S prune.sparsity=.. -S merge.method=..``; DVC skips
-   every stage whose inputs are unchanged, so only merge, select, prune and evaluate run per point.
+   every stage whose inputs are unchanged, so only merge, select, prune, the pruned model's evaluate@*,
+   perplexity and report run per point.
    ``mode="queue"`` (default): every point is queued (``dvc exp run --queue``), params.yaml and dvc.lock are
    put back at once, and ``dvc queue start --jobs N`` runs the points N at a time, each in its own temporary
    copy of the repo sharing the DVC cache: the workspace, params.yaml, dvc.lock and HEAD stay as they are
