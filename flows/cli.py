@@ -56,7 +56,7 @@ def _task_names(text: str) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="diet-flow", description="Run, sweep, schedule and share the DIET pipeline.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True, metavar="{run,sweep,serve,push,pull}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{run,sweep,loto,report,serve,push,pull}")
 
     def common(q: argparse.ArgumentParser, runner: bool = True) -> None:
         q.add_argument("--repo", default=".", help="the DIET project (a git + DVC repo; default: .)")
@@ -69,6 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
             q.add_argument("--address", help="dask scheduler / ray cluster address (default: a local one)")
             q.add_argument("--retries", type=int, default=1, help="retries of a failed stage (default: 1)")
 
+    def experiments(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--mode", choices=("queue", "workspace"), default="queue",
+                       help="queue: DVC's experiment queue, --jobs points at a time in temporary copies (the "
+                            "workspace is left alone); workspace: one point after the other in the workspace "
+                            "(default: queue)")
+        q.add_argument("--jobs", type=int, help="experiments run at a time in queue mode (default: --workers)")
+
     q = sub.add_parser("run", help="run the pipeline: every stage, each as a Prefect task over `dvc repro -s`")
     common(q)
     q.add_argument("--target", dest="targets", action="append", metavar="STAGE",
@@ -78,11 +85,16 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("sweep", help="one DVC experiment per (method, sparsity); table, markdown and plot")
     common(q)
     q.add_argument("--sparsities", type=_floats, default=[0.1, 0.2, 0.3], help="comma-separated (default: 0.1,0.2,0.3)")
-    q.add_argument("--methods", type=_names, default=["vote"], help="comma-separated merge methods (default: vote)")
-    q.add_argument("--mode", choices=("queue", "workspace"), default="queue",
-                   help="queue: DVC's experiment queue, --jobs points at a time in temporary copies (the workspace "
-                        "is left alone); workspace: one point after the other in the workspace (default: queue)")
-    q.add_argument("--jobs", type=int, help="experiments run at a time in queue mode (default: --workers)")
+    q.add_argument("--methods", type=_names, default=["vote"],
+                   help="comma-separated merge methods, each optionally with a recovery: vote,flap,flap+bias "
+                        "(default: vote)")
+    experiments(q)
+
+    q = sub.add_parser("loto", help="leave-one-task-out: per task, a mask merged without it, evaluated on it")
+    common(q)
+    q.add_argument("--methods", type=_names, default=["vote", "task_agnostic"],
+                   help="comma-separated merge methods, each optionally with a recovery (default: vote,task_agnostic)")
+    experiments(q)
 
     q = sub.add_parser("report", help="render the sweep table and plot again (results/sweep.csv, results/dense/summary.json)")
     q.add_argument("--repo", default=".", help="the DIET project (default: .)")
@@ -154,11 +166,20 @@ def dispatch(args: argparse.Namespace) -> Any:
         return pipeline_flow(repo=args.repo, params=parse_sets(args.sets), task_runner=args.runner,
                              workers=args.workers, address=args.address, targets=args.targets, pull=args.pull,
                              retries=args.retries)
-    if args.command == "sweep":
+    if args.command in ("sweep", "loto"):
         from flows.pipeline import validate_run
-        from flows.sweep import sweep_flow
+        from flows.sweep import parse_variant, sweep_flow
 
         validate_run(args.repo, parse_sets(args.sets))
+        for method in args.methods:
+            parse_variant(method)  # an unknown method fails before a Prefect server starts
+        if args.command == "loto":
+            from flows.loto import loto_flow
+
+            out = loto_flow(repo=args.repo, methods=args.methods, params=parse_sets(args.sets),
+                            task_runner=args.runner, workers=args.workers, address=args.address,
+                            retries=args.retries, mode=args.mode, jobs=args.jobs)
+            return {"files": out["files"]}
 
         out = sweep_flow(repo=args.repo, sparsities=args.sparsities, methods=args.methods,
                          params=parse_sets(args.sets), task_runner=args.runner, workers=args.workers,

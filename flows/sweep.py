@@ -26,6 +26,7 @@ import os
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,15 +37,20 @@ from prefect.cache_policies import NO_CACHE
 from flows import repo as flows_repo  # dvc_executable looked up on use, never bound at import
 from flows.pipeline import make_task_runner, plan, publish_report, run_stages, validate_run
 from flows.repo import (RAN, RUN_LOG, DvcCommandError, DvcResult, FlowError, atomic_write, child_env, downstream,
-                        read_run_log, run_dvc, stage_status, stages_reading, write_params)
+                        read_params, read_run_log, run_dvc, stage_status, stages_reading, write_params)
 
-SWEPT = ("prune.sparsity", "merge.method")
+SWEPT = ("prune.sparsity", "merge.method", "prune.recover", "merge.weights")
 DEFAULT_SPARSITIES, DEFAULT_METHODS = (0.1, 0.2, 0.3), ("vote",)
 PRUNED_METRICS = "results/pruned/summary.json"  # the report stage's whole record of each model
 DENSE_METRICS = "results/dense/summary.json"
 CSV, MARKDOWN, PLOT = "results/sweep.csv", "results/sweep.md", "plots/accuracy_vs_sparsity.png"
 SWEEP_DENSE = "results/sweep-dense.json"  # the dense metrics of the sweep's own evaluation settings
+SWEEP_ITEMS = "results/sweep-items.json"  # per-item results of every row and of the dense model
 MODES = ("queue", "workspace")
+#: merge methods of the field (Wanda-sp, FLAP): ``vs best baseline`` compares a row with the best of them
+FIELD_BASELINES = ("wanda_sp", "flap")
+#: the task-agnostic reference of every comparison
+TASK_AGNOSTIC = "task_agnostic"
 #: ``dvc exp show --json`` executor states of an experiment that has finished
 DONE, FAILED = "success", "failed"
 
@@ -87,26 +93,142 @@ def _check_same_items(table, dense: dict[str, Any], dense_path: Path) -> None:
                         "pass --dense with the dense metrics of the sweep's evaluate.limit, or rerun the sweep")
 
 
-@task(name="dvc-exp-run", task_run_name="{method} @ {sparsity}", retries=1, retry_delay_seconds=5,
+@dataclass(frozen=True)
+class Point:
+    """One experiment of a sweep: a merge method at a sparsity, optionally with a recovery and a task left out.
+
+    ``recover`` None keeps params.yaml's ``prune.recover``; ``held_out`` names a task whose merge weight is set
+    to 0 (left out of the calibration) and whose evaluation alone the experiment runs (leave-one-task-out).
+    """
+
+    method: str
+    sparsity: float
+    recover: str | None = None
+    held_out: str | None = None
+
+    @property
+    def label(self) -> str:
+        """``vote``, ``vote+bias``: the row's name in the tables."""
+        return row_label(self.method, self.recover)
+
+    def name(self, sweep_id: str) -> str:
+        """The DVC experiment name, e.g. ``vote-s0.2-20261129T0312``, ``flap-bias-s0.2-..``,
+        ``vote-no-boolq-s0.2-..`` (unique per sweep)."""
+        parts = [self.method] + ([self.recover] if self.recover not in (None, "none") else []) + \
+            ([f"no-{self.held_out}"] if self.held_out else [])
+        return f"{'-'.join(parts)}-s{self.sparsity:g}-{sweep_id}"
+
+    def sets(self) -> list[str]:
+        """``dvc exp run`` arguments: the point's params and, for a held-out task, its targets."""
+        out = ["-S", f"prune.sparsity={self.sparsity}", "-S", f"merge.method={self.method}"]
+        if self.recover:
+            out += ["-S", f"prune.recover={self.recover}"]
+        if self.held_out:  # ``++``: add the key to the weights mapping, or replace its value
+            out += ["-S", f"++merge.weights.{self.held_out}=0", f"evaluate@{self.held_out}",
+                    f"evaluate_dense@{self.held_out}"]
+        return out
+
+
+def parse_variant(text: str) -> tuple[str, str | None]:
+    """``"vote"`` -> ("vote", None); ``"vote+bias"`` -> ("vote", "bias"): a merge method, optionally with the
+    ``prune.recover`` its experiment uses. Refuses unknown methods and recoveries."""
+    from diet.config import METHODS, RECOVERIES
+
+    method, _, recover = str(text).partition("+")
+    if method not in METHODS:
+        raise FlowError(f"merge method {method!r} is unknown", f"use one of: {', '.join(METHODS)}")
+    if recover and recover not in RECOVERIES:
+        raise FlowError(f"recovery {recover!r} in {text!r} is unknown",
+                        f"write METHOD+RECOVERY with one of: {', '.join(RECOVERIES)}, e.g. vote+bias")
+    return method, recover or None
+
+
+def experiment_name(method: str, sparsity: float, sweep_id: str) -> str:
+    """The DVC experiment name of one sweep point, e.g. ``vote-s0.2-20261129T0312`` (unique per sweep)."""
+    return Point(method, sparsity).name(sweep_id)
+
+
+# -- per-item results ------------------------------------------------------------------------------------------------
+Items = dict  # {task: {item id: [acc, acc_norm]}}: one model's per-item correctness
+
+
+def task_items(result: dict[str, Any]) -> dict[str, list[float]]:
+    """``{item id: [acc, acc_norm]}`` from one evaluate stage's JSON (``results/*/tasks/<task>.json``)."""
+    return {str(r["id"]): [float(r["acc"]), float(r["acc_norm"])] for r in result.get("items") or []}
+
+
+def read_items(read, tasks: list[str], kind: str) -> Items | None:
+    """One model's per-item results (``kind``: ``pruned`` or ``dense``) for ``tasks``, from ``read(path) -> str``
+    (raising FileNotFoundError for a missing file); None when any task's results are missing."""
+    out = {}
+    for name in tasks:
+        try:
+            out[name] = task_items(json.loads(read(f"results/{kind}/tasks/{name}.json")))
+        except FileNotFoundError:
+            return None
+    return out
+
+
+def rev_reader(root: Path, rev: str):
+    """``read(path) -> str`` of files as experiment commit ``rev`` recorded them (DVC outputs from the cache)."""
+    from dvc.api import DVCFileSystem
+
+    fs = DVCFileSystem(str(root), rev=rev)
+
+    def read(path: str) -> str:
+        try:
+            return fs.read_text(path)
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # a DVC output whose cache entry is gone reads as missing
+            raise FileNotFoundError(path) from e
+
+    return read
+
+
+def params_at(read) -> dict[str, Any]:
+    import yaml
+
+    return yaml.safe_load(read("params.yaml")) or {}
+
+
+def experiment_refs(root: Path) -> dict[str, str]:
+    """``{experiment name: commit}`` of every experiment DVC keeps (its git refs ``refs/exps/.../<name>``)."""
+    res = subprocess.run(["git", "for-each-ref", "--format=%(objectname) %(refname)", "refs/exps"], cwd=root,
+                         capture_output=True, text=True)
+    out = res.stdout if res.returncode == 0 else ""  # not a git repository: no experiments
+    return {ref.rsplit("/", 1)[-1]: sha for sha, ref in (line.split(" ", 1) for line in out.splitlines())}
+
+
+# -- running points ---------------------------------------------------------------------------------------------------
+@task(name="dvc-exp-run", task_run_name="{point.label} @ {point.sparsity}", retries=1, retry_delay_seconds=5,
       cache_policy=NO_CACHE)
-def run_experiment(repo: str, method: str, sparsity: float, stages: list[str], sweep_id: str,
-                   metrics_file: str = PRUNED_METRICS) -> dict[str, Any]:
-    """One workspace experiment; returns its name, which of ``stages`` ran, and its metrics (and the dense ones)."""
+def run_experiment(repo: str, point: Point, stages: list[str], sweep_id: str) -> dict[str, Any]:
+    """One workspace experiment; returns its name and which of ``stages`` ran (its results are in the workspace)."""
     logger = get_run_logger()
-    name = experiment_name(method, sparsity, sweep_id)
-    args = ["exp", "run", "--name", name, *_sets(method, sparsity)]
+    name = point.name(sweep_id)
+    args = ["exp", "run", "--name", name, *point.sets()]
     res = run_dvc(args, repo, check=False)
     logger.info("dvc %s\n%s", " ".join(args), res.output.rstrip())
     if res.returncode != 0:
         raise DvcCommandError(args, res.returncode, res.output)
-    path = Path(repo) / metrics_file
-    if not path.is_file():
-        raise FlowError(f"the experiment wrote no {metrics_file}",
-                        "check dvc.yaml: the evaluate stage must declare it under metrics")
-    dense = Path(repo) / DENSE_METRICS
-    return {"method": method, "sparsity": sparsity, "experiment": name, "stages": stage_status(res, stages),
-            "seconds": round(res.seconds, 2), "metrics": json.loads(path.read_text()),
-            "dense": json.loads(dense.read_text()) if dense.is_file() else None}
+    return {"point": point, "experiment": name, "stages": stage_status(res, stages), "seconds": round(res.seconds, 2),
+            "read": workspace_reader(Path(repo))}
+
+
+def workspace_reader(root: Path):
+    """``read(path) -> str`` of the workspace's files, frozen now (the next experiment overwrites them)."""
+    cache: dict[str, str] = {}
+    for path in [*root.glob("results/*/tasks/*.json"), *root.glob("results/*/summary.json"), root / "params.yaml"]:
+        if path.is_file():
+            cache[path.relative_to(root).as_posix()] = path.read_text()
+
+    def read(path: str) -> str:
+        if path not in cache:
+            raise FileNotFoundError(path)
+        return cache[path]
+
+    return read
 
 
 def check_mode(mode: str, jobs: Any) -> int:
@@ -118,14 +240,11 @@ def check_mode(mode: str, jobs: Any) -> int:
     return jobs
 
 
-def _sets(method: str, sparsity: float) -> list[str]:
-    return ["-S", f"prune.sparsity={sparsity}", "-S", f"merge.method={method}"]
-
-
-def experiment_states(root: Path) -> dict[str, dict[str, Any]]:
+def experiment_states(root: Path, rev: str | None = None) -> dict[str, dict[str, Any]]:
     """``{experiment name: {"state": executor state or None, "rev": its commit}}`` from ``dvc exp show --json``
-    (states: queued, running, success, failed; a finished experiment's commit holds its outputs' hashes)."""
-    res = run_dvc(["exp", "show", "--json"], root)
+    for the experiments of baseline commit ``rev`` (default HEAD; states: queued, running, success, failed; a
+    finished experiment's commit holds its outputs' hashes)."""
+    res = run_dvc(["exp", "show", "--json", *(["--rev", rev] if rev else [])], root)
     starts = [i for i, line in enumerate(res.output.splitlines(keepends=True)) if line.startswith("[")]
     try:  # the JSON list starts a line of its own; stderr lines (warnings) may come before it
         text = "".join(res.output.splitlines(keepends=True)[starts[0]:])
@@ -144,21 +263,18 @@ def experiment_states(root: Path) -> dict[str, dict[str, Any]]:
 
 def read_at(root: Path, path: str, rev: str) -> dict[str, Any] | None:
     """The JSON file ``path`` as experiment commit ``rev`` recorded it (from the DVC cache), None if absent."""
-    import dvc.api
-    from dvc.exceptions import DvcException
-
     try:
-        return json.loads(dvc.api.read(path, repo=str(root), rev=rev))
-    except (FileNotFoundError, DvcException):
+        return json.loads(rev_reader(root, rev)(path))
+    except FileNotFoundError:
         return None
 
 
-def queue_experiments(root: Path, points: list[tuple[str, float]], sweep_id: str) -> list[str]:
-    """Queue one experiment per (method, sparsity) with the workspace as it is now; returns their names."""
+def queue_experiments(root: Path, points: list[Point], sweep_id: str) -> list[str]:
+    """Queue one experiment per point with the workspace as it is now; returns their names."""
     names = []
-    for method, sparsity in points:
-        name = experiment_name(method, sparsity, sweep_id)
-        run_dvc(["exp", "run", "--queue", "--name", name, *_sets(method, sparsity)], root)
+    for point in points:
+        name = point.name(sweep_id)
+        run_dvc(["exp", "run", "--queue", "--name", name, *point.sets()], root)
         names.append(name)
     return names
 
@@ -167,19 +283,19 @@ def succeeded(root: Path, names: list[str]) -> set[str]:
     """Those of ``names`` whose experiment has a git ref (``refs/exps/.../<name>``): DVC writes it when the
     experiment succeeds. A cheap check (``git for-each-ref``) to poll often; ``experiment_states`` costs a DVC
     process and finds failures too."""
-    out = subprocess.run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], cwd=root,
-                         capture_output=True, text=True, check=True).stdout
-    return set(names) & {ref.rsplit("/", 1)[-1] for ref in out.splitlines()}
+    return set(names) & set(experiment_refs(root))
 
 
 def run_queue(root: Path, names: list[str], jobs: int, run_log: Path, *, poll: float = 2.0,
-              check_every: float = 30.0, timeout: float | None = None) -> dict[str, dict[str, Any]]:
+              check_every: float = 30.0, timeout: float | None = None,
+              baseline: str | None = None) -> dict[str, dict[str, Any]]:
     """Start DVC's queue with ``jobs`` workers and wait until every experiment of ``names`` has finished.
 
     ``dvc queue start`` leaves its workers running in the background; their stages append to ``run_log``.
     Polls ``succeeded`` every ``poll`` seconds and ``experiment_states`` (which sees failures) every
-    ``check_every``. Returns each experiment's state and commit (``experiment_states``); a failed one is a
-    FlowError naming the command that shows its log.
+    ``check_every``, for the experiments of commit ``baseline`` (the HEAD they were queued on: commits made
+    meanwhile do not hide them). Returns each experiment's state and commit; a failed one is a FlowError
+    naming the command that shows its log.
     """
     start = time.monotonic()
     with tempfile.TemporaryFile() as out:  # not a pipe: the workers keep their copy of it open
@@ -193,14 +309,14 @@ def run_queue(root: Path, names: list[str], jobs: int, run_log: Path, *, poll: f
         time.sleep(poll)
         pending = [n for n in names if n not in succeeded(root, names)]
         if pending and time.monotonic() - checked >= check_every:
-            states, checked = experiment_states(root), time.monotonic()
+            states, checked = experiment_states(root, baseline), time.monotonic()
             pending = [n for n in names if (states.get(n) or {}).get("state") not in (DONE, FAILED)]
         if not pending:
             break
         if timeout is not None and time.monotonic() - start > timeout:
             raise FlowError(f"experiments {', '.join(pending)} had not finished after {timeout:.0f} s",
                             "see `dvc queue status`; stop them with `dvc queue kill NAME`, or raise the timeout")
-    states = experiment_states(root)
+    states = experiment_states(root, baseline)
     failed = [n for n in names if (states.get(n) or {}).get("state") != DONE]
     if failed:
         raise FlowError(f"experiment(s) {', '.join(failed)} failed in DVC's queue "
@@ -209,10 +325,13 @@ def run_queue(root: Path, names: list[str], jobs: int, run_log: Path, *, poll: f
     return states
 
 
-def queued_runs(root: Path, points: list[tuple[str, float]], stages: list[str], sweep_id: str, jobs: int,
+def queued_runs(root: Path, points: list[Point], stages: list[str], sweep_id: str, jobs: int,
                 snap: dict[str, bytes | None], timeout: float | None = None) -> list[dict[str, Any]]:
-    """Every point as a queued experiment, ``jobs`` at a time: the rows ``write_results`` takes."""
+    """Every point as a queued experiment, ``jobs`` at a time: per point its experiment, commit, the stages
+    that ran and a reader of its files (``rev_reader``)."""
     logger = get_run_logger()
+    baseline = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
     names = queue_experiments(root, points, sweep_id)
     _restore(root, snap)  # the queue holds each point's params.yaml and dvc.lock: the workspace goes back now
     logger.info("queued %s; running %d at a time", ", ".join(names), jobs)
@@ -220,29 +339,49 @@ def queued_runs(root: Path, points: list[tuple[str, float]], stages: list[str], 
     os.close(fd)
     start = time.monotonic()
     try:
-        states = run_queue(root, names, jobs, Path(log), timeout=timeout)
+        states = run_queue(root, names, jobs, Path(log), timeout=timeout, baseline=baseline)
         seconds = round(time.monotonic() - start, 2)
         runs = []
-        for (method, sparsity), name in zip(points, names):
+        for point, name in zip(points, names):
             rev = states[name]["rev"]
-            metrics = read_at(root, PRUNED_METRICS, rev)
-            if metrics is None:
-                raise FlowError(f"experiment {name} ({rev}) recorded no {PRUNED_METRICS}",
-                                "check dvc.yaml: the report stage must write it as an output")
             ran = DvcResult([], 0, "", seconds, tuple(read_run_log(log, name)))
-            runs.append({"method": method, "sparsity": sparsity, "experiment": name, "rev": rev,
-                         "stages": stage_status(ran, stages), "seconds": None, "queue_seconds": seconds,
-                         "metrics": metrics, "dense": read_at(root, DENSE_METRICS, rev)})
-            logger.info("%s @ %s (%s): ran %s", method, sparsity, name,
+            runs.append({"point": point, "experiment": name, "rev": rev, "stages": stage_status(ran, stages),
+                         "seconds": None, "queue_seconds": seconds, "read": rev_reader(root, rev)})
+            logger.info("%s @ %s (%s): ran %s", point.label, point.sparsity, name,
                         ", ".join(s for s, st in runs[-1]["stages"].items() if st == RAN) or "nothing")
         return runs
     finally:
         os.unlink(log)
 
 
-def experiment_name(method: str, sparsity: float, sweep_id: str) -> str:
-    """The DVC experiment name of one sweep point, e.g. ``vote-s0.2-20261129T0312`` (unique per sweep)."""
-    return f"{method}-s{sparsity:g}-{sweep_id}"
+def run_points(root: Path, points: list[Point], order: list[str], sweep_id: str, mode: str, jobs: int,
+               snap: dict[str, bytes | None], retries: int, timeout: float | None) -> list[dict[str, Any]]:
+    """Run every point as a DVC experiment (queued, or one after the other in the workspace)."""
+    if mode == "queue":
+        return queued_runs(root, points, order, sweep_id, jobs, snap, timeout)
+    logger = get_run_logger()
+    experiment = run_experiment.with_options(retries=retries)
+    runs = []
+    for point in points:
+        run = experiment(str(root), point, order, sweep_id)
+        ran = [s for s, st in run["stages"].items() if st == RAN]
+        logger.info("%s @ %s (%s): ran %s", point.label, point.sparsity, run["experiment"], ", ".join(ran) or "nothing")
+        runs.append(run)
+    return runs
+
+
+def sweep_row(run: dict[str, Any], tasks: list[str]) -> tuple[dict[str, Any], Items | None, Items | None]:
+    """One sweep row (its metrics), the pruned model's per-item results and the dense model's."""
+    read, point = run["read"], run["point"]
+    try:
+        metrics = json.loads(read(PRUNED_METRICS))
+    except FileNotFoundError:
+        raise FlowError(f"experiment {run['experiment']} recorded no {PRUNED_METRICS}",
+                        "check dvc.yaml: the report stage must write it as an output") from None
+    recover = (params_at(read).get("prune") or {}).get("recover") or "none"
+    row = {"method": point.method, "recover": recover, "sparsity": point.sparsity, **metrics_row(metrics),
+           "experiment": run["experiment"]}
+    return row, read_items(read, tasks, "pruned"), read_items(read, tasks, "dense")
 
 
 def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
@@ -256,11 +395,28 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def row_label(method: str, recover: Any) -> str:
+    """A row's name: the merge method, with ``+bias`` when the row's model used a recovery."""
+    return str(method) if recover in (None, "none") or (isinstance(recover, float) and math.isnan(recover)) \
+        else f"{method}+{recover}"
+
+
+def with_labels(table):
+    """The sweep table with ``recover`` (``none`` where a table predates it) and ``label`` columns."""
+    table = table.copy()
+    if "recover" not in table.columns:
+        table.insert(1, "recover", "none")
+    table["recover"] = table["recover"].fillna("none")
+    table["label"] = [row_label(m, r) for m, r in zip(table["method"], table["recover"])]
+    return table
+
+
 def accuracy_table(table, dense: dict[str, Any] | None):
-    """Mean accuracy with one column per method and a row per sparsity (the dense model as sparsity 0 when
+    """Mean accuracy with one column per row label and a row per sparsity (the dense model as sparsity 0 when
     known): the data of ``accuracy_vs_sparsity.csv``, which ``dvc plots show`` draws as one line per method."""
-    wide = table.pivot_table(index="sparsity", columns="method", values="acc", sort=False)
-    wide = wide[list(dict.fromkeys(table["method"]))].sort_index()
+    table = with_labels(table)
+    wide = table.pivot_table(index="sparsity", columns="label", values="acc", sort=False)
+    wide = wide[list(dict.fromkeys(table["label"]))].sort_index()
     dense_acc = _number(((dense or {}).get("mean") or {}).get("acc"))
     if dense_acc is not None and 0.0 not in wide.index:
         wide.loc[0.0] = dense_acc
@@ -278,11 +434,11 @@ def plot_accuracy(table, path: Path, dense: dict[str, Any] | None) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for method, g in table.groupby("method", sort=False):
+    for label, g in with_labels(table).groupby("label", sort=False):
         g = g.sort_values("sparsity")
-        ax.plot(g["sparsity"], g["acc"], marker="o", label=f"{method} acc")
+        ax.plot(g["sparsity"], g["acc"], marker="o", label=f"{label} acc")
         if g["acc_norm"].notna().any():
-            ax.plot(g["sparsity"], g["acc_norm"], marker="x", linestyle="--", label=f"{method} acc_norm")
+            ax.plot(g["sparsity"], g["acc_norm"], marker="x", linestyle="--", label=f"{label} acc_norm")
     dense_acc = _number(((dense or {}).get("mean") or {}).get("acc"))
     if dense_acc is not None:
         ax.axhline(dense_acc, color="grey", linestyle=":", label="dense acc")
@@ -290,7 +446,7 @@ def plot_accuracy(table, path: Path, dense: dict[str, Any] | None) -> None:
     ax.set_ylabel("mean zero-shot accuracy")
     ax.set_title("DIET: accuracy vs sparsity")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
@@ -300,12 +456,73 @@ def plot_accuracy(table, path: Path, dense: dict[str, Any] | None) -> None:
     atomic_write(path.with_suffix(".csv"), accuracy_table(table, dense).to_csv(index=False))
 
 
+# -- paired comparisons --------------------------------------------------------------------------------------------
+#: the comparisons of every row: column prefix -> what the row is compared with
+COMPARISONS = {"vs_dense": "the dense model", "vs_task_agnostic": "task_agnostic (recover none)",
+               "vs_best_baseline": "the best field baseline (wanda_sp, flap, any recovery) at that sparsity"}
+
+
+def paired_mean(reference: Items, candidate: Items, metric: int = 0, seed: int = 0):
+    """``candidate - reference`` mean accuracy over tasks with its paired 95% bootstrap interval
+    (``diet.evaluation.stats``); ``metric`` 0 = acc, 1 = acc_norm."""
+    from diet.evaluation.stats import MEAN, paired_bootstrap
+
+    pick = lambda items: {t: {i: v[metric] for i, v in by_id.items()} for t, by_id in items.items()}  # noqa: E731
+    return paired_bootstrap(pick(reference), pick(candidate), seed=seed)[MEAN]
+
+
+def add_paired_columns(table, items: dict[str, Items], dense_items: Items | None):
+    """Add each row's paired difference in mean acc (``acc_<comparison>`` with ``_low`` / ``_high``; ``best_baseline``
+    names the baseline row) against the dense model, task_agnostic and the best field baseline at its sparsity.
+
+    ``items`` maps an experiment name to its per-item results; rows without them, or without the reference's,
+    get empty cells. A row is not compared with itself."""
+    table = with_labels(table)
+    for key in COMPARISONS:
+        for suffix in ("", "_low", "_high"):
+            table[f"acc_{key}{suffix}"] = float("nan")
+    table["best_baseline"] = ""
+    for sparsity, group in table.groupby("sparsity"):
+        agnostic = group[(group["method"] == TASK_AGNOSTIC) & (group["recover"] == "none")]
+        field = group[group["method"].isin(FIELD_BASELINES)].sort_values("acc", ascending=False, kind="stable")
+        refs = {"vs_task_agnostic": agnostic.iloc[0] if len(agnostic) else None,
+                "vs_best_baseline": field.iloc[0] if len(field) else None}
+        for idx, row in group.iterrows():
+            cand = items.get(row.get("experiment"))
+            if cand is None:
+                continue
+            references = {"vs_dense": dense_items}
+            for key, ref in refs.items():
+                if ref is not None and ref.get("experiment") != row.get("experiment"):
+                    references[key] = items.get(ref.get("experiment"))
+            if refs["vs_best_baseline"] is not None:
+                table.loc[idx, "best_baseline"] = refs["vs_best_baseline"]["label"]
+            for key, ref_items in references.items():
+                if ref_items is None:
+                    continue
+                d = paired_mean(ref_items, cand)
+                table.loc[idx, [f"acc_{key}", f"acc_{key}_low", f"acc_{key}_high"]] = [d.diff, d.low, d.high]
+    return table
+
+
+def interval_cell(r: dict[str, Any], key: str) -> str:
+    """``+0.031 [+0.004, +0.058]*`` from a row's paired columns (star: the interval excludes zero), or ''."""
+    d, lo, hi = (r.get(f"acc_{key}{s}") for s in ("", "_low", "_high"))
+    if any(_number(v) is None or math.isnan(v) for v in (d, lo, hi)):
+        return ""
+    return f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]" + ("*" if lo > 0 or hi < 0 else "")
+
+
 def comparison_markdown(table, dense: dict[str, Any] | None) -> str:
-    """One table per sparsity: a row per method (the dense model first), "acc / acc_norm" per task, the means
-    and perplexity. ``table`` is the sweep table (results/sweep.csv)."""
-    tasks = sorted(c[len("acc_"):] for c in table.columns
-                   if c.startswith("acc_") and not c.startswith("acc_norm") and c != "acc_norm")
-    head = ["method", *tasks, "mean acc", "mean acc_norm", "perplexity"]
+    """One table per sparsity: a row per method (the dense model first), "acc / acc_norm" per task, the means,
+    perplexity and the paired differences in mean acc (when the table has them). ``table`` is the sweep table."""
+    table = with_labels(table)
+    tasks = sorted(c[len("acc_"):] for c in table.columns if c.startswith("acc_") and not c.startswith("acc_norm")
+                   and c != "acc_norm" and not any(c.startswith(f"acc_{k}") for k in COMPARISONS))
+    paired = [k for k in COMPARISONS if f"acc_{k}" in table.columns and table[f"acc_{k}"].notna().any()]
+    heads = {"vs_dense": "Δ acc vs dense", "vs_task_agnostic": "Δ acc vs task_agnostic",
+             "vs_best_baseline": "Δ acc vs best baseline"}
+    head = ["method", *tasks, "mean acc", "mean acc_norm", "perplexity", *(heads[k] for k in paired)]
 
     def pair(a: Any, b: Any) -> str:
         ok = lambda v: v is not None and not (isinstance(v, float) and math.isnan(v))  # noqa: E731
@@ -315,7 +532,8 @@ def comparison_markdown(table, dense: dict[str, Any] | None) -> str:
         cells = [name, *(pair(r.get(f"acc_{t}"), r.get(f"acc_norm_{t}")) for t in tasks),
                  *(f"{r[k]:.4f}" if isinstance(r.get(k), float) and not math.isnan(r[k]) else ""
                    for k in ("acc", "acc_norm")),
-                 f"{r['perplexity']:.2f}" if isinstance(r.get("perplexity"), float) else ""]
+                 f"{r['perplexity']:.2f}" if isinstance(r.get("perplexity"), float) else "",
+                 *(interval_cell(r, k) for k in paired)]
         return "| " + " | ".join(cells) + " |"
 
     out = []
@@ -325,35 +543,87 @@ def comparison_markdown(table, dense: dict[str, Any] | None) -> str:
                 "", "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
         if dense_row:
             out.append(line("dense", dense_row))
-        out += [line(str(r["method"]), r) for r in group.to_dict("records")]
+        out += [line(str(r["label"]), r) for r in group.to_dict("records")]
         out.append("")
+        best = sorted({b for b in group.get("best_baseline", []) if isinstance(b, str) and b})
+        if paired:
+            out += ["Δ: the row's mean acc over tasks minus the reference's, on the same items, with the 95% interval "
+                    "of a paired bootstrap over items (10,000 resamples, seed 0); * marks an interval that excludes "
+                    "zero." + (f" Best field baseline at this sparsity: {', '.join(best)}." if best else ""), ""]
     return "\n".join(out)
 
 
 def render(table, dense: dict[str, Any] | None) -> str:
     """The sweep's markdown: the summary table, the dense model's figures, and the per-task tables."""
-    columns = [c for c in table.columns if not c.startswith("acc_norm_")]
-    md = "# DIET sweep\n\n" + markdown_table(table.to_dict("records"), columns)
+    summary = with_labels(table)
+    columns = ["label"] + [c for c in summary.columns if not c.startswith("acc_norm_") and c not in
+                           ("label", "method", "recover") and not any(c.startswith(f"acc_{k}") for k in COMPARISONS)]
+    md = "# DIET sweep\n\n" + markdown_table(summary.to_dict("records"), columns)
     if dense:
         md += "\nDense model: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics_row(dense).items()
                                              if k in ("acc", "acc_norm", "perplexity") and v is not None) + "\n"
     return md + "\n## Per task\n\n" + comparison_markdown(table, dense)
 
 
-def write_results(root: Path, runs: list[dict[str, Any]], dense: dict[str, Any] | None):
-    """The sweep table as CSV, markdown and plot under ``root``; returns the table and the three paths."""
+def items_path(csv: Path) -> Path:
+    """Where a sweep table's per-item results lie: ``sweep.csv`` -> ``sweep-items.json``."""
+    return csv.with_name(f"{csv.stem}-items.json")
+
+
+def write_items(path: Path, rows: dict[str, Items], dense: Items | None) -> None:
+    atomic_write(path, json.dumps({"dense": dense, "rows": rows}, sort_keys=True, separators=(",", ":")) + "\n")
+
+
+def write_results(root: Path, runs: list[dict[str, Any]], tasks: list[str]):
+    """The sweep table as CSV, markdown and plot under ``root``, and the per-item results beside the CSV;
+    returns the table, the markdown and the paths."""
     import pandas as pd
 
-    rows = [{"method": r["method"], "sparsity": r["sparsity"], **metrics_row(r["metrics"]),
-             "experiment": r["experiment"]} for r in runs]
-    table = pd.DataFrame(rows)
+    rows, items, dense_items, dense = [], {}, None, None
+    for run in runs:
+        row, pruned, dense_run = sweep_row(run, tasks)
+        rows.append(row)
+        if pruned is not None:
+            items[row["experiment"]] = pruned
+        dense_items = dense_items or dense_run
+        if dense is None:
+            try:
+                dense = json.loads(run["read"](DENSE_METRICS))
+            except FileNotFoundError:
+                pass
+    table = add_paired_columns(pd.DataFrame(rows), items, dense_items).drop(columns="label")
     atomic_write(root / CSV, table.to_csv(index=False))
+    write_items(items_path(root / CSV), items, dense_items)
     if dense is not None:
         atomic_write(root / SWEEP_DENSE, json.dumps(dense, indent=2, sort_keys=True) + "\n")
     md = render(table, dense)
     atomic_write(root / MARKDOWN, md)
     plot_accuracy(table, root / PLOT, dense)
-    return table, md, [root / CSV, root / MARKDOWN, root / PLOT]
+    return table, md, [root / CSV, root / MARKDOWN, root / PLOT, items_path(root / CSV)]
+
+
+def table_tasks(table) -> list[str]:
+    return sorted(c[len("acc_norm_"):] for c in table.columns if c.startswith("acc_norm_")
+                  and not any(c.startswith(f"acc_norm_{k}") for k in COMPARISONS))
+
+
+def load_items(root: Path, csv: Path, table) -> tuple[dict[str, Items], Items | None]:
+    """The per-item results of a sweep table's rows: from the file beside it (``items_path``), else read from
+    the experiments DVC still keeps (by the names in the table's ``experiment`` column)."""
+    path = items_path(csv)
+    if path.is_file():
+        data = json.loads(path.read_text())
+        return data.get("rows") or {}, data.get("dense")
+    refs, items, dense = experiment_refs(root), {}, None
+    tasks = table_tasks(table)
+    for name in table.get("experiment", []):
+        if name in refs:
+            read = rev_reader(root, refs[name])
+            pruned = read_items(read, tasks, "pruned")
+            if pruned is not None:
+                items[name] = pruned
+            dense = dense or read_items(read, tasks, "dense")
+    return items, dense
 
 
 def report(repo: str | Path = ".", csvs: list[str | Path] | None = None, out: str | Path | None = None,
@@ -361,10 +631,12 @@ def report(repo: str | Path = ".", csvs: list[str | Path] | None = None, out: st
     """Render the sweep markdown and plot again from sweep tables; return the markdown.
 
     By default from ``results/sweep.csv`` into ``results/sweep.md`` and ``plots/accuracy_vs_sparsity.png``.
-    ``csvs`` combines several sweeps' tables (e.g. one per sparsity run on different days) and ``out`` names a
-    folder for ``sweep.csv``, ``sweep.md`` and ``accuracy_vs_sparsity.png``. The dense reference row comes from
-    ``dense`` (default: ``results/sweep-dense.json``, which a sweep writes, else ``results/dense/summary.json``); it must
-    cover as many evaluation items as the rows.
+    ``csvs`` combines several sweeps' tables (e.g. one per sparsity run on different days, or one with
+    ``prune.recover: bias``) and ``out`` names a folder for ``sweep.csv``, ``sweep-items.json``, ``sweep.md``
+    and ``accuracy_vs_sparsity.png``. The dense reference row comes from ``dense`` (default:
+    ``results/sweep-dense.json``, which a sweep writes, else ``results/dense/summary.json``); it must cover as
+    many evaluation items as the rows. The paired intervals are computed again from the per-item results beside
+    each table (``sweep-items.json``), or from the experiments DVC still keeps.
     """
     import pandas as pd
 
@@ -373,8 +645,21 @@ def report(repo: str | Path = ".", csvs: list[str | Path] | None = None, out: st
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise FlowError(f"no sweep table at {', '.join(missing)}", "run `diet-flow sweep` first")
-    table = pd.concat([pd.read_csv(p) for p in paths], ignore_index=True)
-    table = table.drop_duplicates(["method", "sparsity"], keep="last").sort_values("sparsity", kind="stable")
+    tables, items, dense_items = [], {}, None
+    for p in paths:
+        t = with_labels(pd.read_csv(p))
+        tables.append(t.drop(columns=[c for c in t.columns if c.startswith(tuple(f"acc_{k}" for k in COMPARISONS))
+                                      or c == "best_baseline"]))
+        rows_items, d = load_items(root, p, t)
+        items.update(rows_items)
+        if d is not None and dense_items is not None and d != dense_items:
+            raise FlowError(f"the dense model's per-item results beside {p} differ from another table's",
+                            "combine sweeps evaluated on the same items (same evaluate.limit and evaluate.seed)")
+        dense_items = dense_items or d
+    table = pd.concat(tables, ignore_index=True)
+    table = table.drop_duplicates(["method", "recover", "sparsity"], keep="last").sort_values("sparsity",
+                                                                                              kind="stable")
+    table = add_paired_columns(table, items, dense_items).drop(columns="label")
     if dense is not None:
         dense_path = Path(dense)
     else:  # the dense metrics the sweep itself used, else the workspace's
@@ -391,6 +676,7 @@ def report(repo: str | Path = ".", csvs: list[str | Path] | None = None, out: st
         out = Path(out)
         md_path, plot_path = out / "sweep.md", out / "accuracy_vs_sparsity.png"
         atomic_write(out / "sweep.csv", table.to_csv(index=False))
+        write_items(out / "sweep-items.json", {e: items[e] for e in table.get("experiment", []) if e in items}, dense_items)
     atomic_write(md_path, md)
     plot_accuracy(table, plot_path, dense)
     return md
@@ -419,13 +705,13 @@ def sweep_flow(repo: str = ".", sparsities: list[float] | None = None, methods: 
                timeout: float | None = None) -> dict[str, Any]:
     """Evaluate every (method, sparsity) as a DVC experiment, reusing one computation of every task score.
 
+    ``methods`` are merge methods, each optionally with the recovery its models use: ``vote``, ``vote+bias``.
     ``params`` overrides other settings for the whole sweep (restored afterwards with params.yaml).
     ``mode``: ``queue`` runs the experiments ``jobs`` (default: ``workers``) at a time in DVC's queue, each in a
     temporary copy of the repo (``timeout``: seconds to wait for them, None: no limit); ``workspace`` runs them
     one after the other in the workspace. Returns the table rows, the output paths, and which stages ran in the
     shared step and per experiment.
     """
-    logger = get_run_logger()
     sparsities = [float(s) for s in (sparsities if sparsities is not None else DEFAULT_SPARSITIES)]
     methods = [str(m) for m in (methods if methods is not None else DEFAULT_METHODS)]
     if not sparsities or not methods:
@@ -435,11 +721,33 @@ def sweep_flow(repo: str = ".", sparsities: list[float] | None = None, methods: 
     bad = [s for s in sparsities if not 0.0 < s < 1.0]
     if bad:
         raise FlowError(f"sparsities {bad} are outside (0, 1)", "pass shares of parameters to remove, e.g. 0.2")
+    variants = [parse_variant(m) for m in methods]
+    points = [Point(method, sparsity, recover) for method, recover in variants for sparsity in sparsities]
+    runs, root, shared = experiments_flow(repo, points, params, task_runner, workers, address, retries, mode, jobs,
+                                          timeout, "diet-sweep")
+    tasks = read_params(root).get("tasks") or []
+    table, md, paths = write_results(root, runs, tasks)
+    create_table_artifact(key="diet-sweep", table=table.to_dict("records"),
+                          description=f"DIET sweep in {root}: one row per (method, sparsity)")
+    create_markdown_artifact(key="diet-sweep-summary", markdown=md + "\n" + "\n".join(f"- `{p}`" for p in paths))
+    create_link_artifact(key="diet-sweep-plot", link=paths[2].as_uri(), link_text="accuracy vs sparsity")
+    get_run_logger().info("sweep table -> %s\n%s", paths[0], md)
+    return {"rows": table.to_dict("records"), "files": [str(p) for p in paths], "shared": shared,
+            "experiments": [{"method": r["point"].label, "sparsity": r["point"].sparsity,
+                             "experiment": r["experiment"], "stages": r["stages"]} for r in runs]}
+
+
+def experiments_flow(repo: str, points: list[Point], params: dict[str, Any] | None, task_runner: str, workers: int,
+                     address: str | None, retries: int, mode: str, jobs: int | None, timeout: float | None,
+                     artifact: str) -> tuple[list[dict[str, Any]], Path, dict[str, str]]:
+    """What every sweep does: apply ``params``, run the stages no point changes once in the workspace, run the
+    points as DVC experiments, and put params.yaml, dvc.lock and the workspace outputs back.
+    Returns the runs, the repository root, and the shared stages' statuses (``ran`` / ``cached``)."""
+    logger = get_run_logger()
     jobs = check_mode(mode, workers if jobs is None else jobs)
     runner = make_task_runner(task_runner, workers, address)
     root = validate_run(repo, params)
     snap = _snapshot(root)
-    runs: list[dict[str, Any]] = []
     try:
         changed = write_params(root, params)
         if changed:
@@ -450,28 +758,9 @@ def sweep_flow(repo: str = ".", sparsities: list[float] | None = None, methods: 
         logger.info("shared stages, run once: %s; per experiment: %s", ", ".join(shared),
                     ", ".join(s for s in order if s in swept))
         rows = run_stages.with_options(task_runner=runner)(str(root), graph, shared, False, retries)
-        publish_report(rows, "diet-sweep-shared", f"DIET sweep in {root}: stages shared by every experiment")
+        publish_report(rows, f"{artifact}-shared", f"{artifact} in {root}: stages shared by every experiment")
         sweep_id = time.strftime("%Y%m%dT%H%M%S")
-        points = [(method, sparsity) for method in methods for sparsity in sparsities]
-        if mode == "queue":
-            runs = queued_runs(root, points, order, sweep_id, jobs, snap, timeout)
-        else:
-            experiment = run_experiment.with_options(retries=retries)
-            for method, sparsity in points:
-                run = experiment(str(root), method, sparsity, order, sweep_id)
-                ran = [s for s, st in run["stages"].items() if st == RAN]
-                logger.info("%s @ %s (%s): ran %s", method, sparsity, run["experiment"], ", ".join(ran) or "nothing")
-                runs.append(run)
-        dense = next((r["dense"] for r in runs if r["dense"]), None)
+        runs = run_points(root, points, order, sweep_id, mode, jobs, snap, retries, timeout)
     finally:
         _restore(root, snap)
-
-    table, md, paths = write_results(root, runs, dense)
-    create_table_artifact(key="diet-sweep", table=table.to_dict("records"),
-                          description=f"DIET sweep in {root}: one row per (method, sparsity)")
-    create_markdown_artifact(key="diet-sweep-summary", markdown=md + "\n" + "\n".join(f"- `{p}`" for p in paths))
-    create_link_artifact(key="diet-sweep-plot", link=paths[2].as_uri(), link_text="accuracy vs sparsity")
-    logger.info("sweep table -> %s\n%s", paths[0], md)
-    return {"rows": table.to_dict("records"), "files": [str(p) for p in paths],
-            "shared": {r["stage"]: r["status"] for r in rows},
-            "experiments": [{k: r[k] for k in ("method", "sparsity", "experiment", "stages")} for r in runs]}
+    return runs, root, {r["stage"]: r["status"] for r in rows}

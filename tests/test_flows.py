@@ -293,23 +293,41 @@ def fake_metrics(acc: float, sparsity: float) -> dict:
             "tasks": {"t1": {"acc": acc + 0.1, "acc_norm": acc}, "t2": {"acc": acc - 0.1, "acc_norm": acc}}}
 
 
-def test_sweep_results_table_markdown_plot(tmp_path):
-    from flows.sweep import CSV, MARKDOWN, PLOT, SWEEP_DENSE, write_results
+def fake_run(point, metrics: dict, dense: dict, items: dict | None = None) -> dict:
+    """A finished sweep point as ``run_points`` returns it, its files served from memory."""
+    files = {"results/pruned/summary.json": json.dumps(metrics), "results/dense/summary.json": json.dumps(dense),
+             "params.yaml": json.dumps({"prune": {"recover": point.recover or "none"}})}
+    for kind, by_task in (items or {}).items():
+        for task, rows in by_task.items():
+            files[f"results/{kind}/tasks/{task}.json"] = json.dumps({"items": rows})
 
-    runs = [{"method": m, "sparsity": s, "experiment": f"{m}-{s}", "metrics": fake_metrics(0.6 - s, s)}
+    def read(path):
+        if path not in files:
+            raise FileNotFoundError(path)
+        return files[path]
+
+    return {"point": point, "experiment": f"{point.label}-{point.sparsity}", "stages": {}, "read": read}
+
+
+def test_sweep_results_table_markdown_plot(tmp_path):
+    from flows.sweep import CSV, MARKDOWN, PLOT, SWEEP_DENSE, Point, write_results
+
+    runs = [fake_run(Point(m, s), fake_metrics(0.6 - s, s), fake_metrics(0.7, 0.0))
             for m in ("vote", "mean") for s in (0.1, 0.3)]
-    table, md, paths = write_results(tmp_path, runs, fake_metrics(0.7, 0.0))
-    assert [p.relative_to(tmp_path).as_posix() for p in paths] == [CSV, MARKDOWN, PLOT]
+    table, md, paths = write_results(tmp_path, runs, ["t1", "t2"])
+    assert [p.relative_to(tmp_path).as_posix() for p in paths] == [CSV, MARKDOWN, PLOT, "results/sweep-items.json"]
     assert json.loads((tmp_path / SWEEP_DENSE).read_text()) == fake_metrics(0.7, 0.0)  # for later reports
     import pandas as pd
 
     csv = pd.read_csv(tmp_path / CSV)
     assert len(csv) == 4 and list(csv[["method", "sparsity"]].itertuples(index=False, name=None)) == \
         [("vote", 0.1), ("vote", 0.3), ("mean", 0.1), ("mean", 0.3)]
+    assert csv["recover"].tolist() == ["none"] * 4
     assert csv["acc"].tolist() == pytest.approx([0.5, 0.3, 0.5, 0.3])
     assert csv["acc_t1"].tolist() == pytest.approx([0.6, 0.4, 0.6, 0.4])
     assert csv["params_decoder"].tolist() == [720, 560, 720, 560]
     assert {"perplexity", "acc_norm", "params_total", "experiment"} <= set(csv.columns)
+    assert csv["acc_vs_dense"].isna().all()  # no per-item results in these runs: no paired intervals
     summary, per_task = md.split("## Per task")
     assert summary.count("\n| vote |") == 2 and "Dense model: acc 0.7000" in summary
     assert per_task.count("\n| vote |") == 2 and per_task.count("\n| dense |") == 2  # one table per sparsity

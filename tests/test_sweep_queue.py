@@ -71,17 +71,26 @@ def prefect_harness():
         yield
 
 
-@pytest.mark.slow
-def test_queued_sweep_runs_points_in_parallel_and_leaves_the_workspace(tmp_path, prefect_harness, monkeypatch):
-    import pandas as pd
-
-    import flows.sweep as sweep
-    from flows.sweep import CSV, sweep_flow
-
-    repo = make_tiny_repo(tmp_path)
+@pytest.fixture(scope="module")
+def committed_repo(tmp_path_factory):
+    """A tiny project whose pipeline ran at sparsity 0.2 and was committed."""
+    repo = make_tiny_repo(tmp_path_factory.mktemp("queue"))
     subprocess.run([dvc(), "repro"], cwd=repo, env=dvc_env(), check=True, capture_output=True)
     git(repo, "add", "-A")
     git(repo, "commit", "-q", "-m", "pipeline run at sparsity 0.2")
+    return repo
+
+
+@pytest.mark.slow
+def test_queued_sweep_runs_points_in_parallel_and_leaves_the_workspace(committed_repo, prefect_harness, monkeypatch):
+    import json
+
+    import pandas as pd
+
+    import flows.sweep as sweep
+    from flows.sweep import CSV, MARKDOWN, sweep_flow
+
+    repo = committed_repo
     before = _state(repo)
     during = []
     real_succeeded = sweep.succeeded
@@ -91,25 +100,61 @@ def test_queued_sweep_runs_points_in_parallel_and_leaves_the_workspace(tmp_path,
         return real_succeeded(root, names)
 
     monkeypatch.setattr(sweep, "succeeded", watched)
-    out = sweep_flow(repo=str(repo), sparsities=[0.1, 0.2, 0.3], methods=["vote"], mode="queue", jobs=2)
+    out = sweep_flow(repo=str(repo), sparsities=[0.2, 0.3], methods=["vote", "vote+bias"], mode="queue", jobs=2)
 
     assert during and all(s == before for s in during)
     table = pd.read_csv(repo / CSV)
     assert _state(repo) == before                     # the sweep's table and plot lie in git-ignored folders
     assert set(out["shared"].values()) == {"cached"}                  # every shared stage was already cached
-    assert [(e["method"], e["sparsity"]) for e in out["experiments"]] == [("vote", 0.1), ("vote", 0.2), ("vote", 0.3)]
+    assert [(e["method"], e["sparsity"]) for e in out["experiments"]] == [
+        ("vote", 0.2), ("vote", 0.3), ("vote+bias", 0.2), ("vote+bias", 0.3)]
     for e in out["experiments"]:
         ran = {s for s, st in e["stages"].items() if st == RAN}
-        if e["sparsity"] == 0.2:  # the committed run's own params: DVC restores every stage from its cache
+        if (e["method"], e["sparsity"]) == ("vote", 0.2):  # the committed run: DVC restores every stage
             assert ran == set(), e
         else:
-            assert "merge" in ran and ran <= {"merge", "select", "prune", "evaluate@t1", "evaluate@t2", "perplexity",
-                                              "report"}, e
-    assert table["sparsity"].tolist() == [0.1, 0.2, 0.3]
+            assert ran and ran <= {"merge", "select", "prune", "evaluate@t1", "evaluate@t2", "perplexity",
+                                   "report"}, e                      # never a score stage
+    assert table["sparsity"].tolist() == [0.2, 0.3, 0.2, 0.3]
+    assert table["recover"].tolist() == ["none", "none", "bias", "bias"]   # read from each experiment's params
     assert (table["achieved_sparsity"] - table["sparsity"]).abs().max() < 0.05   # each row is its own experiment
-    assert table["params_decoder"].is_monotonic_decreasing and table["acc"].between(0, 1).all()
+    assert table["acc"].between(0, 1).all()
+    # paired intervals from the experiments' per-item results: every row against the dense model
+    assert table["acc_vs_dense"].notna().all()
+    assert (table["acc_vs_dense"] - (table["acc"] - json.loads((repo / "results/sweep-dense.json").read_text())
+                                     ["mean"]["acc"])).abs().max() < 1e-9
+    assert (table["acc_vs_dense_low"] <= table["acc_vs_dense"]).all()
+    assert (table["acc_vs_dense"] <= table["acc_vs_dense_high"]).all()
+    items = json.loads((repo / "results/sweep-items.json").read_text())
+    assert set(items["rows"]) == set(table["experiment"]) and set(items["dense"]) == {"t1", "t2"}
+    assert "| vote+bias |" in (repo / MARKDOWN).read_text()
     states = sweep.experiment_states(repo)
     assert {states[e]["state"] for e in table["experiment"]} == {"success"}
+
+
+@pytest.mark.slow
+def test_leave_one_task_out_evaluates_each_held_out_task_alone(committed_repo, prefect_harness):
+    import pandas as pd
+
+    from flows.loto import CSV, HELD_OUT, MARKDOWN, loto_flow
+
+    repo = committed_repo
+    before = _state(repo)
+    out = loto_flow(repo=str(repo), methods=["vote"], jobs=2)
+    assert _state(repo) == before
+    table = pd.read_csv(repo / CSV)
+    held = table[table["calibration"] == HELD_OUT]
+    assert sorted(held["task"]) == ["t1", "t2"] and len(table) == 4
+    assert held["experiment"].nunique() == 2                   # one model per held-out task
+    assert held["n"].tolist() == [8, 8] and held["acc"].between(0, 1).all()
+    runs = {r["experiment"]: r for r in out["runs"]}
+    for _, row in held.iterrows():
+        ran = {s for s, st in runs[row["experiment"]]["stages"].items() if st == RAN}
+        other = "t2" if row["task"] == "t1" else "t1"
+        assert "merge" in ran and f"evaluate@{other}" not in ran and "report" not in ran, ran
+        assert not any(s.startswith("score") for s in ran)
+    md = (repo / MARKDOWN).read_text()
+    assert "| vote (task held out) |" in md and "| vote (all tasks) |" in md and "| dense |" in md
 
 
 def test_cli_sweep_takes_mode_and_jobs():
@@ -135,7 +180,7 @@ def fake_queue(monkeypatch, tmp_path):
                         subprocess.CompletedProcess(cmd, 0))
     monkeypatch.setattr(sweep, "succeeded", lambda root, names: {n for n in names if states.get(n) == "success"})
     monkeypatch.setattr(sweep, "experiment_states",
-                        lambda root: {n: {"state": st, "rev": f"rev-{n}"} for n, st in states.items()})
+                        lambda root, rev=None: {n: {"state": st, "rev": f"rev-{n}"} for n, st in states.items()})
     return sweep, states, started, tmp_path
 
 
