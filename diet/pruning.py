@@ -59,7 +59,8 @@ def apply_mask(model: nn.Module, keep: dict[str, list[torch.Tensor]], layout: st
         problem = stock_config_problem(model.config, widths)
         if problem:
             raise ModelError(f"the uniformly pruned config is not one stock transformers accepts: {problem}",
-                             "keep a number of attention groups whose head count divides hidden_size, "
+                             "keep a number of attention groups whose head count divides hidden_size (with the "
+                             "hidden group: a select.multiple for hidden that the kept head count divides), "
                              "prune only the mlp group, or use layout: global")
     if means is not None:
         fold_means(model, keep, means)
