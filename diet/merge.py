@@ -440,7 +440,8 @@ def merge_scores(task_scores, geo, *, merge_cfg: MergeConfig, prune_cfg: PruneCo
     ``diet.geometry.Geometry``)."""
     missing = [g for g in prune_cfg.groups if g not in geo.widths]
     if missing:
-        raise ConfigError(f"prune.groups {missing} were not measured", "add them to score.groups and rescore")
+        raise ConfigError(f"prune.groups {missing} were not measured: the scores hold {', '.join(geo.widths)}",
+                          "add them to score.groups and rescore (`dvc repro` reruns the score@ stages)")
     budget = keep_count(geo.widths, geo.costs, prune_cfg.sparsity, geo.decoder_params, prune_cfg.groups,
                         geo.crossings)
     return merge(task_scores, method=merge_cfg.method, normalize=merge_cfg.normalize, weights=merge_cfg.weights,

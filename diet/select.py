@@ -272,8 +272,9 @@ def check_constraints(widths: Mapping[str, Sequence[int]], groups: Sequence[str]
         widest = max(w)
         if multiples[g] >= widest:  # the widths allowed are multiples of it, or the whole width
             per = {o: multiples[o] if o != g else 1 for o in groups}
-            raise ConfigError(f"{key_multiple} = {multiples[g]} is not smaller than the {g} group's width (at most "
-                              f"{widest} per layer): no {g} dimension could be removed",
+            where = f"at most {widest} per layer" if len(w) > 1 else f"{widest}, one mask for every layer"
+            raise ConfigError(f"{key_multiple} = {multiples[g]} is not smaller than the {g} group's width ({where}): "
+                              f"no {g} dimension could be removed",
                               f"give {g} its own multiple, e.g. select.multiple: "
                               f"{{{', '.join(f'{o}: {v}' for o, v in per.items())}}}, or leave {g} out of "
                               "prune.groups")
