@@ -36,7 +36,7 @@ def plan(task_scores: Mapping[str, Mapping[str, torch.Tensor]], geo: Geometry, *
                           generic=generic, magnitude=magnitude, baseline=baseline)
     mask = select({g: m["priority"] for g, m in merged.items()}, geo.widths, geo.costs,
                   sparsity=prune_cfg.sparsity, decoder_params=geo.decoder_params, min_keep=select_cfg.min_keep,
-                  multiple=select_cfg.multiple, layout=select_cfg.layout)
+                  multiple=select_cfg.multiple, layout=select_cfg.layout, crossings=geo.crossings)
     return merged, mask
 
 

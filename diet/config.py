@@ -21,7 +21,12 @@ from diet.errors import ConfigError
 STATISTICS = ("mean_abs", "l2")
 NORMALIZATIONS = ("none", "mean", "zscore", "rank")
 METHODS = ("vote", "mean", "rank", "task_agnostic", "magnitude", "random", "wanda_sp", "flap")
-GROUPS = ("mlp", "attention")
+#: dimension groups (``diet.groups``): per-layer MLP channels, per-layer KV groups, residual channels shared by
+#: every layer
+GROUPS = ("mlp", "attention", "hidden")
+#: groups whose removed dimensions ``prune.recover: bias`` can hold at their means (an output projection whose
+#: input is the group's activation); the residual stream (``hidden``) has none
+RECOVERABLE_GROUPS = ("mlp", "attention")
 LAYOUTS = ("global", "uniform")
 RECOVERIES = ("none", "bias")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -344,6 +349,17 @@ class Params:
             raise ConfigError(f"prune.recover: bias needs the calibration means of every pruned group, but "
                               f"{', '.join(unscored)} is not in score.groups",
                               f"add {', '.join(unscored)} to score.groups, or set prune.recover: none")
+        if unscored:  # merge ranks a group by its scores: every method needs them
+            raise ConfigError(f"prune.groups prunes {', '.join(unscored)}, which score.groups does not score "
+                              f"(score.groups: {list(self.score.groups)})",
+                              f"add {', '.join(unscored)} to score.groups (the score@ stages rerun), or remove "
+                              "it from prune.groups")
+        unrecoverable = [g for g in self.prune.groups if g not in RECOVERABLE_GROUPS]
+        if self.prune.recover == "bias" and unrecoverable:
+            rest = [g for g in self.prune.groups if g in RECOVERABLE_GROUPS]
+            raise ConfigError(f"prune.recover: bias cannot hold the removed {', '.join(unrecoverable)} dimensions "
+                              "at their means: no output projection takes the residual stream as its input",
+                              "set prune.recover: none" + (f", or prune.groups: {rest}" if rest else ""))
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

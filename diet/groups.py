@@ -13,7 +13,16 @@ pruning and checkpoint writing ask a group, never test a group's name:
 * ``slice``: remove the dimensions not kept from the weights, keeping ``in/out_features`` true;
   ``config_widths`` / ``per_layer_fields``: the config width fields the group sets;
 * ``weight_norms`` / ``magnitude``: weight statistics per dimension (``score.weight_norm``, ``merge: magnitude``);
-* ``unprunable_reason``: why a model with these widths cannot lose any dimension of the group.
+* ``unprunable_reason``: why a model with these widths cannot lose any dimension of the group;
+* ``activation_sites`` / ``activation_width``: the modules whose input is the scored activation (hook targets);
+  ``reader_weights``: the weights that read its channels (the wanda_sp / flap baselines); ``zero``: the
+  reference model with removed dimensions zeroed; ``crossing``: parameters one of its dimensions shares with
+  one dimension of another group (the budget counts a shared parameter once); ``recoverable``: whether
+  ``prune.recover: bias`` applies.
+
+A group's mask has *rows*: one per decoder layer for ``mlp`` and ``attention``, a single row for ``hidden``
+(one mask shared by every layer). ``widths``, ``cost``, scores, priorities and keep lists are all per row, so
+``hidden`` fits the same (rows, dimensions) tensors as the others, with one row.
 
 Groups (DESIGN.md):
 
@@ -22,6 +31,14 @@ Groups (DESIGN.md):
 * ``attention`` (``AttentionGroup``): KV group ``g`` of layer ``l`` = KV head ``g`` (rows of k_proj / v_proj)
   plus the ``heads_per_group`` query heads that share it (rows of q_proj, columns of o_proj). Its activation is
   the input of o_proj, shape (B, T, n_heads_l * head_dim), heads contiguous.
+* ``hidden`` (``HiddenGroup``): residual channel ``c``, one mask row shared by all layers = column ``c`` of the
+  embedding (and of an untied head), entry ``c`` of every hidden-wide norm, column ``c`` of every projection
+  reading the residual (q/k/v, gate/up) and row ``c`` of every projection writing into it (o_proj, down_proj),
+  in every layer. Its activation is the residual stream entering each norm that reads it (each layer's two
+  pre-norms and the final norm), accumulated over all of them into one statistic per channel, (B, T, H).
+  Removing channels changes the width every RMSNorm averages over; ``HiddenGroup.slice`` folds the
+  correction into the weights so that the pruned model computes exactly what the dense model computes with
+  those channels zeroed (docs/method.md, "The hidden group").
 
 ``GROUPS`` holds one instance per name of ``diet.config.GROUPS``, in that order (the order in which files
 list the groups' widths). A new group is one subclass here plus its name in ``diet.config.GROUPS``.
@@ -32,6 +49,7 @@ module depends on torch and ``diet.config`` alone, and every other module can im
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, ClassVar, Sequence
 
@@ -39,6 +57,7 @@ import torch
 from torch import nn
 
 from diet.config import GROUPS as GROUP_NAMES
+from diet.config import RECOVERABLE_GROUPS
 
 if TYPE_CHECKING:
     from diet.adapters.base import ModelAdapter
@@ -155,8 +174,44 @@ class DimensionGroup(ABC):
         (checked by ``diet.modeling``), or None."""
         return None
 
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}()"
+    # -- activations, baselines, reference, budget: defaults for a group with one output projection per layer --
+    @property
+    def recoverable(self) -> bool:
+        """Whether ``prune.recover: bias`` can hold removed dimensions at their means (``RECOVERABLE_GROUPS``)."""
+        return self.name in RECOVERABLE_GROUPS
+
+    def activation_sites(self, adapter: ModelAdapter, row: int) -> list[nn.Module]:
+        """The modules whose input is the activation of mask row ``row`` (scoring hooks their inputs; one
+        statistic per row sums over them all)."""
+        return [self.output_projection(adapter, row)]
+
+    def activation_width(self, adapter: ModelAdapter, row: int) -> int:
+        """Channels of the activation of mask row ``row``."""
+        return self.output_projection(adapter, row).in_features
+
+    def reader_weights(self, adapter: ModelAdapter, row: int) -> list[torch.Tensor]:
+        """Weights (out, D) whose input columns are the activation's channels (``wanda_sp``, ``flap``)."""
+        return [self.output_projection(adapter, row).weight]
+
+    @torch.no_grad()
+    def zero(self, adapter: ModelAdapter, row: int, removed: torch.Tensor) -> None:
+        """Make the dimensions ``removed`` of ``row`` contribute nothing, keeping every shape (the dense
+        reference that a pruned model must equal): here, zero their output-projection columns."""
+        out = self.output_projection(adapter, row)
+        out.weight[:, self.output_channels(adapter, row, removed).to(out.weight.device)] = 0.0  # (H, removed)
+
+    def residual_entries(self, adapter: ModelAdapter, layer: int) -> int:
+        """Weights of one dimension of ``layer`` that lie on one residual channel: its share of the input
+        projections' rows and of the output projection's columns (each such weight is also a weight of that
+        residual channel, see ``crossing``)."""
+        *ins, out = self.projections(adapter, layer)
+        width = self.widths(adapter)[layer]
+        return (sum(p.out_features for p in ins) + out.in_features) // width
+
+    def crossing(self, adapter: ModelAdapter, other: DimensionGroup) -> list[int] | None:
+        """Parameters that one dimension of this group shares with one dimension of ``other`` in each of
+        ``other``'s rows (removed with either), or None when the two groups own no parameter in common."""
+        return None
 
 
 class MlpGroup(DimensionGroup):
@@ -286,11 +341,194 @@ class AttentionGroup(DimensionGroup):
         return None
 
 
+def _scale_rows(lin: nn.Linear, factor: float) -> None:
+    """Multiply ``lin``'s weight and bias by ``factor`` (in float64, then back to their dtype), in place."""
+    lin.weight = nn.Parameter((lin.weight.detach().double() * factor).to(lin.weight.dtype),
+                              requires_grad=lin.weight.requires_grad)
+    if lin.bias is not None:
+        lin.bias = nn.Parameter((lin.bias.detach().double() * factor).to(lin.bias.dtype),
+                                requires_grad=lin.bias.requires_grad)
+
+
+def _slice_norm(norm: nn.Module, kept: torch.Tensor, factor: float = 1.0, offset: float = 0.0) -> None:
+    """Keep entries ``kept`` of an RMSNorm's weight and multiply the norm's gain by ``factor``: the gain is
+    ``offset + weight`` (Llama: offset 0; Gemma: ``1 + weight``), so ``weight' = (offset + weight) * factor -
+    offset``, computed in float64."""
+    w = norm.weight
+    kept_w = w.detach().index_select(0, kept.to(device=w.device, dtype=torch.long)).double()  # (k,)
+    if factor != 1.0:
+        kept_w = (offset + kept_w) * factor - offset
+    norm.weight = nn.Parameter(kept_w.to(w.dtype), requires_grad=w.requires_grad)
+
+
+class HiddenGroup(DimensionGroup):
+    """Residual-stream channels, one mask shared by every layer (module doc).
+
+    **Exactness.** In the dense model with channels ``R`` zeroed (embedding columns and the writers' rows), the
+    residual ``x`` is zero on ``R`` everywhere, and an RMSNorm over all ``H`` channels divides by
+    ``sqrt(S / H + eps)``, ``S`` the sum of squares of the ``k`` kept channels. Over the ``k`` kept channels
+    alone it would divide by ``sqrt(S / k + eps)``. Pruning therefore runs the residual stream scaled by
+    ``a = sqrt(k / H)``: then every norm reading it sees ``a^2 S / k + eps = S / H + eps``, the dense
+    denominator exactly, with ``eps`` unchanged (it is shared with Gemma-3's q_norm / k_norm, which act on
+    head_dim and must not change). The scale is set and undone in the weights:
+
+    * the stream starts scaled: embedding columns times ``a`` (Llama, Qwen2); Gemma multiplies the embedding by
+      ``sqrt(hidden_size)`` from the config, and ``sqrt(k) = a * sqrt(H)``, so its embedding stays as it is
+      (``ModelAdapter.embed_scale_exponent``);
+    * every writer's rows (o_proj, down_proj, with their biases) times ``a``, so each branch adds ``a`` times
+      its dense output; Gemma's post-branch norms see their input scaled by ``a`` too, hence the dense
+      denominator, and keep their gain;
+    * every norm reading the residual (the pre-norms) has its gain divided by ``a``, so its output is the dense
+      one; the final norm also divides by the head's factor (a head tied to a scaled embedding is scaled with
+      it), so the logits are the dense logits.
+
+    Gains are ``weight`` (Llama, Qwen2) or ``1 + weight`` (Gemma, ``ModelAdapter.norm_offset``). Exact in real
+    arithmetic; in floating point the logits agree to rounding (tested at float32 tolerance).
+    """
+
+    name = "hidden"
+    per_layer_fields: ClassVar[dict[str, str]] = {}  # one width for the whole model: config.hidden_size
+    dimension_field = None
+
+    def widths(self, adapter):
+        return [adapter.hidden_size()]
+
+    @staticmethod
+    def _readers(adapter, layer: int) -> list[nn.Linear]:
+        """Projections whose input is the (normalised) residual: q, k, v and the MLP's input projections."""
+        q, k, v, _ = adapter.attention_projections(layer)
+        return [q, k, v, *adapter.mlp_projections(layer)[0]]
+
+    @staticmethod
+    def _writers(adapter, layer: int) -> list[nn.Linear]:
+        """Projections whose output goes into the residual (through a post-branch norm in Gemma)."""
+        return [adapter.attention_projections(layer)[3], adapter.mlp_projections(layer)[1]]
+
+    @staticmethod
+    def _layer_norms(adapter, layer: int) -> list[nn.Module]:
+        return [*adapter.residual_norms(layer), *adapter.branch_norms(layer)]
+
+    def cost(self, adapter, row):
+        """Decoder-layer parameters of one residual channel: in every layer, a column of each reader, a row
+        (with its bias entry) of each writer, an entry of each hidden-wide norm. The embedding, the head and
+        the final norm also lose an entry each, outside the decoder layers (not counted in sparsity)."""
+        return sum(sum(p.out_features for p in self._readers(adapter, i))
+                   + sum(_row_cost(p) for p in self._writers(adapter, i)) + len(self._layer_norms(adapter, i))
+                   for i in range(adapter.num_layers))
+
+    def projections(self, adapter, row):
+        return [p for i in range(adapter.num_layers) for p in (*self._readers(adapter, i), *self._writers(adapter, i))]
+
+    def output_projection(self, adapter, row):
+        raise ValueError("the hidden group has no output projection: the residual stream feeds every layer")
+
+    def output_channels(self, adapter, row, dims):
+        return dims.to(torch.long)
+
+    def activation_sites(self, adapter, row):
+        """The residual stream entering each norm that reads it: each layer's pre-norms and the final norm."""
+        return [*(n for i in range(adapter.num_layers) for n in adapter.residual_norms(i)), adapter.final_norm()]
+
+    def activation_width(self, adapter, row):
+        return adapter.hidden_size()
+
+    def reader_weights(self, adapter, row):
+        return [p.weight for i in range(adapter.num_layers) for p in self._readers(adapter, i)]
+
+    def crossing(self, adapter, other):
+        if other.name == self.name:
+            return None
+        return [other.residual_entries(adapter, layer) for layer in range(len(other.widths(adapter)))]
+
+    def residual_entries(self, adapter, layer):
+        raise ValueError("the hidden group is the residual stream itself")
+
+    @torch.no_grad()
+    def zero(self, adapter, row, removed):
+        """Zero the removed channels where the residual stream is written: the embedding's columns and each
+        writer's rows (and bias entries). The stream is then zero there in every layer."""
+        removed = removed.to(torch.long)
+        emb = adapter.model.get_input_embeddings()
+        emb.weight[:, removed.to(emb.weight.device)] = 0.0                       # (V, removed)
+        for i in range(adapter.num_layers):
+            for lin in self._writers(adapter, i):
+                lin.weight[removed.to(lin.weight.device)] = 0.0                  # (removed, in)
+                if lin.bias is not None:
+                    lin.bias[removed.to(lin.bias.device)] = 0.0
+
+    @torch.no_grad()
+    def slice(self, adapter, row, kept):
+        model = adapter.model
+        kept = kept.to(torch.long)
+        width, k = adapter.hidden_size(), kept.numel()
+        a = math.sqrt(k / width)                                                  # the residual's scale
+        emb_factor = (k / width) ** (0.5 - adapter.embed_scale_exponent)          # a / (embed-scale ratio)
+        emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+        tied = head is not None and head.weight is emb.weight
+        w = emb.weight                                                            # (V, H)
+        cols = w.detach().index_select(1, kept.to(w.device))                      # (V, k)
+        if emb_factor != 1.0:
+            cols = (cols.double() * emb_factor).to(w.dtype)
+        emb.weight = nn.Parameter(cols, requires_grad=w.requires_grad)
+        emb.embedding_dim = k
+        if head is not None:
+            if tied:
+                head.weight = emb.weight
+                head.in_features = k
+            else:
+                slice_linear(head, kept, "in")
+        head_factor = emb_factor if tied else 1.0
+        offset = adapter.norm_offset
+        for i in range(adapter.num_layers):
+            for lin in self._readers(adapter, i):
+                slice_linear(lin, kept, "in")
+            for lin in self._writers(adapter, i):
+                slice_linear(lin, kept, "out")
+                _scale_rows(lin, a)
+            for norm in adapter.residual_norms(i):
+                _slice_norm(norm, kept, 1.0 / a, offset)
+            for norm in adapter.branch_norms(i):
+                _slice_norm(norm, kept)
+        _slice_norm(adapter.final_norm(), kept, 1.0 / (a * head_factor), offset)
+
+    def config_widths(self, adapter, kept=None):
+        return {"hidden_size": self.widths(adapter) if kept is None else [len(k) for k in kept]}
+
+    def weight_norms(self, adapter, row):
+        """L2 norm of each channel's columns in every projection reading the residual, (H,) float64."""
+        total = sum(p.detach().double().square().sum(dim=0) for p in self.reader_weights(adapter, row))  # (H,)
+        return total.sqrt()
+
+    def magnitude(self, adapter, row):
+        """L2 norm of every weight of the channel: embedding (and untied head) column, reader columns, writer
+        rows and bias entries, norm entries (the final norm's included), (H,) float32."""
+        model = adapter.model
+        emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+        total = emb.weight.detach().float().square().sum(dim=0)                  # (H,)
+        if head is not None and head.weight is not emb.weight:
+            total = total + _sq(head, 0)
+        for i in range(adapter.num_layers):
+            for lin in self._readers(adapter, i):
+                total = total + _sq(lin, 0)
+            for lin in self._writers(adapter, i):
+                total = total + _sq(lin, 1)
+                if lin.bias is not None:
+                    total = total + lin.bias.detach().float().square()
+        for norm in (*(n for i in range(adapter.num_layers) for n in self._layer_norms(adapter, i)),
+                     adapter.final_norm()):
+            total = total + norm.weight.detach().float().square()
+        return total.sqrt()
+
+    def per_layer_keep(self, config):
+        return None  # a per-layer model is built at the pruned hidden_size: nothing to slice
+
+
 #: name -> group, in the order of ``diet.config.GROUPS``
-GROUPS: dict[str, DimensionGroup] = {g.name: g for g in (MlpGroup(), AttentionGroup())}
+GROUPS: dict[str, DimensionGroup] = {g.name: g for g in (MlpGroup(), AttentionGroup(), HiddenGroup())}
 assert tuple(GROUPS) == GROUP_NAMES, "diet.config.GROUPS and diet.groups.GROUPS must list the same groups"
 
-#: every stock config width field a group sets -> its per-layer list field
+#: every stock config width field that differs per layer -> its per-layer list field (``hidden_size`` is one
+#: width for the whole model: it has none)
 PER_LAYER_FIELDS: dict[str, str] = {field: per_layer for group in GROUPS.values()
                                     for field, per_layer in group.per_layer_fields.items()}
 

@@ -19,7 +19,12 @@ with several groups each removes the same fraction ``f`` of its own prunable par
 
     f = sparsity * decoder_params / sum_g prunable_g        target_g = f * prunable_g
 
-so the targets add up to ``sparsity * decoder_params``.
+so the targets add up to ``sparsity * decoder_params``. Groups that share parameters (``hidden`` with ``mlp`` or
+``attention``: the weight ``gate[j, c]`` belongs to MLP channel ``j`` and to residual channel ``c``) count a
+shared parameter in each group's own parameters but remove it once; with ``C`` the parameters two pruned groups
+share, removing the fraction ``f`` of every group's dimensions removes ``f * P - f^2 * C`` (``P = sum_g
+prunable_g``), and ``f`` is the root of ``f * P - f^2 * C = sparsity * decoder_params``
+(``removal_fraction``). Each group's target stays ``f * prunable_g``, of its own parameters.
 
 The field's baselines (``wanda_sp``, ``flap``) score dimensions from the per-channel activation moments of the
 generic text (``diet.scoring``: ``mean`` and ``var`` per input channel of down_proj / o_proj) and the weights
@@ -41,6 +46,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import math
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -65,29 +71,70 @@ def prunable_params(widths: Mapping[str, Sequence[int]], costs: Mapping[str, Seq
     return sum(int(w) * int(c) for w, c in zip(widths[group], costs[group]))
 
 
+Crossings = Mapping[str, Mapping[str, Sequence[int]]]
+
+
+def shared_params(widths: Mapping[str, Sequence[int]], crossings: Crossings | None, groups: Sequence[str]) -> int:
+    """Parameters that two of ``groups`` both own, each counted once (``C`` in the module doc).
+
+    ``crossings[g][o]`` lists, per row of ``o``, the parameters one dimension of ``g`` (a group with one mask row
+    shared by every layer, ``hidden``) shares with one dimension of ``o``: every dimension of ``g`` crosses every
+    dimension of ``o``.
+    """
+    total = 0
+    for g, per_other in (crossings or {}).items():
+        for o, shared in per_other.items():
+            if g in groups and o in groups:
+                total += sum(int(w) for w in widths[g]) * sum(int(w) * int(x) for w, x in zip(widths[o], shared))
+    return total
+
+
+def removed_params(removed: Mapping[str, Sequence[int]], costs: Mapping[str, Sequence[int]],
+                   crossings: Crossings | None = None) -> int:
+    """Decoder parameters that removing ``removed[g][row]`` dimensions of each group takes, a parameter owned by
+    two removed dimensions counted once (inclusion-exclusion over ``crossings``, see ``shared_params``)."""
+    total = sum(int(r) * int(c) for g in removed for r, c in zip(removed[g], costs[g]))
+    for g, per_other in (crossings or {}).items():
+        for o, shared in per_other.items():
+            if g in removed and o in removed:
+                total -= sum(int(r) for r in removed[g]) * sum(int(r) * int(x) for r, x in zip(removed[o], shared))
+    return total
+
+
+def removal_fraction(prunable: float, shared: float, target: float) -> float:
+    """The fraction ``f`` of every group's parameters to remove so that ``f * prunable - f^2 * shared`` (a
+    shared parameter goes when either of its dimensions goes) equals ``target``; the smaller root."""
+    if shared <= 0:
+        return target / prunable
+    return 2 * target / (prunable + math.sqrt(max(prunable * prunable - 4 * shared * target, 0.0)))
+
+
 def removal_targets(widths: Mapping[str, Sequence[int]], costs: Mapping[str, Sequence[int]], sparsity: float,
-                    decoder_params: int, groups: Sequence[str]) -> dict[str, float]:
-    """Parameters each group must remove so that ``sparsity`` of the decoder parameters go (see module doc)."""
+                    decoder_params: int, groups: Sequence[str], crossings: Crossings | None = None
+                    ) -> dict[str, float]:
+    """Parameters each group must remove (of its own, shared ones included) so that ``sparsity`` of the decoder
+    parameters go (see module doc)."""
     if not 0.0 < float(sparsity) < 1.0:
         raise ConfigError(f"prune.sparsity = {sparsity!r} is outside (0, 1)", "set e.g. sparsity: 0.2")
     if not groups:
         raise ConfigError("no group to prune", "set e.g. prune.groups: [mlp]")
     prunable = {g: prunable_params(widths, costs, g) for g in groups}
-    total = sum(prunable.values())
+    shared = shared_params(widths, crossings, groups)
+    total = sum(prunable.values()) - shared  # the groups' parameters, each counted once
     target = float(sparsity) * decoder_params
     if target > total:
         raise ConfigError(
             f"sparsity {sparsity} asks to remove {target:.0f} parameters, but the groups {list(groups)} "
             f"hold only {total} ({total / decoder_params:.1%} of the decoder parameters)",
             f"lower prune.sparsity below {total / decoder_params:.3f} or prune more groups")
-    fraction = target / total
+    fraction = removal_fraction(sum(prunable.values()), shared, target)
     return {g: fraction * prunable[g] for g in groups}
 
 
 def keep_count(widths: Mapping[str, Sequence[int]], costs: Mapping[str, Sequence[int]], sparsity: float,
-               decoder_params: int, groups: Sequence[str]) -> dict[str, int]:
+               decoder_params: int, groups: Sequence[str], crossings: Crossings | None = None) -> dict[str, int]:
     """Dimensions of each group a task keeps in its global top-k: all minus the group's target / mean cost."""
-    targets = removal_targets(widths, costs, sparsity, decoder_params, groups)
+    targets = removal_targets(widths, costs, sparsity, decoder_params, groups, crossings)
     out = {}
     for g in groups:
         n = sum(int(w) for w in widths[g])
@@ -292,7 +339,7 @@ def magnitude_scores(model, adapter=None, groups: Sequence[str] = ("mlp",)) -> d
     out = {}
     for group in groups:
         rule = get_group(group)
-        rows = [rule.magnitude(adapter, layer).cpu() for layer in range(adapter.num_layers)]  # each (W,)
+        rows = [rule.magnitude(adapter, row).cpu() for row in range(len(rule.widths(adapter)))]  # each (W,)
         if len({r.numel() for r in rows}) != 1:
             raise DataError(f"group '{group}' has different widths per layer", "use the base (unpruned) model")
         out[group] = torch.stack(rows)                                                  # (L, W)
@@ -318,16 +365,23 @@ def moment_baseline_scores(method: str, model, moments: Mapping[str, Mapping[str
         mean = moments[group]["mean"].double()                                          # (L, D)
         var = moments[group]["var"].double()                                            # (L, D)
         rows = []
-        for layer in range(adapter.num_layers):
-            w = adapter.activation_module(group, layer).weight.detach().double().cpu()  # (H, D)
-            if tuple(mean[layer].shape) != (w.shape[1],):
+        rule = get_group(group)
+        n_rows = len(rule.widths(adapter))
+        if mean.shape[0] != n_rows:
+            raise DataError(f"the generic moments of '{group}' have {mean.shape[0]} rows, the model's group has "
+                            f"{n_rows}", "rescore the generic text on this model")
+        for layer in range(n_rows):
+            readers = [w.detach().double().cpu() for w in rule.reader_weights(adapter, layer)]  # each (out, D)
+            width = readers[0].shape[1]
+            if tuple(mean[layer].shape) != (width,):
                 raise DataError(f"the generic moments of '{group}' have {mean.shape[1]} channels, the model's "
-                                f"layer {layer} has {w.shape[1]}", "rescore the generic text on this model")
+                                f"layer {layer} has {width}", "rescore the generic text on this model")
             if method == "wanda_sp":
-                channel = w.abs().sum(dim=0) * (var[layer] + mean[layer].square()).sqrt()  # (D,)
+                abs_sum = sum(w.abs().sum(dim=0) for w in readers)                         # (D,)
+                channel = abs_sum * (var[layer] + mean[layer].square()).sqrt()             # (D,)
             else:  # flap
-                channel = var[layer] * w.square().sum(dim=0)                               # (D,)
-            blocks = get_group(group).channel_blocks(adapter, layer)  # a dimension sums its block of channels
+                channel = var[layer] * sum(w.square().sum(dim=0) for w in readers)         # (D,)
+            blocks = rule.channel_blocks(adapter, layer)  # a dimension sums its block of channels
             rows.append(channel if blocks is None else channel.view(blocks, -1).sum(dim=1))  # (W,)
         if len({r.numel() for r in rows}) != 1:
             raise DataError(f"group '{group}' has different widths per layer", "use the base (unpruned) model")
@@ -386,8 +440,10 @@ def merge_scores(task_scores, geo, *, merge_cfg: MergeConfig, prune_cfg: PruneCo
     ``diet.geometry.Geometry``)."""
     missing = [g for g in prune_cfg.groups if g not in geo.widths]
     if missing:
-        raise ConfigError(f"prune.groups {missing} were not measured", "add them to score.groups and rescore")
-    budget = keep_count(geo.widths, geo.costs, prune_cfg.sparsity, geo.decoder_params, prune_cfg.groups)
+        raise ConfigError(f"prune.groups {missing} were not measured: the scores hold {', '.join(geo.widths)}",
+                          "add them to score.groups and rescore (`dvc repro` reruns the score@ stages)")
+    budget = keep_count(geo.widths, geo.costs, prune_cfg.sparsity, geo.decoder_params, prune_cfg.groups,
+                        geo.crossings)
     return merge(task_scores, method=merge_cfg.method, normalize=merge_cfg.normalize, weights=merge_cfg.weights,
                  budget=budget, seed=merge_cfg.seed, magnitude=magnitude, generic=generic, baseline=baseline)
 

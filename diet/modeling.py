@@ -3,14 +3,15 @@
 Two formats, chosen by the widths the mask leaves (``write_config``):
 
 * **uniform** (same widths in every layer): a stock config with ``intermediate_size``,
-  ``num_attention_heads`` and ``num_key_value_heads`` updated and ``head_dim`` explicit. Plain transformers
+  ``num_attention_heads``, ``num_key_value_heads`` and ``hidden_size`` updated and ``head_dim`` explicit. Plain transformers
   (and other runtimes) load it without this package.
 * **per-layer** (widths differ, ``layout: global``): for each family ``<f>`` a config subclass with model_type
   ``diet_<f>`` carrying ``intermediate_sizes``, ``num_heads_per_layer`` and ``num_kv_heads_per_layer``, and a
   causal-LM subclass that builds every layer at its own widths. Importing ``diet.modeling`` registers both with
   ``AutoConfig`` / ``AutoModelForCausalLM``, so ``AutoModelForCausalLM.from_pretrained(path)`` works without
-  remote code (each pruned folder's README.md says so). ``hidden_size`` never changes (Gemma scales embeddings
-  by its square root). The scalar width fields hold the widest layer, so every layer is built that wide and
+  remote code (each pruned folder's README.md says so). ``hidden_size`` is one width for every layer in both
+  formats: pruning the ``hidden`` group sets it to the kept width (Gemma scales embeddings by its square root;
+  ``diet.groups.HiddenGroup`` folds that change into the weights). The scalar width fields hold the widest layer, so every layer is built that wide and
   then sliced to its listed width (on the meta device when loading, so nothing is allocated twice). Attention
   reshapes with ``-1`` heads and removing whole KV groups keeps ``num_attention_heads // num_key_value_heads``,
   so the stock forward and the KV cache handle a different head count in every layer.
@@ -151,7 +152,7 @@ def write_config(model) -> None:
     retype(model, per_layer=per_layer)
     for name, values in widths.items():
         setattr(model.config, name, max(values))
-        if per_layer:
+        if per_layer and name in PER_LAYER_FIELDS:  # hidden_size is one width for every layer: no list
             setattr(model.config, PER_LAYER_FIELDS[name], list(values))
     if per_layer:
         setattr(model.config, OUTPUT_BIASES_FIELD, unflagged or None)

@@ -2,7 +2,8 @@
 
 ``keep`` everywhere is ``{group: [LongTensor of kept indices, one per layer]}`` with the groups of
 ``diet.groups.GROUPS``; a group left out of ``keep`` is not pruned. For ``attention`` the indices are
-KV groups (see ``diet.groups``). The primitives (``slice_linear``) live in ``diet.groups``, the config update
+KV groups (see ``diet.groups``); for ``hidden`` it is one list of kept residual channels (one mask row for all
+layers). The primitives (``slice_linear``) live in ``diet.groups``, the config update
 in ``diet.modeling.write_config``; this module composes them.
 
 Recovery (``prune.recover: bias``, ``fold_means``): ``means`` is ``{group: (L, D)}``, the calibration mean of
@@ -24,7 +25,7 @@ from torch import nn
 from diet.adapters import get_adapter
 from diet.adapters.base import parameter_counts
 from diet.errors import ModelError
-from diet.groups import slice_linear
+from diet.groups import GROUPS, slice_linear
 from diet.modeling import stock_config_problem, write_config
 
 __all__ = ["LAYOUTS", "apply_mask", "fold_means", "parameter_counts", "slice_linear", "zero_mask"]
@@ -58,7 +59,8 @@ def apply_mask(model: nn.Module, keep: dict[str, list[torch.Tensor]], layout: st
         problem = stock_config_problem(model.config, widths)
         if problem:
             raise ModelError(f"the uniformly pruned config is not one stock transformers accepts: {problem}",
-                             "keep a number of attention groups whose head count divides hidden_size, "
+                             "keep a number of attention groups whose head count divides hidden_size (with the "
+                             "hidden group: a select.multiple for hidden that the kept head count divides), "
                              "prune only the mlp group, or use layout: global")
     if means is not None:
         fold_means(model, keep, means)
@@ -74,6 +76,11 @@ def fold_means(model: nn.Module, keep: dict[str, list[torch.Tensor]], means: dic
     pruning. All shapes are checked before any bias changes."""
     adapter = get_adapter(model)
     keep = adapter.check_keep(keep)
+    refused = [g for g in keep if not GROUPS[g].recoverable]
+    if refused:
+        raise ModelError(f"recovery cannot hold removed {', '.join(refused)} dimensions at their means (no output "
+                         "projection takes the residual stream as its input)",
+                         "prune without means (prune.recover: none), or leave the group out")
     missing = [g for g in keep if g not in means]
     if missing:
         raise ModelError(f"recovery needs the calibration means of every pruned group; {', '.join(missing)} has "
@@ -102,16 +109,17 @@ def zero_mask(model: nn.Module, keep: dict[str, list[torch.Tensor]]) -> nn.Modul
     """A dense copy of ``model`` whose removed dimensions contribute nothing: the reference for pruning.
 
     ``mlp``: the down_proj columns of removed channels are zeroed. ``attention``: the o_proj columns of every
-    query head of a removed KV group are zeroed. Logits of ``apply_mask(model, keep)`` equal this copy's.
+    query head of a removed KV group are zeroed. ``hidden``: the embedding's columns and the o_proj / down_proj
+    rows of removed residual channels are zeroed, so the residual stream is zero there in every layer
+    (``DimensionGroup.zero``). Logits of ``apply_mask(model, keep)`` equal this copy's.
     """
     dense = copy.deepcopy(model)
     adapter = get_adapter(dense)
     keep = adapter.check_keep(keep)
     for group, per_layer in keep.items():
-        for layer, kept in enumerate(per_layer):
-            down = adapter.activation_module(group, layer)  # the output projection
-            cols = adapter.output_channels(group, layer, _removed(kept, adapter.group_widths(group)[layer]))
-            down.weight[:, cols.to(down.weight.device)] = 0.0  # (hidden, removed)
+        widths = adapter.group_widths(group)
+        for row, kept in enumerate(per_layer):
+            GROUPS[group].zero(adapter, row, _removed(kept, widths[row]))
     return dense
 
 

@@ -6,6 +6,9 @@ tokens of one task's calibration texts:
 * ``mlp``: channel ``j`` of the input of down_proj, shape (B, T, I).
 * ``attention``: the input of o_proj, shape (B, T, n_heads * head_dim), reduced to one value per KV group
   (the group's ``heads_per_group`` query heads times ``head_dim`` channels).
+* ``hidden``: the residual stream entering each norm that reads it (every layer's pre-norms and the final
+  norm), shape (B, T, H); every site feeds the same sums, so the statistic is taken over all of them and all
+  tokens: one row of H scores (a (1, H) tensor, the one-row mask of the group).
 
 Statistics (running float64 sums, memory O(dimensions), never O(tokens); rounded to float32 once, at the
 end, so a score file is byte-identical whatever the thread count or batch order that summed it):
@@ -15,7 +18,8 @@ end, so a score file is byte-identical whatever the thread count or batch order 
   sum a^2)``, so a group of one channel equals that channel's norm.
 
 With ``weight_norm`` the score is multiplied by the L2 norm of the dimension's output-projection columns
-(down_proj column ``j``; the o_proj columns of the KV group), as in Wanda's ``|W| * ||X||``.
+(down_proj column ``j``; the o_proj columns of the KV group; for ``hidden``, the channel's columns in every
+q/k/v/gate/up projection), as in Wanda's ``|W| * ||X||``.
 
 Moments: whatever the statistic, the same pass keeps, per *channel* of each hooked activation, the sum and the
 sum of squares of the signed activation (float64), and gives
@@ -28,7 +32,7 @@ not KV groups: recovery and the FLAP / Wanda-sp baselines need them per o_proj c
 separates them from the group scores.
 
 Score files: ``scores/{task}.safetensors`` holds one float32 (L, W) tensor per group plus the group's two
-moment tensors; the metadata sits in its header and beside it as ``scores/{task}.json``. Both are
+moment tensors (``hidden``: (1, H) and (1, H), one row for all layers); the metadata sits in its header and beside it as ``scores/{task}.json``. Both are
 byte-identical for identical inputs. ``read_scores`` returns the group scores only, ``read_moments`` the
 moments.
 """
@@ -149,17 +153,20 @@ class ActivationRecorder:
 @contextlib.contextmanager
 def record_activations(model: nn.Module, adapter, groups: Sequence[str],
                        statistic: str = "mean_abs") -> Iterator[ActivationRecorder]:
-    """Hook the input of each group's activation module in every layer; hooks are always removed."""
+    """Hook the input of each group's activation sites (``DimensionGroup.activation_sites``: the output projection
+    of each layer; for ``hidden`` every norm reading the residual, all feeding one statistic); hooks are always
+    removed."""
     recorder = ActivationRecorder({})
     handles = []
     try:
         for group in groups:
+            rule = get_group(group)
             recorder.stats[group] = []
-            for layer in range(adapter.num_layers):
-                module = adapter.activation_module(group, layer)
-                stats = ActivationStats(module.in_features, statistic)
+            for row in range(len(rule.widths(adapter))):
+                stats = ActivationStats(rule.activation_width(adapter, row), statistic)
                 recorder.stats[group].append(stats)
-                handles.append(module.register_forward_pre_hook(_make_hook(stats, recorder), with_kwargs=True))
+                for module in rule.activation_sites(adapter, row):
+                    handles.append(module.register_forward_pre_hook(_make_hook(stats, recorder), with_kwargs=True))
         yield recorder
     finally:
         for handle in handles:
@@ -168,7 +175,7 @@ def record_activations(model: nn.Module, adapter, groups: Sequence[str],
 
 def _make_hook(stats: ActivationStats, recorder: ActivationRecorder):
     def hook(module, args, kwargs):
-        x = args[0] if args else kwargs["input"]  # (B, T, D)
+        x = args[0] if args else next(kwargs[k] for k in ("input", "hidden_states", "x") if k in kwargs)  # (B, T, D)
         stats.add_batch(x, recorder.mask)
 
     return hook
@@ -196,7 +203,7 @@ def output_weight_norms(adapter, group: str) -> torch.Tensor:
     """L2 norm of each dimension's output-projection columns, (L, W) float64 (summed in an order that no thread
     count changes the result of at float32 resolution)."""
     rule = get_group(group)
-    rows = [rule.weight_norms(adapter, layer) for layer in range(adapter.num_layers)]  # each (W,)
+    rows = [rule.weight_norms(adapter, row) for row in range(len(rule.widths(adapter)))]  # each (W,)
     return _stack_layers(rows, group).cpu()
 
 

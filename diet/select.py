@@ -30,7 +30,7 @@ from diet.config import GROUPS as GROUP_NAMES
 from diet.config import LAYOUTS, check_min_keep, check_multiple, check_per_group, per_group
 from diet.errors import ConfigError, DataError
 from diet.groups import GROUPS
-from diet.merge import prunable_params, removal_targets
+from diet.merge import Crossings, prunable_params, removal_targets, removed_params, shared_params
 
 
 @dataclass
@@ -196,11 +196,13 @@ def _next_width(width: int, current: int, floor: int, multiple: int) -> int | No
 
 def select(priority: Mapping[str, torch.Tensor], widths: Mapping[str, Sequence[int]],
            costs: Mapping[str, Sequence[int]], *, sparsity: float, decoder_params: int,
-           min_keep: float | Mapping[str, float], multiple: int | Mapping[str, int], layout: str) -> Mask:
+           min_keep: float | Mapping[str, float], multiple: int | Mapping[str, int], layout: str,
+           crossings: Crossings | None = None) -> Mask:
     """Kept dimensions per layer for every group in ``priority`` ({group: (L, W), higher = keep first}).
 
     ``min_keep`` and ``multiple`` are one value for every group or a mapping ``{group: value}`` naming every
-    group of ``priority`` (``diet.config.SelectConfig``).
+    group of ``priority`` (``diet.config.SelectConfig``). ``crossings`` (``diet.geometry.Geometry``) lists the
+    parameters two groups share: the budget and the mask's parameter counts take each of them once.
     """
     if layout not in LAYOUTS:
         raise ConfigError(f"select.layout = {layout!r} is not supported", f"use one of: {', '.join(LAYOUTS)}")
@@ -214,15 +216,16 @@ def select(priority: Mapping[str, torch.Tensor], widths: Mapping[str, Sequence[i
         if tuple(priority[g].shape) != (len(widths[g]), max(widths[g])):
             raise ValueError(f"priority of '{g}' is {tuple(priority[g].shape)}, widths are {list(widths[g])}")
     floors = {g: [floor_width(w, keeps[g], multiples[g]) for w in widths[g]] for g in groups}
-    _check_reachable(groups, widths, costs, floors, sparsity, decoder_params, layout, multiples)
-    targets = removal_targets(widths, costs, sparsity, decoder_params, groups)
+    _check_reachable(groups, widths, costs, floors, sparsity, decoder_params, layout, multiples, crossings)
+    targets = removal_targets(widths, costs, sparsity, decoder_params, groups, crossings)
 
-    keep, removed = {}, 0
+    keep, dropped = {}, {}
     for g in groups:
         pick = _select_uniform if layout == "uniform" else _select_global
         kept_widths = pick(priority[g], list(widths[g]), list(costs[g]), floors[g], multiples[g], targets[g])
         keep[g] = [_top_indices(priority[g][i, : widths[g][i]], k) for i, k in enumerate(kept_widths)]
-        removed += sum((w - k) * c for w, k, c in zip(widths[g], kept_widths, costs[g]))
+        dropped[g] = [w - k for w, k in zip(widths[g], kept_widths)]
+    removed = removed_params(dropped, costs, crossings)
     scalar = not isinstance(min_keep, Mapping) and not isinstance(multiple, Mapping)
     return Mask(keep=keep, base_widths={g: list(map(int, widths[g])) for g in groups},
                 params_before=int(decoder_params), params_after=int(decoder_params - removed),
@@ -269,8 +272,9 @@ def check_constraints(widths: Mapping[str, Sequence[int]], groups: Sequence[str]
         widest = max(w)
         if multiples[g] >= widest:  # the widths allowed are multiples of it, or the whole width
             per = {o: multiples[o] if o != g else 1 for o in groups}
-            raise ConfigError(f"{key_multiple} = {multiples[g]} is not smaller than the {g} group's width (at most "
-                              f"{widest} per layer): no {g} dimension could be removed",
+            where = f"at most {widest} per layer" if len(w) > 1 else f"{widest}, one mask for every layer"
+            raise ConfigError(f"{key_multiple} = {multiples[g]} is not smaller than the {g} group's width ({where}): "
+                              f"no {g} dimension could be removed",
                               f"give {g} its own multiple, e.g. select.multiple: "
                               f"{{{', '.join(f'{o}: {v}' for o, v in per.items())}}}, or leave {g} out of "
                               "prune.groups")
@@ -339,10 +343,12 @@ def _select_uniform(prio: torch.Tensor, widths: list[int], costs: list[int], flo
     return [best] * len(widths)
 
 
-def _check_reachable(groups, widths, costs, floors, sparsity, decoder_params, layout, multiples) -> None:
+def _check_reachable(groups, widths, costs, floors, sparsity, decoder_params, layout, multiples,
+                     crossings=None) -> None:
     """Refuse a budget that would need cutting below the floors; say the largest reachable sparsity.
 
-    Every group removes the same fraction of its parameters, so the group with the least room sets the limit.
+    Every group removes the same fraction of its parameters, so the group with the least room sets the limit
+    (parameters two groups share go once: ``diet.merge.shared_params``).
     """
     most = {}  # group -> the most parameters it can remove
     for g in groups:
@@ -357,7 +363,8 @@ def _check_reachable(groups, widths, costs, floors, sparsity, decoder_params, la
             floor_g = [least if least <= hi else hi] * len(widths[g])
         most[g] = sum((w - f) * c for w, f, c in zip(widths[g], floor_g, costs[g]))
     prunable = {g: prunable_params(widths, costs, g) for g in groups}
-    reachable_params = min(most[g] / prunable[g] for g in groups) * sum(prunable.values())
+    fraction = min(most[g] / prunable[g] for g in groups)
+    reachable_params = fraction * sum(prunable.values()) - fraction ** 2 * shared_params(widths, crossings, groups)
     if float(sparsity) * decoder_params > reachable_params * (1 + 1e-9):
         reachable = reachable_params / decoder_params
         shown = next(iter(multiples.values())) if len(set(multiples.values())) == 1 else multiples

@@ -15,11 +15,13 @@ def main(args, params) -> None:
     set_threads()
     from diet.config import check_task_name
     from diet.io import sha256_file, sha256_json
-    from diet.modeling import load_model_and_tokenizer
+    from diet.adapters import adapter_class
+    from diet.modeling import load_model_and_tokenizer, read_config
     from diet.scoring import model_fingerprint, score, write_scores
     from diet.tasks import read_calibration
 
     texts = read_calibration(args.calib, check_task_name(args.task, "--task"))
+    adapter_class(read_config(args.model).model_type).check_groups(params.score.groups, "score.groups")
     model, tokenizer = load_model_and_tokenizer(args.model, params.model.dtype, params.model.device)
     scores, stats = score(model, tokenizer, texts, params.score, max_length=params.calibration.max_length)
     write_scores(args.out, scores, {

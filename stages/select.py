@@ -23,7 +23,7 @@ def main(args, params) -> None:
     priority = read_priority(args.merged / "votes.safetensors", params.prune.groups, geo.widths)
     mask = select(priority, geo.widths, geo.costs, sparsity=params.prune.sparsity,
                   decoder_params=geo.decoder_params, min_keep=params.select.min_keep,
-                  multiple=params.select.multiple, layout=params.select.layout)
+                  multiple=params.select.multiple, layout=params.select.layout, crossings=geo.crossings)
     mask.save(args.out)
     rows = ["group,layer,kept,width"] + [f"{g},{i},{k},{w}" for g in mask.widths
                                          for i, (k, w) in enumerate(zip(mask.widths[g], mask.base_widths[g]))]

@@ -57,14 +57,18 @@ def test_structure_views(model_type):
     assert adapter.heads_per_group(0) == 2
     assert adapter.group_widths("mlp") == [64, 64, 64]
     assert adapter.group_widths("attention") == [2, 2, 2]
+    assert adapter.group_widths("hidden") == [32]  # one mask row shared by every layer
     assert adapter.layer_widths() == {"intermediate_size": [64] * 3, "num_attention_heads": [4] * 3,
-                                      "num_key_value_heads": [2] * 3}
+                                      "num_key_value_heads": [2] * 3, "hidden_size": [32]}
     ins, down = adapter.mlp_projections(1)
     assert [p.out_features for p in ins] == [64, 64] and down.in_features == 64
     q, k, v, o = adapter.attention_projections(1)
     assert (q.out_features, k.out_features, v.out_features, o.in_features) == (32, 16, 16, 32)
     with pytest.raises(ValueError):
-        adapter.group_widths("hidden")
+        adapter.group_widths("embedding")
+    norms = [*adapter.residual_norms(1), *adapter.branch_norms(1), adapter.final_norm()]
+    assert len(norms) == (5 if model_type.startswith("gemma") else 3)
+    assert all(n.weight.shape == (32,) for n in norms) and len({id(n) for n in norms}) == len(norms)
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)
@@ -112,7 +116,8 @@ def test_attention_rows_follow_repeat_kv_grouping():
 
 
 @pytest.mark.parametrize("keep, problem", [
-    ({"hidden": [torch.arange(32)] * 3}, "unknown dimension group"),
+    ({"embedding": [torch.arange(32)] * 3}, "unknown dimension group"),
+    ({"hidden": [torch.arange(32)] * 3}, "one mask row for all layers"),
     ({"mlp": [torch.arange(8)] * 2}, "2 layers"),
     ({"mlp": [torch.arange(8), torch.tensor([], dtype=torch.long), torch.arange(8)]}, "keeps nothing"),
     ({"mlp": [torch.tensor([0, 0, 1])] * 3}, "twice"),
@@ -142,7 +147,7 @@ def test_bias_flags_match_what_stock_transformers_builds(model_type):
     plain = get_adapter(tiny_model(model_type))
     assert plain.output_bias_groups() == []
     flagged = get_adapter(tiny_model(model_type, **{flag: True for flag in flags.values()}))
-    for group in GROUPS:
+    for group in (g for g, rule in GROUPS.items() if rule.recoverable):  # the groups with an output projection
         for layer in range(flagged.num_layers):
             projections = flagged.group_projections(group, layer)
             if group in flags:
@@ -152,7 +157,10 @@ def test_bias_flags_match_what_stock_transformers_builds(model_type):
     assert flagged.output_bias_groups() == [g for g in GROUPS if g in flags]
 
 
-@pytest.mark.parametrize("group", list(GROUP_RULES))
+PER_LAYER_GROUPS = [g for g, rule in GROUP_RULES.items() if len(rule.per_layer_fields)]
+
+
+@pytest.mark.parametrize("group", PER_LAYER_GROUPS)
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_group_rules_agree_with_the_weights(model_type, group):
     """The contract every dimension group keeps (diet/groups.py), on every family: removing one dimension of a
@@ -190,3 +198,62 @@ def test_group_registry_follows_the_config_names():
     assert all(rule.name == name for name, rule in GROUP_RULES.items())
     attention = GROUP_RULES["attention"]
     assert "single KV head" in attention.unprunable_reason([1, 1]) and attention.unprunable_reason([2, 1]) is None
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_hidden_group_rules_agree_with_the_weights(model_type):
+    """The hidden group's contract: one row; removing a residual channel removes ``cost`` decoder parameters
+    (and a column of the embedding, of an untied head and an entry of the final norm); a removed residual channel
+    and a removed MLP channel or KV group share exactly ``crossing`` parameters; its activation sites see (B, T, H)."""
+    from diet.api import geometry
+    from diet.merge import removed_params
+
+    model = tiny_model(model_type, num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=False)
+    adapter = get_adapter(model)
+    rule = GROUP_RULES["hidden"]
+    assert rule.widths(adapter) == [32] and not rule.recoverable and rule.per_layer_keep(model.config) is None
+    assert rule.weight_norms(adapter, 0).shape == rule.magnitude(adapter, 0).shape == (32,)
+    sites = rule.activation_sites(adapter, 0)
+    assert len(sites) == 2 * adapter.num_layers + 1 and sites[-1] is adapter.final_norm()
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda m, a: seen.append(tuple(a[0].shape))) for m in sites]
+    try:
+        with torch.no_grad():
+            model(torch.randint(4, 128, (2, 7)))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert seen == [(2, 7, 32)] * len(sites)
+    geo = geometry(model, ("mlp", "attention", "hidden"))
+    assert set(geo.crossings) == {"hidden"} and set(geo.crossings["hidden"]) == {"mlp", "attention"}
+    assert geo.crossings["hidden"]["mlp"] == [3] * 3                       # gate[j, c], up[j, c], down[c, j]
+    assert geo.crossings["hidden"]["attention"] == [8 * (2 + 1 + 1 + 2)] * 3  # q, k, v rows and o columns of a group
+    before = parameter_counts(model)
+    keep = {"hidden": [torch.arange(1, 32)], "mlp": [torch.arange(w) if i != 1 else torch.arange(1, w)
+                                                     for i, w in enumerate(geo.widths["mlp"])],
+            "attention": [torch.arange(w) if i != 2 else torch.arange(1, w) for i, w in enumerate(geo.widths["attention"])]}
+    assert rule.config_widths(adapter, keep["hidden"]) == {"hidden_size": [31]}
+    apply_mask(model, keep, "global")
+    after = parameter_counts(model)
+    dropped = {"hidden": [1], "mlp": [0, 1, 0], "attention": [0, 0, 1]}
+    expected = removed_params(dropped, geo.costs, geo.crossings)
+    assert expected == geo.costs["hidden"][0] + geo.costs["mlp"][1] + geo.costs["attention"][2] - 3 - 48
+    assert before["decoder"] - after["decoder"] == expected
+    assert before["embedding"] - after["embedding"] == 2 * 128                # embedding and untied head columns
+    assert before["total"] - after["total"] == expected + 2 * 128 + 1         # and the final norm's entry
+    assert rule.config_widths(adapter) == {"hidden_size": [31]} and model.config.hidden_size == 31
+
+
+def test_a_group_the_family_cannot_prune_is_refused_from_the_config(monkeypatch, tmp_path):
+    """A family whose adapter does not prune a group: geometry_from_folder refuses it with a ConfigError naming
+    the key and the groups it prunes, reading the config only."""
+    from diet.errors import ConfigError
+    from diet.geometry import geometry_from_folder
+
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"not read")  # no weight is read
+    monkeypatch.setattr(adapter_class("llama"), "PRUNABLE_GROUPS", ("mlp", "attention"))
+    with pytest.raises(ConfigError) as e:
+        geometry_from_folder(tmp_path / "m", ("mlp", "hidden"))
+    assert "hidden" in e.value.problem and "llama" in e.value.problem and e.value.fix == "set prune.groups to ['mlp']"

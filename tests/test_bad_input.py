@@ -246,6 +246,46 @@ def test_a_budget_that_would_empty_a_layers_heads_fails_at_select(repo, capsys):
                     "at most 0.16", "set prune.sparsity <= 0.16")
 
 
+HIDDEN_SCORED = {"groups": ["mlp", "attention", "hidden"]}
+
+
+def test_a_hidden_multiple_wider_than_the_residual_fails_before_the_priorities_are_read(repo, capsys):
+    """The tiny llama's residual stream has 32 channels, one mask for every layer."""
+    write_params(repo, score=HIDDEN_SCORED, prune={"groups": ["mlp", "hidden"]},
+                 select={"multiple": {"mlp": 8, "hidden": 64}})
+    shutil.rmtree(repo / "merged")
+    fails_unchanged(repo, "select", argv_of(repo, "select"), capsys,
+                    "select.multiple.hidden = 64 is not smaller than the hidden group's width (32, one mask for "
+                    "every layer)", "select.multiple: {mlp: 8, hidden: 1}")
+
+
+def test_a_hidden_budget_beyond_its_floor_fails_at_select(repo, capsys):
+    """hidden holds every decoder parameter, but min_keep 0.5 keeps half the residual channels."""
+    write_params(repo, score=HIDDEN_SCORED, prune={"groups": ["hidden"], "sparsity": 0.6},
+                 select={"multiple": {"hidden": 8}, "min_keep": {"hidden": 0.5}})
+    votes = repo / "merged/votes.safetensors"
+    save_file({**load_file(str(votes)), "hidden.priority": torch.arange(32.0)[None]}, str(votes))  # (1, H)
+    fails_unchanged(repo, "select", argv_of(repo, "select"), capsys, "prune.sparsity 0.6 cannot be reached",
+                    "at most 0.5", "set prune.sparsity <= 0.5")
+
+
+@pytest.mark.parametrize("sections, needles", [
+    ({"prune": {"groups": ["mlp", "hidden"]}}, ("which score.groups does not score", "add hidden to score.groups")),
+    ({"score": HIDDEN_SCORED, "prune": {"groups": ["hidden"], "recover": "bias"}},
+     ("prune.recover: bias cannot hold the removed hidden dimensions", "set prune.recover: none")),
+], ids=["unscored", "recovery"])
+def test_hidden_group_misuse_fails_at_params_load(repo, capsys, sections, needles):
+    write_params(repo, **sections)
+    fails_unchanged(repo, "merge", argv_of(repo, "merge"), capsys, *needles)
+
+
+def test_hidden_scores_missing_from_the_score_files_fail_at_merge(repo, capsys):
+    """score.groups gained hidden but the score files predate it: merge names the stage to rerun."""
+    write_params(repo, score=HIDDEN_SCORED, prune={"groups": ["hidden"]})
+    fails_unchanged(repo, "merge", argv_of(repo, "merge"), capsys, "prune.groups ['hidden'] were not measured",
+                    "the scores hold attention, mlp", "dvc repro")
+
+
 # --- task files ---------------------------------------------------------------------------------------------
 
 def edit_task(repo: Path, task: str = "t1", **fields) -> None:
@@ -465,11 +505,12 @@ def _set_layer(i, value):
     (_set_layer(0, lambda k: k[::-1]), "layer 0: kept indices are not sorted"),
     (_set_layer(0, lambda k: k[:-8]), "the summary's widths"),
     (lambda d: d["keep"]["mlp"].pop(), "keeps 2 layers, its base_widths list 3"),
-    (lambda d: d["keep"].update(hidden=d["keep"]["mlp"]), "unknown group 'hidden'"),
+    (lambda d: d["keep"].update(heads=d["keep"]["mlp"]), "unknown group 'heads'"),
+    (lambda d: d["keep"].update(hidden=d["keep"]["mlp"]), "group 'hidden' has no list of positive base widths"),
     (lambda d: d.update(params_after=d["params_before"] + 1), "0 < params_after <= params_before"),
     (lambda d: d.update(layout="diagonal"), "layout 'diagonal'"),
 ], ids=["truncated", "no-keep", "no-params-after", "index-too-large", "negative-index", "duplicate", "empty-layer",
-        "unsorted", "widths-vs-keep", "layer-count", "unknown-group", "params", "layout"])
+        "unsorted", "widths-vs-keep", "layer-count", "unknown-group", "hidden-without-widths", "params", "layout"])
 def test_damaged_masks(repo, capsys, damage, needle):
     if needle == "not valid JSON":
         path = repo / "masks/mask.json"

@@ -31,7 +31,7 @@ def test_unknown_keys_are_refused_with_a_hint(data, needle):
 
 @pytest.mark.parametrize("data", [
     {"prune": {"sparsity": 0.0}}, {"prune": {"sparsity": 1.0}}, {"prune": {"sparsity": -0.1}},
-    {"prune": {"sparsity": "high"}}, {"prune": {"groups": ["hidden"]}}, {"merge": {"method": "best"}},
+    {"prune": {"sparsity": "high"}}, {"prune": {"groups": ["embedding"]}}, {"merge": {"method": "best"}},
     {"score": {"statistic": "max"}}, {"select": {"layout": "diagonal"}}, {"calibration": {"n_samples": 0}},
     {"tasks": []}, {"tasks": "arc_easy"}, {"tasks": ["a", "a"]}, {"evaluate": {"limit": -5}},
     {"merge": {"weights": {"boolq": -1}}}, {"prune": {"recover": "retrain"}},
@@ -78,7 +78,7 @@ def test_select_constraints_per_group():
 
 
 @pytest.mark.parametrize("select, prune_groups, needles", [
-    ({"multiple": {"mlp": 8, "hidden": 1}}, ["mlp"], ("unknown group 'hidden'", "mlp, attention")),
+    ({"multiple": {"mlp": 8, "embedding": 1}}, ["mlp"], ("unknown group 'embedding'", "mlp, attention, hidden")),
     ({"min_keep": {"attention": 1.0}}, ["mlp"], ("select.min_keep.attention = 1.0 must be in [0, 1)",)),
     ({"multiple": {"mlp": 2.5}}, ["mlp"], ("select.multiple.mlp = 2.5 must be a positive integer",)),
     ({"multiple": {"mlp": 8}}, ["mlp", "attention"], ("none for attention", "add attention: <value>")),
@@ -90,3 +90,26 @@ def test_select_constraints_per_group_are_checked(select, prune_groups, needles)
     for needle in needles:
         assert needle in str(e.value)
     assert e.value.fix
+
+
+SCORE_ALL = {"groups": ["mlp", "attention", "hidden"]}
+
+
+def test_hidden_group_combines_with_the_others():
+    p = Params.from_dict({"score": SCORE_ALL, "prune": {"groups": ["mlp", "attention", "hidden"]},
+                          "select": {"multiple": {"mlp": 8, "attention": 1, "hidden": 64}}})
+    assert p.prune.groups == ("mlp", "attention", "hidden") and p.select.multiple_for("hidden") == 64
+
+
+@pytest.mark.parametrize("data, needles", [
+    ({"prune": {"groups": ["mlp", "hidden"]}}, ("hidden, which score.groups does not score", "add hidden to score.groups")),
+    ({"score": SCORE_ALL, "prune": {"groups": ["mlp", "hidden"], "recover": "bias"}},
+     ("cannot hold the removed hidden dimensions", "prune.recover: none", "prune.groups: ['mlp']")),
+    ({"score": SCORE_ALL, "prune": {"groups": ["mlp", "hidden"]}, "select": {"multiple": {"mlp": 8}}},
+     ("none for hidden", "add hidden: <value>")),
+])
+def test_hidden_group_bad_combinations_fail_at_params_load(data, needles):
+    with pytest.raises(ConfigError) as e:
+        Params.from_dict(data)
+    for needle in needles:
+        assert needle in str(e.value)

@@ -11,6 +11,7 @@ from diet.errors import ConfigError, DataError
 from diet.merge import (_descending_order, keep_count, layer_agreement, magnitude_scores, means_source, merge,
                         moment_baseline_scores, normalize, recovery_means, removal_targets, task_keep_mask)
 from diet.select import Mask, floor_width, select
+from diet.merge import removal_fraction, removed_params, shared_params
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -219,6 +220,42 @@ def test_wanda_sp_and_flap_scores_brute_force():
         moment_baseline_scores("flap", model, {"mlp": {"mean": torch.zeros(3, 5), "var": torch.zeros(3, 5)}})
 
 
+def test_hidden_magnitude_and_baselines_brute_force():
+    """hidden: one row; magnitude takes every weight of a residual channel (embedding and untied head columns,
+    reader columns, writer rows and biases, norm entries); wanda_sp / flap read the channel's columns in every
+    q/k/v/gate/up projection."""
+    from diet.adapters import get_adapter
+    from tests.tiny import tiny_model
+
+    model = tiny_model("gemma2", tie_word_embeddings=False)
+    adapter = get_adapter(model)
+    c = 9
+    mag = magnitude_scores(model, groups=["hidden"])["hidden"]
+    assert mag.shape == (1, 32)
+    parts = [model.get_input_embeddings().weight[:, c], model.lm_head.weight[:, c], adapter.final_norm().weight[c:c + 1]]
+    readers = []
+    for i in range(adapter.num_layers):
+        q, k, v, o = adapter.attention_projections(i)
+        (gate, up), down = adapter.mlp_projections(i)
+        readers += [q, k, v, gate, up]
+        parts += [p.weight[:, c] for p in (q, k, v, gate, up)] + [o.weight[c], down.weight[c]]
+        parts += [n.weight[c:c + 1] for n in (*adapter.residual_norms(i), *adapter.branch_norms(i))]
+    torch.testing.assert_close(mag[0, c], torch.cat([p.reshape(-1) for p in parts]).norm().detach())
+    g = torch.Generator().manual_seed(2)
+    moments = {"hidden": {"mean": torch.randn(1, 32, generator=g), "var": torch.rand(1, 32, generator=g)}}
+    wanda = moment_baseline_scores("wanda_sp", model, moments, groups=["hidden"])["hidden"]
+    flap = moment_baseline_scores("flap", model, moments, groups=["hidden"])["hidden"]
+    assert wanda.shape == flap.shape == (1, 32)
+    mean, var = moments["hidden"]["mean"][0, c], moments["hidden"]["var"][0, c]
+    abs_sum = sum(p.weight[:, c].abs().sum() for p in readers).detach()
+    sq_sum = sum(p.weight[:, c].square().sum() for p in readers).detach()
+    torch.testing.assert_close(wanda[0, c], abs_sum * (var + mean ** 2).sqrt())
+    torch.testing.assert_close(flap[0, c], var * sq_sum)
+    with pytest.raises(DataError, match="rows"):
+        moment_baseline_scores("flap", model, {"hidden": {"mean": torch.zeros(3, 32), "var": torch.zeros(3, 32)}},
+                               groups=["hidden"])
+
+
 def test_flap_always_standardises_wanda_sp_follows_normalize():
     g = torch.Generator().manual_seed(4)
     base = {"mlp": torch.rand(3, 6, generator=g) * torch.tensor([[1.0], [10.0], [100.0]])}  # layers of other scales
@@ -267,6 +304,46 @@ def test_removal_targets_same_fraction_per_group():
     assert keep_count(widths, costs, 0.25, 2000, ["mlp", "attention"]) == {"mlp": 10, "attention": 2}
     with pytest.raises(ConfigError, match="0.500"):
         removal_targets(widths, costs, 0.6, 2000, ["mlp", "attention"])
+
+
+def test_budget_counts_parameters_two_groups_share_once():
+    """hidden (one row of 4 channels) crosses mlp (2 layers of 10): each pair of a residual and an MLP channel
+    shares 3 weights. Removing the fraction f of each group removes f * P - f^2 * C parameters, and the targets
+    are f times each group's own parameters."""
+    widths = {"mlp": [10, 10], "hidden": [4]}
+    costs = {"mlp": [15, 15], "hidden": [70]}      # mlp: 3 x 4 shared + 3 own; hidden: 3 x 20 shared + 10 own
+    crossings = {"hidden": {"mlp": [3, 3]}}
+    assert shared_params(widths, crossings, ["mlp", "hidden"]) == 4 * 20 * 3
+    assert shared_params(widths, crossings, ["mlp"]) == 0
+    decoder = 300 + 280 - 240 + 60                  # the groups' parameters once each, plus 60 others
+    t = removal_targets(widths, costs, 0.3, decoder, ["mlp", "hidden"], crossings)
+    f = t["mlp"] / 300
+    assert t["hidden"] / 280 == pytest.approx(f)
+    assert f * 580 - f * f * 240 == pytest.approx(0.3 * decoder)
+    assert removal_fraction(580, 240, 0.3 * decoder) == pytest.approx(f)
+    # inclusion-exclusion: 5 MLP channels and 2 residual channels removed share 5 x 2 x 3 weights
+    assert removed_params({"mlp": [2, 3], "hidden": [2]}, costs, crossings) == 5 * 15 + 2 * 70 - 5 * 2 * 3
+    with pytest.raises(ConfigError, match="hold only 340"):
+        removal_targets(widths, costs, 0.9, decoder, ["mlp", "hidden"], crossings)
+
+
+@pytest.mark.parametrize("layout", ["global", "uniform"])
+def test_select_with_the_hidden_group_counts_shared_parameters_once(layout):
+    widths = {"mlp": [10, 10], "hidden": [8]}
+    costs = {"mlp": [27, 27], "hidden": [70]}
+    crossings = {"hidden": {"mlp": [3, 3]}}
+    decoder = 540 + 560 - 8 * 20 * 3 + 100
+    g = torch.Generator().manual_seed(0)
+    prio = {"mlp": torch.rand(2, 10, generator=g), "hidden": torch.rand(1, 8, generator=g)}
+    mask = select(prio, widths, costs, sparsity=0.3, decoder_params=decoder, min_keep=0.05, multiple=1,
+                  layout=layout, crossings=crossings)
+    dropped = {grp: [w - k for w, k in zip(widths[grp], mask.widths[grp])] for grp in widths}
+    assert mask.removed == removed_params(dropped, costs, crossings)
+    assert len(mask.keep["hidden"]) == 1 and 0 < mask.widths["hidden"][0] < 8
+    assert mask.sparsity == pytest.approx(0.3, abs=0.06)
+    with pytest.raises(ConfigError, match="cannot be reached"):
+        select(prio, widths, costs, sparsity=0.6, decoder_params=decoder, min_keep=0.5, multiple=1,
+               layout=layout, crossings=crossings)
 
 
 def test_floor_width():

@@ -23,7 +23,8 @@ from diet.modeling import PER_LAYER_FIELDS, is_per_layer, load_model, save_prune
 from diet.pruning import apply_mask, parameter_counts, slice_linear, zero_mask
 from tests.tiny import FAMILIES, tiny_model, tiny_tokenizer
 
-GROUP_SETS = {"mlp": ("mlp",), "attention": ("attention",), "both": ("mlp", "attention")}
+GROUP_SETS = {"mlp": ("mlp",), "attention": ("attention",), "both": ("mlp", "attention"), "hidden": ("hidden",),
+              "hidden+mlp": ("hidden", "mlp"), "all": ("mlp", "attention", "hidden")}
 ATOL, RTOL = 1e-5, 1.3e-6  # float32 (torch.testing's defaults for float32)
 
 
@@ -34,7 +35,10 @@ def random_keep(model, groups, layout: str, seed: int = 0) -> dict[str, list[tor
     keep = {}
     for group in groups:
         widths = adapter.group_widths(group)
-        if layout == "uniform":
+        if group == "hidden":  # one row for all layers; a multiple of the head count keeps the config stock
+            heads = model.config.num_attention_heads
+            counts = [heads * int(torch.randint(1, widths[0] // heads, (1,), generator=g))]
+        elif layout == "uniform":
             counts = [int(torch.randint(1, widths[0], (1,), generator=g))] * len(widths)
         elif group == "mlp":
             counts = torch.randperm(widths[0] - 1, generator=g)[: len(widths)].add(1).tolist()  # distinct
@@ -68,12 +72,22 @@ def check_metadata(model) -> None:
     widths = adapter.layer_widths()
     config = model.config
     d = adapter.head_dim()
+    hidden = adapter.hidden_size()
+    assert config.hidden_size == hidden == widths["hidden_size"][0]
+    assert model.get_input_embeddings().embedding_dim == hidden
+    head = model.get_output_embeddings()
+    assert head.in_features == head.weight.shape[1] == hidden
+    norms = [adapter.final_norm()] + [n for i in range(adapter.num_layers)
+                                      for n in (*adapter.residual_norms(i), *adapter.branch_norms(i))]
+    assert all(n.weight.shape == (hidden,) for n in norms)
     for i in range(adapter.num_layers):
         q, k, v, o = adapter.attention_projections(i)
         assert q.out_features == o.in_features == widths["num_attention_heads"][i] * d
         assert k.out_features == v.out_features == widths["num_key_value_heads"][i] * d
+        assert q.in_features == k.in_features == v.in_features == o.out_features == hidden
         ins, down = adapter.mlp_projections(i)
         assert all(p.out_features == down.in_features for p in ins)
+        assert all(p.in_features == hidden for p in ins) and down.out_features == hidden
         assert adapter.decoder_layers()[i].mlp.intermediate_size == down.in_features
     for scalar, field in PER_LAYER_FIELDS.items():
         if is_per_layer(model):
@@ -93,10 +107,7 @@ def test_pruned_logits_equal_zeroed_dense(family, groups, layout):
     model = tiny_model(family)
     seed = 2 * list(GROUP_SETS).index(groups) + (layout == "uniform")
     keep = random_keep(model, GROUP_SETS[groups], layout, seed=seed)
-    adapter = get_adapter(model)
-    removed = sum((w - len(kept)) * adapter.dimension_cost(group, i)
-                  for group, per_layer in keep.items()
-                  for i, (w, kept) in enumerate(zip(adapter.group_widths(group), per_layer)))
+    removed, embedding_removed = removed_by(model, keep)
     before = parameter_counts(model)
     ids = input_ids()
     dense, reference = logits(model, ids), logits(zero_mask(model, keep), ids)
@@ -107,11 +118,27 @@ def test_pruned_logits_equal_zeroed_dense(family, groups, layout):
     torch.testing.assert_close(out, reference, atol=ATOL, rtol=RTOL)
     assert (out - dense).abs().max() > 1e-2  # the removed dimensions did matter
     check_metadata(pruned)
-    assert is_per_layer(pruned) == (layout == "global")
+    assert is_per_layer(pruned) == (layout == "global" and groups != "hidden")  # hidden alone: one width
     after = parameter_counts(pruned)
     assert before["decoder"] - after["decoder"] == removed > 0
-    assert before["total"] - after["total"] == removed
-    assert before["embedding"] == after["embedding"]
+    assert before["embedding"] - after["embedding"] == embedding_removed
+    final_norm = before["total"] - before["embedding"] - before["decoder"]    # the final norm, outside the layers
+    hidden_removed = final_norm - (after["total"] - after["embedding"] - after["decoder"])
+    assert before["total"] - after["total"] == removed + embedding_removed + hidden_removed
+
+
+def removed_by(model, keep) -> tuple[int, int]:
+    """(decoder parameters, embedding parameters) that pruning to ``keep`` removes, from the geometry's costs:
+    a parameter shared by a removed residual channel and a removed MLP channel or KV group counts once."""
+    from diet.api import geometry
+    from diet.merge import removed_params
+
+    geo = geometry(model, tuple(keep))
+    dropped = {g: [w - len(k) for w, k in zip(geo.widths[g], per_row)] for g, per_row in keep.items()}
+    embedding = 0
+    if "hidden" in keep:  # the embedding (and an untied head) loses a column per residual channel
+        embedding = parameter_counts(model)["embedding"] // geo.widths["hidden"][0] * dropped["hidden"][0]
+    return removed_params(dropped, geo.costs, geo.crossings), embedding
 
 
 @pytest.mark.parametrize("groups", list(GROUP_SETS))
@@ -125,7 +152,8 @@ def test_global_checkpoint_reloads_through_auto_classes(family, groups, tmp_path
     save_pruned(model, tiny_tokenizer(), tmp_path / "pruned", {"sparsity": 0.2})
 
     config = json.loads((tmp_path / "pruned" / "config.json").read_text())
-    assert config["model_type"] == f"diet_{family}"
+    assert config["model_type"] == (family if groups == "hidden" else f"diet_{family}")
+    assert config["hidden_size"] == get_adapter(model).hidden_size()
     assert config["architectures"] == [type(model).__name__]
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned", **load_kwargs(family)).eval()
     assert type(reloaded) is type(model)
@@ -515,3 +543,138 @@ def test_per_group_selection_removes_whole_kv_groups_exactly(family, groups, sha
     assert is_per_layer(reloaded) == uneven and (layout == "global" or not uneven)  # even widths: a stock config
     assert (reloaded.get_output_embeddings().weight is reloaded.get_input_embeddings().weight) == tied
     torch.testing.assert_close(logits(reloaded, ids), reference, atol=ATOL, rtol=RTOL)
+
+
+# -- the hidden group: residual channels, one mask for every layer -------------------------------------------------
+def test_rms_norm_fold_over_fewer_channels_is_exact():
+    """The fold HiddenGroup.slice relies on (docs/method.md): with the residual scaled by a = sqrt(k / H), an
+    RMSNorm over the k kept channels with the same eps and gain / a gives the dense norm over all H channels of a
+    vector that is zero elsewhere; for Gemma's gain (1 + w): 1 + w' = (1 + w) / a."""
+    g = torch.Generator().manual_seed(0)
+    H, k, eps = 12, 5, 1e-2  # a large eps: the fold must not depend on it being small
+    kept = torch.tensor([0, 3, 4, 8, 11])
+    x = torch.zeros(3, H, dtype=torch.float64)
+    x[:, kept] = torch.randn(3, k, generator=g, dtype=torch.float64) * 0.05   # (B, H), zero off the kept channels
+    w = torch.randn(H, generator=g, dtype=torch.float64)
+
+    def rms(v, gain):
+        return v / torch.sqrt(v.square().mean(-1, keepdim=True) + eps) * gain
+
+    a = (k / H) ** 0.5
+    dense = rms(x, w)[:, kept]
+    torch.testing.assert_close(rms(a * x[:, kept], w[kept] / a), a * dense / a, rtol=1e-12, atol=0)
+    gemma_dense = rms(x, 1 + w)[:, kept]
+    w_folded = (1 + w[kept]) / a - 1
+    torch.testing.assert_close(rms(a * x[:, kept], 1 + w_folded), gemma_dense, rtol=1e-12, atol=0)
+    # without the residual scale, folding eps instead (eps * H / k, gain * sqrt(H / k)) is also exact
+    eps_k = eps * H / k
+    folded = x[:, kept] / torch.sqrt(x[:, kept].square().mean(-1, keepdim=True) + eps_k) * w[kept] * (H / k) ** 0.5
+    torch.testing.assert_close(folded, dense, rtol=1e-12, atol=0)
+
+
+HIDDEN_SETS = {"hidden": ("hidden",), "hidden+mlp": ("hidden", "mlp"), "all": ("hidden", "mlp", "attention")}
+#: sparsity per set: each group's own fraction must pass 1/4 for the hidden group to drop its block of 24 of 48
+#: (with shared weights counted once, hidden+mlp at 0.4 removes about 0.29 of each group's own parameters)
+HIDDEN_SPARSITY = {"hidden": 0.3, "hidden+mlp": 0.4, "all": 0.5}
+#: hidden 48 with 8 query heads: a kept width of 24 divides every kept head count, as stock configs demand
+HIDDEN_SELECT = {"multiple": {"mlp": 8, "attention": 1, "hidden": 24},
+                 "min_keep": {"mlp": 0.05, "attention": 0.25, "hidden": 0.05}}
+
+
+@pytest.mark.parametrize("layout", ["global", "uniform"])
+@pytest.mark.parametrize("shape", list(GQA_SHAPES))
+@pytest.mark.parametrize("groups", list(HIDDEN_SETS))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hidden_selection_prunes_exactly_and_reloads(family, groups, shape, layout, tmp_path):
+    """Masks selected with the hidden group (alone, with mlp, with mlp and attention): the pruned model equals
+    the dense one with those residual channels (and dimensions) zeroed, in memory and reloaded; the mask's
+    parameter accounting is the checkpoint's, every shared weight counted once."""
+    from diet.api import geometry, plan
+    from diet.config import PruneConfig, SelectConfig
+
+    heads, kv, tied = GQA_SHAPES[shape]
+    model = tiny_model(family, hidden_size=48, num_attention_heads=heads, num_key_value_heads=kv,
+                       tie_word_embeddings=tied, seed=1)
+    geo = geometry(model)
+    g = torch.Generator().manual_seed(11)
+    task_scores = {t: {grp: torch.rand(len(w), max(w), generator=g) for grp, w in geo.widths.items()}
+                   for t in ("t1", "t2", "t3")}                                        # each (rows, W)
+    _, mask = plan(task_scores, geo, prune_cfg=PruneConfig(sparsity=HIDDEN_SPARSITY[groups],
+                                                           groups=HIDDEN_SETS[groups]),
+                   select_cfg=SelectConfig(**HIDDEN_SELECT, layout=layout))
+    assert len(mask.keep["hidden"]) == 1 and mask.widths["hidden"] == [24]
+    keep = mask.keep_tensors()
+    ids = input_ids(6)
+    dense, reference = logits(model, ids), logits(zero_mask(model, keep), ids)
+    before = parameter_counts(model)
+
+    apply_mask(model, keep, layout)
+
+    out = logits(model, ids)
+    torch.testing.assert_close(out, reference, atol=ATOL, rtol=RTOL)
+    assert (out - dense).abs().max() > 1e-2
+    check_metadata(model)
+    after = parameter_counts(model)
+    assert before["decoder"] - after["decoder"] == mask.removed
+    assert after["embedding"] == before["embedding"] // 2                           # 24 of 48 columns kept
+    assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == tied
+    save_pruned(model, tiny_tokenizer(), tmp_path / "pruned", {"mask": mask.summary()})
+    manifest = json.loads((tmp_path / "pruned" / "manifest.json").read_text())
+    assert manifest["checkpoint"]["widths"]["hidden_size"] == [24]
+    assert manifest["checkpoint"]["parameters"]["total"] == after["total"]
+    reloaded = load_model(tmp_path / "pruned")
+    assert reloaded.config.hidden_size == 24
+    uneven = any(len(set(widths)) > 1 for widths in mask.widths.values())
+    assert is_per_layer(reloaded) == uneven
+    assert (reloaded.get_output_embeddings().weight is reloaded.get_input_embeddings().weight) == tied
+    torch.testing.assert_close(logits(reloaded, ids), reference, atol=ATOL, rtol=RTOL)
+
+
+#: family -> whether its stock config demands hidden_size % num_attention_heads == 0 (Qwen2's does not)
+STOCK_NEEDS_HEADS_TO_DIVIDE_HIDDEN = {"llama": True, "gemma2": True, "gemma3_text": True, "qwen2": False}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hidden_width_that_stock_configs_refuse(family, tmp_path):
+    """A kept hidden width that is no multiple of the head count: stock configs that demand one refuse it, so
+    layout uniform is refused before the model is touched, and layout global writes the per-layer type, exact
+    after reload."""
+    model = tiny_model(family, seed=3)
+    keep = {"hidden": [torch.arange(30)]}                                              # 30 % 4 heads != 0
+    refused = STOCK_NEEDS_HEADS_TO_DIVIDE_HIDDEN[family]
+    before = parameter_counts(model)
+    if refused:
+        with pytest.raises(ModelError, match="hidden") as e:
+            apply_mask(model, keep, "uniform")
+        assert "select.multiple" in e.value.fix
+        assert parameter_counts(model) == before
+    ids = input_ids(7)
+    reference = logits(zero_mask(model, keep), ids)
+    apply_mask(model, keep, "global")
+    assert is_per_layer(model) == refused and model.config.hidden_size == 30
+    save_pruned(model, None, tmp_path / "m", {})
+    torch.testing.assert_close(logits(load_model(tmp_path / "m"), ids), reference, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generate_on_hidden_pruned_models(family, tmp_path):
+    model = tiny_model(family, seed=2)
+    keep = random_keep(model, ("hidden", "mlp", "attention"), "global", seed=12)
+    reference = zero_mask(model, keep)
+    apply_mask(model, keep, "global")
+    prompt = input_ids(3)[:1, :6]
+    settings = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    expected = reference.generate(prompt, **settings)
+    assert torch.equal(model.generate(prompt, **settings), expected)
+    save_pruned(model, None, tmp_path / "m", {})
+    assert torch.equal(load_model(tmp_path / "m").generate(prompt, **settings), expected)
+
+
+def test_bias_recovery_refuses_the_hidden_group_before_touching_the_model():
+    model = tiny_model("llama")
+    keep = random_keep(model, ("mlp", "hidden"), "global")
+    means = {**random_means(model), "hidden": torch.zeros(1, 32)}
+    before = parameter_counts(model)
+    with pytest.raises(ModelError, match="hidden"):
+        apply_mask(model, keep, "global", means=means)
+    assert parameter_counts(model) == before

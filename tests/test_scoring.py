@@ -270,3 +270,45 @@ def test_import_diet_loads_no_torch():
             "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; assert not bad, bad; "
             "assert callable(diet.prune)")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hidden_scores_are_the_residual_stream_entering_its_norms(family, tokenizer, tmp_path):
+    """hidden: one row of H scores, the mean |x| of the residual stream over every norm that reads it (each
+    layer's pre-norms and the final norm) and every real token; its moments are (1, H) too, and the (1, H)
+    tensors go through a score file unchanged."""
+    model = tiny_model(family)
+    adapter = get_adapter(model)
+    H = adapter.hidden_size()
+    tensors, _ = score_texts(model, tokenizer, TEXTS, groups=["mlp", "hidden"], statistic="mean_abs",
+                             weight_norm=False, batch_size=4, max_length=9, add_bos=True, progress=False)
+    scores, moments = split_scores(tensors)
+    assert scores["hidden"].shape == (1, H) and scores["mlp"].shape == (adapter.num_layers, 64)
+    assert all(t.shape == (1, H) for t in moments["hidden"].values())
+
+    sites = [n for i in range(adapter.num_layers) for n in adapter.residual_norms(i)] + [adapter.final_norm()]
+    acts = []
+    handles = [m.register_forward_pre_hook(lambda m, a: acts.append(a[0][0])) for m in sites]  # each (T, H)
+    try:
+        with torch.no_grad():
+            for text in TEXTS:
+                ids = ([tokenizer.bos_token_id] + tokenizer(text, add_special_tokens=False)["input_ids"])[:9]
+                model(input_ids=torch.tensor([ids]))
+    finally:
+        for h in handles:
+            h.remove()
+    flat = torch.cat(acts)                                                   # (sites * tokens, H)
+    torch.testing.assert_close(scores["hidden"][0], flat.abs().mean(0), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(moments["hidden"]["mean"][0], flat.mean(0), rtol=1e-4, atol=1e-5)
+    with_norms, _ = score_texts(model, tokenizer, TEXTS[:2], groups=["hidden"], statistic="mean_abs",
+                                weight_norm=True, batch_size=4, max_length=9, add_bos=True, progress=False)
+    plain, _ = score_texts(model, tokenizer, TEXTS[:2], groups=["hidden"], statistic="mean_abs",
+                           weight_norm=False, batch_size=4, max_length=9, add_bos=True, progress=False)
+    readers = output_weight_norms(adapter, "hidden")                         # (1, H)
+    assert readers.shape == (1, H)
+    torch.testing.assert_close(with_norms["hidden"], (plain["hidden"].double() * readers).float())
+    path = tmp_path / "t.safetensors"
+    write_scores(path, tensors, _meta())
+    back, _ = read_scores(path)
+    assert torch.equal(back["hidden"], scores["hidden"])
+    assert torch.equal(read_moments(path, groups=["hidden"])["hidden"]["var"], moments["hidden"]["var"])

@@ -179,3 +179,41 @@ def test_api_prune_with_baselines_and_recovery():
     with pytest.raises(Exception, match="generic_texts"):
         api.prune(tiny_model("llama"), tok, tasks, 0.2, merge_cfg=MergeConfig(method="random"), recover="bias",
                   progress=False)
+
+
+def test_stages_prune_residual_channels_with_the_mlp(scored):
+    """score.groups with hidden, prune.groups [mlp, hidden], layout uniform, through score, merge, select and
+    prune: one kept width for the residual stream, a stock checkpoint with a smaller hidden_size and embedding,
+    the mask's decoder count equal to the checkpoint's, and logits equal to the dense model's with the removed
+    residual channels and MLP channels zeroed."""
+    from diet.pruning import zero_mask
+
+    repo = scored
+    params = write_params(repo, "params-hidden.yaml", score={"groups": ["mlp", "attention", "hidden"]},
+                          prune={"groups": ["mlp", "hidden"], "sparsity": 0.3},
+                          select={"multiple": {"mlp": 8, "hidden": 8}, "layout": "uniform"})
+    with cwd(repo):
+        for t in TASKS:
+            assert run("score", "--params", params, "--task", t, "--model", "models/base", "--calib",
+                       f"data/tasks/{t}/calib.jsonl", "--out", f"scores-hidden/{t}.safetensors") == 0
+        assert run("merge", "--params", params, "--model", "models/base", "--scores", "scores-hidden",
+                   "--out", "merged-hidden") == 0
+        assert run("select", "--params", params, "--model", "models/base", "--merged", "merged-hidden",
+                   "--out", "masks-hidden/mask.json") == 0
+        assert run("prune", "--params", params, "--model", "models/base", "--mask", "masks-hidden/mask.json",
+                   "--out", "pruned-hidden") == 0
+    scores = json.loads((repo / f"scores-hidden/{TASKS[0]}.json").read_text())
+    assert scores["shapes"]["hidden"] == [1, 32]
+    mask = Mask.load(repo / "masks-hidden/mask.json")
+    assert len(mask.widths["hidden"]) == 1 and mask.widths["hidden"][0] % 8 == 0 and mask.widths["hidden"][0] < 32
+    assert len(set(mask.widths["mlp"])) == 1
+    out = repo / "pruned-hidden"
+    manifest = json.loads((out / "manifest.json").read_text())
+    before, after = manifest["params_before"], manifest["params_after"]
+    assert before["decoder"] - after["decoder"] == mask.removed
+    assert after["embedding"] == before["embedding"] * mask.widths["hidden"][0] // 32
+    assert manifest["checkpoint"]["stock_loadable"] is True
+    assert json.loads((out / "config.json").read_text())["hidden_size"] == mask.widths["hidden"][0]
+    ids = input_ids(8)
+    reference = logits(zero_mask(load_model(repo / "models/base"), mask.keep_tensors()), ids)
+    torch.testing.assert_close(logits(load_model(out), ids), reference, atol=1e-5, rtol=1.3e-6)

@@ -9,6 +9,12 @@ Dimension groups: the rules of each group (widths, cost, slicing, which activati
 ``diet.groups``, one object per group, written in terms of what every adapter provides (the projections,
 head sizes); the adapter's group views below only delegate to the group named.
 
+Residual stream (the ``hidden`` group): an adapter also says where the embedding's hidden-wide norms are
+(``residual_norms``: the norms whose input is the residual stream; ``branch_norms``: Gemma's norms on a branch's
+output before it is added; ``final_norm``), how a norm applies its weight (``norm_offset``: 0 for ``weight * x``,
+1 for Gemma's ``(1 + weight) * x``) and how the embedding is scaled by the width (``embed_scale_exponent``:
+Gemma multiplies it by ``hidden_size ** 0.5`` from the config).
+
 Output biases (``prune.recover: bias``): a group's *output projection* (down_proj, o_proj) may gain a bias.
 Where the family's stock config has a flag that gives it one (``BIAS_FLAGS``; Llama's ``mlp_bias`` and
 ``attention_bias`` give *all* the group's projections a bias), ``carry_output_biases`` sets the flag and gives
@@ -24,7 +30,7 @@ from typing import ClassVar, Sequence
 import torch
 from torch import nn
 
-from diet.errors import ModelError
+from diet.errors import ConfigError, ModelError
 from diet.groups import GROUPS, ensure_bias, get_group
 
 
@@ -41,6 +47,12 @@ class ModelAdapter(ABC):
     model_class_name: ClassVar[str]
     #: group -> stock config flag that gives the group's output projection (and its other projections) a bias
     BIAS_FLAGS: ClassVar[dict[str, str]] = {}
+    #: the dimension groups this family can score and prune (``check_groups``)
+    PRUNABLE_GROUPS: ClassVar[tuple[str, ...]] = tuple(GROUPS)
+    #: a norm's gain is ``norm_offset + weight`` (Gemma: 1)
+    norm_offset: ClassVar[float] = 0.0
+    #: the embedding's output is multiplied by ``config.hidden_size ** embed_scale_exponent`` (Gemma: 0.5)
+    embed_scale_exponent: ClassVar[float] = 0.0
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -81,6 +93,34 @@ class ModelAdapter(ABC):
     def heads_per_group(self, layer: int) -> int:
         return self.num_heads(layer) // self.num_kv_heads(layer)
 
+    def hidden_size(self) -> int:
+        """Width of the residual stream, read from the embedding."""
+        return self.model.get_input_embeddings().weight.shape[1]
+
+    @abstractmethod
+    def residual_norms(self, layer: int) -> list[nn.Module]:
+        """The norms of ``layer`` whose input is the residual stream (before attention, before the MLP)."""
+
+    def branch_norms(self, layer: int) -> list[nn.Module]:
+        """Hidden-wide norms of ``layer`` applied to a branch's output before it joins the residual (Gemma)."""
+        return []
+
+    @abstractmethod
+    def final_norm(self) -> nn.Module:
+        """The norm between the last layer and the output head."""
+
+    @classmethod
+    def check_groups(cls, groups: Sequence[str], key: str = "prune.groups") -> None:
+        """Refuse groups this family cannot prune (ConfigError naming ``key``), from the class alone: call it
+        with the model_type of a config, before any weight is read."""
+        refused = [g for g in groups if g not in cls.PRUNABLE_GROUPS]
+        if refused:
+            rest = [g for g in groups if g in cls.PRUNABLE_GROUPS]
+            raise ConfigError(f"{key} includes {', '.join(refused)}, which the {cls.model_type} adapter cannot "
+                              f"prune (it prunes {', '.join(cls.PRUNABLE_GROUPS)})",
+                              f"set {key} to {rest}" if rest else
+                              f"use groups from: {', '.join(cls.PRUNABLE_GROUPS)}")
+
     # -- group views: the rules live in ``diet.groups``; these delegate to the group named --------------------
     def group_projections(self, group: str, layer: int) -> list[nn.Linear]:
         """Every projection of ``group`` in ``layer``, the output projection last."""
@@ -116,8 +156,10 @@ class ModelAdapter(ABC):
         lin.bias = nn.Parameter(new.to(lin.weight.dtype), requires_grad=lin.bias.requires_grad)
 
     def output_bias_groups(self) -> list[str]:
-        """Groups whose output projection carries a bias in any layer."""
-        return [g for g in GROUPS if any(self.activation_module(g, i).bias is not None for i in range(self.num_layers))]
+        """Groups (of those with an output projection per layer) whose output projection carries a bias in any
+        layer."""
+        return [name for name, g in GROUPS.items() if g.recoverable
+                and any(self.activation_module(name, i).bias is not None for i in range(self.num_layers))]
 
     def ensure_output_biases(self, groups: Sequence[str]) -> None:
         """Give the output projection of every layer of ``groups`` a (zero) bias where it has none."""
@@ -156,7 +198,8 @@ class ModelAdapter(ABC):
                 raise ModelError(f"unknown dimension group {group!r} in the mask", f"use: {', '.join(GROUPS)}")
             widths = GROUPS[group].widths(self)
             if len(per_layer) != len(widths):
-                raise ModelError(f"the {group} mask has {len(per_layer)} layers, the model has {len(widths)}",
+                raise ModelError(f"the {group} mask has {len(per_layer)} layers, the model has {len(widths)}"
+                                 + (" (the group has one mask row for all layers)" if len(widths) == 1 else ""),
                                  "build the mask from this model's scores")
             cleaned = []
             for layer, (idx, width) in enumerate(zip(per_layer, widths)):

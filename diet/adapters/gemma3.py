@@ -1,10 +1,12 @@
-"""Gemma-3 text-only (Gemma3ForCausalLM): Llama layout; needs BOS. Its q_norm / k_norm act on head_dim, so
-removing whole heads leaves them as they are."""
+"""Gemma-3 text-only (Gemma3ForCausalLM): Llama layout with Gemma-2's residual norms and scaled embedding
+(``GemmaResidual``); needs BOS. Its q_norm / k_norm act on head_dim, so removing whole heads or residual
+channels leaves them as they are."""
 
+from diet.adapters.gemma2 import GemmaResidual
 from diet.adapters.llama import LlamaAdapter
 
 
-class Gemma3TextAdapter(LlamaAdapter):
+class Gemma3TextAdapter(GemmaResidual, LlamaAdapter):
     model_type = "gemma3_text"
     config_class_name = "Gemma3TextConfig"
     model_class_name = "Gemma3ForCausalLM"

@@ -36,6 +36,18 @@ class LlamaAdapter(ModelAdapter):
     def num_kv_heads(self, layer: int) -> int:
         return self.attention_projections(layer)[1].out_features // self.head_dim()
 
+    def residual_norms(self, layer: int) -> list[nn.Module]:
+        block = self.decoder_layers()[layer]
+        return [block.input_layernorm, block.post_attention_layernorm]
+
+    def final_norm(self) -> nn.Module:
+        return self.model.model.norm
+
     def sync_module_attributes(self) -> None:
+        hidden = self.hidden_size()
         for layer in range(self.num_layers):
-            self.decoder_layers()[layer].mlp.intermediate_size = self.mlp_projections(layer)[1].in_features
+            block = self.decoder_layers()[layer]
+            block.mlp.intermediate_size = self.mlp_projections(layer)[1].in_features
+            for module in (block, block.mlp):
+                if hasattr(module, "hidden_size"):
+                    module.hidden_size = hidden
