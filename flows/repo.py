@@ -36,6 +36,8 @@ CHILD_ENV = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "OMP_NUM_THREADS": "1",
     "TOKENIZERS_PARALLELISM": "false",
+    # the temporary Prefect server a flow starts may take longer than Prefect's 20 s on a busy machine
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
 }
 
 RAN, CACHED = "ran", "cached"

@@ -326,7 +326,7 @@ def run_queue(root: Path, names: list[str], jobs: int, run_log: Path, *, poll: f
 
 
 def queued_runs(root: Path, points: list[Point], stages: list[str], sweep_id: str, jobs: int,
-                snap: dict[str, bytes | None], timeout: float | None = None) -> list[dict[str, Any]]:
+                snap: dict[str, Any], timeout: float | None = None) -> list[dict[str, Any]]:
     """Every point as a queued experiment, ``jobs`` at a time: per point its experiment, commit, the stages
     that ran and a reader of its files (``rev_reader``)."""
     logger = get_run_logger()
@@ -355,7 +355,7 @@ def queued_runs(root: Path, points: list[Point], stages: list[str], sweep_id: st
 
 
 def run_points(root: Path, points: list[Point], order: list[str], sweep_id: str, mode: str, jobs: int,
-               snap: dict[str, bytes | None], retries: int, timeout: float | None) -> list[dict[str, Any]]:
+               snap: dict[str, Any], retries: int, timeout: float | None) -> list[dict[str, Any]]:
     """Run every point as a DVC experiment (queued, or one after the other in the workspace)."""
     if mode == "queue":
         return queued_runs(root, points, order, sweep_id, jobs, snap, timeout)
@@ -682,17 +682,32 @@ def report(repo: str | Path = ".", csvs: list[str | Path] | None = None, out: st
     return md
 
 
-def _snapshot(root: Path) -> dict[str, bytes | None]:
-    return {name: (root / name).read_bytes() if (root / name).is_file() else None
-            for name in ("params.yaml", "dvc.lock")}
+SNAPSHOT = ("params.yaml", "dvc.lock")
 
 
-def _restore(root: Path, snap: dict[str, bytes | None]) -> None:
-    for name, data in snap.items():
+def _staged(root: Path) -> set[str]:
+    res = subprocess.run(["git", "diff", "--cached", "--name-only", "--", *SNAPSHOT], cwd=root, capture_output=True,
+                         text=True)
+    return set(res.stdout.split()) if res.returncode == 0 else set()
+
+
+def _snapshot(root: Path) -> dict[str, Any]:
+    """params.yaml and dvc.lock as they are, and which of them git's index holds changes of."""
+    return {"files": {name: (root / name).read_bytes() if (root / name).is_file() else None for name in SNAPSHOT},
+            "staged": _staged(root)}
+
+
+def _restore(root: Path, snap: dict[str, Any]) -> None:
+    """Put params.yaml and dvc.lock back as ``_snapshot`` found them, in the working tree and in git's index
+    (queueing an experiment stages them), and check the workspace outputs out to match."""
+    for name, data in snap["files"].items():
         if data is None:
             (root / name).unlink(missing_ok=True)
         else:
             atomic_write(root / name, data)
+    unstage = sorted(_staged(root) - snap["staged"])
+    if unstage:
+        subprocess.run(["git", "reset", "-q", "--", *unstage], cwd=root, capture_output=True)
     res = run_dvc(["checkout"], root, check=False)  # workspace outputs back in line with dvc.lock
     if res.returncode != 0:
         get_run_logger().warning("dvc checkout after the sweep:\n%s", res.output.rstrip())
