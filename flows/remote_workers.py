@@ -50,8 +50,8 @@ from typing import Any, Iterator, Mapping
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.repo import (RUN_LOG, DvcCommandError, FlowError, lock_stages, run_dvc, stage_status,
-                        upstream)
+from flows.repo import (RUN_LOG, DvcCommandError, FlowError, child_env, dvc_executable, lock_stages, run_dvc,
+                        stage_status)
 
 #: tracked files that may differ from the commit: the workers get their content from the coordinator
 #: (params.yaml, dvc.lock) or do not need it (.dvc/config: the default remote is passed along)
@@ -291,19 +291,23 @@ def record_lock_entries(root: Path, entries: Mapping[str, Any]) -> list[str]:
 
 
 @task(name="dvc-repro-clone", task_run_name="{stage}", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def repro_in_clone(spec: CloneSpec, stage: str, upstream_rows: list[dict[str, Any]]) -> dict[str, Any]:
+def repro_in_clone(spec: CloneSpec, stage: str, parent_rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Run ``stage`` in this worker's clone, from the remote's data; push what it produced.
 
-    ``upstream_rows`` are the results of the tasks of every stage upstream of this one. Returns ``{"stage",
-    "status", "seconds", "lock", "runs", "worker", "clone", "pushed"}``: ``lock`` is the stage's dvc.lock entry,
-    ``runs`` the run log rows of the stages whose command ran here.
+    ``parent_rows`` are the results of the tasks of the stage's direct upstream stages. Returns ``{"stage",
+    "status", "seconds", "lock", "runs", "worker", "clone", "pushed"}``: ``lock`` is the stage's dvc.lock
+    entry, ``runs`` the run log rows of the stages whose command ran here.
     """
     logger = get_run_logger()
     with worker_clone(spec) as (clone, worker):
         checkout_commit(clone, spec)
-        write_workspace(clone, spec, {r["stage"]: r["lock"] for r in upstream_rows if r.get("lock")})
+        write_workspace(clone, spec, {r["stage"]: r["lock"] for r in parent_rows if r.get("lock")})
+        parents = [r["stage"] for r in parent_rows]
+        if parents:  # the deps, by the parents' entries (from the clone's own cache when it has them)
+            pulled = run_dvc(["pull", *parents], clone)
+            logger.info("[%s: %s] dvc pull %s\n%s", worker, clone, " ".join(parents), pulled.output.rstrip())
         before = lock_stages(clone).get(stage)
-        args = ["repro", stage, "--pull", "--allow-missing"]
+        args = ["repro", "--single-item", stage, "--pull", "--allow-missing"]
         res = run_dvc(args, clone, check=False)
         if res.output.strip():
             logger.info("[%s: %s] dvc %s\n%s", worker, clone, " ".join(args), res.output.rstrip())
@@ -321,30 +325,43 @@ def repro_in_clone(spec: CloneSpec, stage: str, upstream_rows: list[dict[str, An
 
 # --- the coordinator collects ---------------------------------------------------------------------------
 
-def collect(root: Path, rows: list[dict[str, Any]]) -> list[str]:
-    """Record the workers' lock entries in ``root/dvc.lock``, pull the stages' outputs and check with DVC
-    that every stage is up to date here. Returns the stages whose entry changed."""
-    entries = {r["stage"]: r["lock"] for r in rows if r.get("lock")}
-    changed = record_lock_entries(root, entries) if entries else []
-    stages = [r["stage"] for r in rows]
-    if stages:
-        pulled = run_dvc(["pull", *stages], root)
-        if pulled.ran:
-            raise FlowError(f"`dvc pull` ran stages here: {', '.join(pulled.ran)}", "report this as a bug")
-        from dvc.repo import Repo
+def dvc_status(root: Path, stages: list[str]) -> dict[str, Any]:
+    """``dvc status --json <stages>``: what DVC finds out of date (empty: every stage is up to date)."""
+    proc = subprocess.run([dvc_executable(), "status", "--json", *stages], cwd=root, env=child_env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        raise DvcCommandError(["status", "--json", *stages], proc.returncode, proc.stdout + proc.stderr)
+    return json.loads(proc.stdout or "{}")
 
-        with Repo(str(root)) as dvc_repo:
-            stale = {k: v for s in stages for k, v in dvc_repo.status(targets=[s]).items()}
-        if stale:
-            raise FlowError(f"after collecting the workers' results, DVC finds stages out of date here: "
-                            f"{json.dumps(stale)[:2000]}",
-                            "the workers ran other code or params than this workspace: commit, push and rerun")
+
+def collect(root: Path, rows: list[dict[str, Any]]) -> list[str]:
+    """Bring the workers' results into ``root``: append their run-log rows to ``$DIET_RUN_LOG`` (when set),
+    record their lock entries in dvc.lock, pull the stages' outputs, let ``dvc commit`` hash them here (which
+    also writes their .gitignore entries, as a local run does) and check that it finds the same entries and
+    that ``dvc status`` finds every stage up to date. Returns the stages whose entry changed."""
     log = os.environ.get(RUN_LOG)
     if log:  # the workers' run logs, joined into this process's one
         with open(log, "a") as f:
             for r in rows:
                 for line in r.get("runs") or []:
                     f.write(json.dumps(line) + "\n")
+    entries = {r["stage"]: r["lock"] for r in rows if r.get("lock")}
+    changed = record_lock_entries(root, entries) if entries else []
+    stages = [r["stage"] for r in rows]
+    if not stages:
+        return changed
+    for args in (["pull", *stages], ["commit", "--force", *stages]):
+        res = run_dvc(args, root)
+        if res.ran:
+            raise FlowError(f"`dvc {args[0]}` ran stages here: {', '.join(res.ran)}", "report this as a bug")
+    here = lock_stages(root)
+    differ = [s for s in entries if here.get(s) != entries[s]]
+    stale = dvc_status(root, stages)
+    if differ or stale:
+        raise FlowError("the workers' results do not describe this workspace: "
+                        + (f"dvc commit hashes {', '.join(differ)} differently here; " if differ else "")
+                        + (f"dvc status: {json.dumps(stale)[:2000]}" if stale else ""),
+                        "the workers ran other code or data than this workspace: commit, push and rerun")
     return changed
 
 
@@ -356,8 +373,7 @@ def run_stages_in_clones(root: str, spec: CloneSpec, graph: dict[str, list[str]]
     repro = repro_in_clone.with_options(retries=retries)
     futures: dict[str, Any] = {}
     for stage in stages:  # topological: every upstream future already exists
-        ups = [futures[s] for s in stages if s != stage and s in upstream(graph, [stage])]
-        futures[stage] = repro.submit(spec, stage, ups)
+        futures[stage] = repro.submit(spec, stage, [futures[p] for p in graph[stage] if p in futures])
     rows, failure = [], None
     for stage in stages:
         try:

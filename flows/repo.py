@@ -45,6 +45,9 @@ RUN_LOG = "DIET_RUN_LOG"  # the variable stages._common.record_run appends to
 class FlowError(DietError):
     """A user-facing orchestration error: ``problem`` says what is wrong, ``fix`` what to do."""
 
+    def __reduce__(self):  # pickled whole (a Dask worker sends it back), not rebuilt from the message alone
+        return type(self), (self.problem, self.fix)
+
 
 class DvcCommandError(FlowError):
     """A ``dvc`` command exited non-zero; ``output`` holds what it printed (stdout and stderr)."""
@@ -55,6 +58,9 @@ class DvcCommandError(FlowError):
         self.output = output
         super().__init__(f"`dvc {' '.join(args)}` failed (exit {returncode}):\n{_tail(output)}",
                          "read the DVC output above; rerun the same command in the repo to reproduce it")
+
+    def __reduce__(self):
+        return type(self), (self.command, self.returncode, self.output)
 
 
 @dataclass(frozen=True)

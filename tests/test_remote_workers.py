@@ -178,7 +178,8 @@ def test_dask_workers_without_a_shared_disk(tmp_path, monkeypatch):
         assert json.loads((coord / "metrics" / "pruned.json").read_text())["sparsity"] > 0
         assert (tmp_path / "dvc-remote" / "runs").is_dir()   # the run-cache is shared through the remote
         status = git(coord, "status", "--porcelain").splitlines()
-        assert sorted(line[3:] for line in status) == [".dvc/config", "dvc.lock"], status
+        # as after a local run: dvc.lock written, .gitignore entries for the outputs outside ignored folders
+        assert sorted(line[3:] for line in status) == [".dvc/config", "data/tasks/.gitignore", "dvc.lock"], status
 
         lock = (coord / "dvc.lock").read_text()
         second = pipeline_flow(repo=str(coord), task_runner="dask", workers=2, shared_disk=False,
