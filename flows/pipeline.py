@@ -139,7 +139,7 @@ def pipeline_flow(repo: str = ".", params: dict[str, Any] | None = None, task_ru
     if not shared_disk:
         from flows.remote_workers import check_workspace
 
-        check_workspace(root, git_url)  # before params.yaml changes
+        checked = check_workspace(root, git_url)  # before params.yaml changes
     elif git_url or workdir:
         raise FlowError("git_url and workdir apply to workers without a shared disk",
                         "pass shared_disk=False (diet-flow run --no-shared-disk), or drop them")
@@ -154,7 +154,7 @@ def pipeline_flow(repo: str = ".", params: dict[str, Any] | None = None, task_ru
     else:
         from flows.remote_workers import prepare, push_local_outputs, run_stages_in_clones
 
-        spec = prepare(root, stages, git_url, workdir)
+        spec = prepare(root, stages, workdir=workdir, checked=checked)
         push_local_outputs(root, stages)
         rows = run_stages_in_clones.with_options(task_runner=runner)(str(root), spec, graph, stages, retries)
     ran = sum(r["status"] == RAN for r in rows)

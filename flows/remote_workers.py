@@ -2,33 +2,35 @@
 through the DVC remote.
 
 The coordinator (the process running the flow) checks that a worker can rebuild its workspace: its commit is
-reachable from a git URL the workers can clone, no tracked file but params.yaml, dvc.lock and .dvc/config
-differs from that commit, and a default DVC remote exists. It pushes its own cached outputs there, then
-submits one task per stage, after the tasks of the stage's upstream stages. The task, on whichever worker
-runs it:
+a branch or tag tip (or an ancestor of one) at a git URL the workers can clone, no tracked file but
+params.yaml, dvc.lock and .dvc/config differs from that commit, no stage dependency is untracked, and a
+default DVC remote exists. It pushes the outputs its dvc.lock records there, then submits one task per
+stage, which receives the results of the tasks of the stage's upstream stages (so it starts after them).
+The task, on whichever worker runs it:
 
-1. takes a clone folder of its own (``<workdir>/<repo>-<url hash>/<worker>``, a lock file keeps two tasks
+1. takes a clone folder of its own (``<workdir>/<repo>-<url hash>/<worker>``; a lock file keeps two tasks
    out of one clone), clones the URL there once, checks out the coordinator's commit and removes every
    untracked or ignored file but the DVC cache, so no output of an earlier run lingers;
-2. writes the coordinator's params.yaml and its dvc.lock, with the lock entries that the stage's upstream
-   tasks returned laid over it, and the coordinator's default remote into ``.dvc/config.local``;
-3. runs ``dvc repro <stage> --pull --allow-missing``. DVC walks the upstream stages, finds each consistent
-   with its lock entry and skips it without fetching anything (``--allow-missing``); for the stage itself it
-   compares its recorded deps with the upstream entries. Unchanged: skipped, nothing transferred. Changed: DVC
-   pulls its missing deps and the run-cache from the remote (``--pull``), restores the outputs when the
-   run-cache knows them, and runs the command otherwise;
-4. when the stage's lock entry changed, pushes its outputs and the run-cache (``dvc push --run-cache``);
-5. returns the stage's lock entry, the run log rows of the stages whose command ran (``$DIET_RUN_LOG``), the
+2. writes the coordinator's params.yaml and dvc.lock, with the lock entries its upstream tasks returned laid
+   over it, and the coordinator's default remote into ``.dvc/config.local``;
+3. pulls the outputs of the stage's upstream stages by those entries (``dvc pull <stages>``: from the
+   clone's own cache when it has them, else from the remote);
+4. runs ``dvc repro --single-item <stage> --pull --allow-missing``: unchanged (its deps and params match its
+   lock entry), DVC skips it without fetching its outputs; changed, DVC pulls the run-cache and restores the
+   outputs when it knows them (another worker or team computed them), and runs the command otherwise;
+5. when the stage's lock entry changed, pushes its outputs and the run-cache (``dvc push --run-cache``);
+6. returns the stage's lock entry, the run-log rows of the stages whose command ran (``$DIET_RUN_LOG``), the
    worker's name and its clone folder.
 
-The coordinator then records the returned entries in its dvc.lock with DVC's own YAML writer, pulls the
-stages' outputs (``dvc pull``: fetch and checkout) and asks DVC (``Repo.status``) that every stage is up to
-date, which proves that the entries describe its workspace. The rows of the workers' run logs are appended
-to the coordinator's ``$DIET_RUN_LOG`` when it is set.
+The coordinator then appends the run-log rows to its own ``$DIET_RUN_LOG`` when set, records the returned
+entries in its dvc.lock with DVC's YAML writer, pulls the stages' outputs (``dvc pull``), lets ``dvc
+commit`` hash them (which writes their .gitignore entries, as a local run does) and checks that DVC computes
+the same entries and that ``dvc status`` finds every stage up to date.
 
-Why lock entries travel, and not only the run-cache: DVC keeps no run-cache record for a stage with a
-``persist`` output (``prepare@``), so ``dvc repro --pull`` on the coordinator would run it again. The lock
-entry of the worker's run, recorded as DVC wrote it and checked by ``dvc status``, restores every stage.
+Why lock entries travel, and not only run-cache records: DVC keeps no run-cache record for a stage with a
+``persist`` output (``prepare@``), so ``dvc repro --pull`` on the coordinator would run those stages again.
+Why the worker pulls the upstream outputs itself: ``dvc repro --pull`` pulls a missing dependency by its
+path, which fails for a folder that holds the outputs of several stages (``merge`` reads ``scores/``).
 """
 
 from __future__ import annotations
@@ -179,12 +181,13 @@ def check_workspace(repo: str | os.PathLike, git_url: str | None = None) -> dict
     return {"commit": commit, "git_url": url, "remote": remote, "remote_url": remote_url}
 
 
-def prepare(repo: str | os.PathLike, stages: list[str], git_url: str | None = None,
-            workdir: str | None = None) -> CloneSpec:
-    """``check_workspace``, and no untracked file among the deps of ``stages``; then describe this workspace
-    for the workers: commit, URL, params.yaml, dvc.lock, default remote. Changes nothing."""
+def prepare(repo: str | os.PathLike, stages: list[str], git_url: str | None = None, workdir: str | None = None,
+            checked: Mapping[str, str] | None = None) -> CloneSpec:
+    """``check_workspace`` (unless ``checked`` holds its result), and no untracked file among the deps of
+    ``stages``; then describe this workspace for the workers: commit, git URL, params.yaml, dvc.lock, default
+    remote. Changes nothing."""
     root = Path(repo).resolve()
-    found = check_workspace(root, git_url)
+    found = dict(checked) if checked else check_workspace(root, git_url)
     check_clean(root, stage_dep_paths(root, stages))
     lock = root / "dvc.lock"
     return CloneSpec(params=(root / "params.yaml").read_text(), lock=lock.read_text() if lock.is_file() else None,
@@ -249,7 +252,11 @@ def checkout_commit(clone: Path, spec: CloneSpec) -> None:
     if not (clone / ".git").is_dir():
         if clone.exists():
             shutil.rmtree(clone)
-        git(clone.parent, "clone", "--quiet", "--no-checkout", spec.git_url, clone.name)
+        cloned = git(clone.parent, "clone", "--quiet", "--no-checkout", spec.git_url, clone.name, check=False)
+        if cloned.returncode != 0:
+            raise FlowError(f"worker {worker_name()} cannot clone {spec.git_url}: {cloned.stderr.strip()}",
+                            "pass a git URL that every worker can clone (--git-url URL; the default, the "
+                            "coordinator's own folder, serves only workers on its machine)")
     if git(clone, "cat-file", "-e", f"{spec.commit}^{{commit}}", check=False).returncode != 0:
         git(clone, "fetch", "--quiet", "--tags", spec.git_url, "+refs/heads/*:refs/remotes/origin/*", check=False)
     if git(clone, "cat-file", "-e", f"{spec.commit}^{{commit}}", check=False).returncode != 0:

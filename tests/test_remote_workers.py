@@ -187,3 +187,16 @@ def test_dask_workers_without_a_shared_disk(tmp_path, monkeypatch):
         assert second == {s: CACHED for s in stages}, second
         assert len(runs.read_text().splitlines()) == len(stages)   # nothing computed again
         assert (coord / "dvc.lock").read_text() == lock
+
+
+def test_errors_come_back_whole_from_a_worker():
+    """A task's exception travels pickled from a Dask worker: problem, fix and DVC's output survive."""
+    import pickle
+
+    from flows.repo import DvcCommandError
+
+    e = pickle.loads(pickle.dumps(FlowError("no remote", "add one")))
+    assert (type(e), e.problem, e.fix) == (FlowError, "no remote", "add one")
+    d = pickle.loads(pickle.dumps(DvcCommandError(["repro", "merge"], 255, "ERROR: failed to reproduce 'merge'")))
+    assert (d.command, d.returncode, d.output) == (["repro", "merge"], 255, "ERROR: failed to reproduce 'merge'")
+    assert "failed to reproduce 'merge'" in str(d) and d.fix
