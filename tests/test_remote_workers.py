@@ -144,7 +144,8 @@ def test_worker_clone_folders_are_per_worker_and_exclusive(tmp_path):
 def test_dask_workers_without_a_shared_disk(tmp_path, monkeypatch):
     """Two Dask worker processes, each in its own clone of a bare git repository, exchange every input and
     output through a local DVC remote. The coordinator ends with every stage's output and an up-to-date
-    dvc.lock; every stage ran exactly once, on a worker; a second run computes nothing."""
+    dvc.lock; every stage ran exactly once, on a worker; a second run computes nothing; a third, with a new
+    sparsity in the uncommitted params.yaml, runs the stages that read it, each once."""
     from prefect.testing.utilities import prefect_test_harness
 
     from flows.pipeline import pipeline_flow
@@ -187,6 +188,17 @@ def test_dask_workers_without_a_shared_disk(tmp_path, monkeypatch):
         assert second == {s: CACHED for s in stages}, second
         assert len(runs.read_text().splitlines()) == len(stages)   # nothing computed again
         assert (coord / "dvc.lock").read_text() == lock
+
+        # an uncommitted params.yaml travels: a new sparsity reruns the sparsity's stages, each once
+        third = pipeline_flow(repo=str(coord), params={"prune": {"sparsity": 0.35}}, task_runner="dask", workers=2,
+                              shared_disk=False, git_url=str(bare), workdir=str(workdir))
+        swept = {"merge", "select", "prune", "evaluate@t1", "evaluate@t2", "perplexity", "report"}
+        assert {s for s, st in third.items() if st == RAN} == swept, third
+        rows = [json.loads(line) for line in runs.read_text().splitlines()]
+        assert sorted(r["stage"] for r in rows[len(stages):]) == sorted(swept)
+        assert json.loads((coord / "metrics" / "pruned.json").read_text())["sparsity"] == pytest.approx(0.35, abs=0.05)
+        with Repo(str(coord)) as dvc_repo:
+            assert dvc_repo.status() == {}
 
 
 def test_errors_come_back_whole_from_a_worker():
