@@ -1,6 +1,7 @@
 """``diet-flow``: run, sweep, schedule and share the DIET pipeline (a thin layer over flows/).
 
     diet-flow run --set prune.sparsity=0.3 --runner dask --workers 2
+    diet-flow run --runner dask --address tcp://head:8786 --no-shared-disk --git-url URL   # workers' own clones
     diet-flow sweep --sparsities 0.1,0.2,0.3 --methods vote,task_agnostic
     diet-flow serve --config flows/schedule.yaml          # needs PREFECT_API_URL
     diet-flow push --remote shared                         # team A
@@ -81,6 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--target", dest="targets", action="append", metavar="STAGE",
                    help="run only this stage and its upstream ones (repeatable)")
     q.add_argument("--pull", action="store_true", help="fetch missing outputs and run-cache from the default remote")
+    q.add_argument("--no-shared-disk", dest="shared_disk", action="store_false",
+                   help="workers share no folder with this one: each runs its stages in its own git clone at this "
+                        "commit (with this params.yaml and dvc.lock), pulls their inputs from the default DVC "
+                        "remote and pushes their outputs and run-cache there; this workspace then pulls them")
+    q.add_argument("--git-url", metavar="URL",
+                   help="with --no-shared-disk: where workers clone the project from; HEAD must be on a branch or "
+                        "tag there (default: this repository's path, for workers on this machine)")
+    q.add_argument("--workdir", metavar="DIR",
+                   help="with --no-shared-disk: the folder on each worker that holds its clones (default: "
+                        "<worker's temporary folder>/diet-workers)")
 
     q = sub.add_parser("sweep", help="one DVC experiment per (method, sparsity); table, markdown and plot")
     common(q)
@@ -163,9 +174,17 @@ def dispatch(args: argparse.Namespace) -> Any:
         from flows.pipeline import pipeline_flow, validate_run
 
         validate_run(args.repo, parse_sets(args.sets))  # bad input fails before a Prefect server starts
+        if args.shared_disk and (args.git_url or args.workdir):
+            raise FlowError("--git-url and --workdir apply to workers without a shared disk",
+                            "add --no-shared-disk, or drop them")
+        if not args.shared_disk:
+            from flows.remote_workers import check_workspace
+
+            check_workspace(args.repo, args.git_url)
         return pipeline_flow(repo=args.repo, params=parse_sets(args.sets), task_runner=args.runner,
                              workers=args.workers, address=args.address, targets=args.targets, pull=args.pull,
-                             retries=args.retries)
+                             retries=args.retries, shared_disk=args.shared_disk, git_url=args.git_url,
+                             workdir=args.workdir)
     if args.command in ("sweep", "loto"):
         from flows.pipeline import validate_run
         from flows.sweep import parse_variant, sweep_flow

@@ -119,23 +119,44 @@ def validate_run(repo: str | Path, params: dict[str, Any] | None) -> Path:
 @flow(name="diet-pipeline")
 def pipeline_flow(repo: str = ".", params: dict[str, Any] | None = None, task_runner: str = "threads",
                   workers: int = 2, address: str | None = None, targets: list[str] | None = None,
-                  pull: bool = False, retries: int = 1) -> dict[str, str]:
+                  pull: bool = False, retries: int = 1, shared_disk: bool = True, git_url: str | None = None,
+                  workdir: str | None = None) -> dict[str, str]:
     """Run the DIET pipeline in ``repo`` and return ``{stage: "ran" | "cached"}``.
 
     ``params`` overrides params.yaml before the run and stays written there, so the workspace records what
     ran (nested ``{"prune": {"sparsity": 0.3}}`` or dotted ``{"prune.sparsity": 0.3}``). ``targets`` limits
     the run to those stages and their upstream ones. ``pull`` lets DVC fetch missing outputs and run-cache
     hits from the default remote (``dvc repro --pull``). ``retries`` applies to each stage.
+
+    ``shared_disk=False``: the workers share no folder with this one. Each runs its stages in its own clone of
+    ``git_url`` (default: this repository's path) under ``workdir`` (default: its temporary folder), at this
+    commit with this params.yaml and dvc.lock, and exchanges data through the default DVC remote; this
+    workspace then pulls every output and records it in dvc.lock (see flows/remote_workers.py).
     """
     logger = get_run_logger()
     runner = make_task_runner(task_runner, workers, address)
     root = validate_run(repo, params)
+    if not shared_disk:
+        from flows.remote_workers import check_workspace
+
+        checked = check_workspace(root, git_url)  # before params.yaml changes
+    elif git_url or workdir:
+        raise FlowError("git_url and workdir apply to workers without a shared disk",
+                        "pass shared_disk=False (diet-flow run --no-shared-disk), or drop them")
     changed = write_params(root, params)
     if changed:
         logger.info("params.yaml: set %s", ", ".join(changed))
     graph, stages = plan(root, targets)
-    logger.info("%d stages on %s x%d: %s", len(stages), task_runner, workers, ", ".join(stages))
-    rows = run_stages.with_options(task_runner=runner)(str(root), graph, stages, pull, retries)
+    where = "" if shared_disk else ", each worker in its own clone"
+    logger.info("%d stages on %s x%d%s: %s", len(stages), task_runner, workers, where, ", ".join(stages))
+    if shared_disk:
+        rows = run_stages.with_options(task_runner=runner)(str(root), graph, stages, pull, retries)
+    else:
+        from flows.remote_workers import prepare, push_local_outputs, run_stages_in_clones
+
+        spec = prepare(root, stages, workdir=workdir, checked=checked)
+        push_local_outputs(root, stages)
+        rows = run_stages_in_clones.with_options(task_runner=runner)(str(root), spec, graph, stages, retries)
     ran = sum(r["status"] == RAN for r in rows)
     publish_report(rows, "diet-pipeline-report",
                    f"DIET pipeline in {root}: {ran} stage(s) ran, {len(rows) - ran} cached")

@@ -47,6 +47,9 @@ RUN_LOG = "DIET_RUN_LOG"  # the variable stages._common.record_run appends to
 class FlowError(DietError):
     """A user-facing orchestration error: ``problem`` says what is wrong, ``fix`` what to do."""
 
+    def __reduce__(self):  # pickled whole (a Dask worker sends it back), not rebuilt from the message alone
+        return type(self), (self.problem, self.fix)
+
 
 class DvcCommandError(FlowError):
     """A ``dvc`` command exited non-zero; ``output`` holds what it printed (stdout and stderr)."""
@@ -58,6 +61,9 @@ class DvcCommandError(FlowError):
         super().__init__(f"`dvc {' '.join(args)}` failed (exit {returncode}):\n{_tail(output)}",
                          "read the DVC output above; rerun the same command in the repo to reproduce it")
 
+    def __reduce__(self):
+        return type(self), (self.command, self.returncode, self.output)
+
 
 @dataclass(frozen=True)
 class DvcResult:
@@ -66,6 +72,7 @@ class DvcResult:
     output: str  # stdout and stderr, interleaved as printed
     seconds: float
     ran: tuple[str, ...] = ()  # the stages whose command ran, in the order they started (from the run log)
+    runs: tuple[dict, ...] = ()  # the run log's rows as written (``{"stage", "pid"[, "experiment"]}``)
 
 
 def _tail(text: str, lines: int = 40) -> str:
@@ -110,10 +117,11 @@ def run_dvc(args: list[str], repo: str | os.PathLike, *, check: bool = True,
     try:
         proc = subprocess.run([dvc_executable(), "--wait-for-lock", *args], cwd=repo, env=child_env({RUN_LOG: log}),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
-        ran = read_run_log(log)
+        runs = read_run_rows(log)
     finally:
         os.unlink(log)
-    res = DvcResult(list(args), proc.returncode, proc.stdout, time.monotonic() - start, tuple(ran))
+    ran = list(dict.fromkeys(r["stage"] for r in runs))
+    res = DvcResult(list(args), proc.returncode, proc.stdout, time.monotonic() - start, tuple(ran), tuple(runs))
     if check and proc.returncode != 0:
         raise DvcCommandError(list(args), proc.returncode, proc.stdout)
     return res
@@ -313,14 +321,19 @@ def check_stages(graph: Mapping[str, list[str]], names: Iterable[str]) -> None:
 
 # --- what DVC did ---------------------------------------------------------------------------------------
 
-def read_run_log(path: str | os.PathLike, experiment: str | None = None) -> list[str]:
-    """The stage names a run log lists (one JSON object per line), in order, each once; with ``experiment``,
-    only those run inside that DVC experiment (the lines' ``experiment``, from ``$DVC_EXP_NAME``)."""
+def read_run_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The rows of a run log (one JSON object per line, one line per stage run), in order; none when absent."""
     try:
         lines = Path(path).read_text().splitlines()
     except FileNotFoundError:
         return []
-    rows = [json.loads(line) for line in lines if line.strip()]
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def read_run_log(path: str | os.PathLike, experiment: str | None = None) -> list[str]:
+    """The stage names a run log lists (one JSON object per line), in order, each once; with ``experiment``,
+    only those run inside that DVC experiment (the lines' ``experiment``, from ``$DVC_EXP_NAME``)."""
+    rows = read_run_rows(path)
     return list(dict.fromkeys(r["stage"] for r in rows if experiment is None or r.get("experiment") == experiment))
 
 

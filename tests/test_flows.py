@@ -383,7 +383,8 @@ def test_cli_parses_every_command():
 
 def test_flows_never_import_torch():
     """The flows share diet's light layers (errors, config) and never load torch, transformers or a model."""
-    code = ("import sys, flows.pipeline, flows.sweep, flows.share, flows.schedule, flows.cli, flows.repo; "
+    code = ("import sys, flows.pipeline, flows.sweep, flows.share, flows.schedule, flows.cli, flows.repo, "
+            "flows.remote_workers; "
             "flows.repo.check_task_names(['t1']); "
             "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; "
             "bad += [m for m in sys.modules if m.startswith('diet.') and m not in ('diet.errors', 'diet.config')]; "
