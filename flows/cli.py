@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--methods", type=_names, default=["vote", "task_agnostic"],
                    help="comma-separated merge methods, each optionally with a recovery (default: vote,task_agnostic)")
     experiments(q)
+    q.add_argument("--from-experiments", dest="from_experiments", action="append", metavar="PATTERN",
+                   help="run nothing: write the table from finished experiments whose names match (shell-style, "
+                        "repeatable), e.g. '*-20261129T0358*'")
 
     q = sub.add_parser("report", help="render the sweep table and plot again (results/sweep.csv, results/dense/summary.json)")
     q.add_argument("--repo", default=".", help="the DIET project (default: .)")
@@ -113,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sweep tables to combine (repeatable; default: results/sweep.csv)")
     q.add_argument("--out", help="folder for the combined sweep.csv, sweep.md and accuracy_vs_sparsity.png "
                                  "(default: results/sweep.md and plots/accuracy_vs_sparsity.png)")
+    q.add_argument("--experiments", action="append", metavar="PATTERN",
+                   help="add rows read from finished DVC experiments whose names match (shell-style, repeatable), "
+                        "e.g. 'vote-bias-s0.2-*'")
     q.add_argument("--dense", help="dense metrics for the reference row, evaluated on as many items as the sweep "
                                    "(default: results/sweep-dense.json from the sweep, else results/dense/summary.json)")
 
@@ -192,6 +198,10 @@ def dispatch(args: argparse.Namespace) -> Any:
         validate_run(args.repo, parse_sets(args.sets))
         for method in args.methods:
             parse_variant(method)  # an unknown method fails before a Prefect server starts
+        if args.command == "loto" and args.from_experiments:
+            from flows.loto import loto_report
+
+            return {"files": loto_report(args.repo, args.from_experiments, args.methods)["files"]}
         if args.command == "loto":
             from flows.loto import loto_flow
 
@@ -232,7 +242,7 @@ def dispatch(args: argparse.Namespace) -> Any:
     if args.command == "report":
         from flows.sweep import report
 
-        print(report(args.repo, csvs=args.csvs, out=args.out, dense=args.dense))
+        print(report(args.repo, csvs=args.csvs, out=args.out, dense=args.dense, experiments=args.experiments))
         return None
     raise AssertionError(args.command)  # argparse restricts the choices
 

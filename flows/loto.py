@@ -120,6 +120,33 @@ def loto_flow(repo: str = ".", methods: list[str] | None = None, params: dict[st
     points = loto_points(methods, tasks, sparsity)
     runs, root, _ = experiments_flow(repo, points, params, task_runner, workers, address, retries, mode, jobs, timeout,
                                      "diet-loto")
+    out = write_loto(root, runs, tasks, methods, sparsity)
+    md = (root / MARKDOWN).read_text()
+    create_markdown_artifact(key="diet-loto", markdown=md)
+    get_run_logger().info("leave-one-task-out -> %s\n%s", root / MARKDOWN, md)
+    return out
+
+
+def loto_report(repo: str | Path, experiments: list[str], methods: list[str] | None = None) -> dict[str, Any]:
+    """The leave-one-task-out table again, from finished experiments (shell-style name patterns, e.g. those of a
+    ``loto`` run whose flow was stopped): no experiment runs. ``methods`` fixes the row order (default: as
+    found)."""
+    from flows.sweep import finished_runs
+
+    root = Path(repo)
+    runs = finished_runs(root, experiments)
+    found = list(dict.fromkeys(r["point"].label for r in runs))
+    methods = list(methods) if methods else found
+    sparsities = {r["point"].sparsity for r in runs}
+    if len(sparsities) != 1:
+        raise FlowError(f"the experiments span sparsities {sorted(sparsities)}", "pick those of one loto run")
+    tasks = sorted({r["point"].held_out for r in runs if r["point"].held_out})
+    return write_loto(root, runs, tasks, methods, sparsities.pop())
+
+
+def write_loto(root: Path, runs: list[dict[str, Any]], tasks: list[str], methods: list[str],
+               sparsity: float) -> dict[str, Any]:
+    """``results/loto.csv``, ``results/loto-items.json`` and ``results/loto.md`` from the runs of ``loto_points``."""
     import pandas as pd
 
     rows, items = collect(runs, tasks)
@@ -128,8 +155,6 @@ def loto_flow(repo: str = ".", methods: list[str] | None = None, params: dict[st
     atomic_write(root / CSV, table.to_csv(index=False))
     atomic_write(root / ITEMS, json.dumps(items, sort_keys=True, separators=(",", ":")) + "\n")
     atomic_write(root / MARKDOWN, md)
-    create_markdown_artifact(key="diet-loto", markdown=md)
-    get_run_logger().info("leave-one-task-out -> %s\n%s", root / MARKDOWN, md)
     return {"rows": rows, "files": [str(root / p) for p in (CSV, MARKDOWN, ITEMS)],
             "runs": [{"method": r["point"].label, "held_out": r["point"].held_out, "experiment": r["experiment"],
                       "stages": r["stages"]} for r in runs]}

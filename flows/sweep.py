@@ -200,6 +200,34 @@ def experiment_refs(root: Path) -> dict[str, str]:
     return {ref.rsplit("/", 1)[-1]: sha for sha, ref in (line.split(" ", 1) for line in out.splitlines())}
 
 
+def finished_runs(root: Path, patterns: list[str]) -> list[dict[str, Any]]:
+    """The finished experiments whose names match any of ``patterns`` (shell-style, e.g. ``'*-20261129T0351*'``),
+    as runs (``run_points``' form): each point read back from the experiment's own params.yaml (method, sparsity,
+    recovery, and the task of weight 0 when its name says one was held out). Sorted by name; a pattern that
+    matches nothing is a FlowError."""
+    import fnmatch
+
+    refs = experiment_refs(root)
+    runs = []
+    for pattern in patterns:
+        names = sorted(n for n in refs if fnmatch.fnmatchcase(n, pattern))
+        if not names:
+            raise FlowError(f"no finished experiment matches {pattern!r}",
+                            "list them with `dvc exp show --all-commits` or `git for-each-ref refs/exps`")
+        for name in names:
+            if any(r["experiment"] == name for r in runs):
+                continue
+            read = rev_reader(root, refs[name])
+            params = params_at(read)
+            merge, prune = params.get("merge") or {}, params.get("prune") or {}
+            zero = sorted(t for t, w in (merge.get("weights") or {}).items() if float(w) == 0.0)
+            held = next((t for t in zero if f"-no-{t}-" in name), None)
+            point = Point(str(merge.get("method")), float(prune.get("sparsity")), prune.get("recover") or "none",
+                          held_out=held)
+            runs.append({"point": point, "experiment": name, "rev": refs[name], "stages": {}, "read": read})
+    return runs
+
+
 # -- running points ---------------------------------------------------------------------------------------------------
 @task(name="dvc-exp-run", task_run_name="{point.label} @ {point.sparsity}", retries=1, retry_delay_seconds=5,
       cache_policy=NO_CACHE)
@@ -627,7 +655,7 @@ def load_items(root: Path, csv: Path, table) -> tuple[dict[str, Items], Items | 
 
 
 def report(repo: str | Path = ".", csvs: list[str | Path] | None = None, out: str | Path | None = None,
-           dense: str | Path | None = None) -> str:
+           dense: str | Path | None = None, experiments: list[str] | None = None) -> str:
     """Render the sweep markdown and plot again from sweep tables; return the markdown.
 
     By default from ``results/sweep.csv`` into ``results/sweep.md`` and ``plots/accuracy_vs_sparsity.png``.
@@ -636,16 +664,34 @@ def report(repo: str | Path = ".", csvs: list[str | Path] | None = None, out: st
     and ``accuracy_vs_sparsity.png``. The dense reference row comes from ``dense`` (default:
     ``results/sweep-dense.json``, which a sweep writes, else ``results/dense/summary.json``); it must cover as
     many evaluation items as the rows. The paired intervals are computed again from the per-item results beside
-    each table (``sweep-items.json``), or from the experiments DVC still keeps.
+    each table (``sweep-items.json``), or from the experiments DVC still keeps. ``experiments`` (shell-style
+    name patterns) adds rows read straight from finished DVC experiments, e.g. those of a sweep whose flow
+    was stopped: their metrics, params and per-item results at their commits.
     """
     import pandas as pd
 
     root = Path(repo)
-    paths = [Path(c) for c in csvs] if csvs else [root / CSV]
+    paths = [Path(c) for c in csvs] if csvs else ([] if experiments else [root / CSV])
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise FlowError(f"no sweep table at {', '.join(missing)}", "run `diet-flow sweep` first")
     tables, items, dense_items = [], {}, None
+    if experiments:
+        runs = finished_runs(root, experiments)
+        tasks = read_params(root).get("tasks") or []
+        rows = []
+        for run in runs:
+            row, pruned, dense_run = sweep_row(run, tasks)
+            rows.append(row)
+            if pruned is not None:
+                items[row["experiment"]] = pruned
+            dense_items = dense_items or dense_run
+        tables.append(with_labels(pd.DataFrame(rows)))
+        if dense is None:  # the dense model the experiments themselves evaluated
+            try:
+                dense_record = json.loads(runs[0]["read"](DENSE_METRICS))
+            except FileNotFoundError:
+                dense_record = None
     for p in paths:
         t = with_labels(pd.read_csv(p))
         tables.append(t.drop(columns=[c for c in t.columns if c.startswith(tuple(f"acc_{k}" for k in COMPARISONS))
@@ -660,13 +706,16 @@ def report(repo: str | Path = ".", csvs: list[str | Path] | None = None, out: st
     table = table.drop_duplicates(["method", "recover", "sparsity"], keep="last").sort_values("sparsity",
                                                                                               kind="stable")
     table = add_paired_columns(table, items, dense_items).drop(columns="label")
-    if dense is not None:
-        dense_path = Path(dense)
-    else:  # the dense metrics the sweep itself used, else the workspace's
-        dense_path = root / SWEEP_DENSE if (root / SWEEP_DENSE).is_file() else root / DENSE_METRICS
-    if dense is not None and not dense_path.is_file():
-        raise FlowError(f"no dense metrics at {dense_path}", "pass the results/dense/summary.json of a pipeline run (the report stage writes it)")
-    dense = json.loads(dense_path.read_text()) if dense_path.is_file() else None
+    if experiments and dense is None:
+        dense, dense_path = dense_record, Path(f"experiment {runs[0]['experiment']}")
+    else:
+        if dense is not None:
+            dense_path = Path(dense)
+        else:  # the dense metrics the sweep itself used, else the workspace's
+            dense_path = root / SWEEP_DENSE if (root / SWEEP_DENSE).is_file() else root / DENSE_METRICS
+        if dense is not None and not dense_path.is_file():
+            raise FlowError(f"no dense metrics at {dense_path}", "pass the results/dense/summary.json of a pipeline run (the report stage writes it)")
+        dense = json.loads(dense_path.read_text()) if dense_path.is_file() else None
     if dense is not None:
         _check_same_items(table, dense, dense_path)
     md = render(table, dense)

@@ -82,7 +82,8 @@ def committed_repo(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_queued_sweep_runs_points_in_parallel_and_leaves_the_workspace(committed_repo, prefect_harness, monkeypatch):
+def test_queued_sweep_runs_points_in_parallel_and_leaves_the_workspace(committed_repo, prefect_harness, monkeypatch,
+                                                                       tmp_path):
     import json
 
     import pandas as pd
@@ -130,13 +131,21 @@ def test_queued_sweep_runs_points_in_parallel_and_leaves_the_workspace(committed
     assert "| vote+bias |" in (repo / MARKDOWN).read_text()
     states = sweep.experiment_states(repo)
     assert {states[e]["state"] for e in table["experiment"]} == {"success"}
+    # the same table again straight from the finished experiments (a sweep whose flow was stopped)
+    sweep_id = table["experiment"][0].rsplit("-", 1)[-1]
+    sweep.report(repo, experiments=[f"*-{sweep_id}"], out=tmp_path / "again")
+    again = pd.read_csv(tmp_path / "again" / "sweep.csv").set_index("experiment").loc[table["experiment"]]
+    for column in ("recover", "acc", "acc_norm", "perplexity", "acc_vs_dense", "acc_vs_dense_low"):
+        assert again[column].tolist() == table[column].tolist(), column
+    with pytest.raises(FlowError, match="no finished experiment matches 'nope-\\*'"):
+        sweep.report(repo, experiments=["nope-*"])
 
 
 @pytest.mark.slow
 def test_leave_one_task_out_evaluates_each_held_out_task_alone(committed_repo, prefect_harness):
     import pandas as pd
 
-    from flows.loto import CSV, HELD_OUT, MARKDOWN, loto_flow
+    from flows.loto import CSV, HELD_OUT, MARKDOWN, loto_flow, loto_report
 
     repo = committed_repo
     before = _state(repo)
@@ -157,6 +166,10 @@ def test_leave_one_task_out_evaluates_each_held_out_task_alone(committed_repo, p
         assert not any(s.startswith("score") for s in ran)
     md = (repo / MARKDOWN).read_text()
     assert "| vote (task held out) |" in md and "| vote (all tasks) |" in md and "| dense |" in md
+    # the same table again from the finished experiments, nothing run
+    (repo / MARKDOWN).unlink()
+    loto_report(repo, [r["experiment"] for r in out["runs"]], ["vote"])
+    assert (repo / MARKDOWN).read_text() == md
 
 
 def test_cli_sweep_takes_mode_and_jobs():
