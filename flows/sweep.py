@@ -686,7 +686,11 @@ def report(repo: str | Path = ".", csvs: list[str | Path] | None = None, out: st
             if pruned is not None:
                 items[row["experiment"]] = pruned
             dense_items = dense_items or dense_run
-        tables.append(with_labels(pd.DataFrame(rows)))
+        from diet.config import METHODS, RECOVERIES
+
+        rows.sort(key=lambda r: (METHODS.index(r["method"]) if r["method"] in METHODS else len(METHODS),
+                                 RECOVERIES.index(r["recover"]) if r["recover"] in RECOVERIES else len(RECOVERIES)))
+        tables.append(with_labels(pd.DataFrame(rows)))  # in the order of diet.config's methods, recovery last
         if dense is None:  # the dense model the experiments themselves evaluated
             try:
                 dense_record = json.loads(runs[0]["read"](DENSE_METRICS))
