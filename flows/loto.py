@@ -1,15 +1,16 @@
 """Leave-one-task-out: how a mask does on a task it was not calibrated for.
 
-For every merge method and every task ``t`` of params.yaml, one DVC experiment merges the scores of the other
-tasks (``merge.weights.t = 0``: ``t`` has no vote, and no share in the recovery means) and evaluates the
+For every merge method that uses the tasks (``vote``, ``mean``, ``rank``) and every task ``t`` of params.yaml,
+one DVC experiment merges the scores of the other tasks (``merge.weights.t = 0``: ``t`` has no vote, and no share in the recovery means) and evaluates the
 pruned model on ``t`` alone (targets ``evaluate@t`` and ``evaluate_dense@t``: no other task is evaluated).
 One more experiment per method merges every task and evaluates all of them: the in-calibration reference
 (DVC restores it from the run-cache when a sweep already ran the same point).
 
 The held-out row of a method gathers, per task, the model that never saw that task; its mean over tasks is
 compared, with paired bootstrap intervals over the same items, to the dense model, to the same method
-calibrated on every task, and to the first method's held-out row (``task_agnostic``'s mask uses no task, so its
-held-out and calibrated rows are the same model). Experiments run as in ``flows.sweep`` (queued by default:
+calibrated on every task, and to ``task_agnostic`` (else the first method). A method that never sees a task
+(``task_agnostic``, ``wanda_sp``, ``flap``, ``magnitude``, ``random``) has one model, which is also its model
+with any task held out: it runs no held-out experiment. Experiments run as in ``flows.sweep`` (queued by default:
 the workspace, params.yaml, dvc.lock and HEAD are left alone). Writes ``results/loto.csv`` (one row per method,
 task and calibration), ``results/loto-items.json`` and ``results/loto.md``.
 """
@@ -27,6 +28,10 @@ from flows.repo import FlowError, atomic_write, merged_params, read_params
 from flows.sweep import Items, Point, experiments_flow, interval_cell, paired_mean, parse_variant, read_items
 
 CSV, MARKDOWN, ITEMS = "results/loto.csv", "results/loto.md", "results/loto-items.json"
+#: the merge methods whose mask depends on the tasks (``diet.merge.TASK_METHODS``, which imports torch); every
+#: other method (task_agnostic, wanda_sp, flap, magnitude, random) never sees a task, with or without recovery,
+#: so its model with a task held out is its one model: no held-out experiment runs for it
+TASK_METHODS = ("vote", "mean", "rank")
 DEFAULT_METHODS = ("vote", "task_agnostic")
 ALL, HELD_OUT = "all tasks", "task held out"
 
@@ -38,7 +43,8 @@ def loto_points(methods: list[str], tasks: list[str], sparsity: float) -> list[P
                         "add tasks to 'tasks' in params.yaml (or pass --set 'tasks=[a, b, c]')")
     points = []
     for method, recover in (parse_variant(m) for m in methods):
-        points += [Point(method, sparsity, recover, held_out=t) for t in tasks] + [Point(method, sparsity, recover)]
+        held = [Point(method, sparsity, recover, held_out=t) for t in tasks] if method in TASK_METHODS else []
+        points += held + [Point(method, sparsity, recover)]
     return points
 
 
@@ -48,6 +54,8 @@ def collect(runs: list[dict[str, Any]], tasks: list[str]) -> tuple[list[dict[str
     rows, items, dense = [], {}, {}
     for run in runs:
         point, read = run["point"], run["read"]
+        if point.held_out and point.method not in TASK_METHODS:
+            continue  # a held-out run of a method that never sees a task: the same model as its run on all tasks
         calibration = HELD_OUT if point.held_out else ALL
         evaluated = [point.held_out] if point.held_out else tasks
         pruned = read_items(read, evaluated, "pruned")
@@ -56,15 +64,18 @@ def collect(runs: list[dict[str, Any]], tasks: list[str]) -> tuple[list[dict[str
             raise FlowError(f"experiment {run['experiment']} recorded no evaluation of {', '.join(evaluated)}",
                             "check dvc.yaml: evaluate@<task> and evaluate_dense@<task> must write "
                             "results/{pruned,dense}/tasks/<task>.json")
-        key = f"{point.label}|{calibration}"
-        for task in evaluated:
-            items.setdefault(key, {})[task] = pruned[task]
-            dense.setdefault(task, dense_run[task])
-            values = list(pruned[task].values())
-            rows.append({"method": point.label, "calibration": calibration, "task": task,
-                         "acc": sum(v[0] for v in values) / len(values),
-                         "acc_norm": sum(v[1] for v in values) / len(values), "n": len(values),
-                         "experiment": run["experiment"]})
+        # a method that never sees a task: its one model is also its model with any task held out
+        calibrations = [calibration] if point.method in TASK_METHODS else [ALL, HELD_OUT]
+        for calibration in calibrations:
+            key = f"{point.label}|{calibration}"
+            for task in evaluated:
+                items.setdefault(key, {})[task] = pruned[task]
+                dense.setdefault(task, dense_run[task])
+                values = list(pruned[task].values())
+                rows.append({"method": point.label, "calibration": calibration, "task": task,
+                             "acc": sum(v[0] for v in values) / len(values),
+                             "acc_norm": sum(v[1] for v in values) / len(values), "n": len(values),
+                             "experiment": run["experiment"]})
     return rows, {"dense": dense, "rows": items}
 
 
@@ -72,7 +83,8 @@ def render(table, items: dict[str, Any], methods: list[str], sparsity: float) ->
     """Per-task acc / acc_norm and the mean, per method and calibration, with paired intervals."""
     tasks = sorted(table["task"].unique())
     dense: Items = items["dense"]
-    head = ["model", *tasks, "mean acc", "Δ acc vs dense", "Δ held out vs all tasks", f"Δ vs {methods[0]} held out"]
+    reference = "task_agnostic" if "task_agnostic" in methods else methods[0]
+    head = ["model", *tasks, "mean acc", "Δ acc vs dense", "Δ held out vs all tasks", f"Δ vs {reference} held out"]
     lines = [f"**Leave-one-task-out at sparsity {sparsity:g}**: each *task held out* cell comes from a model whose "
              "merge left that task out; cells are acc / acc_norm.", "",
              "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
@@ -91,18 +103,22 @@ def render(table, items: dict[str, Any], methods: list[str], sparsity: float) ->
         return interval_cell({"acc_x": d.diff, "acc_x_low": d.low, "acc_x_high": d.high}, "x")
 
     lines.append("| dense | " + " | ".join(cells(dense)) + f" | {mean_of(dense, 0):.4f} | | | |")
-    first = items["rows"].get(f"{methods[0]}|{HELD_OUT}")
+    ref_model = items["rows"].get(f"{reference}|{HELD_OUT}")
     for method in methods:
-        for calibration in (ALL, HELD_OUT):
+        task_free = method.partition("+")[0] not in TASK_METHODS
+        for calibration in ((ALL,) if task_free else (ALL, HELD_OUT)):
             model = items["rows"].get(f"{method}|{calibration}")
             if model is None:
                 continue
             other = items["rows"].get(f"{method}|{ALL}") if calibration == HELD_OUT else None
-            vs_first = diff(first, model) if calibration == HELD_OUT and method != methods[0] else ""
-            lines.append(f"| {method} ({calibration}) | " + " | ".join(cells(model)) +
-                         f" | {mean_of(model, 0):.4f} | {diff(dense, model)} | {diff(other, model)} | {vs_first} |")
+            vs_ref = diff(ref_model, model) if calibration == HELD_OUT and method != reference else ""
+            name = f"{method} (no task used)" if task_free else f"{method} ({calibration})"
+            lines.append(f"| {name} | " + " | ".join(cells(model)) +
+                         f" | {mean_of(model, 0):.4f} | {diff(dense, model)} | {diff(other, model)} | {vs_ref} |")
     lines += ["", "Δ: difference in mean acc over tasks on the same items, with the 95% interval of a paired "
-              "bootstrap over items (10,000 resamples, seed 0); * marks an interval that excludes zero.", ""]
+              "bootstrap over items (10,000 resamples, seed 0); * marks an interval that excludes zero. A method "
+              "marked *no task used* never sees the tasks: its one model is also its model with any task held "
+              "out.", ""]
     return "\n".join(lines)
 
 

@@ -109,12 +109,14 @@ def test_report_combines_a_recovery_sweep_with_its_items(tmp_path, synthetic):
 
 
 def test_leave_one_task_out_points_rows_and_table():
-    from flows.loto import ALL, HELD_OUT, collect, loto_points, render
+    from flows.loto import ALL, HELD_OUT, TASK_METHODS, collect, loto_points, render
 
+    import diet.merge
+
+    assert TASK_METHODS == diet.merge.TASK_METHODS  # flows keep their own copy: diet.merge imports torch
     points = loto_points(["vote", "task_agnostic"], ["t1", "t2"], 0.2)
     assert [(p.method, p.held_out) for p in points] == [("vote", "t1"), ("vote", "t2"), ("vote", None),
-                                                         ("task_agnostic", "t1"), ("task_agnostic", "t2"),
-                                                         ("task_agnostic", None)]
+                                                         ("task_agnostic", None)]  # task_agnostic never sees a task
     with pytest.raises(FlowError, match="at least two tasks"):
         loto_points(["vote"], ["t1"], 0.2)
 
@@ -129,17 +131,21 @@ def test_leave_one_task_out_points_rows_and_table():
                 (_ for _ in ()).throw(FileNotFoundError(p))}
 
     n = 50
-    good, bad = [1] * 40 + [0] * 10, [1] * 20 + [0] * 30
+    good, bad, worse = [1] * 40 + [0] * 10, [1] * 20 + [0] * 30, [1] * 10 + [0] * 40
     runs = [run(points[0], {"t1": bad}), run(points[1], {"t2": bad}), run(points[2], {"t1": good, "t2": good}),
-            run(points[3], {"t1": bad}), run(points[4], {"t2": bad}), run(points[5], {"t1": bad, "t2": bad})]
+            run(points[3], {"t1": worse, "t2": worse})]
     rows, items = collect(runs, ["t1", "t2"])
     table = pd.DataFrame(rows)
     assert len(table) == 8 and set(table["calibration"]) == {ALL, HELD_OUT}
     held = table[(table["method"] == "vote") & (table["calibration"] == HELD_OUT)]
     assert held["acc"].tolist() == [20 / n, 20 / n] and held["n"].tolist() == [n, n]
+    agnostic = table[table["method"] == "task_agnostic"]      # its one model stands for both calibrations
+    assert sorted(agnostic["calibration"]) == [ALL, ALL, HELD_OUT, HELD_OUT] and agnostic["acc"].eq(10 / n).all()
     md = render(table, items, ["vote", "task_agnostic"], 0.2)
+    assert "Δ vs task_agnostic held out" in md and "| task_agnostic (no task used) |" in md
     line = next(x for x in md.splitlines() if x.startswith("| vote (task held out) |"))
     cells = [c.strip() for c in line.strip("|").split("|")]
     assert cells[1:4] == ["0.40 / 0.40", "0.40 / 0.40", "0.4000"]
     assert cells[4].startswith("-0.600 [") and cells[4].endswith("]*")          # vs dense
     assert cells[5].startswith("-0.400 [") and cells[5].endswith("]*")          # vs vote calibrated on every task
+    assert cells[6].startswith("+0.200 [") and cells[6].endswith("]*")          # vs task_agnostic
