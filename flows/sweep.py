@@ -602,11 +602,9 @@ def write_items(path: Path, rows: dict[str, Items], dense: Items | None) -> None
     atomic_write(path, json.dumps({"dense": dense, "rows": rows}, sort_keys=True, separators=(",", ":")) + "\n")
 
 
-def write_results(root: Path, runs: list[dict[str, Any]], tasks: list[str]):
-    """The sweep table as CSV, markdown and plot under ``root``, and the per-item results beside the CSV;
-    returns the table, the markdown and the paths."""
-    import pandas as pd
-
+def sweep_rows(runs: list[dict[str, Any]], tasks: list[str]):
+    """The rows of ``runs`` (``sweep_row``), their per-item results by experiment, the dense model's per-item
+    results and its summary (the first the runs recorded, or None)."""
     rows, items, dense_items, dense = [], {}, None, None
     for run in runs:
         row, pruned, dense_run = sweep_row(run, tasks)
@@ -619,6 +617,15 @@ def write_results(root: Path, runs: list[dict[str, Any]], tasks: list[str]):
                 dense = json.loads(run["read"](DENSE_METRICS))
             except FileNotFoundError:
                 pass
+    return rows, items, dense_items, dense
+
+
+def write_results(root: Path, runs: list[dict[str, Any]], tasks: list[str]):
+    """The sweep table as CSV, markdown and plot under ``root``, and the per-item results beside the CSV;
+    returns the table, the markdown and the paths."""
+    import pandas as pd
+
+    rows, items, dense_items, dense = sweep_rows(runs, tasks)
     table = add_paired_columns(pd.DataFrame(rows), items, dense_items).drop(columns="label")
     atomic_write(root / CSV, table.to_csv(index=False))
     write_items(items_path(root / CSV), items, dense_items)
@@ -678,24 +685,12 @@ def report(repo: str | Path = ".", csvs: list[str | Path] | None = None, out: st
     tables, items, dense_items = [], {}, None
     if experiments:
         runs = finished_runs(root, experiments)
-        tasks = read_params(root).get("tasks") or []
-        rows = []
-        for run in runs:
-            row, pruned, dense_run = sweep_row(run, tasks)
-            rows.append(row)
-            if pruned is not None:
-                items[row["experiment"]] = pruned
-            dense_items = dense_items or dense_run
+        rows, items, dense_items, dense_record = sweep_rows(runs, read_params(root).get("tasks") or [])
         from diet.config import METHODS, RECOVERIES
 
         rows.sort(key=lambda r: (METHODS.index(r["method"]) if r["method"] in METHODS else len(METHODS),
                                  RECOVERIES.index(r["recover"]) if r["recover"] in RECOVERIES else len(RECOVERIES)))
         tables.append(with_labels(pd.DataFrame(rows)))  # in the order of diet.config's methods, recovery last
-        if dense is None:  # the dense model the experiments themselves evaluated
-            try:
-                dense_record = json.loads(runs[0]["read"](DENSE_METRICS))
-            except FileNotFoundError:
-                dense_record = None
     for p in paths:
         t = with_labels(pd.read_csv(p))
         tables.append(t.drop(columns=[c for c in t.columns if c.startswith(tuple(f"acc_{k}" for k in COMPARISONS))
