@@ -16,6 +16,16 @@ from tests.tiny import FAMILIES, tiny_model
 NEEDS_BOS = {"llama": False, "gemma2": True, "gemma3_text": True, "qwen2": False}
 
 
+
+def run_with_hooks(model, hooks) -> None:
+    """One forward pass of a (2, 7) batch with ``hooks`` registered, removed afterwards."""
+    try:
+        with torch.no_grad():
+            model(torch.randint(4, 128, (2, 7)))
+    finally:
+        for h in hooks:
+            h.remove()
+
 def test_registry_covers_the_supported_families_lazily():
     assert set(SUPPORTED) == set(FAMILIES)
     assert all(":" in target for target in SUPPORTED.values())
@@ -76,14 +86,8 @@ def test_activation_module_inputs_have_the_group_width(model_type):
     model = tiny_model(model_type)
     adapter = get_adapter(model)
     seen = {}
-    hooks = [adapter.activation_module(g, 2).register_forward_hook(
-        lambda m, inp, out, g=g: seen.__setitem__(g, tuple(inp[0].shape))) for g in ("mlp", "attention")]
-    try:
-        with torch.no_grad():
-            model(torch.randint(4, 128, (2, 7)))
-    finally:
-        for h in hooks:
-            h.remove()
+    run_with_hooks(model, [adapter.activation_module(g, 2).register_forward_hook(
+        lambda m, inp, out, g=g: seen.__setitem__(g, tuple(inp[0].shape))) for g in ("mlp", "attention")])
     assert seen == {"mlp": (2, 7, 64), "attention": (2, 7, 4 * 8)}  # (B, T, I_l), (B, T, n_heads_l * head_dim)
 
 
@@ -216,13 +220,7 @@ def test_hidden_group_rules_agree_with_the_weights(model_type):
     sites = rule.activation_sites(adapter, 0)
     assert len(sites) == 2 * adapter.num_layers + 1 and sites[-1] is adapter.final_norm()
     seen = []
-    hooks = [m.register_forward_pre_hook(lambda m, a: seen.append(tuple(a[0].shape))) for m in sites]
-    try:
-        with torch.no_grad():
-            model(torch.randint(4, 128, (2, 7)))
-    finally:
-        for h in hooks:
-            h.remove()
+    run_with_hooks(model, [m.register_forward_pre_hook(lambda m, a: seen.append(tuple(a[0].shape))) for m in sites])
     assert seen == [(2, 7, 32)] * len(sites)
     geo = geometry(model, ("mlp", "attention", "hidden"))
     assert set(geo.crossings) == {"hidden"} and set(geo.crossings["hidden"]) == {"mlp", "attention"}

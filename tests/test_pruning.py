@@ -100,6 +100,21 @@ def check_metadata(model) -> None:
     config.validate()
 
 
+def prune_exactly(model, keep, layout, n_ids=None):
+    """Apply ``keep`` and check the pruned logits equal the dense model's with the removed dimensions zeroed
+    (and differ from the dense ones); returns the pruned model, the input ids, the reference logits and the
+    parameter counts before pruning."""
+    ids = input_ids() if n_ids is None else input_ids(n_ids)
+    dense, reference = logits(model, ids), logits(zero_mask(model, keep), ids)
+    before = parameter_counts(model)
+    pruned = apply_mask(model, keep, layout)
+    out = logits(pruned, ids)
+    torch.testing.assert_close(out, reference, atol=ATOL, rtol=RTOL)
+    assert (out - dense).abs().max() > 1e-2  # the removed dimensions did matter
+    check_metadata(pruned)
+    return pruned, ids, reference, before
+
+
 @pytest.mark.parametrize("layout", ["global", "uniform"])
 @pytest.mark.parametrize("groups", list(GROUP_SETS))
 @pytest.mark.parametrize("family", FAMILIES)
@@ -108,16 +123,9 @@ def test_pruned_logits_equal_zeroed_dense(family, groups, layout):
     seed = 2 * list(GROUP_SETS).index(groups) + (layout == "uniform")
     keep = random_keep(model, GROUP_SETS[groups], layout, seed=seed)
     removed, embedding_removed = removed_by(model, keep)
-    before = parameter_counts(model)
-    ids = input_ids()
-    dense, reference = logits(model, ids), logits(zero_mask(model, keep), ids)
 
-    pruned = apply_mask(model, keep, layout)
+    pruned, ids, reference, before = prune_exactly(model, keep, layout)
 
-    out = logits(pruned, ids)
-    torch.testing.assert_close(out, reference, atol=ATOL, rtol=RTOL)
-    assert (out - dense).abs().max() > 1e-2  # the removed dimensions did matter
-    check_metadata(pruned)
     assert is_per_layer(pruned) == (layout == "global" and groups != "hidden")  # hidden alone: one width
     after = parameter_counts(pruned)
     assert before["decoder"] - after["decoder"] == removed > 0
@@ -524,16 +532,9 @@ def test_per_group_selection_removes_whole_kv_groups_exactly(family, groups, sha
         assert all(w % 8 == 0 for w in mask.widths["mlp"]) and sum(mask.widths["mlp"]) < 64 * adapter.num_layers
     assert mask.multiple == {g_: PER_GROUP_SELECT["multiple"][g_] for g_ in groups}
     keep = mask.keep_tensors()
-    ids = input_ids(2)
-    dense, reference = logits(model, ids), logits(zero_mask(model, keep), ids)
-    before = parameter_counts(model)
 
-    apply_mask(model, keep, layout)
+    model, ids, reference, before = prune_exactly(model, keep, layout, 2)
 
-    out = logits(model, ids)
-    torch.testing.assert_close(out, reference, atol=ATOL, rtol=RTOL)
-    assert (out - dense).abs().max() > 1e-2
-    check_metadata(model)
     heads_kept = [k * heads // kv for k in mask.widths["attention"]]                 # whole groups of query heads
     assert [adapter.num_heads(i) for i in range(adapter.num_layers)] == heads_kept
     assert before["decoder"] - parameter_counts(model)["decoder"] == mask.removed
@@ -604,16 +605,9 @@ def test_hidden_selection_prunes_exactly_and_reloads(family, groups, shape, layo
                    select_cfg=SelectConfig(**HIDDEN_SELECT, layout=layout))
     assert len(mask.keep["hidden"]) == 1 and mask.widths["hidden"] == [24]
     keep = mask.keep_tensors()
-    ids = input_ids(6)
-    dense, reference = logits(model, ids), logits(zero_mask(model, keep), ids)
-    before = parameter_counts(model)
 
-    apply_mask(model, keep, layout)
+    model, ids, reference, before = prune_exactly(model, keep, layout, 6)
 
-    out = logits(model, ids)
-    torch.testing.assert_close(out, reference, atol=ATOL, rtol=RTOL)
-    assert (out - dense).abs().max() > 1e-2
-    check_metadata(model)
     after = parameter_counts(model)
     assert before["decoder"] - after["decoder"] == mask.removed
     assert after["embedding"] == before["embedding"] // 2                           # 24 of 48 columns kept
