@@ -268,11 +268,25 @@ def check_mode(mode: str, jobs: Any) -> int:
     return jobs
 
 
-def experiment_states(root: Path, rev: str | None = None) -> dict[str, dict[str, Any]]:
+def experiment_states(root: Path, rev: str | None = None, *, attempts: int = 4,
+                      wait: float = 3.0) -> dict[str, dict[str, Any]]:
     """``{experiment name: {"state": executor state or None, "rev": its commit}}`` from ``dvc exp show --json``
     for the experiments of baseline commit ``rev`` (default HEAD; states: queued, running, success, failed; a
-    finished experiment's commit holds its outputs' hashes)."""
-    res = run_dvc(["exp", "show", "--json", *(["--rev", rev] if rev else [])], root)
+    finished experiment's commit holds its outputs' hashes).
+
+    While the queue runs, ``dvc exp show`` can fail on an executor's temporary copy that is removed as it reads
+    it ("directory '.dvc/tmp/exps/tmp…/.dvc' does not exist"): the command is tried ``attempts`` times,
+    ``wait`` seconds apart, before its error is raised.
+    """
+    args = ["exp", "show", "--json", *(["--rev", rev] if rev else [])]
+    for attempt in range(1, attempts + 1):
+        try:
+            res = run_dvc(args, root)
+            break
+        except DvcCommandError:
+            if attempt == attempts:
+                raise
+            time.sleep(wait)
     starts = [i for i, line in enumerate(res.output.splitlines(keepends=True)) if line.startswith("[")]
     try:  # the JSON list starts a line of its own; stderr lines (warnings) may come before it
         text = "".join(res.output.splitlines(keepends=True)[starts[0]:])

@@ -221,3 +221,41 @@ def test_run_queue_gives_up_after_its_timeout(fake_queue):
     with pytest.raises(FlowError, match="a had not finished after 0 s") as e:
         sweep.run_queue(tmp_path, ["a"], 2, tmp_path / "log", poll=0, check_every=0, timeout=0)
     assert "dvc queue kill" in e.value.fix
+
+
+def _exp_show_failing(times: int, calls: list):
+    """A stand-in for run_dvc whose first ``times`` calls fail as ``dvc exp show`` does when an executor's
+    temporary copy disappears under it, then prints one running experiment."""
+    from flows.repo import DvcCommandError, DvcResult
+
+    listing = '[{"rev": "base", "experiments": [{"name": "a", "executor": {"state": "running"}, ' \
+              '"revs": [{"rev": "c0ffee", "name": "a"}]}]}]'
+
+    def run(args, root, **kw):
+        calls.append(args)
+        if len(calls) <= times:
+            raise DvcCommandError(args, 1, "ERROR: failed to show experiments - directory "
+                                           "'.dvc/tmp/exps/tmpx/.dvc' does not exist")
+        return DvcResult(args, 0, listing, 0.1)
+    return run
+
+
+def test_experiment_states_retries_exp_show_while_an_executor_cleans_up(monkeypatch, tmp_path):
+    import flows.sweep as sweep
+
+    calls: list = []
+    monkeypatch.setattr(sweep, "run_dvc", _exp_show_failing(2, calls))
+    states = sweep.experiment_states(tmp_path, "base", wait=0)
+    assert states == {"a": {"state": "running", "rev": "c0ffee"}}
+    assert len(calls) == 3 and calls[0] == ["exp", "show", "--json", "--rev", "base"]
+
+
+def test_experiment_states_raises_when_exp_show_keeps_failing(monkeypatch, tmp_path):
+    import flows.sweep as sweep
+    from flows.repo import DvcCommandError
+
+    calls: list = []
+    monkeypatch.setattr(sweep, "run_dvc", _exp_show_failing(10, calls))
+    with pytest.raises(DvcCommandError, match="failed to show experiments"):
+        sweep.experiment_states(tmp_path, attempts=3, wait=0)
+    assert len(calls) == 3
