@@ -28,7 +28,7 @@ run: install
 	PATH="$(BIN):$$PATH" dvc metrics show
 
 test: install
-	PATH="$(BIN):$$PATH" $(OFFLINE) OMP_NUM_THREADS=1 python -m pytest -q -m "slow or not slow"
+	PATH="$(BIN):$$PATH" $(OFFLINE) OMP_NUM_THREADS=1 python -m pytest -q -m "slow or not slow" --durations=15
 
 test-fast: install
 	PATH="$(BIN):$$PATH" $(OFFLINE) OMP_NUM_THREADS=1 python -m pytest -q

@@ -4,7 +4,12 @@
 
 Pruned variants: every ``--sparsities`` x ``--layouts`` (mlp group, default select constraints). Their masks
 come from DIET itself: the majority vote of per-task scores on a small calibration set (``--tasks``,
-``--n-calib`` samples each, scored once and reused for every variant).
+``--n-calib`` samples each, scored once and reused for every variant). Or, with ``--experiments PATTERN``,
+the pruned checkpoints (``models/pruned``) of the pipeline's finished DVC experiments whose names match, e.g.
+those of ``diet-flow sweep --groups mlp,hidden,mlp+hidden`` (read from the DVC cache at each experiment's
+commit; ``--repo`` is the project that ran them):
+
+    OMP_NUM_THREADS=1 python benchmarks/latency.py --experiments 'vote-*-s0.2-20261129T0700*'
 
 Per variant: parameter counts and bytes; prefill time of a ``--prompt-tokens`` prompt; time per greedily
 decoded token over ``--new-tokens`` tokens (KV cache); and, in a fresh process that loads the saved checkpoint,
@@ -149,6 +154,31 @@ def calibration_texts(tasks: list[str], n: int, workdir: Path) -> dict[str, list
     return texts
 
 
+def width_ranges(mask_summary: dict) -> dict[str, tuple[int, int]]:
+    """``{group: (narrowest, widest)}`` of a mask summary (``results/pruned/summary.json``'s ``mask``)."""
+    return {g: (int(s["width_min"]), int(s["width_max"])) for g, s in (mask_summary.get("groups") or {}).items()}
+
+
+def experiment_variants(repo: Path, patterns: list[str], workdir: Path) -> list[dict]:
+    """One variant per finished DVC experiment matching ``patterns``: its pruned checkpoint, fetched from the
+    DVC cache at the experiment's commit into ``workdir``, named by method and pruned groups."""
+    from dvc.api import DVCFileSystem
+
+    from flows.sweep import PRUNED_METRICS, finished_runs, row_label
+
+    variants = []
+    for run in finished_runs(repo, patterns):
+        point, summary = run["point"], json.loads(run["read"](PRUNED_METRICS))
+        path = workdir / run["experiment"]
+        DVCFileSystem(str(repo), rev=run["rev"]).get("models/pruned", str(path), recursive=True)
+        mask = summary.get("mask") or {}
+        variants.append({"name": row_label(point.method, point.recover, point.groups), "sparsity": point.sparsity,
+                         "layout": mask.get("layout", "-"), "model": load_model(path), "path": path,
+                         "achieved_sparsity": mask.get("achieved_sparsity"), "widths": width_ranges(mask),
+                         "experiment": run["experiment"]})
+    return variants
+
+
 def build_variants(base: Path, args, workdir: Path) -> list[dict]:
     """Dense plus one pruned model per (sparsity, layout), each saved under ``workdir`` for the memory probe."""
     from transformers import AutoTokenizer
@@ -171,8 +201,7 @@ def build_variants(base: Path, args, workdir: Path) -> list[dict]:
             path = save_pruned(model, tokenizer, workdir / name.replace(" ", "_"), {"mask": mask.summary()})
             widths = mask.widths["mlp"]
             variants.append({"name": name, "sparsity": sparsity, "layout": layout, "model": model, "path": path,
-                             "achieved_sparsity": mask.sparsity, "mlp_width_min": min(widths),
-                             "mlp_width_max": max(widths)})
+                             "achieved_sparsity": mask.sparsity, "widths": {"mlp": (min(widths), max(widths))}})
     return variants
 
 
@@ -186,7 +215,11 @@ def run(args) -> dict:
 
             base = tmp / "base"
             materialise("smollm2", base)
-        variants = build_variants(base, args, tmp)
+        if args.experiments:
+            variants = [{"name": "dense", "sparsity": 0.0, "layout": "-", "model": load_model(base), "path": base},
+                        *experiment_variants(Path(args.repo), args.experiments, tmp)]
+        else:
+            variants = build_variants(base, args, tmp)
         vocab = variants[0]["model"].get_input_embeddings().num_embeddings
         prompt = fixed_prompt(vocab, args.prompt_tokens)                        # (1, P)
         for v in variants:  # warm-up: first calls allocate and pick kernels
@@ -207,9 +240,8 @@ def run(args) -> dict:
         counts = parameter_counts(v["model"])
         rows.append({
             "name": v["name"], "layout": v["layout"], "target_sparsity": v["sparsity"],
-            "achieved_sparsity": v.get("achieved_sparsity", 0.0),
-            "mlp_width_min": v.get("mlp_width_min", dense["model"].config.intermediate_size),
-            "mlp_width_max": v.get("mlp_width_max", dense["model"].config.intermediate_size),
+            "achieved_sparsity": v.get("achieved_sparsity", 0.0), "widths": v.get("widths", {}),
+            **({"experiment": v["experiment"]} if "experiment" in v else {}),
             "params_total": counts["total"], "params_non_embedding": counts["non_embedding"],
             "params_decoder": counts["decoder"], "param_bytes": parameter_bytes(v["model"]),
             **timing_summary(v["times"], dense["times"]),
@@ -221,20 +253,23 @@ def run(args) -> dict:
                     "processor": platform.processor() or platform.machine(), "python": platform.python_version(),
                     "torch": torch.__version__},
         "settings": {"model": str(args.model or "smollm2 (materialised)"), "prompt_tokens": args.prompt_tokens,
-                     "new_tokens": args.new_tokens, "repeats": args.repeats, "group": "mlp",
-                     "masks": f"diet vote of {', '.join(args.tasks)} x {args.n_calib} calibration samples",
+                     "new_tokens": args.new_tokens, "repeats": args.repeats,
+                     "masks": f"the pruned checkpoints of experiments {', '.join(args.experiments)}"
+                     if args.experiments else
+                     f"diet vote (mlp group) of {', '.join(args.tasks)} x {args.n_calib} calibration samples",
                      "select": {"min_keep": SelectConfig().min_keep, "multiple": SelectConfig().multiple}},
         "variants": rows,
     }
 
 
 def markdown(result: dict) -> str:
-    lines = ["| variant | achieved sparsity | MLP width min-max | params total (M) | decoder (M) | param MB "
+    lines = ["| variant | achieved sparsity | widths min-max | params total (M) | decoder (M) | param MB "
              "| peak RSS MB | prefill CPU ms | ratio | prefill wall ms (min) | ms/token CPU | ratio "
              "| ms/token wall (min) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["variants"]:
-        lines.append(f"| {r['name']} | {r['achieved_sparsity']:.3f} | {r['mlp_width_min']}-{r['mlp_width_max']} "
+        widths = ", ".join(f"{g} {lo}-{hi}" if lo != hi else f"{g} {lo}" for g, (lo, hi) in r["widths"].items())
+        lines.append(f"| {r['name']} | {r['achieved_sparsity']:.3f} | {widths or '-'} "
                      f"| {r['params_total'] / 1e6:.1f} | {r['params_decoder'] / 1e6:.1f} "
                      f"| {r['param_bytes'] / 2**20:.0f} | {r['rss_peak_mb']:.0f} "
                      f"| {_ms(r, 'prefill_cpu', 0)} | {r['prefill_cpu_ratio']:.2f} | {r['prefill_wall_ms_min']:.0f} "
@@ -255,6 +290,10 @@ def main(argv=None) -> None:
     p.add_argument("--prompt-tokens", type=int, default=256)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--experiments", nargs="+", metavar="PATTERN",
+                   help="time the pruned checkpoints of the finished DVC experiments whose names match (shell-style) "
+                        "instead of building variants")
+    p.add_argument("--repo", default=str(ROOT), help="with --experiments: the project that ran them (default: this one)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "latency.json"))
     p.add_argument("--rss-child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)

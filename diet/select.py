@@ -215,7 +215,7 @@ def select(priority: Mapping[str, torch.Tensor], widths: Mapping[str, Sequence[i
             raise ValueError(f"group '{g}' has a priority but no widths or costs")
         if tuple(priority[g].shape) != (len(widths[g]), max(widths[g])):
             raise ValueError(f"priority of '{g}' is {tuple(priority[g].shape)}, widths are {list(widths[g])}")
-    floors = {g: [floor_width(w, keeps[g], multiples[g]) for w in widths[g]] for g in groups}
+    floors = _floors(widths, groups, keeps, multiples)
     _check_reachable(groups, widths, costs, floors, sparsity, decoder_params, layout, multiples, crossings)
     targets = removal_targets(widths, costs, sparsity, decoder_params, groups, crossings)
 
@@ -257,7 +257,7 @@ def check_constraints(widths: Mapping[str, Sequence[int]], groups: Sequence[str]
     ``multiple`` not smaller than the widest layer (the only width it allows is the whole layer), and a
     ``min_keep`` whose floor keeps every dimension. Each is a ConfigError naming the key and the fix. Needs the
     widths only (``diet.geometry.geometry_from_folder`` reads them from the config). The budget itself is
-    checked by ``select``.
+    checked by ``check_budget`` (and again by ``select``).
     """
     keeps, multiples = _resolve(min_keep, multiple, groups)
     for g in groups:
@@ -289,6 +289,22 @@ def check_constraints(widths: Mapping[str, Sequence[int]], groups: Sequence[str]
                               f"set {key} to at most {bound} (keeping {most} of {widest}), e.g. select.min_keep: "
                               f"{{{', '.join(f'{o}: {v}' for o, v in example.items())}}}, or leave {g} out of "
                               "prune.groups")
+
+
+def _floors(widths: Mapping[str, Sequence[int]], groups: Sequence[str], keeps: Mapping[str, float],
+            multiples: Mapping[str, int]) -> dict[str, list[int]]:
+    """The least kept width of every layer of every group under ``min_keep`` and ``multiple``."""
+    return {g: [floor_width(w, keeps[g], multiples[g]) for w in widths[g]] for g in groups}
+
+
+def check_budget(geo, groups: Sequence[str], sparsity: float, min_keep: float | Mapping[str, float],
+                 multiple: int | Mapping[str, int], layout: str) -> None:
+    """Refuse a ``prune.sparsity`` that ``groups`` cannot reach under these constraints, from the model's
+    geometry alone (``diet.geometry.Geometry``: widths and parameter costs from the config; no scores, no
+    weights): the ConfigError ``select`` would raise, saying the largest reachable sparsity."""
+    keeps, multiples = _resolve(min_keep, multiple, groups)
+    _check_reachable(list(groups), geo.widths, geo.costs, _floors(geo.widths, groups, keeps, multiples), sparsity,
+                     geo.decoder_params, layout, multiples, geo.crossings)
 
 
 def _removal_order(prio: torch.Tensor) -> list[int]:

@@ -99,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--methods", type=_names, default=["vote"],
                    help="comma-separated merge methods, each optionally with a recovery: vote,flap,flap+bias "
                         "(default: vote)")
+    q.add_argument("--groups", type=_names, default=None,
+                   help="comma-separated combinations of dimension groups to prune, each joined by +, e.g. "
+                        "mlp,hidden,mlp+attention+hidden (default: params.yaml's prune.groups; every group "
+                        "must be in score.groups)")
     experiments(q)
 
     q = sub.add_parser("loto", help="leave-one-task-out: per task, a mask merged without it, evaluated on it")
@@ -193,11 +197,13 @@ def dispatch(args: argparse.Namespace) -> Any:
                              workdir=args.workdir)
     if args.command in ("sweep", "loto"):
         from flows.pipeline import validate_run
-        from flows.sweep import parse_variant, sweep_flow
+        from flows.sweep import check_points, make_points, parse_variant, sweep_flow
 
-        validate_run(args.repo, parse_sets(args.sets))
+        root = validate_run(args.repo, parse_sets(args.sets))
+        if args.command == "sweep":  # a point that cannot run fails before a Prefect server starts
+            check_points(root, parse_sets(args.sets), make_points(args.sparsities, args.methods, args.groups))
         for method in args.methods:
-            parse_variant(method)  # an unknown method fails before a Prefect server starts
+            parse_variant(method)
         if args.command == "loto" and args.from_experiments:
             from flows.loto import loto_report
 
@@ -210,7 +216,7 @@ def dispatch(args: argparse.Namespace) -> Any:
                             retries=args.retries, mode=args.mode, jobs=args.jobs)
             return {"files": out["files"]}
 
-        out = sweep_flow(repo=args.repo, sparsities=args.sparsities, methods=args.methods,
+        out = sweep_flow(repo=args.repo, sparsities=args.sparsities, methods=args.methods, groups=args.groups,
                          params=parse_sets(args.sets), task_runner=args.runner, workers=args.workers,
                          address=args.address, retries=args.retries, mode=args.mode, jobs=args.jobs)
         return {"files": out["files"], "shared": out["shared"]}

@@ -37,9 +37,10 @@ from prefect.cache_policies import NO_CACHE
 from flows import repo as flows_repo  # dvc_executable looked up on use, never bound at import
 from flows.pipeline import make_task_runner, plan, publish_report, run_stages, validate_run
 from flows.repo import (RAN, RUN_LOG, DvcCommandError, DvcResult, FlowError, atomic_write, child_env, downstream,
-                        read_params, read_run_log, run_dvc, stage_status, stages_reading, write_params)
+                        merged_params, read_params, read_run_log, run_dvc, stage_status, stages_reading,
+                        write_params)
 
-SWEPT = ("prune.sparsity", "merge.method", "prune.recover", "merge.weights")
+SWEPT = ("prune.sparsity", "merge.method", "prune.recover", "merge.weights", "prune.groups")
 DEFAULT_SPARSITIES, DEFAULT_METHODS = (0.1, 0.2, 0.3), ("vote",)
 PRUNED_METRICS = "results/pruned/summary.json"  # the report stage's whole record of each model
 DENSE_METRICS = "results/dense/summary.json"
@@ -95,27 +96,30 @@ def _check_same_items(table, dense: dict[str, Any], dense_path: Path) -> None:
 
 @dataclass(frozen=True)
 class Point:
-    """One experiment of a sweep: a merge method at a sparsity, optionally with a recovery and a task left out.
+    """One experiment of a sweep: a merge method at a sparsity, optionally with a recovery, the dimension
+    groups it prunes, and a task left out.
 
-    ``recover`` None keeps params.yaml's ``prune.recover``; ``held_out`` names a task whose merge weight is set
-    to 0 (left out of the calibration) and whose evaluation alone the experiment runs (leave-one-task-out).
+    ``recover`` None keeps params.yaml's ``prune.recover``; ``groups`` None keeps its ``prune.groups``;
+    ``held_out`` names a task whose merge weight is set to 0 (left out of the calibration) and whose evaluation
+    alone the experiment runs (leave-one-task-out).
     """
 
     method: str
     sparsity: float
     recover: str | None = None
     held_out: str | None = None
+    groups: tuple[str, ...] | None = None
 
     @property
     def label(self) -> str:
-        """``vote``, ``vote+bias``: the row's name in the tables."""
-        return row_label(self.method, self.recover)
+        """``vote``, ``vote+bias``, ``vote [mlp+hidden]``: the row's name in the tables."""
+        return row_label(self.method, self.recover, self.groups)
 
     def name(self, sweep_id: str) -> str:
         """The DVC experiment name, e.g. ``vote-s0.2-20261129T0312``, ``flap-bias-s0.2-..``,
-        ``vote-no-boolq-s0.2-..`` (unique per sweep)."""
+        ``vote-no-boolq-s0.2-..``, ``vote-mlp_hidden-s0.2-..`` (unique per sweep)."""
         parts = [self.method] + ([self.recover] if self.recover not in (None, "none") else []) + \
-            ([f"no-{self.held_out}"] if self.held_out else [])
+            (["_".join(self.groups)] if self.groups else []) + ([f"no-{self.held_out}"] if self.held_out else [])
         return f"{'-'.join(parts)}-s{self.sparsity:g}-{sweep_id}"
 
     def sets(self) -> list[str]:
@@ -123,6 +127,8 @@ class Point:
         out = ["-S", f"prune.sparsity={self.sparsity}", "-S", f"merge.method={self.method}"]
         if self.recover:
             out += ["-S", f"prune.recover={self.recover}"]
+        if self.groups:
+            out += ["-S", f"prune.groups=[{','.join(self.groups)}]"]
         if self.held_out:  # ``++``: add the key to the weights mapping, or replace its value
             out += ["-S", f"++merge.weights.{self.held_out}=0", f"evaluate@{self.held_out}",
                     f"evaluate_dense@{self.held_out}"]
@@ -141,6 +147,86 @@ def parse_variant(text: str) -> tuple[str, str | None]:
         raise FlowError(f"recovery {recover!r} in {text!r} is unknown",
                         f"write METHOD+RECOVERY with one of: {', '.join(RECOVERIES)}, e.g. vote+bias")
     return method, recover or None
+
+
+def parse_groups(text: str) -> tuple[str, ...]:
+    """``"mlp+hidden"`` -> ("mlp", "hidden"): the dimension groups one sweep point prunes (``prune.groups``).
+    Refuses unknown and repeated groups."""
+    from diet.config import GROUPS
+
+    groups = tuple(g.strip() for g in str(text).split("+"))
+    bad = [g for g in groups if g not in GROUPS]
+    if bad:
+        raise FlowError(f"group {bad[0]!r} in {text!r} is unknown",
+                        f"write groups joined by +, each one of: {', '.join(GROUPS)}, e.g. mlp+hidden")
+    if len(set(groups)) != len(groups):
+        raise FlowError(f"{text!r} names a group twice", "name each group once, e.g. mlp+hidden")
+    return groups
+
+
+def group_order(groups: str) -> tuple:
+    """Sort key of a ``+``-joined groups cell: fewer groups first, then in diet.config's order."""
+    from diet.config import GROUPS
+
+    names = [g for g in str(groups).split("+") if g]
+    return len(names), [GROUPS.index(g) if g in GROUPS else len(GROUPS) for g in names]
+
+
+def make_points(sparsities: list[float] | None, methods: list[str] | None,
+                groups: list[str] | None = None) -> list[Point]:
+    """One point per (method[+recovery], groups, sparsity): ``methods`` like ``vote``, ``flap+bias``; ``groups``
+    like ``mlp``, ``mlp+hidden`` (None keeps params.yaml's prune.groups). None sparsities or methods: the
+    defaults. Refuses empty, repeated and out-of-range values."""
+    sparsities = [float(s) for s in (sparsities if sparsities is not None else DEFAULT_SPARSITIES)]
+    methods = [str(m) for m in (methods if methods is not None else DEFAULT_METHODS)]
+    if not sparsities or not methods:
+        raise FlowError("the sweep needs at least one sparsity and one method", "pass e.g. sparsities=[0.1, 0.2]")
+    if len(set(sparsities)) != len(sparsities) or len(set(methods)) != len(methods):
+        raise FlowError("sparsities and methods must not repeat", "list each value once")
+    bad = [s for s in sparsities if not 0.0 < s < 1.0]
+    if bad:
+        raise FlowError(f"sparsities {bad} are outside (0, 1)", "pass shares of parameters to remove, e.g. 0.2")
+    variants = [parse_variant(m) for m in methods]
+    combos = [parse_groups(g) for g in groups] if groups else [None]
+    if len(set(combos)) != len(combos):
+        raise FlowError("the group combinations repeat", "list each combination once")
+    return [Point(method, sparsity, recover, groups=g) for method, recover in variants for g in combos
+            for sparsity in sparsities]
+
+
+#: the model stage's output: its config gives the widths that select's constraints are checked against
+BASE_MODEL = "models/base"
+
+
+def check_points(root: Path, params: dict[str, Any] | None, points: list[Point]) -> None:
+    """Every point's params.yaml (the workspace's, ``params`` and the point's values) must pass the checks the
+    stages run (diet.config, and select's constraints and budget against the model's geometry when the workspace
+    holds the model the sweep uses: its config only), so that a point that would fail in DVC's queue fails here, before anything runs."""
+    from diet.config import ConfigError, Params
+    from diet.geometry import geometry_from_folder
+    from diet.select import check_budget, check_constraints
+
+    current = read_params(root)
+    base = merged_params(current, params)
+    model = root / BASE_MODEL if base.get("model") == current.get("model") and \
+        (root / BASE_MODEL / "config.json").is_file() else None
+    for point in points:
+        values = {"prune.sparsity": point.sparsity, "merge.method": point.method}
+        if point.recover:
+            values["prune.recover"] = point.recover
+        if point.groups:
+            values["prune.groups"] = list(point.groups)
+        if point.held_out:
+            values[f"merge.weights.{point.held_out}"] = 0
+        try:
+            checked = Params.from_dict(merged_params(base, values))
+            if model is not None:  # reads the config only; a group the family cannot prune is a ConfigError
+                groups, select = checked.prune.groups, checked.select
+                geo = geometry_from_folder(model, groups)
+                check_constraints(geo.widths, groups, select.min_keep, select.multiple)
+                check_budget(geo, groups, checked.prune.sparsity, select.min_keep, select.multiple, select.layout)
+        except ConfigError as e:
+            raise FlowError(f"sweep point {point.label} @ {point.sparsity:g}: {e.problem}", e.fix) from None
 
 
 def experiment_name(method: str, sparsity: float, sweep_id: str) -> str:
@@ -223,7 +309,7 @@ def finished_runs(root: Path, patterns: list[str]) -> list[dict[str, Any]]:
             zero = sorted(t for t, w in (merge.get("weights") or {}).items() if float(w) == 0.0)
             held = next((t for t in zero if f"-no-{t}-" in name), None)
             point = Point(str(merge.get("method")), float(prune.get("sparsity")), prune.get("recover") or "none",
-                          held_out=held)
+                          held_out=held, groups=tuple(prune.get("groups") or ()) or None)
             runs.append({"point": point, "experiment": name, "rev": refs[name], "stages": {}, "read": read})
     return runs
 
@@ -420,8 +506,9 @@ def sweep_row(run: dict[str, Any], tasks: list[str]) -> tuple[dict[str, Any], It
     except FileNotFoundError:
         raise FlowError(f"experiment {run['experiment']} recorded no {PRUNED_METRICS}",
                         "check dvc.yaml: the report stage must write it as an output") from None
-    recover = (params_at(read).get("prune") or {}).get("recover") or "none"
-    row = {"method": point.method, "recover": recover, "sparsity": point.sparsity, **metrics_row(metrics),
+    prune = params_at(read).get("prune") or {}
+    row = {"method": point.method, "recover": prune.get("recover") or "none",
+           "groups": "+".join(prune.get("groups") or ()), "sparsity": point.sparsity, **metrics_row(metrics),
            "experiment": run["experiment"]}
     return row, read_items(read, tasks, "pruned"), read_items(read, tasks, "dense")
 
@@ -437,19 +524,33 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def row_label(method: str, recover: Any) -> str:
-    """A row's name: the merge method, with ``+bias`` when the row's model used a recovery."""
-    return str(method) if recover in (None, "none") or (isinstance(recover, float) and math.isnan(recover)) \
-        else f"{method}+{recover}"
+def _blank(v: Any) -> bool:
+    return v is None or v == "" or (isinstance(v, float) and math.isnan(v))
+
+
+def row_label(method: str, recover: Any, groups: Any = None) -> str:
+    """A row's name: the merge method, with ``+bias`` when the row's model used a recovery, and the pruned
+    groups in brackets when given (``vote [mlp+hidden]``; a tuple or a ``+``-joined string)."""
+    label = str(method) if recover in (None, "none") or _blank(recover) else f"{method}+{recover}"
+    if not _blank(groups):
+        label += f" [{groups if isinstance(groups, str) else '+'.join(groups)}]"
+    return label
 
 
 def with_labels(table):
-    """The sweep table with ``recover`` (``none`` where a table predates it) and ``label`` columns."""
+    """The sweep table with ``recover`` (``none`` where a table predates it), ``groups`` (the pruned groups,
+    ``+``-joined; empty where a table predates it) and ``label`` columns. Labels name the groups only when the
+    table's rows prune different groups."""
     table = table.copy()
     if "recover" not in table.columns:
         table.insert(1, "recover", "none")
     table["recover"] = table["recover"].fillna("none")
-    table["label"] = [row_label(m, r) for m, r in zip(table["method"], table["recover"])]
+    if "groups" not in table.columns:
+        table.insert(2, "groups", "")
+    table["groups"] = table["groups"].fillna("")
+    several = table["groups"].nunique() > 1
+    table["label"] = [row_label(m, r, g if several else None)
+                      for m, r, g in zip(table["method"], table["recover"], table["groups"])]
     return table
 
 
@@ -501,7 +602,7 @@ def plot_accuracy(table, path: Path, dense: dict[str, Any] | None) -> None:
 # -- paired comparisons --------------------------------------------------------------------------------------------
 #: the comparisons of every row: column prefix -> what the row is compared with
 COMPARISONS = {"vs_dense": "the dense model", "vs_task_agnostic": "task_agnostic (recover none)",
-               "vs_best_baseline": "the best field baseline (wanda_sp, flap, any recovery) at that sparsity"}
+               "vs_best_baseline": "the best field baseline (wanda_sp, flap, any recovery) at that sparsity"}  # each with the same groups
 
 
 def paired_mean(reference: Items, candidate: Items, metric: int = 0, seed: int = 0):
@@ -524,7 +625,7 @@ def add_paired_columns(table, items: dict[str, Items], dense_items: Items | None
         for suffix in ("", "_low", "_high"):
             table[f"acc_{key}{suffix}"] = float("nan")
     table["best_baseline"] = ""
-    for sparsity, group in table.groupby("sparsity"):
+    for _, group in table.groupby(["sparsity", "groups"]):  # references prune the same groups
         agnostic = group[(group["method"] == TASK_AGNOSTIC) & (group["recover"] == "none")]
         field = group[group["method"].isin(FIELD_BASELINES)].sort_values("acc", ascending=False, kind="stable")
         refs = {"vs_task_agnostic": agnostic.iloc[0] if len(agnostic) else None,
@@ -564,7 +665,10 @@ def comparison_markdown(table, dense: dict[str, Any] | None) -> str:
     paired = [k for k in COMPARISONS if f"acc_{k}" in table.columns and table[f"acc_{k}"].notna().any()]
     heads = {"vs_dense": "Δ acc vs dense", "vs_task_agnostic": "Δ acc vs task_agnostic",
              "vs_best_baseline": "Δ acc vs best baseline"}
-    head = ["method", *tasks, "mean acc", "mean acc_norm", "perplexity", *(heads[k] for k in paired)]
+    # rows that prune different groups differ in size: their total parameters (embedding included) are shown
+    sizes = table["groups"].nunique() > 1 and "params_total" in table.columns
+    head = ["method", *tasks, "mean acc", "mean acc_norm", "perplexity", *(["total params (M)"] if sizes else []),
+            *(heads[k] for k in paired)]
 
     def pair(a: Any, b: Any) -> str:
         ok = lambda v: v is not None and not (isinstance(v, float) and math.isnan(v))  # noqa: E731
@@ -575,6 +679,8 @@ def comparison_markdown(table, dense: dict[str, Any] | None) -> str:
                  *(f"{r[k]:.4f}" if isinstance(r.get(k), float) and not math.isnan(r[k]) else ""
                    for k in ("acc", "acc_norm")),
                  f"{r['perplexity']:.2f}" if isinstance(r.get("perplexity"), float) else "",
+                 *([f"{r['params_total'] / 1e6:.1f}" if _number(r.get("params_total")) is not None
+                    and not math.isnan(r["params_total"]) else ""] if sizes else []),
                  *(interval_cell(r, k) for k in paired)]
         return "| " + " | ".join(cells) + " |"
 
@@ -703,7 +809,8 @@ def report(repo: str | Path = ".", csvs: list[str | Path] | None = None, out: st
         from diet.config import METHODS, RECOVERIES
 
         rows.sort(key=lambda r: (METHODS.index(r["method"]) if r["method"] in METHODS else len(METHODS),
-                                 RECOVERIES.index(r["recover"]) if r["recover"] in RECOVERIES else len(RECOVERIES)))
+                                 RECOVERIES.index(r["recover"]) if r["recover"] in RECOVERIES else len(RECOVERIES),
+                                 group_order(r["groups"])))
         tables.append(with_labels(pd.DataFrame(rows)))  # in the order of diet.config's methods, recovery last
     for p in paths:
         t = with_labels(pd.read_csv(p))
@@ -716,7 +823,7 @@ def report(repo: str | Path = ".", csvs: list[str | Path] | None = None, out: st
                             "combine sweeps evaluated on the same items (same evaluate.limit and evaluate.seed)")
         dense_items = dense_items or d
     table = pd.concat(tables, ignore_index=True)
-    table = table.drop_duplicates(["method", "recover", "sparsity"], keep="last").sort_values("sparsity",
+    table = table.drop_duplicates(["method", "recover", "groups", "sparsity"], keep="last").sort_values("sparsity",
                                                                                               kind="stable")
     table = add_paired_columns(table, items, dense_items).drop(columns="label")
     if experiments and dense is None:
@@ -779,27 +886,20 @@ def _restore(root: Path, snap: dict[str, Any]) -> None:
 def sweep_flow(repo: str = ".", sparsities: list[float] | None = None, methods: list[str] | None = None,
                params: dict[str, Any] | None = None, task_runner: str = "threads", workers: int = 2,
                address: str | None = None, retries: int = 1, mode: str = "queue", jobs: int | None = None,
-               timeout: float | None = None) -> dict[str, Any]:
-    """Evaluate every (method, sparsity) as a DVC experiment, reusing one computation of every task score.
+               timeout: float | None = None, groups: list[str] | None = None) -> dict[str, Any]:
+    """Evaluate every (method, groups, sparsity) as a DVC experiment, reusing one computation of every task score.
 
     ``methods`` are merge methods, each optionally with the recovery its models use: ``vote``, ``vote+bias``.
+    ``groups`` are combinations of dimension groups to prune (``prune.groups``), e.g. ``["mlp", "mlp+hidden"]``;
+    None keeps params.yaml's. Every point's params are checked as the stages would check them, before anything runs.
     ``params`` overrides other settings for the whole sweep (restored afterwards with params.yaml).
     ``mode``: ``queue`` runs the experiments ``jobs`` (default: ``workers``) at a time in DVC's queue, each in a
     temporary copy of the repo (``timeout``: seconds to wait for them, None: no limit); ``workspace`` runs them
     one after the other in the workspace. Returns the table rows, the output paths, and which stages ran in the
     shared step and per experiment.
     """
-    sparsities = [float(s) for s in (sparsities if sparsities is not None else DEFAULT_SPARSITIES)]
-    methods = [str(m) for m in (methods if methods is not None else DEFAULT_METHODS)]
-    if not sparsities or not methods:
-        raise FlowError("the sweep needs at least one sparsity and one method", "pass e.g. sparsities=[0.1, 0.2]")
-    if len(set(sparsities)) != len(sparsities) or len(set(methods)) != len(methods):
-        raise FlowError("sparsities and methods must not repeat", "list each value once")
-    bad = [s for s in sparsities if not 0.0 < s < 1.0]
-    if bad:
-        raise FlowError(f"sparsities {bad} are outside (0, 1)", "pass shares of parameters to remove, e.g. 0.2")
-    variants = [parse_variant(m) for m in methods]
-    points = [Point(method, sparsity, recover) for method, recover in variants for sparsity in sparsities]
+    points = make_points(sparsities, methods, groups)
+    check_points(validate_run(repo, params), params, points)
     runs, root, shared = experiments_flow(repo, points, params, task_runner, workers, address, retries, mode, jobs,
                                           timeout, "diet-sweep")
     tasks = read_params(root).get("tasks") or []

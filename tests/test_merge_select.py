@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 from diet.errors import ConfigError, DataError
 from diet.merge import (_descending_order, keep_count, layer_agreement, magnitude_scores, means_source, merge,
                         moment_baseline_scores, normalize, recovery_means, removal_targets, task_keep_mask)
-from diet.select import Mask, floor_width, select
+from diet.geometry import Geometry
+from diet.select import Mask, check_budget, floor_width, select
 from diet.merge import removal_fraction, removed_params, shared_params
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -341,9 +342,15 @@ def test_select_with_the_hidden_group_counts_shared_parameters_once(layout):
     assert mask.removed == removed_params(dropped, costs, crossings)
     assert len(mask.keep["hidden"]) == 1 and 0 < mask.widths["hidden"][0] < 8
     assert mask.sparsity == pytest.approx(0.3, abs=0.06)
-    with pytest.raises(ConfigError, match="cannot be reached"):
+    with pytest.raises(ConfigError, match="cannot be reached") as refused:
         select(prio, widths, costs, sparsity=0.6, decoder_params=decoder, min_keep=0.5, multiple=1,
                layout=layout, crossings=crossings)
+    # the same refusal from the geometry alone, before any priority exists; a reachable budget passes
+    geo = Geometry(widths=widths, costs=costs, decoder_params=decoder, crossings=crossings)
+    with pytest.raises(ConfigError, match="cannot be reached") as early:
+        check_budget(geo, ["mlp", "hidden"], 0.6, 0.5, 1, layout)
+    assert str(early.value) == str(refused.value)
+    check_budget(geo, ["mlp", "hidden"], 0.3, 0.05, 1, layout)
 
 
 def test_floor_width():

@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 
 from flows.repo import FlowError
-from flows.sweep import (Point, add_paired_columns, interval_cell, items_path, parse_variant, report,
-                         write_items)
+from flows.sweep import (Point, add_paired_columns, check_points, comparison_markdown, interval_cell, items_path,
+                         make_points, parse_groups, parse_variant, report, with_labels, write_items)
 
 
 def test_points_name_their_experiments_and_set_their_params():
@@ -21,6 +21,71 @@ def test_points_name_their_experiments_and_set_their_params():
     assert Point("flap", 0.2, "bias").sets()[-2:] == ["-S", "prune.recover=bias"]
     held = Point("vote", 0.2, held_out="boolq").sets()
     assert held[-4:] == ["-S", "++merge.weights.boolq=0", "evaluate@boolq", "evaluate_dense@boolq"]
+
+
+def test_points_prune_the_groups_they_name():
+    p = Point("vote", 0.2, groups=("mlp", "hidden"))
+    assert p.name("X") == "vote-mlp_hidden-s0.2-X" and p.label == "vote [mlp+hidden]"
+    assert p.sets()[-2:] == ["-S", "prune.groups=[mlp,hidden]"]
+    assert Point("vote", 0.2).label == "vote"                               # None: params.yaml's groups
+    points = make_points([0.2, 0.3], ["vote", "flap+bias"], ["mlp", "attention+hidden"])
+    assert [(p.method, p.recover, p.groups, p.sparsity) for p in points[:3]] == [
+        ("vote", None, ("mlp",), 0.2), ("vote", None, ("mlp",), 0.3), ("vote", None, ("attention", "hidden"), 0.2)]
+    assert len(points) == 8 and make_points([0.2], ["vote"])[0].groups is None
+    assert parse_groups("mlp + hidden") == ("mlp", "hidden")
+    with pytest.raises(FlowError, match="group 'heads' in 'mlp\\+heads' is unknown") as e:
+        parse_groups("mlp+heads")
+    assert "mlp, attention, hidden" in e.value.fix
+    with pytest.raises(FlowError, match="names a group twice"):
+        parse_groups("mlp+mlp")
+    with pytest.raises(FlowError, match="combinations repeat"):
+        make_points([0.2], ["vote"], ["mlp+hidden", "mlp+hidden"])
+
+
+def test_sweep_points_are_checked_like_the_stages_before_anything_runs(tmp_path):
+    """A point the stages would refuse (an unscored group, a multiple as wide as the model's heads) fails in
+    check_points, with the point and the fix named; the model's widths come from models/base's config."""
+    import yaml
+
+    from tests.repo_fixture import TINY_PARAMS, write_tiny_model
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"tasks": ["t1", "t2"], **TINY_PARAMS}))
+    hidden = make_points([0.2], ["vote"], ["mlp", "hidden"])
+    with pytest.raises(FlowError, match=r"sweep point vote \[hidden\] @ 0.2: prune.groups prunes hidden, which "
+                                        "score.groups does not score") as e:
+        check_points(tmp_path, None, hidden)
+    assert "add hidden to score.groups" in e.value.fix
+    scored = {"score.groups": ["mlp", "attention", "hidden"]}
+    check_points(tmp_path, scored, hidden)
+    attention = make_points([0.2], ["vote"], ["mlp+attention"])
+    check_points(tmp_path, scored, attention)                # no model in the workspace: config checks only
+    write_tiny_model(tmp_path / "models" / "base")
+    with pytest.raises(FlowError, match=r"vote \[mlp\+attention\] @ 0.2: select.multiple = 8 is not smaller than "
+                                        "the attention group's width") as e:
+        check_points(tmp_path, scored, attention)
+    assert "attention: 1}" in e.value.fix
+    per_group = {**scored, "select.multiple": {"mlp": 8, "attention": 1, "hidden": 8}}
+    check_points(tmp_path, per_group, attention)
+    with pytest.raises(FlowError, match=r"vote \[attention\] @ 0.2: prune.sparsity 0.2 cannot be reached: .* at most "
+                                        r"0.1655 of the decoder parameters") as e:    # one KV group of two per layer
+        check_points(tmp_path, per_group, make_points([0.15, 0.2], ["vote"], ["attention"]))
+    assert "prune.sparsity <= 0.1655" in e.value.fix
+    with pytest.raises(FlowError, match="prune.recover: bias cannot hold the removed hidden"):
+        check_points(tmp_path, scored, make_points([0.2], ["vote+bias"], ["mlp+hidden"]))
+
+
+def test_tables_of_several_group_combinations_name_the_groups_and_the_total_size():
+    rows = [{"method": "vote", "recover": "none", "groups": g, "sparsity": 0.2, "acc": a, "acc_norm": a,
+             "acc_t1": a, "acc_norm_t1": a, "perplexity": 30.0, "params_total": n, "experiment": f"e-{g}"}
+            for g, a, n in (("mlp", 0.41, 113_000_000), ("mlp+hidden", 0.39, 105_500_000))]
+    table = pd.DataFrame(rows)
+    assert list(with_labels(table)["label"]) == ["vote [mlp]", "vote [mlp+hidden]"]
+    md = comparison_markdown(table, None)
+    assert "total params (M)" in md and "| vote [mlp+hidden] | 0.39 / 0.39 |" in md and "| 105.5 |" in md
+    one = table.iloc[:1]                                     # one combination: labels and columns as before
+    assert list(with_labels(one)["label"]) == ["vote"] and "total params" not in comparison_markdown(one, None)
+    old = table.drop(columns="groups").iloc[:1]              # a table written before groups were recorded
+    assert list(with_labels(old)["label"]) == ["vote"]
 
 
 def test_parse_variant_refuses_unknown_methods_and_recoveries():

@@ -142,6 +142,43 @@ def test_queued_sweep_runs_points_in_parallel_and_leaves_the_workspace(committed
 
 
 @pytest.mark.slow
+def test_sweep_over_dimension_groups_and_the_latency_of_its_checkpoints(committed_repo, prefect_harness, tmp_path):
+    """``groups``: one experiment per combination of pruned groups (prune.groups), rows labelled with their
+    groups and sized in total parameters; benchmarks/latency.py loads those experiments' pruned checkpoints."""
+    import sys
+
+    import pandas as pd
+
+    from flows.sweep import CSV, MARKDOWN, sweep_flow
+
+    repo = committed_repo
+    before = _state(repo)
+    out = sweep_flow(repo=str(repo), sparsities=[0.15], methods=["vote"], groups=["attention", "mlp+attention"],
+                     params={"select.multiple": {"mlp": 8, "attention": 1}}, mode="queue", jobs=2)
+    assert _state(repo) == before
+    assert [e["method"] for e in out["experiments"]] == ["vote [attention]", "vote [mlp+attention]"]
+    table = pd.read_csv(repo / CSV)
+    assert table["groups"].tolist() == ["attention", "mlp+attention"]
+    assert (table["achieved_sparsity"] - 0.15).abs().max() < 0.05 and table["acc_vs_dense"].notna().all()
+    md = (repo / MARKDOWN).read_text()
+    assert "| vote [attention] |" in md and "total params (M)" in md
+    for e in out["experiments"]:
+        assert not any(s.startswith("score") for s, st in e["stages"].items() if st == RAN), e
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import latency
+
+    variants = latency.experiment_variants(repo, ["vote-attention-s0.15-*", "vote-mlp_attention-s0.15-*"], tmp_path)
+    assert [v["name"] for v in variants] == ["vote [attention]", "vote [mlp+attention]"]
+    for v, row in zip(variants, table.to_dict("records")):
+        assert v["experiment"] == row["experiment"] and (v["path"] / "config.json").is_file()
+        assert set(v["widths"]) == set(row["groups"].split("+"))
+        assert latency.parameter_counts(v["model"])["total"] == row["params_total"]
+        lo, hi = v["widths"]["attention"]
+        assert 1 <= lo <= hi <= 2 and lo < 2                  # a KV group of the tiny model's two went somewhere
+
+
+@pytest.mark.slow
 def test_leave_one_task_out_evaluates_each_held_out_task_alone(committed_repo, prefect_harness):
     import pandas as pd
 
