@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated combinations of dimension groups to prune, each joined by +, e.g. "
                         "mlp,hidden,mlp+attention+hidden (default: params.yaml's prune.groups; every group "
                         "must be in score.groups)")
+    q.add_argument("--vary", action="append", metavar="KEY=VALUE",
+                   help="an ablation: per point, one more experiment with this params change, compared with the "
+                        "point without it, e.g. --vary score.statistic=l2 --vary merge.normalize=rank (repeatable)")
     experiments(q)
 
     q = sub.add_parser("loto", help="leave-one-task-out: per task, a mask merged without it, evaluated on it")
@@ -201,7 +204,8 @@ def dispatch(args: argparse.Namespace) -> Any:
 
         root = validate_run(args.repo, parse_sets(args.sets))
         if args.command == "sweep":  # a point that cannot run fails before a Prefect server starts
-            check_points(root, parse_sets(args.sets), make_points(args.sparsities, args.methods, args.groups))
+            points = make_points(args.sparsities, args.methods, args.groups, args.vary)
+            check_points(root, parse_sets(args.sets), points)
         for method in args.methods:
             parse_variant(method)
         if args.command == "loto" and args.from_experiments:
@@ -217,7 +221,7 @@ def dispatch(args: argparse.Namespace) -> Any:
             return {"files": out["files"]}
 
         out = sweep_flow(repo=args.repo, sparsities=args.sparsities, methods=args.methods, groups=args.groups,
-                         params=parse_sets(args.sets), task_runner=args.runner, workers=args.workers,
+                         vary=args.vary, params=parse_sets(args.sets), task_runner=args.runner, workers=args.workers,
                          address=args.address, retries=args.retries, mode=args.mode, jobs=args.jobs)
         return {"files": out["files"], "shared": out["shared"]}
     if args.command == "serve":

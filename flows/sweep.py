@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import tempfile
 import time
@@ -101,7 +102,8 @@ class Point:
 
     ``recover`` None keeps params.yaml's ``prune.recover``; ``groups`` None keeps its ``prune.groups``;
     ``held_out`` names a task whose merge weight is set to 0 (left out of the calibration) and whose evaluation
-    alone the experiment runs (leave-one-task-out).
+    alone the experiment runs (leave-one-task-out); ``setting`` is other params the point changes, as
+    ``((dotted key, YAML value), ...)`` (an ablation: ``(("score.statistic", "l2"),)``).
     """
 
     method: str
@@ -109,17 +111,21 @@ class Point:
     recover: str | None = None
     held_out: str | None = None
     groups: tuple[str, ...] | None = None
+    setting: tuple[tuple[str, str], ...] = ()
 
     @property
     def label(self) -> str:
-        """``vote``, ``vote+bias``, ``vote [mlp+hidden]``: the row's name in the tables."""
-        return row_label(self.method, self.recover, self.groups)
+        """``vote``, ``vote+bias``, ``vote [mlp+hidden]``, ``vote score.statistic=l2``: the row's name."""
+        return row_label(self.method, self.recover, self.groups, setting_text(self.setting))
 
     def name(self, sweep_id: str) -> str:
         """The DVC experiment name, e.g. ``vote-s0.2-20261129T0312``, ``flap-bias-s0.2-..``,
-        ``vote-no-boolq-s0.2-..``, ``vote-mlp_hidden-s0.2-..`` (unique per sweep)."""
+        ``vote-no-boolq-s0.2-..``, ``vote-mlp_hidden-s0.2-..``, ``vote-score.statistic_l2-s0.2-..`` (unique per
+        sweep)."""
         parts = [self.method] + ([self.recover] if self.recover not in (None, "none") else []) + \
-            (["_".join(self.groups)] if self.groups else []) + ([f"no-{self.held_out}"] if self.held_out else [])
+            (["_".join(self.groups)] if self.groups else []) + \
+            [re.sub(r"[^A-Za-z0-9_.]+", "_", f"{k}-{v}").strip("_.") for k, v in self.setting] + \
+            ([f"no-{self.held_out}"] if self.held_out else [])
         return f"{'-'.join(parts)}-s{self.sparsity:g}-{sweep_id}"
 
     def sets(self) -> list[str]:
@@ -129,6 +135,8 @@ class Point:
             out += ["-S", f"prune.recover={self.recover}"]
         if self.groups:
             out += ["-S", f"prune.groups=[{','.join(self.groups)}]"]
+        for key, value in self.setting:
+            out += ["-S", f"{key}={value}"]
         if self.held_out:  # ``++``: add the key to the weights mapping, or replace its value
             out += ["-S", f"++merge.weights.{self.held_out}=0", f"evaluate@{self.held_out}",
                     f"evaluate_dense@{self.held_out}"]
@@ -164,6 +172,39 @@ def parse_groups(text: str) -> tuple[str, ...]:
     return groups
 
 
+def yaml_text(value: Any) -> str:
+    """One line of YAML for a params value (``l2``, ``true``, ``0.1``, ``{mlp: 8, attention: 1}``)."""
+    import yaml
+
+    text = yaml.safe_dump(value, default_flow_style=True, sort_keys=False).strip()
+    return text[:-4].rstrip() if text.endswith("\n...") else text
+
+
+def setting_text(setting: tuple[tuple[str, str], ...]) -> str:
+    """``score.statistic=l2 merge.normalize=rank``: a setting as the tables show it ('' for none)."""
+    return " ".join(f"{k}={v}" for k, v in setting)
+
+
+def parse_setting(text: str) -> tuple[tuple[str, str], ...]:
+    """``"score.statistic=l2"`` -> ``(("score.statistic", "l2"),)``: one ablation point's params change (the value
+    is YAML, written back in one canonical line). Refuses the params a sweep sets itself."""
+    import yaml
+
+    key, sep, value = str(text).partition("=")
+    key = key.strip()
+    if not sep or not key or not value.strip():
+        raise FlowError(f"--vary {text!r} is not KEY=VALUE", "write e.g. --vary score.statistic=l2")
+    if any(key == k or key.startswith(k + ".") or k.startswith(key + ".") for k in SWEPT):
+        raise FlowError(f"--vary {key} changes a parameter the sweep sets itself ({', '.join(SWEPT)})",
+                        "use --methods (METHOD+bias for prune.recover), --groups or --sparsities for those")
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise FlowError(f"--vary {text!r}: the value is not YAML ({e.__class__.__name__})",
+                        "quote it for the shell, e.g. --vary 'select.min_keep={mlp: 0.1}'") from None
+    return ((key, yaml_text(parsed)),)
+
+
 def group_order(groups: str) -> tuple:
     """Sort key of a ``+``-joined groups cell: fewer groups first, then in diet.config's order."""
     from diet.config import GROUPS
@@ -173,10 +214,12 @@ def group_order(groups: str) -> tuple:
 
 
 def make_points(sparsities: list[float] | None, methods: list[str] | None,
-                groups: list[str] | None = None) -> list[Point]:
+                groups: list[str] | None = None, vary: list[str] | None = None) -> list[Point]:
     """One point per (method[+recovery], groups, sparsity): ``methods`` like ``vote``, ``flap+bias``; ``groups``
     like ``mlp``, ``mlp+hidden`` (None keeps params.yaml's prune.groups). None sparsities or methods: the
-    defaults. Refuses empty, repeated and out-of-range values."""
+    defaults. ``vary`` (``KEY=VALUE`` each, e.g. ``score.statistic=l2``) adds, per such point, one point with
+    that one change: an ablation of each setting against the same point without it. Refuses empty, repeated
+    and out-of-range values."""
     sparsities = [float(s) for s in (sparsities if sparsities is not None else DEFAULT_SPARSITIES)]
     methods = [str(m) for m in (methods if methods is not None else DEFAULT_METHODS)]
     if not sparsities or not methods:
@@ -190,8 +233,16 @@ def make_points(sparsities: list[float] | None, methods: list[str] | None,
     combos = [parse_groups(g) for g in groups] if groups else [None]
     if len(set(combos)) != len(combos):
         raise FlowError("the group combinations repeat", "list each combination once")
-    return [Point(method, sparsity, recover, groups=g) for method, recover in variants for g in combos
-            for sparsity in sparsities]
+    settings = [()] + [parse_setting(v) for v in vary or []]
+    if len(set(settings)) != len(settings):
+        raise FlowError("the --vary settings repeat", "give each KEY=VALUE once")
+    points = [Point(method, sparsity, recover, groups=g, setting=st) for method, recover in variants
+              for g in combos for st in settings for sparsity in sparsities]
+    names = [p.name("") for p in points]
+    if len(set(names)) != len(names):
+        raise FlowError("two --vary values give the same experiment name", "vary values that differ in letters "
+                        "or digits, not only in punctuation")
+    return points
 
 
 #: the model stage's output: its config gives the widths that select's constraints are checked against
@@ -202,6 +253,8 @@ def check_points(root: Path, params: dict[str, Any] | None, points: list[Point])
     """Every point's params.yaml (the workspace's, ``params`` and the point's values) must pass the checks the
     stages run (diet.config, and select's constraints and budget against the model's geometry when the workspace
     holds the model the sweep uses: its config only), so that a point that would fail in DVC's queue fails here, before anything runs."""
+    import yaml
+
     from diet.config import ConfigError, Params
     from diet.geometry import geometry_from_folder
     from diet.select import check_budget, check_constraints
@@ -218,6 +271,7 @@ def check_points(root: Path, params: dict[str, Any] | None, points: list[Point])
             values["prune.groups"] = list(point.groups)
         if point.held_out:
             values[f"merge.weights.{point.held_out}"] = 0
+        values.update({k: yaml.safe_load(v) for k, v in point.setting})
         try:
             checked = Params.from_dict(merged_params(base, values))
             if model is not None:  # reads the config only; a group the family cannot prune is a ConfigError
@@ -286,11 +340,31 @@ def experiment_refs(root: Path) -> dict[str, str]:
     return {ref.rsplit("/", 1)[-1]: sha for sha, ref in (line.split(" ", 1) for line in out.splitlines())}
 
 
+def _swept(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") or k.startswith(key + ".") for k in SWEPT)
+
+
+def inferred_settings(params: list[dict[str, Any]], base: dict[str, Any]) -> list[tuple[tuple[str, str], ...]]:
+    """Each run's ``setting`` read back from the params of a set of runs: the ``section.key`` values (other than
+    the swept ones and ``tasks``) that differ among the runs and, in a run, from ``base`` (the workspace's
+    params.yaml, whose values are the defaults an ablation varies)."""
+    def flat(p: dict[str, Any]) -> dict[str, str]:
+        return {f"{section}.{key}": yaml_text(value) for section, body in p.items() if isinstance(body, dict)
+                for key, value in body.items()}
+
+    flats, default = [flat(p) for p in params], flat(base)
+    varied = sorted(k for k in {k for f in flats for k in f}
+                    if not _swept(k) and len({f.get(k) for f in flats}) > 1)
+    return [tuple((k, f[k]) for k in varied if k in f and f[k] != default.get(k)) for f in flats]
+
+
 def finished_runs(root: Path, patterns: list[str]) -> list[dict[str, Any]]:
     """The finished experiments whose names match any of ``patterns`` (shell-style, e.g. ``'*-20261129T0351*'``),
     as runs (``run_points``' form): each point read back from the experiment's own params.yaml (method, sparsity,
-    recovery, and the task of weight 0 when its name says one was held out). Sorted by name; a pattern that
-    matches nothing is a FlowError."""
+    recovery, groups, the task of weight 0 when its name says one was held out, and the other params in which
+    the experiments differ from each other and from the workspace: ``inferred_settings``). Sorted by name; a
+    pattern that matches nothing is a FlowError."""
+    import dataclasses
     import fnmatch
 
     refs = experiment_refs(root)
@@ -310,7 +384,11 @@ def finished_runs(root: Path, patterns: list[str]) -> list[dict[str, Any]]:
             held = next((t for t in zero if f"-no-{t}-" in name), None)
             point = Point(str(merge.get("method")), float(prune.get("sparsity")), prune.get("recover") or "none",
                           held_out=held, groups=tuple(prune.get("groups") or ()) or None)
-            runs.append({"point": point, "experiment": name, "rev": refs[name], "stages": {}, "read": read})
+            runs.append({"point": point, "experiment": name, "rev": refs[name], "stages": {}, "read": read,
+                         "params": params})
+    settings = inferred_settings([r.pop("params") for r in runs], read_params(root))
+    for run, setting in zip(runs, settings):
+        run["point"] = dataclasses.replace(run["point"], setting=setting)
     return runs
 
 
@@ -508,8 +586,8 @@ def sweep_row(run: dict[str, Any], tasks: list[str]) -> tuple[dict[str, Any], It
                         "check dvc.yaml: the report stage must write it as an output") from None
     prune = params_at(read).get("prune") or {}
     row = {"method": point.method, "recover": prune.get("recover") or "none",
-           "groups": "+".join(prune.get("groups") or ()), "sparsity": point.sparsity, **metrics_row(metrics),
-           "experiment": run["experiment"]}
+           "groups": "+".join(prune.get("groups") or ()), "setting": setting_text(point.setting),
+           "sparsity": point.sparsity, **metrics_row(metrics), "experiment": run["experiment"]}
     return row, read_items(read, tasks, "pruned"), read_items(read, tasks, "dense")
 
 
@@ -528,18 +606,20 @@ def _blank(v: Any) -> bool:
     return v is None or v == "" or (isinstance(v, float) and math.isnan(v))
 
 
-def row_label(method: str, recover: Any, groups: Any = None) -> str:
-    """A row's name: the merge method, with ``+bias`` when the row's model used a recovery, and the pruned
-    groups in brackets when given (``vote [mlp+hidden]``; a tuple or a ``+``-joined string)."""
+def row_label(method: str, recover: Any, groups: Any = None, setting: Any = None) -> str:
+    """A row's name: the merge method, with ``+bias`` when the row's model used a recovery, the pruned groups in
+    brackets when given (``vote [mlp+hidden]``; a tuple or a ``+``-joined string), and the params it changes
+    (``vote score.statistic=l2``)."""
     label = str(method) if recover in (None, "none") or _blank(recover) else f"{method}+{recover}"
     if not _blank(groups):
         label += f" [{groups if isinstance(groups, str) else '+'.join(groups)}]"
-    return label
+    return label if _blank(setting) else f"{label} {setting}"
 
 
 def with_labels(table):
     """The sweep table with ``recover`` (``none`` where a table predates it), ``groups`` (the pruned groups,
-    ``+``-joined; empty where a table predates it) and ``label`` columns. Labels name the groups only when the
+    ``+``-joined; empty where a table predates it), ``setting`` (an ablation's params change, or empty) and
+    ``label`` columns. Labels name the groups only when the
     table's rows prune different groups."""
     table = table.copy()
     if "recover" not in table.columns:
@@ -548,9 +628,12 @@ def with_labels(table):
     if "groups" not in table.columns:
         table.insert(2, "groups", "")
     table["groups"] = table["groups"].fillna("")
+    if "setting" not in table.columns:
+        table.insert(3, "setting", "")
+    table["setting"] = table["setting"].fillna("")
     several = table["groups"].nunique() > 1
-    table["label"] = [row_label(m, r, g if several else None)
-                      for m, r, g in zip(table["method"], table["recover"], table["groups"])]
+    table["label"] = [row_label(m, r, g if several else None, st)
+                      for m, r, g, st in zip(table["method"], table["recover"], table["groups"], table["setting"])]
     return table
 
 
@@ -602,7 +685,9 @@ def plot_accuracy(table, path: Path, dense: dict[str, Any] | None) -> None:
 # -- paired comparisons --------------------------------------------------------------------------------------------
 #: the comparisons of every row: column prefix -> what the row is compared with
 COMPARISONS = {"vs_dense": "the dense model", "vs_task_agnostic": "task_agnostic (recover none)",
-               "vs_best_baseline": "the best field baseline (wanda_sp, flap, any recovery) at that sparsity"}  # each with the same groups
+               "vs_best_baseline": "the best field baseline (wanda_sp, flap, any recovery) at that sparsity",
+               "vs_default": "the same method without the row's setting (an ablation against the defaults)"}
+# each reference prunes the same groups at the same sparsity, and (but for vs_default) changes no setting
 
 
 def paired_mean(reference: Items, candidate: Items, metric: int = 0, seed: int = 0):
@@ -626,14 +711,17 @@ def add_paired_columns(table, items: dict[str, Items], dense_items: Items | None
             table[f"acc_{key}{suffix}"] = float("nan")
     table["best_baseline"] = ""
     for _, group in table.groupby(["sparsity", "groups"]):  # references prune the same groups
-        agnostic = group[(group["method"] == TASK_AGNOSTIC) & (group["recover"] == "none")]
-        field = group[group["method"].isin(FIELD_BASELINES)].sort_values("acc", ascending=False, kind="stable")
-        refs = {"vs_task_agnostic": agnostic.iloc[0] if len(agnostic) else None,
-                "vs_best_baseline": field.iloc[0] if len(field) else None}
+        plain = group[group["setting"] == ""]
+        agnostic = plain[(plain["method"] == TASK_AGNOSTIC) & (plain["recover"] == "none")]
+        field = plain[plain["method"].isin(FIELD_BASELINES)].sort_values("acc", ascending=False, kind="stable")
         for idx, row in group.iterrows():
             cand = items.get(row.get("experiment"))
             if cand is None:
                 continue
+            default = plain[(plain["method"] == row["method"]) & (plain["recover"] == row["recover"])]
+            refs = {"vs_task_agnostic": agnostic.iloc[0] if len(agnostic) else None,
+                    "vs_best_baseline": field.iloc[0] if len(field) else None,
+                    "vs_default": default.iloc[0] if len(default) and row["setting"] else None}
             references = {"vs_dense": dense_items}
             for key, ref in refs.items():
                 if ref is not None and ref.get("experiment") != row.get("experiment"):
@@ -664,7 +752,7 @@ def comparison_markdown(table, dense: dict[str, Any] | None) -> str:
                    and c != "acc_norm" and not any(c.startswith(f"acc_{k}") for k in COMPARISONS))
     paired = [k for k in COMPARISONS if f"acc_{k}" in table.columns and table[f"acc_{k}"].notna().any()]
     heads = {"vs_dense": "Δ acc vs dense", "vs_task_agnostic": "Δ acc vs task_agnostic",
-             "vs_best_baseline": "Δ acc vs best baseline"}
+             "vs_best_baseline": "Δ acc vs best baseline", "vs_default": "Δ acc vs default"}
     # rows that prune different groups differ in size: their total parameters (embedding included) are shown
     sizes = table["groups"].nunique() > 1 and "params_total" in table.columns
     head = ["method", *tasks, "mean acc", "mean acc_norm", "perplexity", *(["total params (M)"] if sizes else []),
@@ -705,7 +793,7 @@ def render(table, dense: dict[str, Any] | None) -> str:
     """The sweep's markdown: the summary table, the dense model's figures, and the per-task tables."""
     summary = with_labels(table)
     columns = ["label"] + [c for c in summary.columns if not c.startswith("acc_norm_") and c not in
-                           ("label", "method", "recover") and not any(c.startswith(f"acc_{k}") for k in COMPARISONS)]
+                           ("label", "method", "recover", "setting") and not any(c.startswith(f"acc_{k}") for k in COMPARISONS)]
     md = "# DIET sweep\n\n" + markdown_table(summary.to_dict("records"), columns)
     if dense:
         md += "\nDense model: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics_row(dense).items()
@@ -810,7 +898,7 @@ def report(repo: str | Path = ".", csvs: list[str | Path] | None = None, out: st
 
         rows.sort(key=lambda r: (METHODS.index(r["method"]) if r["method"] in METHODS else len(METHODS),
                                  RECOVERIES.index(r["recover"]) if r["recover"] in RECOVERIES else len(RECOVERIES),
-                                 group_order(r["groups"])))
+                                 group_order(r["groups"]), r["setting"]))
         tables.append(with_labels(pd.DataFrame(rows)))  # in the order of diet.config's methods, recovery last
     for p in paths:
         t = with_labels(pd.read_csv(p))
@@ -823,7 +911,7 @@ def report(repo: str | Path = ".", csvs: list[str | Path] | None = None, out: st
                             "combine sweeps evaluated on the same items (same evaluate.limit and evaluate.seed)")
         dense_items = dense_items or d
     table = pd.concat(tables, ignore_index=True)
-    table = table.drop_duplicates(["method", "recover", "groups", "sparsity"], keep="last").sort_values("sparsity",
+    table = table.drop_duplicates(["method", "recover", "groups", "setting", "sparsity"], keep="last").sort_values("sparsity",
                                                                                               kind="stable")
     table = add_paired_columns(table, items, dense_items).drop(columns="label")
     if experiments and dense is None:
@@ -886,19 +974,23 @@ def _restore(root: Path, snap: dict[str, Any]) -> None:
 def sweep_flow(repo: str = ".", sparsities: list[float] | None = None, methods: list[str] | None = None,
                params: dict[str, Any] | None = None, task_runner: str = "threads", workers: int = 2,
                address: str | None = None, retries: int = 1, mode: str = "queue", jobs: int | None = None,
-               timeout: float | None = None, groups: list[str] | None = None) -> dict[str, Any]:
+               timeout: float | None = None, groups: list[str] | None = None,
+               vary: list[str] | None = None) -> dict[str, Any]:
     """Evaluate every (method, groups, sparsity) as a DVC experiment, reusing one computation of every task score.
 
     ``methods`` are merge methods, each optionally with the recovery its models use: ``vote``, ``vote+bias``.
     ``groups`` are combinations of dimension groups to prune (``prune.groups``), e.g. ``["mlp", "mlp+hidden"]``;
-    None keeps params.yaml's. Every point's params are checked as the stages would check them, before anything runs.
+    None keeps params.yaml's. ``vary`` (``KEY=VALUE`` each) adds an ablation: per point, one more experiment with
+    that one params change, compared with the point without it (``acc_vs_default``); the stages that read the key
+    run in each experiment (``score.statistic`` reruns the score@ stages there). Every point's params are
+    checked as the stages would check them, before anything runs.
     ``params`` overrides other settings for the whole sweep (restored afterwards with params.yaml).
     ``mode``: ``queue`` runs the experiments ``jobs`` (default: ``workers``) at a time in DVC's queue, each in a
     temporary copy of the repo (``timeout``: seconds to wait for them, None: no limit); ``workspace`` runs them
     one after the other in the workspace. Returns the table rows, the output paths, and which stages ran in the
     shared step and per experiment.
     """
-    points = make_points(sparsities, methods, groups)
+    points = make_points(sparsities, methods, groups, vary)
     check_points(validate_run(repo, params), params, points)
     runs, root, shared = experiments_flow(repo, points, params, task_runner, workers, address, retries, mode, jobs,
                                           timeout, "diet-sweep")
@@ -930,7 +1022,8 @@ def experiments_flow(repo: str, points: list[Point], params: dict[str, Any] | No
         if changed:
             logger.info("params.yaml for the sweep: set %s", ", ".join(changed))
         graph, order = plan(root)
-        swept = downstream(graph, stages_reading(root, graph, SWEPT))
+        varied = {key for point in points for key, _ in point.setting}  # an ablation's stages run per experiment
+        swept = downstream(graph, stages_reading(root, graph, (*SWEPT, *varied)))
         shared = [s for s in order if s not in swept]
         logger.info("shared stages, run once: %s; per experiment: %s", ", ".join(shared),
                     ", ".join(s for s in order if s in swept))

@@ -8,8 +8,9 @@ import pandas as pd
 import pytest
 
 from flows.repo import FlowError
-from flows.sweep import (Point, add_paired_columns, check_points, comparison_markdown, interval_cell, items_path,
-                         make_points, parse_groups, parse_variant, report, with_labels, write_items)
+from flows.sweep import (Point, add_paired_columns, check_points, comparison_markdown, inferred_settings,
+                         interval_cell, items_path, make_points, parse_groups, parse_setting, parse_variant, report,
+                         with_labels, write_items)
 
 
 def test_points_name_their_experiments_and_set_their_params():
@@ -40,6 +41,50 @@ def test_points_prune_the_groups_they_name():
         parse_groups("mlp+mlp")
     with pytest.raises(FlowError, match="combinations repeat"):
         make_points([0.2], ["vote"], ["mlp+hidden", "mlp+hidden"])
+
+
+def test_ablation_points_change_one_setting_each():
+    points = make_points([0.2], ["vote"], None, ["score.statistic=l2", "select.min_keep={mlp: 0.1}"])
+    assert [p.label for p in points] == ["vote", "vote score.statistic=l2", "vote select.min_keep={mlp: 0.1}"]
+    assert points[1].sets()[-2:] == ["-S", "score.statistic=l2"] and points[1].name("X") == \
+        "vote-score.statistic_l2-s0.2-X"
+    assert points[2].sets()[-1] == "select.min_keep={mlp: 0.1}"
+    assert parse_setting("score.weight_norm = yes") == (("score.weight_norm", "true"),)   # YAML, one canonical line
+    for bad, message, fix in (("score.statistic", "is not KEY=VALUE", "--vary score.statistic=l2"),
+                              ("prune.sparsity=0.3", "changes a parameter the sweep sets itself", "--sparsities"),
+                              ("merge.weights.boolq=0", "sets itself", "--methods"),
+                              ("select.min_keep={mlp: 0.1", "the value is not YAML", "quote it")):
+        with pytest.raises(FlowError, match=message) as e:
+            parse_setting(bad)
+        assert fix in e.value.fix
+    with pytest.raises(FlowError, match="settings repeat"):
+        make_points([0.2], ["vote"], None, ["score.statistic=l2", "score.statistic=l2"])
+    with pytest.raises(FlowError, match="same experiment name"):
+        make_points([0.2], ["vote"], None, ["calibration.seed=1", "calibration.seed='1'"])
+
+
+def test_settings_are_read_back_from_the_params_the_experiments_differ_in():
+    base = {"score": {"statistic": "mean_abs", "groups": ["mlp"]}, "evaluate": {"limit": 40}, "tasks": ["a"]}
+    runs = [{"score": {"statistic": s, "groups": ["mlp"]}, "evaluate": {"limit": 300}, "prune": {"sparsity": x},
+             "tasks": ["a"]} for s, x in (("mean_abs", 0.2), ("l2", 0.2), ("mean_abs", 0.3))]
+    # evaluate.limit differs from the workspace but not among the runs (a --set); sparsity is swept
+    assert inferred_settings(runs, base) == [(), (("score.statistic", "l2"),), ()]
+
+
+def test_an_ablation_is_compared_with_its_default(synthetic):
+    table, items, dense = synthetic
+    vote = table[table["method"] == "vote"].iloc[0]
+    ablated = vote.copy()
+    ablated["setting"], ablated["experiment"] = "score.statistic=l2", "exp-l2"
+    table = pd.concat([table, ablated.to_frame().T], ignore_index=True)
+    items = {**items, "exp-l2": items["exp-task_agnostic"]}       # the ablation gives task_agnostic's answers
+    out = add_paired_columns(table, items, dense).set_index("label")
+    assert out.loc["vote score.statistic=l2", "acc_vs_default"] == pytest.approx(-0.1)
+    assert out.loc["vote score.statistic=l2", "acc_vs_default_high"] < 0
+    assert out["acc_vs_default"].drop("vote score.statistic=l2").isna().all()   # rows without a setting
+    assert out.loc["vote", "best_baseline"] == "flap+bias"                      # an ablation is never a baseline
+    assert "Δ acc vs default" in comparison_markdown(table.assign(**{c: out[c].to_numpy() for c in out.columns
+                                                                     if c.startswith("acc_vs")}), None)
 
 
 def test_sweep_points_are_checked_like_the_stages_before_anything_runs(tmp_path):

@@ -142,35 +142,52 @@ def test_queued_sweep_runs_points_in_parallel_and_leaves_the_workspace(committed
 
 
 @pytest.mark.slow
-def test_sweep_over_dimension_groups_and_the_latency_of_its_checkpoints(committed_repo, prefect_harness, tmp_path):
+def test_sweep_over_dimension_groups_and_an_ablation(committed_repo, prefect_harness, tmp_path):
     """``groups``: one experiment per combination of pruned groups (prune.groups), rows labelled with their
-    groups and sized in total parameters; benchmarks/latency.py loads those experiments' pruned checkpoints."""
+    groups and sized in total parameters; ``vary``: per point one more experiment with a params change, compared
+    with the point without it, and read back as such from the finished experiments; benchmarks/latency.py
+    loads those experiments' pruned checkpoints."""
     import sys
 
     import pandas as pd
 
+    import flows.sweep as sweep
     from flows.sweep import CSV, MARKDOWN, sweep_flow
 
     repo = committed_repo
     before = _state(repo)
     out = sweep_flow(repo=str(repo), sparsities=[0.15], methods=["vote"], groups=["attention", "mlp+attention"],
-                     params={"select.multiple": {"mlp": 8, "attention": 1}}, mode="queue", jobs=2)
+                     vary=["merge.normalize=rank"], params={"select.multiple": {"mlp": 8, "attention": 1}},
+                     mode="queue", jobs=2)
     assert _state(repo) == before
-    assert [e["method"] for e in out["experiments"]] == ["vote [attention]", "vote [mlp+attention]"]
+    assert [e["method"] for e in out["experiments"]] == [
+        "vote [attention]", "vote [attention] merge.normalize=rank", "vote [mlp+attention]",
+        "vote [mlp+attention] merge.normalize=rank"]
     table = pd.read_csv(repo / CSV)
-    assert table["groups"].tolist() == ["attention", "mlp+attention"]
+    assert table["groups"].tolist() == ["attention", "attention", "mlp+attention", "mlp+attention"]
+    assert table["setting"].fillna("").tolist() == ["", "merge.normalize=rank"] * 2
     assert (table["achieved_sparsity"] - 0.15).abs().max() < 0.05 and table["acc_vs_dense"].notna().all()
+    ablation = table[table["setting"].notna()]
+    assert ablation["acc_vs_default"].notna().all() and table[table["setting"].isna()]["acc_vs_default"].isna().all()
+    assert (ablation["acc_vs_default"].to_numpy() - (ablation["acc"].to_numpy() -
+            table[table["setting"].isna()]["acc"].to_numpy())).max() < 1e-9      # against its own groups' default
     md = (repo / MARKDOWN).read_text()
-    assert "| vote [attention] |" in md and "total params (M)" in md
+    assert "| vote [attention] |" in md and "total params (M)" in md and "Δ acc vs default" in md
     for e in out["experiments"]:
         assert not any(s.startswith("score") for s, st in e["stages"].items() if st == RAN), e
+    # the same rows and settings, read back from the finished experiments alone
+    sweep_id = table["experiment"][0].rsplit("-", 1)[-1]
+    sweep.report(repo, experiments=[f"*-{sweep_id}"], out=tmp_path / "again")
+    again = pd.read_csv(tmp_path / "again" / "sweep.csv").set_index("experiment").loc[table["experiment"]]
+    assert again["setting"].fillna("").tolist() == table["setting"].fillna("").tolist()
+    assert again["acc_vs_default"].fillna(9).tolist() == table["acc_vs_default"].fillna(9).tolist()
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
     import latency
 
     variants = latency.experiment_variants(repo, ["vote-attention-s0.15-*", "vote-mlp_attention-s0.15-*"], tmp_path)
     assert [v["name"] for v in variants] == ["vote [attention]", "vote [mlp+attention]"]
-    for v, row in zip(variants, table.to_dict("records")):
+    for v, row in zip(variants, table[table["setting"].isna()].to_dict("records")):
         assert v["experiment"] == row["experiment"] and (v["path"] / "config.json").is_file()
         assert set(v["widths"]) == set(row["groups"].split("+"))
         assert latency.parameter_counts(v["model"])["total"] == row["params_total"]
