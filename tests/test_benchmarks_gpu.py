@@ -53,3 +53,19 @@ def test_id_tokenizer_feeds_ids_through(gpu_benchmark):
     texts = gpu_benchmark.random_texts(3, 5, 100, seed=0)
     assert texts == gpu_benchmark.random_texts(3, 5, 100, seed=0) and len(texts[0].split()) == 5
     assert all(3 <= int(t) < 100 for text in texts for t in text.split())
+
+
+def test_latency_table_names_each_variants_widths_per_group(gpu_benchmark):
+    """benchmarks/latency.py's markdown: one row per variant, its kept widths per pruned group (min-max)."""
+    import latency
+
+    times = {f"{k}_{s}": v for k in latency.TIMES for s, v in (("ms", 10.0), ("ms_min", 9.0), ("ratio", 0.8))}
+    row = {"achieved_sparsity": 0.2, "params_total": 105_000_000, "params_decoder": 80_000_000,
+           "param_bytes": 420 * 2**20, "rss_peak_mb": 500.0, **times}
+    table = latency.markdown({"variants": [
+        {"name": "dense", "widths": {}, **row, "achieved_sparsity": 0.0},
+        {"name": "vote [mlp+hidden]", "widths": {"mlp": (832, 1536), "hidden": (464, 464)}, **row}]})
+    lines = table.splitlines()
+    assert lines[0].startswith("| variant | achieved sparsity | widths min-max |")
+    assert lines[2].startswith("| dense | 0.000 | - | 105.0 | 80.0 | 420 |")
+    assert lines[3].startswith("| vote [mlp+hidden] | 0.200 | mlp 832-1536, hidden 464 | 105.0 |")
