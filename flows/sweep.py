@@ -812,14 +812,21 @@ def write_items(path: Path, rows: dict[str, Items], dense: Items | None) -> None
 
 def sweep_rows(runs: list[dict[str, Any]], tasks: list[str]):
     """The rows of ``runs`` (``sweep_row``), their per-item results by experiment, the dense model's per-item
-    results and its summary (the first the runs recorded, or None)."""
-    rows, items, dense_items, dense = [], {}, None, None
+    results and its summary (the first the runs recorded, or None). Runs whose dense models' per-item results
+    differ (other items, or another evaluation) are refused: their rows could not be paired."""
+    rows, items, dense_items, dense, dense_from = [], {}, None, None, None
     for run in runs:
         row, pruned, dense_run = sweep_row(run, tasks)
         rows.append(row)
         if pruned is not None:
             items[row["experiment"]] = pruned
-        dense_items = dense_items or dense_run
+        if dense_items is not None and dense_run is not None and dense_run != dense_items:
+            raise FlowError(f"the dense model's per-item results of experiment {run['experiment']} differ from "
+                            f"those of {dense_from}: their rows cannot be paired",
+                            "combine experiments evaluated on the same items (same evaluate.limit, evaluate.seed "
+                            "and tasks)")
+        if dense_items is None and dense_run is not None:
+            dense_items, dense_from = dense_run, run["experiment"]
         if dense is None:
             try:
                 dense = json.loads(run["read"](DENSE_METRICS))

@@ -309,6 +309,23 @@ def fake_run(point, metrics: dict, dense: dict, items: dict | None = None) -> di
     return {"point": point, "experiment": f"{point.label}-{point.sparsity}", "stages": {}, "read": read}
 
 
+def test_sweep_rows_refuse_runs_whose_dense_models_saw_other_items():
+    from flows.sweep import Point, sweep_rows
+
+    def items(correct):
+        return {"pruned": {"t1": [{"id": 0, "acc": 1, "acc_norm": 1}]},
+                "dense": {"t1": [{"id": 0, "acc": correct, "acc_norm": correct}]}}
+
+    same = [fake_run(Point("vote", s), fake_metrics(0.5, s), fake_metrics(0.7, 0.0), items(1)) for s in (0.1, 0.2)]
+    rows, by_experiment, dense_items, _ = sweep_rows(same, ["t1"])
+    assert len(rows) == 2 and dense_items == {"t1": {"0": [1.0, 1.0]}} and len(by_experiment) == 2
+    other = fake_run(Point("mean", 0.2), fake_metrics(0.5, 0.2), fake_metrics(0.7, 0.0), items(0))
+    with pytest.raises(FlowError, match="dense model's per-item results of experiment mean-0.2 differ from those "
+                                        "of vote-0.1") as e:
+        sweep_rows([*same, other], ["t1"])
+    assert "same evaluate.limit" in e.value.fix
+
+
 def test_sweep_results_table_markdown_plot(tmp_path):
     from flows.sweep import CSV, MARKDOWN, PLOT, SWEEP_DENSE, Point, write_results
 
