@@ -686,7 +686,7 @@ def plot_accuracy(table, path: Path, dense: dict[str, Any] | None) -> None:
 #: the comparisons of every row: column prefix -> what the row is compared with
 COMPARISONS = {"vs_dense": "the dense model", "vs_task_agnostic": "task_agnostic (recover none)",
                "vs_best_baseline": "the best field baseline (wanda_sp, flap, any recovery) at that sparsity",
-               "vs_default": "the same method without the row's setting (an ablation against the defaults)"}
+               "vs_default": "the same method without the row's setting, or pruning params.yaml's prune.groups"}
 # each reference prunes the same groups at the same sparsity, and (but for vs_default) changes no setting
 
 
@@ -699,18 +699,22 @@ def paired_mean(reference: Items, candidate: Items, metric: int = 0, seed: int =
     return paired_bootstrap(pick(reference), pick(candidate), seed=seed)[MEAN]
 
 
-def add_paired_columns(table, items: dict[str, Items], dense_items: Items | None):
+def add_paired_columns(table, items: dict[str, Items], dense_items: Items | None, default_groups: str | None = None):
     """Add each row's paired difference in mean acc (``acc_<comparison>`` with ``_low`` / ``_high``; ``best_baseline``
-    names the baseline row) against the dense model, task_agnostic and the best field baseline at its sparsity.
+    names the baseline row) against the dense model, task_agnostic and the best field baseline at its sparsity,
+    and against its default (``vs_default``): for a row with a ``--vary`` setting, the same method without it;
+    for a row pruning other groups than ``default_groups`` (params.yaml's ``prune.groups``, ``+``-joined), the
+    same method pruning those.
 
     ``items`` maps an experiment name to its per-item results; rows without them, or without the reference's,
     get empty cells. A row is not compared with itself."""
-    table = with_labels(table)
+    table = with_labels(table).reset_index(drop=True)
     for key in COMPARISONS:
         for suffix in ("", "_low", "_high"):
             table[f"acc_{key}{suffix}"] = float("nan")
     table["best_baseline"] = ""
-    for _, group in table.groupby(["sparsity", "groups"]):  # references prune the same groups
+    at_default = table["groups"].isin(["", default_groups]) if default_groups else table["groups"] == ""
+    for (sparsity, _), group in table.groupby(["sparsity", "groups"]):  # references prune the same groups
         plain = group[group["setting"] == ""]
         agnostic = plain[(plain["method"] == TASK_AGNOSTIC) & (plain["recover"] == "none")]
         field = plain[plain["method"].isin(FIELD_BASELINES)].sort_values("acc", ascending=False, kind="stable")
@@ -718,10 +722,16 @@ def add_paired_columns(table, items: dict[str, Items], dense_items: Items | None
             cand = items.get(row.get("experiment"))
             if cand is None:
                 continue
-            default = plain[(plain["method"] == row["method"]) & (plain["recover"] == row["recover"])]
+            if row["setting"]:
+                default = plain[(plain["method"] == row["method"]) & (plain["recover"] == row["recover"])]
+            elif not at_default[idx]:
+                default = table[at_default & (table["sparsity"] == sparsity) & (table["setting"] == "") &
+                                (table["method"] == row["method"]) & (table["recover"] == row["recover"])]
+            else:
+                default = plain.iloc[:0]
             refs = {"vs_task_agnostic": agnostic.iloc[0] if len(agnostic) else None,
                     "vs_best_baseline": field.iloc[0] if len(field) else None,
-                    "vs_default": default.iloc[0] if len(default) and row["setting"] else None}
+                    "vs_default": default.iloc[0] if len(default) else None}
             references = {"vs_dense": dense_items}
             for key, ref in refs.items():
                 if ref is not None and ref.get("experiment") != row.get("experiment"):
@@ -810,6 +820,15 @@ def write_items(path: Path, rows: dict[str, Items], dense: Items | None) -> None
     atomic_write(path, json.dumps({"dense": dense, "rows": rows}, sort_keys=True, separators=(",", ":")) + "\n")
 
 
+def default_groups(root: Path) -> str | None:
+    """The workspace's ``prune.groups``, ``+``-joined (the groups a ``--groups`` row is compared with), or None."""
+    try:
+        groups = (read_params(root).get("prune") or {}).get("groups")
+    except FlowError:
+        return None
+    return "+".join(groups) if groups else None
+
+
 def sweep_rows(runs: list[dict[str, Any]], tasks: list[str]):
     """The rows of ``runs`` (``sweep_row``), their per-item results by experiment, the dense model's per-item
     results and its summary (the first the runs recorded, or None). Runs whose dense models' per-item results
@@ -841,7 +860,7 @@ def write_results(root: Path, runs: list[dict[str, Any]], tasks: list[str]):
     import pandas as pd
 
     rows, items, dense_items, dense = sweep_rows(runs, tasks)
-    table = add_paired_columns(pd.DataFrame(rows), items, dense_items).drop(columns="label")
+    table = add_paired_columns(pd.DataFrame(rows), items, dense_items, default_groups(root)).drop(columns="label")
     atomic_write(root / CSV, table.to_csv(index=False))
     write_items(items_path(root / CSV), items, dense_items)
     if dense is not None:
@@ -920,7 +939,7 @@ def report(repo: str | Path = ".", csvs: list[str | Path] | None = None, out: st
     table = pd.concat(tables, ignore_index=True)
     table = table.drop_duplicates(["method", "recover", "groups", "setting", "sparsity"], keep="last").sort_values("sparsity",
                                                                                               kind="stable")
-    table = add_paired_columns(table, items, dense_items).drop(columns="label")
+    table = add_paired_columns(table, items, dense_items, default_groups(root)).drop(columns="label")
     if experiments and dense is None:
         dense, dense_path = dense_record, Path(f"experiment {runs[0]['experiment']}")
     else:

@@ -87,6 +87,20 @@ def test_an_ablation_is_compared_with_its_default(synthetic):
                                                                      if c.startswith("acc_vs")}), None)
 
 
+def test_a_row_pruning_other_groups_is_compared_with_the_default_groups(synthetic):
+    table, items, dense = synthetic
+    vote = table[table["method"] == "vote"].iloc[0]
+    rows = [vote.copy() for _ in range(3)]
+    for row, groups, exp in zip(rows, ("mlp", "mlp+hidden", "hidden"), ("exp-vote", "exp-mh", "exp-h")):
+        row["groups"], row["experiment"] = groups, exp
+    table = pd.DataFrame(rows)
+    items = {"exp-vote": items["exp-vote"], "exp-mh": items["exp-task_agnostic"], "exp-h": items["exp-vote"]}
+    out = add_paired_columns(table, items, dense, default_groups="mlp").set_index("groups")
+    assert out.loc["mlp+hidden", "acc_vs_default"] == pytest.approx(-0.1)      # task_agnostic's answers vs vote's
+    assert out.loc["hidden", "acc_vs_default"] == 0.0 and np.isnan(out.loc["mlp", "acc_vs_default"])
+    assert add_paired_columns(table, items, dense)["acc_vs_default"].isna().all()   # no default groups known
+
+
 def test_sweep_points_are_checked_like_the_stages_before_anything_runs(tmp_path):
     """A point the stages would refuse (an unscored group, a multiple as wide as the model's heads) fails in
     check_points, with the point and the fix named; the model's widths come from models/base's config."""
