@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--experiments", action="append", metavar="PATTERN",
                    help="add rows read from finished DVC experiments whose names match (shell-style, repeatable), "
                         "e.g. 'vote-bias-s0.2-*'")
+    q.add_argument("--latency", metavar="JSON",
+                   help="add each row's prefill and decoding CPU time against the dense model's, from the JSON of "
+                        "`python benchmarks/latency.py --experiments PATTERN --out JSON`")
     q.add_argument("--dense", help="dense metrics for the reference row, evaluated on as many items as the sweep "
                                    "(default: results/sweep-dense.json from the sweep, else results/dense/summary.json)")
 
@@ -252,7 +255,8 @@ def dispatch(args: argparse.Namespace) -> Any:
     if args.command == "report":
         from flows.sweep import report
 
-        print(report(args.repo, csvs=args.csvs, out=args.out, dense=args.dense, experiments=args.experiments))
+        print(report(args.repo, csvs=args.csvs, out=args.out, dense=args.dense, experiments=args.experiments,
+                     latency=args.latency))
         return None
     raise AssertionError(args.command)  # argparse restricts the choices
 

@@ -765,8 +765,14 @@ def comparison_markdown(table, dense: dict[str, Any] | None) -> str:
              "vs_best_baseline": "Δ acc vs best baseline", "vs_default": "Δ acc vs default"}
     # rows that prune different groups differ in size: their total parameters (embedding included) are shown
     sizes = table["groups"].nunique() > 1 and "params_total" in table.columns
+    timed = all(c in table.columns for c in LATENCY) and table[list(LATENCY)].notna().any().any()
     head = ["method", *tasks, "mean acc", "mean acc_norm", "perplexity", *(["total params (M)"] if sizes else []),
-            *(heads[k] for k in paired)]
+            *(["prefill / decode CPU time (× dense)"] if timed else []), *(heads[k] for k in paired)]
+
+    def ratios(r: dict[str, Any]) -> str:
+        values = [_number(r.get(c)) for c in LATENCY]
+        return " / ".join(f"{v:.2f}" for v in values) if all(v is not None and not math.isnan(v) for v in values) \
+            else ""
 
     def pair(a: Any, b: Any) -> str:
         ok = lambda v: v is not None and not (isinstance(v, float) and math.isnan(v))  # noqa: E731
@@ -779,7 +785,7 @@ def comparison_markdown(table, dense: dict[str, Any] | None) -> str:
                  f"{r['perplexity']:.2f}" if isinstance(r.get("perplexity"), float) else "",
                  *([f"{r['params_total'] / 1e6:.1f}" if _number(r.get("params_total")) is not None
                     and not math.isnan(r["params_total"]) else ""] if sizes else []),
-                 *(interval_cell(r, k) for k in paired)]
+                 *([ratios(r)] if timed else []), *(interval_cell(r, k) for k in paired)]
         return "| " + " | ".join(cells) + " |"
 
     out = []
@@ -788,7 +794,7 @@ def comparison_markdown(table, dense: dict[str, Any] | None) -> str:
         out += [f"**Sparsity {sparsity:g}** (share of decoder-layer parameters removed); cells are acc / acc_norm",
                 "", "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
         if dense_row:
-            out.append(line("dense", dense_row))
+            out.append(line("dense", {**dense_row, **{c: 1.0 for c in LATENCY}}))
         out += [line(str(r["label"]), r) for r in group.to_dict("records")]
         out.append("")
         best = sorted({b for b in group.get("best_baseline", []) if isinstance(b, str) and b})
@@ -803,7 +809,7 @@ def render(table, dense: dict[str, Any] | None) -> str:
     """The sweep's markdown: the summary table, the dense model's figures, and the per-task tables."""
     summary = with_labels(table)
     columns = ["label"] + [c for c in summary.columns if not c.startswith("acc_norm_") and c not in
-                           ("label", "method", "recover", "setting") and not any(c.startswith(f"acc_{k}") for k in COMPARISONS)]
+                           ("label", "method", "recover", "setting", *LATENCY) and not any(c.startswith(f"acc_{k}") for k in COMPARISONS)]
     md = "# DIET sweep\n\n" + markdown_table(summary.to_dict("records"), columns)
     if dense:
         md += "\nDense model: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics_row(dense).items()
@@ -895,8 +901,31 @@ def load_items(root: Path, csv: Path, table) -> tuple[dict[str, Items], Items | 
     return items, dense
 
 
+#: the latency columns a report takes from ``benchmarks/latency.py --experiments`` (CPU time, pruned / dense)
+LATENCY = ("prefill_cpu_ratio", "decode_cpu_ratio")
+
+
+def add_latency(table, path: Path):
+    """The table with the pruned / dense CPU-time ratios of prefill and decoding that ``benchmarks/latency.py
+    --experiments`` measured for its rows' experiments (``LATENCY`` columns; empty for rows it did not time)."""
+    try:
+        variants = json.loads(Path(path).read_text()).get("variants") or []
+    except (OSError, ValueError, AttributeError) as e:
+        raise FlowError(f"cannot read latency results from {path}: {e}",
+                        "pass the JSON that `python benchmarks/latency.py --experiments PATTERN --out FILE` wrote")
+    timed = {v["experiment"]: v for v in variants if isinstance(v, dict) and v.get("experiment")}
+    if not timed:
+        raise FlowError(f"{path} times no experiment (it was not written with --experiments)",
+                        "run `python benchmarks/latency.py --experiments PATTERN --out FILE` and pass that FILE")
+    table = table.copy()
+    for column in LATENCY:
+        table[column] = [_number((timed.get(e) or {}).get(column)) for e in table.get("experiment", [])]
+    return table
+
+
 def report(repo: str | Path = ".", csvs: list[str | Path] | None = None, out: str | Path | None = None,
-           dense: str | Path | None = None, experiments: list[str] | None = None) -> str:
+           dense: str | Path | None = None, experiments: list[str] | None = None,
+           latency: str | Path | None = None) -> str:
     """Render the sweep markdown and plot again from sweep tables; return the markdown.
 
     By default from ``results/sweep.csv`` into ``results/sweep.md`` and ``plots/accuracy_vs_sparsity.png``.
@@ -907,7 +936,9 @@ def report(repo: str | Path = ".", csvs: list[str | Path] | None = None, out: st
     many evaluation items as the rows. The paired intervals are computed again from the per-item results beside
     each table (``sweep-items.json``), or from the experiments DVC still keeps. ``experiments`` (shell-style
     name patterns) adds rows read straight from finished DVC experiments, e.g. those of a sweep whose flow
-    was stopped: their metrics, params and per-item results at their commits.
+    was stopped: their metrics, params and per-item results at their commits. ``latency`` (a JSON of
+    ``benchmarks/latency.py --experiments``) adds each timed row's prefill and decoding CPU time against the
+    dense model's.
     """
     import pandas as pd
 
@@ -952,6 +983,8 @@ def report(repo: str | Path = ".", csvs: list[str | Path] | None = None, out: st
         dense = json.loads(dense_path.read_text()) if dense_path.is_file() else None
     if dense is not None:
         _check_same_items(table, dense, dense_path)
+    if latency is not None:
+        table = add_latency(table, Path(latency))
     md = render(table, dense)
     if out is None:
         md_path, plot_path = root / MARKDOWN, root / PLOT

@@ -147,6 +147,28 @@ def test_tables_of_several_group_combinations_name_the_groups_and_the_total_size
     assert list(with_labels(old)["label"]) == ["vote"]
 
 
+def test_report_takes_the_latency_of_its_experiments(tmp_path):
+    from flows.sweep import LATENCY, add_latency
+
+    rows = [{"method": "vote", "recover": "none", "groups": g, "sparsity": 0.2, "acc": 0.4, "acc_norm": 0.4,
+             "acc_t1": 0.4, "acc_norm_t1": 0.4, "perplexity": 30.0, "params_total": 1e8, "experiment": f"e-{g}"}
+            for g in ("mlp", "hidden", "attention")]
+    bench = tmp_path / "latency.json"
+    bench.write_text(json.dumps({"variants": [
+        {"name": "dense", "prefill_cpu_ratio": 1.0, "decode_cpu_ratio": 1.0},
+        {"name": "vote [mlp]", "experiment": "e-mlp", "prefill_cpu_ratio": 0.81, "decode_cpu_ratio": 0.9},
+        {"name": "vote [hidden]", "experiment": "e-hidden", "prefill_cpu_ratio": 0.75, "decode_cpu_ratio": 0.7}]}))
+    table = add_latency(pd.DataFrame(rows), bench)
+    assert table["prefill_cpu_ratio"].tolist()[:2] == [0.81, 0.75] and np.isnan(table["decode_cpu_ratio"][2])
+    md = comparison_markdown(table, {"mean": {"acc": 0.5, "acc_norm": 0.5}, "tasks": {"t1": {"acc": 0.5}}})
+    assert "prefill / decode CPU time (× dense)" in md and "| 1.00 / 1.00 |" in md and "| 0.75 / 0.70 |" in md
+    assert "prefill" not in comparison_markdown(pd.DataFrame(rows), None) and set(LATENCY) <= set(table.columns)
+    bench.write_text(json.dumps({"variants": [{"name": "uniform 0.2", "prefill_cpu_ratio": 0.8}]}))
+    with pytest.raises(FlowError, match="times no experiment") as e:
+        add_latency(pd.DataFrame(rows), bench)
+    assert "--experiments PATTERN" in e.value.fix
+
+
 def test_parse_variant_refuses_unknown_methods_and_recoveries():
     assert parse_variant("vote") == ("vote", None)
     assert parse_variant("wanda_sp+bias") == ("wanda_sp", "bias")
