@@ -185,6 +185,11 @@ def setting_text(setting: tuple[tuple[str, str], ...]) -> str:
     return " ".join(f"{k}={v}" for k, v in setting)
 
 
+def _swept(key: str) -> bool:
+    """Whether ``key`` is, holds or lies inside a parameter every sweep point sets itself (``SWEPT``)."""
+    return any(key == k or key.startswith(k + ".") or k.startswith(key + ".") for k in SWEPT)
+
+
 def parse_setting(text: str) -> tuple[tuple[str, str], ...]:
     """``"score.statistic=l2"`` -> ``(("score.statistic", "l2"),)``: one ablation point's params change (the value
     is YAML, written back in one canonical line). Refuses the params a sweep sets itself."""
@@ -194,7 +199,7 @@ def parse_setting(text: str) -> tuple[tuple[str, str], ...]:
     key = key.strip()
     if not sep or not key or not value.strip():
         raise FlowError(f"--vary {text!r} is not KEY=VALUE", "write e.g. --vary score.statistic=l2")
-    if any(key == k or key.startswith(k + ".") or k.startswith(key + ".") for k in SWEPT):
+    if _swept(key):
         raise FlowError(f"--vary {key} changes a parameter the sweep sets itself ({', '.join(SWEPT)})",
                         "use --methods (METHOD+bias for prune.recover), --groups or --sparsities for those")
     try:
@@ -338,10 +343,6 @@ def experiment_refs(root: Path) -> dict[str, str]:
                          capture_output=True, text=True)
     out = res.stdout if res.returncode == 0 else ""  # not a git repository: no experiments
     return {ref.rsplit("/", 1)[-1]: sha for sha, ref in (line.split(" ", 1) for line in out.splitlines())}
-
-
-def _swept(key: str) -> bool:
-    return any(key == k or key.startswith(k + ".") or k.startswith(key + ".") for k in SWEPT)
 
 
 def inferred_settings(params: list[dict[str, Any]], base: dict[str, Any]) -> list[tuple[tuple[str, str], ...]]:
