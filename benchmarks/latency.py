@@ -293,7 +293,8 @@ def main(argv=None) -> None:
     p.add_argument("--experiments", nargs="+", metavar="PATTERN",
                    help="time the pruned checkpoints of the finished DVC experiments whose names match (shell-style) "
                         "instead of building variants")
-    p.add_argument("--repo", default=str(ROOT), help="with --experiments: the project that ran them (default: this one)")
+    p.add_argument("--repo", default=str(ROOT),
+                   help="with --experiments: the project that ran them (default: this one)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "latency.json"))
     p.add_argument("--rss-child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -256,8 +256,9 @@ BASE_MODEL = "models/base"
 
 def check_points(root: Path, params: dict[str, Any] | None, points: list[Point]) -> None:
     """Every point's params.yaml (the workspace's, ``params`` and the point's values) must pass the checks the
-    stages run (diet.config, and select's constraints and budget against the model's geometry when the workspace
-    holds the model the sweep uses: its config only), so that a point that would fail in DVC's queue fails here, before anything runs."""
+    stages run: diet.config's, and select's constraints and budget against the model's geometry when the
+    workspace holds the model the sweep uses (its config only). A point that would fail in DVC's queue fails
+    here, before anything runs."""
     import yaml
 
     from diet.config import ConfigError, Params
@@ -620,8 +621,7 @@ def row_label(method: str, recover: Any, groups: Any = None, setting: Any = None
 def with_labels(table):
     """The sweep table with ``recover`` (``none`` where a table predates it), ``groups`` (the pruned groups,
     ``+``-joined; empty where a table predates it), ``setting`` (an ablation's params change, or empty) and
-    ``label`` columns. Labels name the groups only when the
-    table's rows prune different groups."""
+    ``label`` columns. Labels name the groups only when the table's rows prune different groups."""
     table = table.copy()
     if "recover" not in table.columns:
         table.insert(1, "recover", "none")
@@ -810,7 +810,8 @@ def render(table, dense: dict[str, Any] | None) -> str:
     """The sweep's markdown: the summary table, the dense model's figures, and the per-task tables."""
     summary = with_labels(table)
     columns = ["label"] + [c for c in summary.columns if not c.startswith("acc_norm_") and c not in
-                           ("label", "method", "recover", "setting", *LATENCY) and not any(c.startswith(f"acc_{k}") for k in COMPARISONS)]
+                           ("label", "method", "recover", "setting", *LATENCY)
+                           and not any(c.startswith(f"acc_{k}") for k in COMPARISONS)]
     md = "# DIET sweep\n\n" + markdown_table(summary.to_dict("records"), columns)
     if dense:
         md += "\nDense model: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics_row(dense).items()
