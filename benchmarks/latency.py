@@ -164,15 +164,16 @@ def experiment_variants(repo: Path, patterns: list[str], workdir: Path) -> list[
     DVC cache at the experiment's commit into ``workdir``, named by method and pruned groups."""
     from dvc.api import DVCFileSystem
 
-    from flows.sweep import PRUNED_METRICS, finished_runs, row_label
+    from flows.sweep import PRUNED_METRICS, finished_runs, params_at, row_label
 
     variants = []
     for run in finished_runs(repo, patterns):
         point, summary = run["point"], json.loads(run["read"](PRUNED_METRICS))
+        groups = (params_at(run["read"]).get("prune") or {}).get("groups")
         path = workdir / run["experiment"]
         DVCFileSystem(str(repo), rev=run["rev"]).get("models/pruned", str(path), recursive=True)
         mask = summary.get("mask") or {}
-        variants.append({"name": row_label(point.method, point.recover, point.groups), "sparsity": point.sparsity,
+        variants.append({"name": row_label(point.method, point.recover, groups), "sparsity": point.sparsity,
                          "layout": mask.get("layout", "-"), "model": load_model(path), "path": path,
                          "achieved_sparsity": mask.get("achieved_sparsity"), "widths": width_ranges(mask),
                          "experiment": run["experiment"]})

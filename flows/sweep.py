@@ -363,9 +363,10 @@ def inferred_settings(params: list[dict[str, Any]], base: dict[str, Any]) -> lis
 def finished_runs(root: Path, patterns: list[str]) -> list[dict[str, Any]]:
     """The finished experiments whose names match any of ``patterns`` (shell-style, e.g. ``'*-20261129T0351*'``),
     as runs (``run_points``' form): each point read back from the experiment's own params.yaml (method, sparsity,
-    recovery, groups, the task of weight 0 when its name says one was held out, and the other params in which
-    the experiments differ from each other and from the workspace: ``inferred_settings``). Sorted by name; a
-    pattern that matches nothing is a FlowError."""
+    recovery, the task of weight 0 when its name says one was held out, and the other params in which the
+    experiments differ from each other and from the workspace: ``inferred_settings``; the pruned groups are the
+    rows' ``groups`` column, read by ``sweep_row``). Sorted by name; a pattern that matches nothing is a
+    FlowError."""
     import dataclasses
     import fnmatch
 
@@ -385,7 +386,7 @@ def finished_runs(root: Path, patterns: list[str]) -> list[dict[str, Any]]:
             zero = sorted(t for t, w in (merge.get("weights") or {}).items() if float(w) == 0.0)
             held = next((t for t in zero if f"-no-{t}-" in name), None)
             point = Point(str(merge.get("method")), float(prune.get("sparsity")), prune.get("recover") or "none",
-                          held_out=held, groups=tuple(prune.get("groups") or ()) or None)
+                          held_out=held)
             runs.append({"point": point, "experiment": name, "rev": refs[name], "stages": {}, "read": read,
                          "params": params})
     settings = inferred_settings([r.pop("params") for r in runs], read_params(root))
