@@ -206,11 +206,13 @@ def dispatch(args: argparse.Namespace) -> Any:
         from flows.sweep import check_points, make_points, parse_variant, sweep_flow
 
         root = validate_run(args.repo, parse_sets(args.sets))
-        if args.command == "sweep":  # a point that cannot run fails before a Prefect server starts
-            points = make_points(args.sparsities, args.methods, args.groups, args.vary)
-            check_points(root, parse_sets(args.sets), points)
-        for method in args.methods:
-            parse_variant(method)
+        # a point that cannot run, or an unknown method, fails before a Prefect server starts
+        if args.command == "sweep":
+            check_points(root, parse_sets(args.sets), make_points(args.sparsities, args.methods, args.groups,
+                                                                   args.vary))
+        else:
+            for method in args.methods:
+                parse_variant(method)
         if args.command == "loto" and args.from_experiments:
             from flows.loto import loto_report
 

@@ -24,10 +24,8 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from flows.pipeline import validate_run
 from flows.repo import FlowError, atomic_write, merged_params, read_params
-from flows.sweep import (Items, Point, check_points, experiments_flow, interval_cell, paired_mean, parse_variant,
-                         read_items)
+from flows.sweep import Items, Point, experiments_flow, interval_cell, paired_mean, parse_variant, read_items
 
 CSV, MARKDOWN, ITEMS = "results/loto.csv", "results/loto.md", "results/loto-items.json"
 #: the merge methods whose mask depends on the tasks (``diet.merge.TASK_METHODS``, which imports torch); every
@@ -136,7 +134,6 @@ def loto_flow(repo: str = ".", methods: list[str] | None = None, params: dict[st
     merged = merged_params(read_params(Path(repo)), params)
     tasks, sparsity = list(merged.get("tasks") or []), float(merged["prune"]["sparsity"])
     points = loto_points(methods, tasks, sparsity)
-    check_points(validate_run(repo, params), params, points)
     runs, root, _ = experiments_flow(repo, points, params, task_runner, workers, address, retries, mode, jobs, timeout,
                                      "diet-loto")
     out = write_loto(root, runs, tasks, methods, sparsity)

@@ -289,11 +289,6 @@ def check_points(root: Path, params: dict[str, Any] | None, points: list[Point])
             raise FlowError(f"sweep point {point.label} @ {point.sparsity:g}: {e.problem}", e.fix) from None
 
 
-def experiment_name(method: str, sparsity: float, sweep_id: str) -> str:
-    """The DVC experiment name of one sweep point, e.g. ``vote-s0.2-20261129T0312`` (unique per sweep)."""
-    return Point(method, sparsity).name(sweep_id)
-
-
 # -- per-item results ------------------------------------------------------------------------------------------------
 Items = dict  # {task: {item id: [acc, acc_norm]}}: one model's per-item correctness
 
@@ -1053,7 +1048,6 @@ def sweep_flow(repo: str = ".", sparsities: list[float] | None = None, methods: 
     shared step and per experiment.
     """
     points = make_points(sparsities, methods, groups, vary)
-    check_points(validate_run(repo, params), params, points)
     runs, root, shared = experiments_flow(repo, points, params, task_runner, workers, address, retries, mode, jobs,
                                           timeout, "diet-sweep")
     tasks = read_params(root).get("tasks") or []
@@ -1078,6 +1072,7 @@ def experiments_flow(repo: str, points: list[Point], params: dict[str, Any] | No
     jobs = check_mode(mode, workers if jobs is None else jobs)
     runner = make_task_runner(task_runner, workers, address)
     root = validate_run(repo, params)
+    check_points(root, params, points)  # a point that would fail in the queue fails here, before anything runs
     snap = _snapshot(root)
     try:
         changed = write_params(root, params)
