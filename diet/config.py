@@ -34,10 +34,12 @@ DTYPES = ("float32", "bfloat16", "float16")
 #: (float32 matrix products split their sums by thread count and CPU); ``model`` keeps the model's dtype;
 #: ``auto`` is float64 on the CPU and the model's dtype on a GPU (``diet.scoring.resolve_precision``)
 PRECISIONS = ("float64", "model", "auto")
-#: where the stages run the model: ``auto`` (the first CUDA GPU when there is one, else the CPU), ``cpu``,
-#: ``cuda`` or ``cuda:N``; resolved against the machine by ``diet.modeling.resolve_device``
-DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
-DEVICE_RULE = "auto, cpu, cuda or cuda:N (N the GPU's index)"
+#: where the stages run the model: ``auto`` (the first CUDA GPU when the weights fit there, else every GPU
+#: when they fit on them together, else the CPU), ``cpu``, ``cuda``, ``cuda:N``, or ``gpus`` (the layers
+#: spread over every visible GPU by accelerate, ``device_map="auto"``); resolved against the machine and the
+#: model's size by ``diet.modeling.plan_placement``
+DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?|gpus")
+DEVICE_RULE = "auto, cpu, cuda, cuda:N (N the GPU's index) or gpus (the layers spread over every visible GPU)"
 EVAL_BACKENDS = ("lm_eval", "direct")
 
 #: a task name is a file name (data/tasks/<task>.yaml) and a DVC stage key (score@<task>): no paths, no spaces

@@ -204,7 +204,7 @@ def output_weight_norms(adapter, group: str) -> torch.Tensor:
     count changes the result of at float32 resolution)."""
     rule = get_group(group)
     rows = [rule.weight_norms(adapter, row) for row in range(len(rule.widths(adapter)))]  # each (W,)
-    return _stack_layers(rows, group).cpu()
+    return _stack_layers(rows, group)
 
 
 def _stack_layers(rows: list[torch.Tensor], group: str) -> torch.Tensor:
@@ -212,7 +212,7 @@ def _stack_layers(rows: list[torch.Tensor], group: str) -> torch.Tensor:
     if len(widths) != 1:
         raise ModelError(f"group '{group}' has different widths per layer ({widths}); scores need a dense model",
                          "score the base (unpruned) model")
-    return torch.stack(rows)  # (L, W)
+    return torch.stack([r.cpu() for r in rows])  # (L, W); a spread model's layers live on several GPUs
 
 
 def resolve_precision(precision: str, device: torch.device | str) -> str:

@@ -172,3 +172,152 @@ def test_bfloat16_scores_and_mask_match_float32():
     assert not diff, (f"at sparsity 0.2 the bfloat16 mask keeps other MLP channels than the float32 one "
                       f"(layer: channels in one mask only): {diff}; widths {masks['float32'].widths['mlp']} "
                       f"vs {masks['bfloat16'].widths['mlp']}")
+
+
+# --- placement by size: one GPU, the layers spread over every GPU (device_map="auto"), or the CPU ------------
+
+GiB = 2**30
+
+
+def _gpu_memory(monkeypatch, free_gib: list[float]) -> None:
+    """Make torch report one CUDA GPU per entry, with that much free memory."""
+    _gpus(monkeypatch, len(free_gib))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (int(free_gib[i] * GiB), int(80 * GiB)))
+
+
+def _need(gib: float):
+    calls = []
+
+    def need() -> int:
+        calls.append(gib)
+        return int(gib * GiB)
+    return need, calls
+
+
+def test_gpus_is_a_device_setting_and_needs_a_gpu(monkeypatch):
+    assert Params.from_dict({"model": {"device": "gpus"}}).model.device == "gpus"
+    _gpus(monkeypatch, 0)
+    with pytest.raises(ModelError, match="no CUDA GPU") as e:
+        resolve_device("gpus")
+    assert "model.device: auto" in e.value.fix
+
+
+def test_the_cpu_never_measures_the_model(monkeypatch):
+    from diet.modeling import plan_placement
+
+    _gpus(monkeypatch, 0)
+    need, calls = _need(500)
+    for spec in ("auto", "cpu"):
+        assert plan_placement(spec, need).device == torch.device("cpu") and not plan_placement(spec, need).spread
+    assert calls == []
+
+
+def test_auto_puts_a_model_that_fits_on_the_first_gpu(monkeypatch):
+    from diet.modeling import plan_placement
+
+    _gpu_memory(monkeypatch, [40, 40])
+    need, calls = _need(10)
+    placement = plan_placement("auto", need)
+    assert placement.device == torch.device("cuda") and not placement.spread and calls == [10]
+
+
+def test_auto_spreads_a_model_larger_than_one_gpu_over_all(monkeypatch):
+    from diet.modeling import GPU_WEIGHT_SHARE, plan_placement
+
+    _gpu_memory(monkeypatch, [40, 30, 40])
+    placement = plan_placement("auto", _need(60)[0])               # 60 GiB: more than 80% of 40, less than 88
+    assert placement.spread and placement.device == torch.device("cuda", 0)
+    assert placement.max_memory == {0: int(40 * GiB * GPU_WEIGHT_SHARE), 1: int(30 * GiB * GPU_WEIGHT_SHARE),
+                                    2: int(40 * GiB * GPU_WEIGHT_SHARE)}
+    assert "cuda:1 (at most 24.0 GiB)" in placement.describe()
+
+
+def test_auto_falls_back_to_the_cpu_when_the_gpus_cannot_hold_the_model(monkeypatch, caplog):
+    from diet.modeling import plan_placement
+
+    _gpu_memory(monkeypatch, [40, 40])
+    with caplog.at_level("WARNING", logger="diet.modeling"):
+        placement = plan_placement("auto", _need(70)[0])              # more than 80% of 80
+    assert placement.device == torch.device("cpu") and not placement.spread
+    assert "running on the CPU" in caplog.text and "70.0 GiB" in caplog.text
+
+
+def test_gpus_spreads_even_a_small_model_and_refuses_one_too_large(monkeypatch):
+    from diet.modeling import plan_placement
+
+    _gpu_memory(monkeypatch, [40, 40])
+    assert plan_placement("gpus", _need(1)[0]).spread
+    with pytest.raises(ModelError, match=r"'gpus': the weights take 70.0 GiB") as e:
+        plan_placement("gpus", _need(70)[0])
+    assert "bfloat16" in e.value.fix
+
+
+@pytest.mark.parametrize("spec", ["cuda", "cuda:1"])
+def test_one_named_gpu_too_small_is_refused_with_the_spread_as_fix(monkeypatch, spec):
+    from diet.modeling import plan_placement
+
+    _gpu_memory(monkeypatch, [40, 20])
+    assert not plan_placement(spec, _need(10)[0]).spread
+    with pytest.raises(ModelError, match="the weights take 35.0 GiB") as e:
+        plan_placement(spec, _need(35)[0])
+    assert "model.device: gpus" in e.value.fix and "2 visible GPU" in e.value.fix
+
+
+def test_the_weights_size_comes_from_the_config_alone(tiny_dir):
+    from diet.modeling import read_config, weight_bytes
+
+    model = tiny_model("llama")
+    n = sum(p.numel() for p in model.parameters())                 # tied embedding and head counted once
+    config = read_config(tiny_dir)
+    assert weight_bytes(config, torch.float32) == 4 * n
+    assert weight_bytes(config, torch.bfloat16) == 2 * n
+
+
+def test_a_model_too_large_for_the_gpu_fails_before_its_weights_are_read(monkeypatch, tiny_dir):
+    import diet.modeling
+
+    _gpu_memory(monkeypatch, [1e-6])                               # about 1 KiB free
+    loads = []
+    monkeypatch.setattr(diet.modeling.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: loads.append(k) or pytest.fail("weights read"))
+    with pytest.raises(ModelError, match="the weights take"):
+        load_model(tiny_dir, device="cuda")
+    assert loads == []
+
+
+def test_a_spread_placement_loads_with_accelerate_and_computes_the_same(monkeypatch, tiny_dir):
+    """``device_map="auto"`` with the planned per-device budgets reaches from_pretrained; on this CPU-only
+    machine accelerate keeps every layer on the CPU, and the model computes what a plain load computes, through
+    scoring and pruning too."""
+    import diet.modeling
+    from diet.modeling import Placement
+    from diet.pruning import apply_mask
+    from diet.scoring import score
+
+    plain = load_model(tiny_dir)
+    seen = []
+    real = diet.modeling.AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(diet.modeling.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: seen.append(k) or real(*a, **k))
+    monkeypatch.setattr(diet.modeling, "plan_placement",
+                        lambda spec, need: Placement(torch.device("cpu"), max_memory={"cpu": 4 * GiB}))
+    spread = load_model(tiny_dir, device="auto")
+    assert seen[0]["device_map"] == "auto" and seen[0]["max_memory"] == {"cpu": 4 * GiB}
+    ids = torch.randint(0, plain.config.vocab_size, (2, 9))
+    torch.testing.assert_close(spread(ids).logits, plain(ids).logits, rtol=0, atol=0)
+
+    cfg = ScoreConfig(groups=("mlp", "hidden"), batch_size=4)
+    texts = TEXTS["colours"]
+    got = {name: score(m, tiny_tokenizer(), texts, cfg, max_length=64, progress=False)[0]
+           for name, m in (("plain", plain), ("spread", spread))}
+    assert got["plain"].keys() == got["spread"].keys()
+    for name, t in got["plain"].items():
+        assert torch.equal(t, got["spread"][name]), name
+    keep = {"mlp": [torch.arange(0, plain.config.intermediate_size, 2)] * plain.config.num_hidden_layers,
+            "hidden": [torch.arange(0, plain.config.hidden_size, 2)]}
+    width = plain.config.hidden_size
+    for m in (plain, spread):
+        apply_mask(m, keep)
+    assert spread.config.hidden_size == width // 2
+    torch.testing.assert_close(spread(ids).logits, plain(ids).logits, rtol=0, atol=0)
