@@ -52,8 +52,8 @@ from typing import Any, Iterator, Mapping
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.repo import (RUN_LOG, DvcCommandError, FlowError, child_env, dvc_executable, lock_stages, run_dvc,
-                        stage_status)
+from flows.repo import (RUN_LOG, DvcCommandError, FlowError, child_env, dvc_executable, edited_yaml, lock_stages,
+                        run_dvc, stage_status)
 
 #: tracked files that may differ from the commit: the workers get their content from the coordinator
 #: (params.yaml, dvc.lock) or do not need it (.dvc/config: the default remote is passed along)
@@ -281,15 +281,14 @@ def write_workspace(clone: Path, spec: CloneSpec, entries: Mapping[str, Any]) ->
 
 
 def record_lock_entries(root: Path, entries: Mapping[str, Any]) -> list[str]:
-    """Write ``{stage: lock entry}`` into ``root/dvc.lock`` as DVC writes its own (``modify_yaml``, the new
-    stages appended); return the stages whose entry changed."""
-    from dvc.utils.serialize import modify_yaml
-
+    """Write ``{stage: lock entry}`` into ``root/dvc.lock`` (edited in place as DVC edits it, the new stages
+    appended); return the stages whose entry changed."""
     changed = []
-    with modify_yaml(str(root / "dvc.lock")) as data:
+    with edited_yaml(root / "dvc.lock") as data:
         if not data:
-            data.update({"schema": "2.0"})
-        data["stages"] = data.get("stages", {}) or {}
+            data["schema"] = "2.0"
+        if not data.get("stages"):
+            data["stages"] = {}
         for stage, entry in entries.items():
             if data["stages"].get(stage) != entry:
                 data["stages"][stage] = entry

@@ -9,6 +9,7 @@ graph from DVC's Python API, and the stages whose command ran from the run log t
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import io
 import json
@@ -20,7 +21,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import yaml
 
@@ -224,31 +225,40 @@ def merged_params(current: Mapping[str, Any], overrides: Mapping[str, Any] | Non
     return out
 
 
+@contextlib.contextmanager
+def edited_yaml(path: Path) -> Iterator[Any]:
+    """Edit a YAML file (params.yaml, dvc.lock) in place as DVC does: ruamel's round trip keeps comments, order
+    and quoting; the file is rewritten atomically, and only when the block changed its data (an empty or missing
+    file reads as an empty mapping)."""
+    from ruamel.yaml import YAML  # ships with dvc, which edits its files the same way
+
+    ryaml = YAML()
+    ryaml.preserve_quotes = True
+    text = path.read_text() if path.exists() else ""
+    doc = ryaml.load(text) or ryaml.load("{}")
+    yield doc
+    buf = io.StringIO()
+    ryaml.dump(doc, buf)
+    if yaml.safe_load(buf.getvalue()) != yaml.safe_load(text):
+        atomic_write(path, buf.getvalue())
+
+
 def write_params(repo: Path, overrides: Mapping[str, Any] | None) -> list[str]:
     """Apply the overrides to params.yaml in place, keeping its comments and order; return the changed keys."""
-    from ruamel.yaml import YAML  # ships with dvc, which edits params.yaml the same way
-
     flat = flatten_overrides(overrides)
     if not flat:
         return []
     merged_params(read_params(repo), flat)  # validates every key first
-    path = repo / "params.yaml"
-    ryaml = YAML()
-    ryaml.preserve_quotes = True
-    doc = ryaml.load(path.read_text())
     changed = []
-    for dotted, value in flat.items():
-        *parents, leaf = dotted.split(".")
-        node = doc
-        for p in parents:
-            node = node[p]
-        if node.get(leaf) != value:
-            node[leaf] = value
-            changed.append(dotted)
-    if changed:
-        buf = io.StringIO()
-        ryaml.dump(doc, buf)
-        atomic_write(path, buf.getvalue())
+    with edited_yaml(repo / "params.yaml") as doc:
+        for dotted, value in flat.items():
+            *parents, leaf = dotted.split(".")
+            node = doc
+            for p in parents:
+                node = node[p]
+            if node.get(leaf) != value:
+                node[leaf] = value
+                changed.append(dotted)
     return changed
 
 
