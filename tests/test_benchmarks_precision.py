@@ -70,7 +70,7 @@ def test_the_reference_settings_reproduce_the_score_files_exactly(precision_benc
     for groups in record["scores"].values():
         assert set(groups) == {"mlp", "attention"}
         for c in groups.values():
-            assert c["rel_max"] == 0.0 and c["rank_moved"] == 0.0
+            assert c["rel_max"] == 0.0 and c["rank_shift_max"] == 0
     m = record["masks"]["mlp"]
     assert m["same_share"] == 1.0 and m["reference_only"] == m["here_only"] == 0
     assert m["kept_reference"] == sum(m["widths_reference"]) < 3 * 64                 # 3 layers of 64, some removed
@@ -84,6 +84,7 @@ def test_bfloat16_is_measured_against_float64(precision_benchmark, project, tmp_
     record = json.loads(out.read_text())
     mlp = [record["scores"][t]["mlp"] for t in TEXTS]
     assert all(0 < c["rel_median"] <= c["rel_p99"] <= c["rel_max"] < 0.1 for c in mlp)   # bfloat16: a few %
+    assert all(0 <= c["rank_shift_mean"] <= c["rank_shift_max"] < c["width"] == 64 for c in mlp)
     m = record["masks"]["mlp"]
     assert m["kept_both"] + m["reference_only"] == m["kept_reference"]
     assert m["kept_both"] + m["here_only"] == m["kept_here"]
