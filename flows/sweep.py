@@ -1024,7 +1024,10 @@ def _restore(root: Path, snap: dict[str, Any]) -> None:
         subprocess.run(["git", "reset", "-q", "--", *unstage], cwd=root, capture_output=True)
     res = run_dvc(["checkout"], root, check=False)  # workspace outputs back in line with dvc.lock
     if res.returncode != 0:
-        get_run_logger().warning("dvc checkout after the sweep:\n%s", res.output.rstrip())
+        get_run_logger().warning("dvc checkout after the sweep could not put back every output that dvc.lock records "
+                                 "(those the DVC cache lacks were never computed or pulled here; `dvc pull` or "
+                                 "`dvc repro` brings them back; the sweep's own results are in its experiments):"
+                                 "\n%s", res.output.rstrip())
 
 
 @flow(name="diet-sweep")
