@@ -130,7 +130,7 @@ def test_pruning_is_exact_and_reloads_in_a_fresh_process(base_dir, calibration, 
 
     out = save_pruned(model, tok, tmp_path / "pruned", {"sparsity": 0.2})
     script = textwrap.dedent(f"""
-        import json, torch, diet
+        import json, torch, diet.modeling  # registers the per-layer-width classes
         from transformers import AutoModelForCausalLM, AutoTokenizer
         torch.set_num_threads(1)
         model = AutoModelForCausalLM.from_pretrained({str(out)!r}).eval()
@@ -149,3 +149,26 @@ def test_pruning_is_exact_and_reloads_in_a_fresh_process(base_dir, calibration, 
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["model_type"] == "diet_gemma3_text" and result["text"].strip()
     torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), pruned, atol=1e-4, rtol=0)
+
+
+def test_hidden_pruning_is_exact_on_the_real_weights(base_dir, calibration):
+    """``hidden`` with ``mlp``: the pruned model computes what the dense model computes with the same residual
+    channels zeroed everywhere, on the real weights (the embedding's sqrt(hidden_size) scale, the (1 + weight)
+    norms before and after each block, and their width correction)."""
+    import diet.api as api
+    from diet.config import PruneConfig, ScoreConfig, SelectConfig
+    from diet.pruning import zero_mask
+
+    model, tok = _load(base_dir)
+    groups = ("mlp", "hidden")
+    scores, _ = api.score(model, tok, calibration, ScoreConfig(groups=groups), progress=False)
+    _, mask = api.plan({"arc_easy": scores}, api.geometry(model, groups), prune_cfg=PruneConfig(0.2, groups),
+                       select_cfg=SelectConfig(multiple=8))
+    reference = _logits(zero_mask(model, mask.keep_tensors()), tok)  # dense copy, removed channels zeroed
+    api.apply(model, mask)
+
+    assert model.config.hidden_size == mask.widths["hidden"][0] < 640
+    assert model.get_input_embeddings().weight.shape == (262_144, model.config.hidden_size)
+    pruned = _logits(model, tok)
+    assert (pruned - reference).abs().max() <= 1e-4 * reference.abs().max()
+    assert torch.equal(pruned.argmax(-1), reference.argmax(-1))
