@@ -254,11 +254,12 @@ def make_points(sparsities: list[float] | None, methods: list[str] | None,
 BASE_MODEL = "models/base"
 
 
-def check_points(root: Path, params: dict[str, Any] | None, points: list[Point]) -> None:
+def check_points(root: Path, params: dict[str, Any] | None, points: list[Point]) -> bool:
     """Every point's params.yaml (the workspace's, ``params`` and the point's values) must pass the checks the
     stages run: diet.config's, and select's constraints and budget against the model's geometry when the
     workspace holds the model the sweep uses (its config only). A point that would fail in DVC's queue fails
-    here, before anything runs."""
+    here, before anything runs. Returns whether the model's geometry was checked (False: the sweep's model,
+    e.g. another ``model.source``, is not in the workspace yet; check again once the model stage has run)."""
     import yaml
 
     from diet.config import ConfigError, Params
@@ -287,6 +288,7 @@ def check_points(root: Path, params: dict[str, Any] | None, points: list[Point])
                 check_budget(geo, groups, checked.prune.sparsity, select.min_keep, select.multiple, select.layout)
         except ConfigError as e:
             raise FlowError(f"sweep point {point.label} @ {point.sparsity:g}: {e.problem}", e.fix) from None
+    return model is not None
 
 
 # -- per-item results ------------------------------------------------------------------------------------------------
@@ -1075,7 +1077,7 @@ def experiments_flow(repo: str, points: list[Point], params: dict[str, Any] | No
     jobs = check_mode(mode, workers if jobs is None else jobs)
     runner = make_task_runner(task_runner, workers, address)
     root = validate_run(repo, params)
-    check_points(root, params, points)  # a point that would fail in the queue fails here, before anything runs
+    geometry_checked = check_points(root, params, points)  # a point that would fail in the queue fails here
     snap = _snapshot(root)
     try:
         changed = write_params(root, params)
@@ -1089,6 +1091,8 @@ def experiments_flow(repo: str, points: list[Point], params: dict[str, Any] | No
                     ", ".join(s for s in order if s in swept))
         rows = run_stages.with_options(task_runner=runner)(str(root), graph, shared, False, retries)
         publish_report(rows, f"{artifact}-shared", f"{artifact} in {root}: stages shared by every experiment")
+        if not geometry_checked:  # the sweep's model is in the workspace now: its widths decide what fits
+            check_points(root, None, points)
         sweep_id = time.strftime("%Y%m%dT%H%M%S")
         runs = run_points(root, points, order, sweep_id, mode, jobs, snap, retries, timeout)
     finally:

@@ -117,8 +117,11 @@ def test_sweep_points_are_checked_like_the_stages_before_anything_runs(tmp_path)
     scored = {"score.groups": ["mlp", "attention", "hidden"]}
     check_points(tmp_path, scored, hidden)
     attention = make_points([0.2], ["vote"], ["mlp+attention"])
-    check_points(tmp_path, scored, attention)                # no model in the workspace: config checks only
+    assert check_points(tmp_path, scored, attention) is False  # no model in the workspace: config checks only
     write_tiny_model(tmp_path / "models" / "base")
+    # another model.source: the workspace's model is not the sweep's, so only the config is checked now (the
+    # sweep checks again once its model stage has run)
+    assert check_points(tmp_path, {**scored, "model.source": "elsewhere"}, attention) is False
     with pytest.raises(FlowError, match=r"vote \[mlp\+attention\] @ 0.2: select.multiple = 8 is not smaller than "
                                         "the attention group's width") as e:
         check_points(tmp_path, scored, attention)
