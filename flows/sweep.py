@@ -493,15 +493,15 @@ def succeeded(root: Path, names: list[str]) -> set[str]:
 
 
 def run_queue(root: Path, names: list[str], jobs: int, run_log: Path, *, poll: float = 2.0,
-              check_every: float = 30.0, timeout: float | None = None,
-              baseline: str | None = None) -> dict[str, dict[str, Any]]:
+              check_every: float = 30.0, timeout: float | None = None, baseline: str | None = None,
+              allow_failed: bool = False) -> dict[str, dict[str, Any]]:
     """Start DVC's queue with ``jobs`` workers and wait until every experiment of ``names`` has finished.
 
     ``dvc queue start`` leaves its workers running in the background; their stages append to ``run_log``.
     Polls ``succeeded`` every ``poll`` seconds and ``experiment_states`` (which sees failures) every
     ``check_every``, for the experiments of commit ``baseline`` (the HEAD they were queued on: commits made
     meanwhile do not hide them). Returns each experiment's state and commit; a failed one is a FlowError
-    naming the command that shows its log.
+    naming the command that shows its log (``allow_failed``: returned with its state, for the caller to retry).
     """
     start = time.monotonic()
     with tempfile.TemporaryFile() as out:  # not a pipe: the workers keep their copy of it open
@@ -523,21 +523,55 @@ def run_queue(root: Path, names: list[str], jobs: int, run_log: Path, *, poll: f
             raise FlowError(f"experiments {', '.join(pending)} had not finished after {timeout:.0f} s",
                             "see `dvc queue status`; stop them with `dvc queue kill NAME`, or raise the timeout")
     states = experiment_states(root, baseline)
+    if not allow_failed:
+        check_finished(states, names)
+    return states
+
+
+def check_finished(states: dict[str, dict[str, Any]], names: list[str]) -> None:
+    """A FlowError naming every experiment of ``names`` that did not succeed, and the command that shows why."""
     failed = [n for n in names if (states.get(n) or {}).get("state") != DONE]
     if failed:
         raise FlowError(f"experiment(s) {', '.join(failed)} failed in DVC's queue "
                         f"(states: {', '.join(str((states.get(n) or {}).get('state')) for n in failed)})",
                         f"read why with `dvc queue logs {failed[0]}`; drop them with `dvc queue remove --failed`")
-    return states
+
+
+def requeue_failed(root: Path, points: list[Point], names: list[str], states: dict[str, dict[str, Any]],
+                   sweep_id: str, queued: dict[str, Any], snap: dict[str, Any]) -> list[str]:
+    """Queue again, under the same names, the experiments of ``names`` that failed: each from the params.yaml and
+    dvc.lock it was first queued with (``queued``), the workspace's put back (``snap``) at once. The stages the
+    first attempt finished come back from the run-cache. Returns the names queued again.
+
+    A failure can be transient: DVC's run-cache is not safe against two experiments saving the same stage run
+    at the same moment (two points whose masks agree reach the same ``report`` run), which fails one of them
+    with a missing ``.dvc/cache/runs/.../*.tmp`` file."""
+    logger = get_run_logger()
+    failed = [(p, n) for p, n in zip(points, names) if (states.get(n) or {}).get("state") != DONE]
+    for _, name in failed:
+        log = run_dvc(["queue", "logs", name], root, check=False).output.strip().splitlines()
+        logger.warning("experiment %s failed in DVC's queue; queueing it again. The end of its log:\n%s", name,
+                       "\n".join(log[-12:]))
+    again = [n for _, n in failed]
+    if again:
+        run_dvc(["queue", "remove", *again], root, check=False)  # the failed entries, so their names are free
+        _put_back(root, queued)
+        try:
+            queue_experiments(root, [p for p, _ in failed], sweep_id)
+        finally:
+            _put_back(root, snap)
+    return again
 
 
 def queued_runs(root: Path, points: list[Point], stages: list[str], sweep_id: str, jobs: int,
-                snap: dict[str, Any], timeout: float | None = None) -> list[dict[str, Any]]:
+                snap: dict[str, Any], timeout: float | None = None, retries: int = 0) -> list[dict[str, Any]]:
     """Every point as a queued experiment, ``jobs`` at a time: per point its experiment, commit, the stages
-    that ran and a reader of its files (``rev_reader``)."""
+    that ran and a reader of its files (``rev_reader``). A failed experiment is queued again up to ``retries``
+    times (``requeue_failed``)."""
     logger = get_run_logger()
     baseline = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                               check=True).stdout.strip()
+    queued = _snapshot(root)
     names = queue_experiments(root, points, sweep_id)
     _restore(root, snap)  # the queue holds each point's params.yaml and dvc.lock: the workspace goes back now
     logger.info("queued %s; running %d at a time", ", ".join(names), jobs)
@@ -545,7 +579,14 @@ def queued_runs(root: Path, points: list[Point], stages: list[str], sweep_id: st
     os.close(fd)
     start = time.monotonic()
     try:
-        states = run_queue(root, names, jobs, Path(log), timeout=timeout, baseline=baseline)
+        states = run_queue(root, names, jobs, Path(log), timeout=timeout, baseline=baseline, allow_failed=True)
+        for _ in range(retries):
+            again = requeue_failed(root, points, names, states, sweep_id, queued, snap)
+            if not again:
+                break
+            states.update(run_queue(root, again, jobs, Path(log), timeout=timeout, baseline=baseline,
+                                    allow_failed=True))
+        check_finished(states, names)
         seconds = round(time.monotonic() - start, 2)
         runs = []
         for point, name in zip(points, names):
@@ -564,7 +605,7 @@ def run_points(root: Path, points: list[Point], order: list[str], sweep_id: str,
                snap: dict[str, Any], retries: int, timeout: float | None) -> list[dict[str, Any]]:
     """Run every point as a DVC experiment (queued, or one after the other in the workspace)."""
     if mode == "queue":
-        return queued_runs(root, points, order, sweep_id, jobs, snap, timeout)
+        return queued_runs(root, points, order, sweep_id, jobs, snap, timeout, retries)
     logger = get_run_logger()
     experiment = run_experiment.with_options(retries=retries)
     runs = []
@@ -1013,17 +1054,22 @@ def _snapshot(root: Path) -> dict[str, Any]:
             "staged": _staged(root)}
 
 
-def _restore(root: Path, snap: dict[str, Any]) -> None:
+def _put_back(root: Path, snap: dict[str, Any]) -> None:
     """Put params.yaml and dvc.lock back as ``_snapshot`` found them, in the working tree and in git's index
-    (queueing an experiment stages them), and check the workspace outputs out to match."""
+    (queueing an experiment stages them)."""
     for name, data in snap["files"].items():
         if data is None:
             (root / name).unlink(missing_ok=True)
-        else:
+        elif not (root / name).is_file() or (root / name).read_bytes() != data:
             atomic_write(root / name, data)
     unstage = sorted(_staged(root) - snap["staged"])
     if unstage:
         subprocess.run(["git", "reset", "-q", "--", *unstage], cwd=root, capture_output=True)
+
+
+def _restore(root: Path, snap: dict[str, Any]) -> None:
+    """``_put_back``, and check the workspace outputs out to match dvc.lock."""
+    _put_back(root, snap)
     res = run_dvc(["checkout"], root, check=False)  # workspace outputs back in line with dvc.lock
     if res.returncode != 0:
         get_run_logger().warning("dvc checkout after the sweep could not put back every output that dvc.lock records "

@@ -142,11 +142,12 @@ def test_queued_sweep_runs_points_in_parallel_and_leaves_the_workspace(committed
 
 
 @pytest.mark.slow
-def test_sweep_over_dimension_groups_and_an_ablation(committed_repo, prefect_harness, tmp_path):
+def test_sweep_over_dimension_groups_and_an_ablation(committed_repo, prefect_harness, monkeypatch, tmp_path):
     """``groups``: one experiment per combination of pruned groups (prune.groups), rows labelled with their
     groups and sized in total parameters; ``vary``: per point one more experiment with a params change, compared
     with the point without it, and read back as such from the finished experiments; benchmarks/latency.py
-    loads those experiments' pruned checkpoints."""
+    loads those experiments' pruned checkpoints. An experiment that fails in the queue is queued again once
+    (``retries``), from the params it was first queued with."""
     import sys
 
     import pandas as pd
@@ -156,9 +157,22 @@ def test_sweep_over_dimension_groups_and_an_ablation(committed_repo, prefect_har
 
     repo = committed_repo
     before = _state(repo)
+    real_run_queue, calls = sweep.run_queue, []
+
+    def one_fails_once(root, names, *args, **kwargs):  # as DVC's run-cache race fails one experiment at times
+        states = real_run_queue(root, names, *args, **kwargs)
+        calls.append(list(names))
+        if len(calls) == 1:
+            subprocess.run([dvc(), "exp", "remove", names[-1]], cwd=root, env=dvc_env(), check=True,
+                           capture_output=True)
+            states[names[-1]] = {"state": "failed", "rev": None}
+        return states
+
+    monkeypatch.setattr(sweep, "run_queue", one_fails_once)
     out = sweep_flow(repo=str(repo), sparsities=[0.15], methods=["vote"], groups=["attention", "mlp+attention"],
                      vary=["merge.normalize=rank"], params={"select.multiple": {"mlp": 8, "attention": 1}},
                      mode="queue", jobs=2)
+    assert len(calls) == 2 and calls[1] == [calls[0][-1]]          # the failed experiment alone, queued again
     assert _state(repo) == before
     assert [e["method"] for e in out["experiments"]] == [
         "vote [attention]", "vote [attention] merge.normalize=rank", "vote [mlp+attention]",
@@ -267,6 +281,16 @@ def test_run_queue_names_a_failed_experiment(fake_queue):
     with pytest.raises(FlowError, match=r"experiment\(s\) b failed in DVC's queue") as e:
         sweep.run_queue(tmp_path, ["a", "b"], 2, tmp_path / "log", poll=0, check_every=0)
     assert "dvc queue logs b" in e.value.fix
+
+
+def test_run_queue_can_return_failed_experiments_for_a_retry(fake_queue):
+    sweep, states, _, tmp_path = fake_queue
+    states.update(a="success", b="failed")
+    out = sweep.run_queue(tmp_path, ["a", "b"], 2, tmp_path / "log", poll=0, check_every=0, allow_failed=True)
+    assert out["b"]["state"] == "failed" and out["a"]["state"] == "success"
+    with pytest.raises(FlowError, match=r"experiment\(s\) b failed"):
+        sweep.check_finished(out, ["a", "b"])
+    sweep.check_finished(out, ["a"])
 
 
 def test_run_queue_gives_up_after_its_timeout(fake_queue):
