@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="where independent stages run side by side (default: threads)")
             q.add_argument("--workers", type=int, default=2, help="parallel stages (default: 2)")
             q.add_argument("--address", help="dask scheduler / ray cluster address (default: a local one)")
-            q.add_argument("--retries", type=int, default=1, help="retries of a failed stage, or of a failed experiment in a queued sweep (default: 1)")
+            q.add_argument("--retries", type=int, default=1,
+                           help="retries of a failed stage, or of a failed experiment in a queued sweep (default: 1)")
 
     def experiments(q: argparse.ArgumentParser) -> None:
         q.add_argument("--mode", choices=("queue", "workspace"), default="queue",
