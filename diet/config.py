@@ -30,8 +30,9 @@ RECOVERABLE_GROUPS = ("mlp", "attention")
 LAYOUTS = ("global", "uniform")
 RECOVERIES = ("none", "bias")
 DTYPES = ("float32", "bfloat16", "float16")
-#: the scoring forward's precision: float64 gives byte-identical score files on any machine and thread count
-#: (float32 matrix products split their sums by thread count and CPU); ``model`` keeps the model's dtype;
+#: the scoring forward's precision: float64 gives score files that agree to the last float32 bit in all but a
+#: few values across machines and thread counts (float32 matrix products split their sums by thread count and
+#: CPU, and differ in many more); ``model`` keeps the model's dtype;
 #: ``auto`` is float64 on the CPU and the model's dtype on a GPU (``diet.scoring.resolve_precision``)
 PRECISIONS = ("float64", "model", "auto")
 #: where the stages run the model: ``auto`` (the first CUDA GPU when the weights fit there, else every GPU
