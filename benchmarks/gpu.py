@@ -10,7 +10,7 @@ are seeded random token ids, read through a tokenizer that parses ids (``IdToken
 code paths run unchanged:
 
 1. **Scoring overhead and memory** per ``--batch-sizes``: ``diet.scoring.score_texts`` (hooks and running
-   sums, at ``--precision``: ``auto`` is the model's dtype on a GPU) against a plain forward over the same
+   sums, at ``--precision``: ``auto`` is the model's dtype) against a plain forward over the same
    batches (``benchmarks/scoring.py``'s ``Runner``); tokens/s of each, their ratio within a round (median
    over ``--repeats`` rounds), and the peak memory above the loaded model (GPU: ``max_memory_allocated``;
    CPU: resident set).
@@ -288,7 +288,7 @@ def main(argv=None) -> dict:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (as model.device)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--precision", default="auto", choices=["auto", "model", "float64"],
-                   help="scoring precision (as score.precision; auto: the model's dtype on a GPU)")
+                   help="scoring precision (as score.precision; auto: the model's dtype)")
     p.add_argument("--n", type=int, help="samples (default 64; small 8)")
     p.add_argument("--seq-len", type=int, help="tokens per sample after BOS (default 512; small 32)")
     p.add_argument("--batch-sizes", type=int, nargs="+", help="default 1 4 8 16 32; small 1 4")

@@ -5,7 +5,7 @@
     python benchmarks/precision.py --device cuda --dtype float32 --precision model        # float32 on a GPU
 
 The pipeline's score files (``scores/<task>.safetensors``, written by ``score@<task>`` with params.yaml's
-settings: on the CPU with ``score.precision: float64`` by default) are the reference. This script scores the
+settings: ``score.precision: model``, the model's dtype, by default) are the reference. This script scores the
 same calibration texts (``data/tasks/<task>/calib.jsonl``) of the same model (``models/base``) with
 ``--device``, ``--dtype`` and ``--precision`` (everything else from params.yaml), then:
 

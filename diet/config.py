@@ -30,10 +30,9 @@ RECOVERABLE_GROUPS = ("mlp", "attention")
 LAYOUTS = ("global", "uniform")
 RECOVERIES = ("none", "bias")
 DTYPES = ("float32", "bfloat16", "float16")
-#: the scoring forward's precision: float64 gives score files that agree to the last float32 bit in all but a
-#: few values across machines and thread counts (float32 matrix products split their sums by thread count and
-#: CPU, and differ in many more); ``model`` keeps the model's dtype;
-#: ``auto`` is float64 on the CPU and the model's dtype on a GPU (``diet.scoring.resolve_precision``)
+#: the scoring forward's precision: ``model`` keeps the model's dtype (score files are the same bytes at any
+#: thread count either way: ``diet.parallel``); ``float64`` runs the forward in float64 (twice the time and the
+#: memory; closer to exact arithmetic, for comparisons); ``auto`` is ``model`` (``diet.scoring.resolve_precision``)
 PRECISIONS = ("float64", "model", "auto")
 #: where the stages run the model: ``auto`` (the first CUDA GPU when the weights fit there, else every GPU
 #: when they fit on them together, else the CPU), ``cpu``, ``cuda``, ``cuda:N``, or ``gpus`` (the layers
@@ -139,7 +138,7 @@ class ScoreConfig:
     weight_norm: bool = False
     batch_size: int = 8
     groups: tuple[str, ...] = ("mlp", "attention")
-    precision: str = "float64"
+    precision: str = "model"
 
     def __post_init__(self):
         object.__setattr__(self, "groups", tuple(self.groups))
@@ -275,7 +274,7 @@ class EvaluateConfig:
     batch_size: int = 8
     perplexity_docs: int = 50
     perplexity_max_length: int = 512
-    backend: str = "lm_eval"
+    backend: str = "direct"
 
     def validate(self) -> None:
         _choice("evaluate", "backend", self.backend, EVAL_BACKENDS)

@@ -11,7 +11,8 @@ tokens of one task's calibration texts:
   tokens: one row of H scores (a (1, H) tensor, the one-row mask of the group).
 
 Statistics (running float64 sums, memory O(dimensions), never O(tokens); rounded to float32 once, at the
-end, so score files from different thread counts or batch orders agree in all but a few last bits):
+end). Batches run several at once, each with single-threaded kernels, and their sums are added in batch order
+(``diet.parallel``), so a score file is the same bytes at any thread count on one kind of CPU:
 
 * ``mean_abs``: mean of ``|a|`` over tokens. A KV group takes the mean over its channels.
 * ``l2``: L2 norm over tokens, ``sqrt(sum a^2)``. A KV group takes ``sqrt(mean over its channels of
@@ -33,7 +34,7 @@ separates them from the group scores.
 
 Score files: ``scores/{task}.safetensors`` holds one float32 (L, W) tensor per group plus the group's two
 moment tensors (``hidden``: (1, H) and (1, H), one row for all layers); the metadata sits in its header and beside it as ``scores/{task}.json``. Both are
-byte-identical for identical inputs at the same thread count. ``read_scores`` returns the group scores only, ``read_moments`` the
+byte-identical for identical inputs, at any thread count. ``read_scores`` returns the group scores only, ``read_moments`` the
 moments.
 """
 
@@ -44,6 +45,7 @@ import hashlib
 import inspect
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -55,8 +57,9 @@ from diet.config import STATISTICS, ScoreConfig
 from diet.errors import DataError, DietError, ModelError
 from diet.groups import get_group
 from diet.io import read_json, save_tensors, sha256_file, write_json
+from diet.parallel import map_batches, one_kernel_thread
 
-#: metadata every score file carries (``code_version`` and ``groups`` are added by ``write_scores``)
+#: metadata every score file carries (``score_version`` and ``groups`` are added by ``write_scores``)
 SCORE_META_KEYS = ("model_fingerprint", "task", "task_data_hash", "n_samples", "n_tokens", "statistic",
                    "weight_norm")
 _HEADER_KEY = "diet"  # one safetensors metadata entry: several entries come back in hash order
@@ -99,8 +102,9 @@ class ActivationStats:
         self.sum_sq: torch.Tensor | None = None      # (D,) float64: of a^2
         self.n_tokens = 0
 
-    def add_batch(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
-        """Add activations ``x`` (B, T, D); ``mask`` (B, T) is True on real tokens (None: all count)."""
+    def batch_sums(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple:
+        """This batch's (sum, signed sum, sum of squares, tokens) of activations ``x`` (B, T, D); ``mask``
+        (B, T) is True on real tokens (None: all count). Pure: nothing is added (``add_sums``)."""
         if x.dim() != 3 or x.shape[-1] != self.width:
             raise ValueError(f"expected activations (B, T, {self.width}), got {tuple(x.shape)}")
         if mask is None:
@@ -112,11 +116,20 @@ class ActivationStats:
         batch_sum = val.sum(dim=0)                               # (D,) float64: exact to far below float32
         signed = x.sum(dim=0)                                    # (D,) float64
         sq = batch_sum if self.statistic == "l2" else x.square().sum(dim=0)  # (D,) float64
+        return batch_sum, signed, sq, int(mask.sum())
+
+    def add_sums(self, sums: tuple) -> None:
+        """Add one batch's ``batch_sums``; batches added in the same order give the same bytes."""
+        batch_sum, signed, sq, n = sums
         if self.sum is None:
             self.sum, self.sum_signed, self.sum_sq = batch_sum, signed, sq
         else:
             self.sum, self.sum_signed, self.sum_sq = self.sum + batch_sum, self.sum_signed + signed, self.sum_sq + sq
-        self.n_tokens += int(mask.sum())
+        self.n_tokens += n
+
+    def add_batch(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """Add activations ``x`` (B, T, D); ``mask`` (B, T) is True on real tokens (None: all count)."""
+        self.add_sums(self.batch_sums(x, mask))
 
     def _check_filled(self) -> None:
         if self.sum is None or self.n_tokens == 0:
@@ -143,11 +156,48 @@ class ActivationStats:
 
 
 class ActivationRecorder:
-    """What ``record_activations`` yields: the stats per group and layer, and the current batch's mask."""
+    """What ``record_activations`` yields: the stats per group and layer, and the current batch's mask.
+
+    ``mask`` is per thread. Inside ``batch(mask)`` the hooks of this thread collect the batch's sums apart
+    (``batch`` yields the list; ``fold`` adds it), so batches running in several threads never touch shared
+    sums; outside it they add to the stats directly.
+    """
 
     def __init__(self, stats: dict[str, list[ActivationStats]]):
         self.stats = stats
-        self.mask: torch.Tensor | None = None  # (B, T) bool, set before each forward
+        self._local = threading.local()
+
+    @property
+    def mask(self) -> torch.Tensor | None:
+        """(B, T) bool of the batch this thread runs, set before each forward."""
+        return getattr(self._local, "mask", None)
+
+    @mask.setter
+    def mask(self, value: torch.Tensor | None) -> None:
+        self._local.mask = value
+
+    @contextlib.contextmanager
+    def batch(self, mask: torch.Tensor) -> Iterator[list]:
+        """Collect one batch's sums in this thread: yields [(stats, sums), ...] in the order the hooks ran."""
+        self._local.mask, self._local.pending = mask, []
+        try:
+            yield self._local.pending
+        finally:
+            self._local.mask = self._local.pending = None
+
+    def add(self, stats: ActivationStats, x: torch.Tensor) -> None:
+        sums = stats.batch_sums(x, self.mask)
+        pending = getattr(self._local, "pending", None)
+        if pending is None:
+            stats.add_sums(sums)
+        else:
+            pending.append((stats, sums))
+
+    @staticmethod
+    def fold(pending: list) -> None:
+        """Add a batch's collected sums to the stats, in the order they were collected."""
+        for stats, sums in pending:
+            stats.add_sums(sums)
 
 
 @contextlib.contextmanager
@@ -176,7 +226,7 @@ def record_activations(model: nn.Module, adapter, groups: Sequence[str],
 def _make_hook(stats: ActivationStats, recorder: ActivationRecorder):
     def hook(module, args, kwargs):
         x = args[0] if args else next(kwargs[k] for k in ("input", "hidden_states", "x") if k in kwargs)  # (B, T, D)
-        stats.add_batch(x, recorder.mask)
+        recorder.add(stats, x)
 
     return hook
 
@@ -218,12 +268,11 @@ def _stack_layers(rows: list[torch.Tensor], group: str) -> torch.Tensor:
 def resolve_precision(precision: str, device: torch.device | str) -> str:
     """``float64`` or ``model``: the scoring precision ``precision`` (``score.precision``) means on ``device``.
 
-    ``auto`` is ``float64`` on the CPU (score files that agree across machines in all but a few last bits) and
-    ``model`` on a GPU, where float64 arithmetic runs at a small fraction of the bfloat16/float32 rate and the
-    model would take 4x (from bfloat16) the memory. An explicit ``float64`` is kept on any device.
+    ``auto`` is ``model`` on every device: the model's own dtype already gives the same bytes at any thread
+    count (``diet.parallel``), and float64 would double the time and the memory. An explicit ``float64`` is kept.
     """
     if precision == "auto":
-        return "float64" if torch.device(device).type == "cpu" else "model"
+        return "model"
     return precision
 
 
@@ -231,13 +280,10 @@ def resolve_precision(precision: str, device: torch.device | str) -> str:
 def forward_precision(model: nn.Module, precision: str) -> Iterator[None]:
     """Run the block with the model in float64 (``precision="float64"``), then restore its dtype exactly.
 
-    A float32 matrix product sums in an order that depends on the thread count and the CPU, so activations
-    differ in their last bits between machines; in float64 those differences stay far below float32's
-    resolution, and the scores, rounded to float32 once, agree in all but the few values whose float64 sum lies
-    next to a float32 rounding boundary (0.38% of SmolLM2's, one step apart, between 1 and 2 threads). ``"model"`` leaves the
-    model as it is (faster, half the memory; identical only on the same hardware and thread count). ``"auto"``
-    is one or the other by the model's device (``resolve_precision``). Float32 and bfloat16 weights both go to
-    float64 and back exactly.
+    ``"model"`` (and ``"auto"``) leave the model as it is. Float64 does not make scores more reproducible (the
+    batches' single-threaded kernels do that: ``diet.parallel``); it takes the activations closer to exact
+    arithmetic, for comparing precisions (benchmarks/precision.py), at twice the time and memory. Float32 and
+    bfloat16 weights both go to float64 and back exactly.
     """
     param = next(model.parameters())
     dtype = param.dtype
@@ -253,14 +299,14 @@ def forward_precision(model: nn.Module, precision: str) -> Iterator[None]:
 
 def score_texts(model: nn.Module, tokenizer, texts: Sequence[str], *, groups: Sequence[str], statistic: str,
                 weight_norm: bool, batch_size: int, max_length: int, add_bos: bool, progress: bool = True,
-                adapter=None, precision: str = "float64") -> tuple[dict[str, torch.Tensor], dict]:
+                adapter=None, precision: str = "model") -> tuple[dict[str, torch.Tensor], dict]:
     """Score every dimension of ``groups`` on ``texts``: (tensors, {n_samples, n_tokens}).
 
     ``tensors`` holds ``{group: (L, W) float32}`` and each group's moments ``{group}.mean`` / ``{group}.var``
     (L, D) (module doc; ``split_scores`` separates them). Texts run longest first in batches of ``batch_size``,
-    right-padded; padding is excluded from every statistic. With ``precision="float64"`` (see
-    ``forward_precision``) the result is byte-identical for identical inputs at the same thread count, and agrees in
-    all but a few last bits across thread counts and machines.
+    right-padded; padding is excluded from every statistic. The result is byte-identical for identical inputs at
+    any thread count on one kind of CPU (``diet.parallel``); ``precision="float64"`` runs the forward in float64
+    (``forward_precision``).
     """
     from tqdm.auto import tqdm
 
@@ -284,28 +330,43 @@ def score_texts(model: nn.Module, tokenizer, texts: Sequence[str], *, groups: Se
     try:
         with torch.no_grad(), forward_precision(model, precision), \
                 record_activations(model, adapter, groups, statistic) as rec:
-            for batch in tqdm(batches, desc="scoring", unit="batch", disable=not progress):
+
+            def run(batch: list[int]) -> tuple[list, int]:
                 ids, mask = pad_right([encoded[i] for i in batch], pad_id)  # (B, T)
-                rec.mask = mask.to(device)
-                # No attention mask: with right padding and causal attention a real token never sees a pad,
-                # and rows of pads that a mask would leave with no key to attend to (a sliding window past
-                # the text's end) turn to NaN in float64, which reaches real tokens through 0 * NaN.
-                model(input_ids=ids.to(device), **extra)
-                n_tokens += int(mask.sum())
-        scores = {}
-        for group in groups:
-            rule = get_group(group)
-            rows = [stats.finalize(rule.channel_blocks(adapter, layer)) for layer, stats in enumerate(rec.stats[group])]
-            s = _stack_layers(rows, group)                                     # (L, W)
-            if weight_norm:
-                s = s.double() * output_weight_norms(adapter, group)           # (L, W)
-            scores[group] = s.float().contiguous()
-            per_layer = [stats.moments() for stats in rec.stats[group]]            # each {moment: (D,)}
-            for moment in MOMENTS:
-                scores[moment_name(group, moment)] = _stack_layers([m[moment] for m in per_layer], group)  # (L, D)
+                with rec.batch(mask.to(device)) as pending:
+                    # No attention mask: with right padding and causal attention a real token never sees a
+                    # pad, and rows of pads that a mask would leave with no key to attend to (a sliding window
+                    # past the text's end) turn to NaN in float64, which reaches real tokens through 0 * NaN.
+                    model(input_ids=ids.to(device), **extra)
+                return pending, int(mask.sum())
+
+            # batches run several at once, each single-threaded; their sums are added in batch order, so the
+            # scores are the same bytes at any thread count (diet.parallel)
+            done = map_batches(run, batches, device)
+            for pending, n in tqdm(done, total=len(batches), desc="scoring", unit="batch", disable=not progress):
+                rec.fold(pending)
+                n_tokens += n
+        with one_kernel_thread():         # the reductions below sum in one fixed order too
+            scores = _finish(rec, groups, adapter, weight_norm)
     finally:
         model.train(was_training)
     return scores, {"n_samples": len(encoded), "n_tokens": n_tokens}
+
+
+def _finish(rec: ActivationRecorder, groups: Sequence[str], adapter, weight_norm: bool) -> dict[str, torch.Tensor]:
+    """Each group's (L, W) scores and (L, D) moments from the recorded sums (module doc)."""
+    scores = {}
+    for group in groups:
+        rule = get_group(group)
+        rows = [stats.finalize(rule.channel_blocks(adapter, layer)) for layer, stats in enumerate(rec.stats[group])]
+        s = _stack_layers(rows, group)                                     # (L, W)
+        if weight_norm:
+            s = s.double() * output_weight_norms(adapter, group)           # (L, W)
+        scores[group] = s.float().contiguous()
+        per_layer = [stats.moments() for stats in rec.stats[group]]        # each {moment: (D,)}
+        for moment in MOMENTS:
+            scores[moment_name(group, moment)] = _stack_layers([m[moment] for m in per_layer], group)  # (L, D)
+    return scores
 
 
 # -- identity of what produced a score ------------------------------------------------------------------------
@@ -333,8 +394,8 @@ def model_fingerprint(model_dir: str | os.PathLike) -> str:
 
 def write_scores(path: str | os.PathLike, scores: dict[str, torch.Tensor], meta: dict) -> None:
     """Write ``{group: (L, W)}`` (and moment tensors ``{group}.{moment}``, module doc) to ``path`` (safetensors)
-    and its metadata to ``path`` with suffix .json."""
-    import diet
+    and its metadata to ``path`` with suffix .json, with the version of the computation (diet.versions)."""
+    from diet.versions import SCORE
 
     missing = [k for k in SCORE_META_KEYS if k not in meta]
     if missing:
@@ -344,7 +405,7 @@ def write_scores(path: str | os.PathLike, scores: dict[str, torch.Tensor], meta:
     if orphans:
         raise ValueError(f"moments of {', '.join(orphans)} without the group's scores")
     path = Path(path)
-    full = {**meta, "code_version": diet.__version__, "groups": sorted(groups),
+    full = {**meta, "score_version": SCORE, "groups": sorted(groups),
             "shapes": {g: list(t.shape) for g, t in sorted(scores.items())}}
     tensors = {g: t.detach().to(device="cpu", dtype=torch.float32) for g, t in scores.items()}
     save_tensors(path, tensors, metadata={_HEADER_KEY: json.dumps(full, sort_keys=True)})

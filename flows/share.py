@@ -1,10 +1,12 @@
 """Share task scores between teams through a DVC remote.
 
-A score is keyed by what produced it: the stage command, its code, its parameters and the hashes of its
-inputs (the base model and the prepared task). DVC records that key in its run-cache. Team A pushes the
-score files *and* the run-cache records (a record alone points at files the remote does not have). Team B,
-with the same model and task definition, lets ``dvc repro --pull`` find the record and fetch the outputs
-instead of running the stage. See docs/sharing.md.
+A score is keyed by what produced it: the stage command, the version of what it computes (diet/versions.py),
+its parameters and the hashes of its inputs (the base model and the prepared task), never the source text of
+the code. The score bytes are the same at any thread count, so the committed dvc.lock names the files every
+team produces. DVC also records the key in its run-cache. Team A pushes the score files *and* the run-cache
+records (a record alone points at files the remote does not have). Team B, with the same model and task
+definition, lets ``dvc repro --pull`` find the record and fetch the outputs instead of running the stage.
+See docs/sharing.md.
 
     add_remote(".", "/mnt/shared/diet-cache")      # or s3://bucket/diet, once per clone
     push_scores(".")                                  # team A, after scoring

@@ -68,9 +68,11 @@ def _report(problem: str, fix: str | None, code: int) -> int:
     return code
 
 
-def set_threads() -> None:
-    """Respect OMP_NUM_THREADS when set; torch otherwise takes every core."""
-    n = os.environ.get("OMP_NUM_THREADS")
+def set_threads(single: bool = False) -> None:
+    """Respect OMP_NUM_THREADS when set; torch otherwise takes every core. ``single``: one kernel thread
+    whatever the environment says, for the stages that take seconds, so that their outputs (a merged score, a
+    pruned model with recovered biases) are the same bytes at any thread count (diet.parallel)."""
+    n = "1" if single else os.environ.get("OMP_NUM_THREADS")
     if n and n.isdigit():
         import torch
 

@@ -23,6 +23,7 @@ def main(args, params) -> None:
     from diet.modeling import load_model_and_tokenizer
     from diet.evaluation import load_eval_task
     from diet.io import write_json
+    from diet.versions import EVALUATE
 
     cfg = params.evaluate
     task = load_eval_task(args.task, args.data)           # checked before the model loads
@@ -35,7 +36,8 @@ def main(args, params) -> None:
     else:
         from diet.evaluation.harness import evaluate_tasks
     result = evaluate_tasks(model, tokenizer, {task.name: args.data}, batch_size=cfg.batch_size)[task.name]
-    write_json(args.out, {"task": task.name, "model": str(args.model), "backend": backend, **result})
+    write_json(args.out, {"task": task.name, "model": str(args.model), "backend": backend,
+                          "evaluate_version": EVALUATE, **result})
 
 
 def parser():

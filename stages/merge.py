@@ -17,7 +17,7 @@ log = logging.getLogger("diet.merge")
 
 
 def main(args, params) -> None:
-    set_threads()
+    set_threads(single=True)
     from diet.geometry import geometry_from_folder
     from diet.io import atomic_dir, save_tensors, write_json, write_text
     from diet.merge import (MOMENT_METHODS, magnitude_scores, merge_scores, moment_baseline_scores,

@@ -28,6 +28,7 @@ def main(args, params) -> None:
     from diet.evaluation.perplexity import heldout_perplexity
     from diet.io import write_json
     from diet.pruning import parameter_counts
+    from diet.versions import PERPLEXITY
 
     cfg = params.evaluate
     model, tokenizer = load_model_and_tokenizer(args.model, params.model.dtype, params.model.device)
@@ -38,7 +39,7 @@ def main(args, params) -> None:
                                  max_length=cfg.perplexity_max_length, batch_size=cfg.batch_size)
         log.info("perplexity %.3f over %d tokens", ppl["ppl"], ppl["tokens"])
     write_json(args.out, {"model": str(args.model), "perplexity": ppl, "params": parameter_counts(model),
-                          "checkpoint": checkpoint_size(Path(args.model))})
+                          "checkpoint": checkpoint_size(Path(args.model)), "perplexity_version": PERPLEXITY})
 
 
 def parser():

@@ -17,7 +17,7 @@ log = logging.getLogger("diet.prune")
 
 
 def main(args, params) -> None:
-    set_threads()
+    set_threads(single=True)
     from diet.merge import means_source, recovery_means_from_files
     from diet.modeling import load_model_and_tokenizer
     from diet.modeling import save_pruned

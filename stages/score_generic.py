@@ -20,6 +20,7 @@ def main(args, params) -> None:
     from diet.generic import generic_source, generic_texts
     from diet.io import sha256_json
     from diet.scoring import model_fingerprint, score, write_scores
+    from diet.versions import GENERIC
 
     cal, sc = params.calibration, params.score
     source, source_path = generic_source()
@@ -31,7 +32,8 @@ def main(args, params) -> None:
     meta = {"model_fingerprint": model_fingerprint(args.model), "task": "generic", "generic_source": source,
             "task_data_hash": sha256_json(texts), "n_samples": stats["n_samples"], "n_tokens": stats["n_tokens"],
             "statistic": sc.statistic, "weight_norm": sc.weight_norm, "max_length": cal.max_length,
-            "seed": cal.seed, "score_config": sha256_json(sc.__dict__)}
+            "seed": cal.seed, "score_config": sha256_json(sc.__dict__),
+            "generic_version": GENERIC}
     write_scores(args.out, scores, meta)
     log.info("scored %d samples (%d tokens) -> %s", stats["n_samples"], stats["n_tokens"], args.out)
 

@@ -12,7 +12,7 @@ log = logging.getLogger("diet.select")
 
 
 def main(args, params) -> None:
-    set_threads()
+    set_threads(single=True)
     from diet.geometry import geometry_from_folder
     from diet.io import write_text
     from diet.plots import per_layer_chart

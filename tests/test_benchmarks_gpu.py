@@ -24,7 +24,7 @@ def test_small_run_writes_json_and_table(gpu_benchmark, tmp_path):
     result = gpu_benchmark.main(["--device", "cpu", "--repeats", "1", "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     s = result["settings"]
-    assert s["shape"] == "small" and s["dtype"] == "bfloat16" and s["precision"] == "float64"  # auto on the CPU
+    assert s["shape"] == "small" and s["dtype"] == "bfloat16" and s["precision"] == "model"  # auto: the model dtype
     assert [r["batch_size"] for r in result["scoring"]] == [r["batch_size"] for r in result["evaluation"]] == [1, 4]
     for r in result["scoring"]:
         assert r["plain_tokens_per_s"] > 0 and r["score_tokens_per_s"] > 0 and r["score_over_plain"] > 0

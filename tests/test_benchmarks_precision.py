@@ -35,7 +35,7 @@ def precision_benchmark(monkeypatch):
 @pytest.fixture
 def project(tmp_path):
     """models/base, data/tasks/<task>/calib.jsonl and scores/<task>.safetensors as the pipeline writes them
-    (score.precision float64 on the CPU), and a params.yaml for sparsity 0.25 on mlp."""
+    (score.precision model, the default), and a params.yaml for sparsity 0.25 on mlp."""
     model_dir = tmp_path / "models" / "base"
     model = tiny_model("llama")
     model.save_pretrained(model_dir)
@@ -63,7 +63,7 @@ def _args(project, *extra):
 def test_the_reference_settings_reproduce_the_score_files_exactly(precision_benchmark, project, tmp_path):
     out = tmp_path / "same.json"
     result = precision_benchmark.main(_args(project, "--device", "cpu", "--dtype", "float32",
-                                            "--precision", "float64", "--out", str(out)))
+                                            "--precision", "model", "--out", str(out)))
     assert result == 0
     record = json.loads(out.read_text())
     assert record["device"] == "cpu" and record["tasks"] == ["arc_easy", "boolq"]
@@ -77,7 +77,7 @@ def test_the_reference_settings_reproduce_the_score_files_exactly(precision_benc
     assert "| mlp | " in out.with_suffix(".md").read_text()
 
 
-def test_bfloat16_is_measured_against_float64(precision_benchmark, project, tmp_path):
+def test_bfloat16_is_measured_against_float32(precision_benchmark, project, tmp_path):
     out = tmp_path / "bf16.json"
     assert precision_benchmark.main(_args(project, "--device", "cpu", "--dtype", "bfloat16",
                                           "--precision", "model", "--out", str(out))) == 0

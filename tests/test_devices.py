@@ -110,15 +110,15 @@ def test_stage_fails_on_cuda_before_loading(monkeypatch, tmp_path, capsys):
     assert not (tmp_path / "out.json").exists()
 
 
-def test_precision_auto_is_float64_on_the_cpu_and_model_on_a_gpu():
-    assert resolve_precision("auto", "cpu") == "float64"
+def test_precision_auto_is_the_model_dtype_everywhere_and_float64_is_kept():
+    assert resolve_precision("auto", "cpu") == "model"
     assert resolve_precision("auto", torch.device("cuda", 1)) == "model"
     assert resolve_precision("float64", "cuda") == "float64"   # an explicit float64 is kept on a GPU
     assert resolve_precision("model", "cpu") == "model"
-    assert ScoreConfig().precision == "float64"                # the CPU default is unchanged
+    assert ScoreConfig().precision == "model"                  # same bytes at any thread count without float64
     model = tiny_model("llama")
     seen = []
-    with forward_precision(model, "auto"):
+    with forward_precision(model, "float64"):
         seen.append(next(model.parameters()).dtype)
     assert seen == [torch.float64] and next(model.parameters()).dtype == torch.float32
 

@@ -16,20 +16,10 @@ from diet.evaluation.data import load_eval_task
 from diet.evaluation.perplexity import heldout_passages, perplexity
 from diet.evaluation.report import markdown_table, mean_accuracy
 from diet.tokens import check_tokenizer, resolve_add_bos
-from tests.tiny import BOS, tiny_model, tiny_tokenizer
+from tests.tiny import bos_tokenizer, tiny_model, tiny_tokenizer
 
 WORDS = ["the quick brown fox", "carbon dioxide", "plants", "a small model", "five dozen liquor jugs",
          "the lazy dog", "every layer"]
-
-
-def bos_tokenizer():
-    """The tiny tokenizer, made to prepend <bos> under add_special_tokens=True (as Gemma's does)."""
-    from tokenizers import processors
-
-    tok = tiny_tokenizer()
-    tok._tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", special_tokens=[(BOS, tok.bos_token_id)])
-    return tok
 
 
 def write_task(root: Path, name: str, rows: list[dict], partial: bool = False) -> Path:
@@ -133,7 +123,7 @@ def test_shared_context_paths_equal_full_sequences():
     context = "question: which gas do plants take in? answer:"
     pairs = [loglik.encode_pair(tok, context, " " + w, add_bos=True) for w in WORDS[:4]]
     shared = loglik.choice_logliks(model, pairs, max_length=128)
-    full = loglik._full_sequences(model, pairs, max_length=128, batch_size=2)
+    full = loglik._full_sequences(model, pairs, max_length=128)
     assert shared == pytest.approx(full, abs=1e-4)
     # one-token choices of contexts of different lengths: one batched forward over the contexts
     items = [[loglik.encode_pair(tok, r["context"], " " + c, add_bos=True) for c in r["choices"]]
@@ -141,10 +131,10 @@ def test_shared_context_paths_equal_full_sequences():
     assert all(len(x) == 1 for pairs in items for _, x in pairs)
     batched = loglik.score_pairs(model, items, max_length=128, batch_size=4)
     for pairs, lls in zip(items, batched, strict=True):
-        assert lls == pytest.approx(loglik._full_sequences(model, pairs, max_length=128, batch_size=1), abs=1e-4)
+        assert lls == pytest.approx([loglik._full_sequences(model, [p], max_length=128)[0] for p in pairs], abs=1e-4)
     # past max_length the context is left-truncated, as lm-eval does
     short = loglik.choice_logliks(model, pairs, max_length=4)
-    assert short == pytest.approx(loglik._full_sequences(model, [(c[-4:], x) for c, x in pairs], 4, 1), abs=1e-4)
+    assert short == pytest.approx(loglik._full_sequences(model, [(c[-4:], x) for c, x in pairs], 4), abs=1e-4)
 
 
 def test_acc_norm_divides_by_characters(tmp_path):
@@ -155,6 +145,23 @@ def test_acc_norm_divides_by_characters(tmp_path):
     partial = loglik.build_items(load_eval_task("wg", write_task(tmp_path, "wg", partial_rows(2), partial=True)))
     assert partial[0].norm_chars == tuple(len(c) for c in partial_rows(2)[0]["context"])
     assert partial[0].continuations == (" jumps over the lazy dog.",) * 2
+
+
+def test_results_are_the_same_at_any_thread_count(tasks):
+    # wide enough that a plain forward moves in its last bits between thread counts (diet.parallel)
+    model = tiny_model("llama", hidden_size=256, intermediate_size=1024, num_hidden_layers=2,
+                       num_attention_heads=8, num_key_value_heads=4, head_dim=32)
+    tok, texts = tiny_tokenizer(), heldout_passages(4)
+    threads, seen = torch.get_num_threads(), []
+    try:
+        for n in (1, 2, 4):
+            torch.set_num_threads(n)
+            items = loglik.evaluate_tasks_direct(model, tok, tasks, batch_size=3)
+            ppl = perplexity(model, tok, texts, max_length=48, batch_size=2, add_bos=False, progress=False)
+            seen.append(json.dumps([items, ppl], sort_keys=True))
+    finally:
+        torch.set_num_threads(threads)
+    assert seen[0] == seen[1] == seen[2]
 
 
 def test_evaluation_leaves_random_state_alone(tasks):

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import diet.versions
+
 from diet.adapters import get_adapter
 from diet.errors import DietError
 from diet.scoring import (MOMENTS, ActivationStats, model_fingerprint, moment_name, output_weight_norms, read_moments,
@@ -158,18 +160,25 @@ def _meta(fingerprint="f" * 64, task="arc_easy"):
             "n_tokens": 40, "statistic": "mean_abs", "weight_norm": False}
 
 
-def test_score_texts_same_bytes_whatever_the_thread_count(model, tokenizer, tmp_path):
-    kw = dict(groups=["mlp", "attention"], statistic="mean_abs", weight_norm=False, batch_size=2, max_length=16,
+def test_score_texts_same_bytes_whatever_the_thread_count(tokenizer, tmp_path):
+    # wide enough that the kernels split their work over threads (a plain forward of it moves in the last
+    # bits between 1, 2 and 4 threads on an AVX-512 CPU)
+    model = tiny_model("llama", hidden_size=256, intermediate_size=1024, num_hidden_layers=2,
+                       num_attention_heads=8, num_key_value_heads=4, head_dim=32)
+    texts = [("the quick brown fox jumps over the lazy dog " * 8)[: 40 + 9 * i] for i in range(12)]
+    kw = dict(groups=["mlp", "attention"], statistic="mean_abs", weight_norm=False, batch_size=3, max_length=128,
               add_bos=False, progress=False)
     threads = torch.get_num_threads()
     try:
-        for n in (1, 2):
+        for n in (1, 2, 4):
             torch.set_num_threads(n)
-            tensors, _ = score_texts(model, tokenizer, TEXTS, **kw)
+            tensors, _ = score_texts(model, tokenizer, texts, **kw)
             write_scores(tmp_path / f"t{n}.safetensors", tensors, _meta())
+            assert torch.get_num_threads() == n            # the caller's thread count is restored
     finally:
         torch.set_num_threads(threads)
-    assert (tmp_path / "t1.safetensors").read_bytes() == (tmp_path / "t2.safetensors").read_bytes()
+    one = (tmp_path / "t1.safetensors").read_bytes()
+    assert one == (tmp_path / "t2.safetensors").read_bytes() == (tmp_path / "t4.safetensors").read_bytes()
 
 
 def _with_moments(scores: dict) -> dict:
@@ -205,7 +214,7 @@ def test_score_files_byte_identical_and_roundtrip(tmp_path):
     assert set(read_moments(tmp_path / "a" / "arc_easy.safetensors", groups=["mlp"])) == {"mlp"}
     import diet
 
-    assert meta["code_version"] == diet.__version__ and meta["n_tokens"] == 40 and meta["weight_norm"] is False
+    assert meta["score_version"] == diet.versions.SCORE and meta["n_tokens"] == 40 and meta["weight_norm"] is False
 
 
 def test_read_scores_refuses_other_model(tmp_path):

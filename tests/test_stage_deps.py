@@ -1,4 +1,5 @@
-"""dvc.yaml declares, for every stage, exactly the project files its code can import (tests/stage_deps.py)."""
+"""dvc.yaml's cache keys: an expensive stage names the version of what it computes (diet/versions.py) and no code;
+a cheap stage declares exactly the project files its code can import (tests/stage_deps.py)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,15 @@ from pathlib import Path
 import pytest
 import yaml
 
+import diet.versions
 from tests.stage_deps import PACKAGES, ROOT, closure
 
 SPEC = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+VERSIONS_FILE = "diet/versions.py"
+#: the stages whose results are expensive, by the versions they declare (every other stage takes seconds)
+VERSIONED = {"model": {"MODEL"}, "prepare": {"PREPARE"}, "score": {"SCORE"}, "score_generic": {"SCORE", "GENERIC"},
+             "evaluate_dense": {"EVALUATE"}, "evaluate": {"EVALUATE"}, "perplexity_dense": {"PERPLEXITY"},
+             "perplexity": {"PERPLEXITY"}}
 
 
 def stage_module(body: dict) -> str:
@@ -24,9 +31,34 @@ def declared_code(body: dict) -> set[Path]:
     return {Path(d) for d in body.get("deps", []) if Path(d).parts[0] in PACKAGES}
 
 
-@pytest.mark.parametrize("name", sorted(SPEC))
-def test_stage_declares_exactly_its_import_closure(name):
+def declared_versions(body: dict) -> set[str]:
+    entries = [p[VERSIONS_FILE] for p in body.get("params", []) if isinstance(p, dict) and VERSIONS_FILE in p]
+    return {key for keys in entries for key in keys}
+
+
+@pytest.mark.parametrize("name", sorted(VERSIONED))
+def test_an_expensive_stage_names_its_versions_and_no_code(name):
     body = SPEC[name].get("do", SPEC[name])
+    assert declared_code(body) == set(), (
+        f"stage '{name}': an expensive stage must not list code deps (any edit would recompute it); declare "
+        f"the version of what it computes ({VERSIONS_FILE}) instead")
+    assert declared_versions(body) == VERSIONED[name]
+    for key in VERSIONED[name]:
+        assert isinstance(getattr(diet.versions, key), int) and key.lower() in diet.versions.NAMES
+
+
+def test_every_version_is_declared_by_a_stage():
+    declared = {key for keys in VERSIONED.values() for key in keys}
+    assert {n.upper() for n in diet.versions.NAMES} == declared
+    assert diet.versions.version("score") == diet.versions.SCORE
+    with pytest.raises(KeyError, match="one of model"):
+        diet.versions.version("scores")
+
+
+@pytest.mark.parametrize("name", sorted(set(SPEC) - set(VERSIONED)))
+def test_a_cheap_stage_declares_exactly_its_import_closure(name):
+    body = SPEC[name].get("do", SPEC[name])
+    assert not declared_versions(body)
     module = stage_module(body)
     expected = closure(module)
     declared = declared_code(body)

@@ -75,3 +75,13 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
                                   pad_token=PAD, bos_token=BOS, eos_token=EOS, unk_token=UNK)
     assert len(tok) <= VOCAB
     return tok
+
+
+def bos_tokenizer() -> PreTrainedTokenizerFast:
+    """The tiny tokenizer, made to prepend <bos> under add_special_tokens=True (as Gemma's does)."""
+    from tokenizers import processors
+
+    tok = tiny_tokenizer()
+    tok._tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", special_tokens=[(BOS, tok.bos_token_id)])
+    return tok

@@ -25,6 +25,7 @@ from pathlib import Path
 from diet.errors import DietError
 from diet.evaluation.data import EvalTask, load_eval_task
 from diet.evaluation.loglik import model_max_length
+from diet.parallel import single_threaded_on
 from diet.tokens import resolve_add_bos
 
 log = logging.getLogger("diet.evaluation")
@@ -112,7 +113,10 @@ def evaluate_tasks(model, tokenizer, tasks: dict[str, str | Path], *, batch_size
     manager = TaskManager(include_defaults=False)
 
     out = {}
-    with tempfile.TemporaryDirectory(prefix="diet-lmeval-") as cache_dir, _random_state_kept():
+    # single-threaded kernels: lm-eval's batches run one after the other, and per-item log-likelihoods that
+    # no thread count changes are worth the wall-clock time (the direct backend spreads its batches instead)
+    with tempfile.TemporaryDirectory(prefix="diet-lmeval-") as cache_dir, _random_state_kept(), \
+            single_threaded_on(next(model.parameters()).device):
         for i, (name, task) in enumerate(loaded.items(), 1):
             log.info("task %d/%d: %s (%d items, lm-eval)", i, len(loaded), name, len(task.rows))
             start = time.perf_counter()

@@ -35,6 +35,7 @@ import torch
 from diet.batching import by_length, pad_right
 from diet.errors import DataError
 from diet.evaluation.data import EvalTask, load_eval_task
+from diet.parallel import map_batches
 from diet.tokens import resolve_add_bos
 
 log = logging.getLogger("diet.evaluation")
@@ -154,20 +155,15 @@ def _shared_context(model, ctx: list[int], conts: list[list[int]]) -> list[float
 
 
 @torch.no_grad()
-def _full_sequences(model, pairs: list[Pair], max_length: int, batch_size: int) -> list[float]:
-    """Each (context, continuation) pair as its own sequence, left-truncated like lm-eval."""
-    lls: list[float] = [0.0] * len(pairs)
-    for batch in by_length([min(len(c) + len(x), max_length + 1) for c, x in pairs], batch_size):
-        chunk = [pairs[i] for i in batch]
-        seqs = [(c + x)[-(max_length + 1):] for c, x in chunk]                   # each (L_i,)
-        longest = max(len(x) for _, x in chunk)
-        # positions predicting the continuation, padded to ``longest`` by repeating the first one
-        positions = [[len(s) - 1 - len(x) + j if j < len(x) else len(s) - 1 - len(x) for j in range(longest)]
-                     for (_, x), s in zip(chunk, seqs)]
-        logits = _logits_at(model, [s[:-1] for s in seqs], positions)            # (n, longest, V)
-        for i, (n, (_, x)) in enumerate(zip(batch, chunk)):
-            lls[n] = _sum_logprobs(logits[i, :len(x)], x)
-    return lls
+def _full_sequences(model, pairs: list[Pair], max_length: int) -> list[float]:
+    """One batch of (context, continuation) pairs, each as its own sequence, left-truncated like lm-eval."""
+    seqs = [(c + x)[-(max_length + 1):] for c, x in pairs]                        # each (L_i,)
+    longest = max(len(x) for _, x in pairs)
+    # positions predicting the continuation, padded to ``longest`` by repeating the first one
+    positions = [[len(s) - 1 - len(x) + j if j < len(x) else len(s) - 1 - len(x) for j in range(longest)]
+                 for (_, x), s in zip(pairs, seqs)]
+    logits = _logits_at(model, [s[:-1] for s in seqs], positions)                # (n, longest, V)
+    return [_sum_logprobs(logits[i, :len(x)], x) for i, (_, x) in enumerate(pairs)]
 
 
 def score_pairs(model, items: list[list[Pair]], *, max_length: int, batch_size: int = 8,
@@ -177,9 +173,10 @@ def score_pairs(model, items: list[list[Pair]], *, max_length: int, batch_size: 
     Items whose choices share one context run it once: all one-token choices (yes/no) from batched forwards
     over the contexts, longer ones through the context's KV cache. The rest (partial scoring, or sequences
     past ``max_length``) run as separate sequences, batched across items. Batches group rows of similar
-    length, so little is spent on padding. ``progress(n)`` is called with the items finished so far.
+    length, so little is spent on padding. The batches run several at once with single-threaded kernels
+    (``diet.parallel``), so the log-likelihoods are the same bytes at any thread count. ``progress(n)`` is
+    called with the items finished so far.
     """
-    lls: list[list[float] | None] = [None] * len(items)
     last, cached, full = [], [], []
     for n, pairs in enumerate(items):
         for _, x in pairs:
@@ -196,28 +193,34 @@ def score_pairs(model, items: list[list[Pair]], *, max_length: int, batch_size: 
             cached.append(n)
         else:
             full.append(n)
-    done = 0
 
-    def finished(k: int) -> None:
-        nonlocal done
-        done += k
-        if progress is not None:
-            progress(done)
-
+    # jobs: (items they finish, pairs they score as (item, choice), a function of nothing returning the lls)
+    jobs: list[tuple[int, list[tuple[int, int]], Callable[[], list[float]]]] = []
     for batch in by_length([len(items[n][0][0]) for n in last], batch_size):
         chunk = [last[i] for i in batch]
-        scored = _last_token(model, [items[n][0][0] for n in chunk], [[x for _, x in items[n]] for n in chunk])
-        for n, item_lls in zip(chunk, scored):
-            lls[n] = item_lls
-        finished(len(chunk))
+        jobs.append((len(chunk), [(n, j) for n in chunk for j in range(len(items[n]))],
+                     lambda chunk=chunk: [ll for item in _last_token(model, [items[n][0][0] for n in chunk],
+                                                                     [[x for _, x in items[n]] for n in chunk])
+                                          for ll in item]))
     for n in cached:
-        lls[n] = _shared_context(model, items[n][0][0], [x for _, x in items[n]])
-        finished(1)
-    flat = [pair for n in full for pair in items[n]]
-    scored = iter(_full_sequences(model, flat, max_length, batch_size))
-    for n in full:
-        lls[n] = [next(scored) for _ in items[n]]
-    finished(len(full))
+        jobs.append((1, [(n, j) for j in range(len(items[n]))],
+                     lambda n=n: _shared_context(model, items[n][0][0], [x for _, x in items[n]])))
+    flat = [(n, j) for n in full for j in range(len(items[n]))]
+    for k, batch in enumerate(by_length([min(len(items[n][j][0]) + len(items[n][j][1]), max_length + 1)
+                                         for n, j in flat], batch_size)):
+        keys = [flat[i] for i in batch]
+        last_of_item = sum(1 for n, j in keys if j == len(items[n]) - 1)   # items counted once, at their last pair
+        jobs.append((last_of_item, keys,
+                     lambda keys=keys: _full_sequences(model, [items[n][j] for n, j in keys], max_length)))
+
+    lls: list[list[float | None]] = [[None] * len(pairs) for pairs in items]
+    done = 0
+    for (finished, keys, _), scored in zip(jobs, map_batches(lambda job: job[2](), jobs, _device(model))):
+        for (n, j), ll in zip(keys, scored):
+            lls[n][j] = ll
+        done += finished
+        if progress is not None:
+            progress(done)
     return lls
 
 

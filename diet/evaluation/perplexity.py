@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from diet.batching import by_length, pad_right
 from diet.errors import DataError
+from diet.parallel import map_batches
 from diet.tokens import resolve_add_bos
 
 BOOLQ_VALIDATION = "hf_datasets/boolq/none/validation"
@@ -82,16 +83,22 @@ def perplexity(model, tokenizer, texts: list[str], *, max_length: int, batch_siz
         raise DataError("no text is long enough to predict a token", "pass longer texts")
     model.eval()
     dev = next(model.parameters()).device
-    total_nll, total_tokens = 0.0, 0
-    batches = _batches([len(s) for s in seqs], batch_size, _vocab_size(model))
-    for batch in tqdm(batches, desc="perplexity", unit="batch", disable=not progress):
+
+    def run(batch: list[int]) -> tuple[float, int]:
         ids, mask = pad_right([seqs[i] for i in batch], device=dev)              # (B, T) each
         logits = model(input_ids=ids, attention_mask=mask.long()).logits[:, :-1]  # (B, T-1, V) predicts ids[:, 1:]
         targets = ids[:, 1:].masked_fill(~mask[:, 1:], -100)                     # (B, T-1), pads ignored
         nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
                               reduction="sum")
-        total_nll += nll.item()
-        total_tokens += int(mask[:, 1:].sum())
+        return nll.item(), int(mask[:, 1:].sum())
+
+    total_nll, total_tokens = 0.0, 0
+    batches = _batches([len(s) for s in seqs], batch_size, _vocab_size(model))
+    # several batches at once, each single-threaded, summed in batch order: the same bytes at any thread count
+    for nll, tokens in tqdm(map_batches(run, batches, dev), total=len(batches), desc="perplexity", unit="batch",
+                            disable=not progress):
+        total_nll += nll
+        total_tokens += tokens
     mean = total_nll / total_tokens
     return {"ppl": math.exp(mean), "nll": mean, "tokens": total_tokens, "docs": len(seqs), "add_bos": add_bos}
 
