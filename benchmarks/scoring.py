@@ -1,17 +1,24 @@
 """Cost of scoring calibration samples, against a plain forward pass over the very same batches.
 
-    OMP_NUM_THREADS=1 python benchmarks/scoring.py --model /path/to/smollm2 --task arc_easy
+    OMP_NUM_THREADS=1 python benchmarks/scoring.py --model models/base --task arc_easy --identity
+    OMP_NUM_THREADS=2 python benchmarks/scoring.py --model models/base --task arc_easy
 
 1. Time: for every ``--batch-sizes`` entry, ``diet.scoring.score_texts`` on ``--n`` samples of ``--task`` and a
-   plain forward over the same batches (same tokens, padding, ``use_cache=False``, ``logits_to_keep=1``), in
-   alternation for ``--repeats`` rounds; the ratio is score / plain within a round, median over rounds. Times
-   are the process's CPU time (with one thread, the work done; a shared machine's other jobs inflate wall
-   clock), wall clock beside them.
+   plain forward over the same batches (same tokens, right padding and no attention mask as in scoring,
+   ``use_cache=False``, ``logits_to_keep=1``; one batch after the other with torch's own threads, while scoring
+   runs ``diet.parallel``'s batches over worker threads), in alternation for ``--repeats`` rounds; the ratio
+   is score / plain within a round, median over rounds. Times are the process's CPU time (the work done; a
+   shared machine's other jobs inflate wall clock), wall clock beside.
 2. Memory, in a child process started with a fixed malloc mmap threshold (so freed activation buffers go
    back to the system and one measurement does not hide the next): the peak resident memory above the state
    just before each run (VmHWM, reset between runs), for scoring and for the plain forward at every batch size;
    and, at ``--growth-batch``, for scoring an increasing number of samples, with the bytes held by the score
-   accumulators (running sums) after the run. Weights are touched by a warm-up before any measurement.
+   accumulators (running sums) after the run. Weights are touched by a warm-up before any measurement. The
+   peak resident memory with the model included (the resident set before the run plus the peak above it) is
+   given for both, and its ratio.
+3. Identity (``--identity``): in child processes, the score file's bytes (sha256) at 1, 2 and 4 threads, and
+   under each ``ATEN_CPU_CAPABILITY`` (``default``: no vector kernels; ``avx2``; ``avx512``), as a stand-in for
+   another CPU; where two digests differ, the share of score values that differ and by how many float32 steps.
 
 Writes ``benchmarks/results/scoring.json`` and prints markdown tables.
 """
@@ -86,7 +93,7 @@ def calibration_texts(task: str, n: int, prepared: str | None) -> list[str]:
 class Runner:
     """Scoring and the plain forward on identical batches (the batching of ``score_texts``)."""
 
-    def __init__(self, model, tokenizer, texts, groups, max_length, precision: str = "float64"):
+    def __init__(self, model, tokenizer, texts, groups, max_length, precision: str = "model"):
         self.model, self.tokenizer, self.texts, self.groups = model, tokenizer, texts, groups
         self.precision = precision
         self.device = next(model.parameters()).device
@@ -109,8 +116,10 @@ class Runner:
 
     @torch.no_grad()
     def plain(self, batch_size: int) -> None:
-        for ids, mask in self.batches(batch_size):
-            self.model(input_ids=ids, attention_mask=mask, **self.extra)
+        """The model's own forward on scoring's batches (no attention mask, as scoring), one batch after the
+        other with torch's threads as they are: what a user's plain forward does."""
+        for ids, _ in self.batches(batch_size):
+            self.model(input_ids=ids, **self.extra)
 
     def score(self, batch_size: int, n: int | None = None):
         texts = self.texts if n is None else self.texts[:n]
@@ -124,7 +133,7 @@ class Runner:
         with record_activations(self.model, self.adapter, self.groups) as rec:
             for ids, mask in self.batches(batch_size, n):
                 rec.mask = mask
-                self.model(input_ids=ids, attention_mask=mask, **self.extra)
+                self.model(input_ids=ids, **self.extra)
             stats = [s for per_layer in rec.stats.values() for s in per_layer]
             return (sum(t.numel() * t.element_size() for s in stats for t in (s.sum, s.sum_signed, s.sum_sq)),
                     stats[0].n_tokens)
@@ -166,9 +175,12 @@ def memory_child(args) -> None:
     runner.plain(1)  # touch every weight page (the checkpoint is memory-mapped) before measuring
     by_batch = []
     for bs in args.batch_sizes:
+        base_mb = _status_kb("VmRSS") / 1024
         plain_mb, _ = peak_above_now(lambda: runner.plain(bs))
         score_mb, _ = peak_above_now(lambda: runner.score(bs))
-        by_batch.append({"batch_size": bs, "plain_peak_mb": plain_mb, "score_peak_mb": score_mb})
+        by_batch.append({"batch_size": bs, "plain_peak_mb": plain_mb, "score_peak_mb": score_mb,
+                         "resident_before_mb": base_mb, "plain_rss_mb": base_mb + plain_mb,
+                         "score_rss_mb": base_mb + score_mb, "rss_ratio": (base_mb + score_mb) / (base_mb + plain_mb)})
     growth = []
     for n in args.growth_samples:
         score_mb, (_, stats) = peak_above_now(lambda: runner.score(args.growth_batch, n))
@@ -177,6 +189,62 @@ def memory_child(args) -> None:
         growth.append({"samples": n, "tokens": stats["n_tokens"], "score_peak_mb": score_mb,
                        "accumulator_bytes": acc_bytes})
     print(json.dumps({"by_batch": by_batch, "growth": growth}))
+
+
+def identity_child(args) -> None:
+    """Score at this process's thread count and CPU capability; save the tensors to ``--identity-child``."""
+    from safetensors.torch import save_file
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    model, tokenizer = load(args)
+    texts = calibration_texts(args.task, args.n, args.prepared)
+    tensors, _ = Runner(model, tokenizer, texts, tuple(args.groups), args.max_length).score(args.growth_batch)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, args.identity_child)
+    print(json.dumps({"capability": torch.backends.cpu.get_cpu_capability()}))
+
+
+def _float32_steps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """How many float32 values lie between ``a`` and ``b``, element-wise (same-sign values)."""
+    return (a.float().view(torch.int32).long() - b.float().view(torch.int32).long()).abs()
+
+
+def identity(args, argv: list[str]) -> dict:
+    """Digests of the score tensors at several thread counts and CPU capabilities (module doc, 3)."""
+    import hashlib
+
+    from safetensors.torch import load_file
+
+    runs = [(f"{n} thread{'s' if n > 1 else ''}", {"OMP_NUM_THREADS": str(n)}) for n in (1, 2, 4)]
+    runs += [(f"ATEN_CPU_CAPABILITY={c}, 2 threads", {"OMP_NUM_THREADS": "2", "ATEN_CPU_CAPABILITY": c})
+             for c in ("default", "avx2", "avx512")]
+    rows, tensors = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, extra in runs:
+            out = Path(tmp) / f"{len(rows)}.safetensors"
+            proc = subprocess.run([sys.executable, __file__, "--identity-child", str(out), *argv],
+                                  env={**os.environ, **extra}, capture_output=True, text=True, check=False)
+            if proc.returncode:
+                rows.append({"run": name, "error": proc.stderr.strip().splitlines()[-1:]})
+                continue
+            got = load_file(out)
+            tensors[name] = got
+            digest = hashlib.sha256(b"".join(got[k].numpy().tobytes() for k in sorted(got))).hexdigest()
+            rows.append({"run": name, "sha256": digest,
+                         "capability": json.loads(proc.stdout.strip().splitlines()[-1])["capability"]})
+    ref_name = runs[0][0]
+    ref = tensors.get(ref_name)
+    for row in rows:
+        got = tensors.get(row["run"])
+        if ref is None or got is None:
+            continue
+        steps = torch.cat([_float32_steps(got[k], ref[k]).flatten() for k in sorted(ref)])
+        # the largest difference relative to its tensor's largest magnitude (float32 steps mislead near 0)
+        rel = max(float((got[k].double() - ref[k].double()).abs().max() / ref[k].double().abs().max().clamp_min(1e-30))
+                  for k in ref)
+        row.update({"same_bytes_as": ref_name if row["sha256"] == rows[0]["sha256"] else None,
+                    "values": int(steps.numel()), "differing_share": float((steps > 0).double().mean()),
+                    "max_float32_steps": int(steps.max()), "max_relative_to_tensor_max": rel})
+    return {"reference": ref_name, "runs": rows}
 
 
 def run(args, argv: list[str]) -> dict:
@@ -196,6 +264,7 @@ def run(args, argv: list[str]) -> dict:
     memory = json.loads(proc.stdout.strip().splitlines()[-1])
     for row, mem in zip(timing, memory["by_batch"]):
         row.update(mem)
+    same = identity(args, argv) if args.identity else None
     return {
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "torch": torch.__version__},
@@ -206,6 +275,7 @@ def run(args, argv: list[str]) -> dict:
                      "mmap_threshold": MMAP_THRESHOLD},
         "by_batch": timing,
         "growth": memory["growth"],
+        "identity": same,
     }
 
 
@@ -214,15 +284,29 @@ def markdown(result: dict) -> str:
     lines = [f"Scoring {s['samples']} {s['task']} samples ({s['tokens']} tokens), groups {', '.join(s['groups'])}:",
              "",
              "| batch size | plain forward CPU s | scoring CPU s | scoring / plain | (wall clock) "
-             "| plain peak MB | scoring peak MB |",
-             "|---:|---:|---:|---:|---:|---:|---:|"]
+             "| plain peak MB above model | scoring peak MB above model | peak RSS, model included: plain "
+             "| scoring | scoring / plain |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["by_batch"]:
         lines.append(f"| {r['batch_size']} | {r['plain_cpu_s']:.2f} | {r['score_cpu_s']:.2f} | {r['ratio']:.2f} "
                      f"| {r['wall_ratio']:.2f} "
-                     f"| {r['plain_peak_mb']:.0f} | {r['score_peak_mb']:.0f} |")
+                     f"| {r['plain_peak_mb']:.0f} | {r['score_peak_mb']:.0f} | {r['plain_rss_mb']:.0f} "
+                     f"| {r['score_rss_mb']:.0f} | {r['rss_ratio']:.2f} |")
     lines += ["", "| samples | tokens | scoring peak MB | accumulator bytes |", "|---:|---:|---:|---:|"]
     for r in result["growth"]:
         lines.append(f"| {r['samples']} | {r['tokens']} | {r['score_peak_mb']:.0f} | {r['accumulator_bytes']} |")
+    if result.get("identity"):
+        ident = result["identity"]
+        lines += ["", f"Score bytes against {ident['reference']}:", "",
+                  "| run | kernels | sha256 | same bytes | values differing | largest difference / tensor's "
+                  "largest value |", "|---|---|---|---|---:|---:|"]
+        for r in ident["runs"]:
+            if "error" in r:
+                lines.append(f"| {r['run']} | - | failed: {' '.join(r['error'])} | - | - | - |")
+                continue
+            lines.append(f"| {r['run']} | {r['capability']} | {r['sha256'][:12]} | "
+                         f"{'yes' if r['same_bytes_as'] else 'no'} | {100 * r['differing_share']:.2f}% | "
+                         f"{r['max_relative_to_tensor_max']:.1e} |")
     return "\n".join(lines)
 
 
@@ -240,13 +324,19 @@ def main(argv=None) -> None:
     p.add_argument("--growth-batch", type=int, default=8)
     p.add_argument("--growth-samples", type=int, nargs="+", default=[25, 50, 100])
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scoring.json"))
+    p.add_argument("--identity", action="store_true",
+                   help="also compare the score bytes across thread counts and ATEN_CPU_CAPABILITY values")
     p.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--identity-child", help=argparse.SUPPRESS)
     argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
     if not args.model:
         p.error("--model (or $DIET_BASE_MODEL) must name a materialised model folder")
     if args.memory_child:
         memory_child(args)
+        return
+    if args.identity_child:
+        identity_child(args)
         return
     result = run(args, argv)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

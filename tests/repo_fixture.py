@@ -111,11 +111,17 @@ def write_task(repo: Path, task: str, n_train: int = 16, n_validation: int = 12)
     return path
 
 
-def write_tiny_model(path: Path) -> Path:
-    """tests/tiny.py's llama and tokenizer, saved as a Hugging Face folder."""
+#: a llama wide enough that its kernels split their work over threads (as a real model's do), for the tests of
+#: results that must not depend on the thread count
+WIDE = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=8,
+            num_key_value_heads=4, head_dim=32)
+
+
+def write_tiny_model(path: Path, **overrides) -> Path:
+    """tests/tiny.py's llama (config ``overrides``, e.g. ``WIDE``) and tokenizer, saved as a Hugging Face folder."""
     from tests.tiny import tiny_model, tiny_tokenizer
 
-    tiny_model("llama").save_pretrained(path)
+    tiny_model("llama", **overrides).save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path
 
@@ -130,11 +136,12 @@ def _copy_tree(src: Path, dst: Path) -> None:
 
 def make_tiny_repo(tmp_path: str | os.PathLike, tasks: Iterable[str] = ("t1", "t2"), *,
                    extra_tasks: Iterable[str] = (), params: Mapping[str, Any] | None = None,
-                   name: str = "repo") -> Path:
+                   name: str = "repo", model: Mapping[str, Any] | None = None) -> Path:
     """Build ``tmp_path/name``: a committed git + DVC project running the real stages on tiny inputs.
 
     ``tasks`` go into params.yaml; ``extra_tasks`` get task files too but are not listed (a team can add
-    them later). ``params`` overrides sections of the tiny params (``{"prune": {"sparsity": 0.3}}``).
+    them later). ``params`` overrides sections of the tiny params (``{"prune": {"sparsity": 0.3}}``), ``model``
+    the tiny model's config (``WIDE``).
     """
     repo = Path(tmp_path) / name
     repo.mkdir(parents=True)
@@ -144,7 +151,7 @@ def make_tiny_repo(tmp_path: str | os.PathLike, tasks: Iterable[str] = ("t1", "t
     tasks = list(tasks)
     for task in dict.fromkeys([*tasks, *extra_tasks]):
         write_task(repo, task)
-    write_tiny_model(repo / MODEL_DIR)
+    write_tiny_model(repo / MODEL_DIR, **(model or {}))
 
     values: dict[str, Any] = {"tasks": tasks, **{k: dict(v) for k, v in TINY_PARAMS.items()}}
     for section, value in (params or {}).items():

@@ -560,6 +560,99 @@ def test_second_team_reuses_scores_through_a_remote(tmp_path, prefect_harness, m
     assert status == "", f"a fresh clone's run on 2 threads changed tracked files:\n{status}"
 
 
+@pytest.fixture(scope="module")
+def origin_1thread(tmp_path_factory):
+    """A project (a model wide enough for threads to matter) whose committed dvc.lock was made at 1 thread."""
+    from tests.repo_fixture import WIDE, git
+
+    origin = make_tiny_repo(tmp_path_factory.mktemp("origin"), tasks=("t1", "t2"), extra_tasks=("t3",),
+                            name="origin", model=WIDE)
+    r = subprocess.run([dvc(), "repro"], cwd=origin, env=dvc_env({"OMP_NUM_THREADS": "1"}), capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    git(origin, "add", "-A")
+    git(origin, "commit", "-qm", "the pipeline's lock, made at 1 thread")
+    return origin
+
+
+def _repro(repo: Path, threads: int):
+    from tests.test_pipeline_dvc import ok, repro
+
+    return ok(repro(repo, threads=threads))
+
+
+def _git_status(repo: Path) -> str:
+    return subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True).stdout
+
+
+EXPENSIVE_PREFIXES = ("score@", "score_generic", "evaluate_dense@")
+
+
+@pytest.mark.slow
+def test_a_fresh_clone_at_two_threads_reproduces_the_lock_made_at_one(origin_1thread, tmp_path):
+    fresh = clone(origin_1thread, tmp_path / "fresh")
+    ran = _repro(fresh, 2).ran
+    assert {"score@t1", "score@t2", "score_generic", "evaluate_dense@t1", "perplexity"} <= ran   # no cache here
+    assert _git_status(fresh) == "", f"a fresh clone's run at 2 threads changed tracked files:\n{_git_status(fresh)}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lock_committed", [True, False], ids=["committed-lock", "no-lock"])
+def test_two_teams_share_scores_whether_or_not_the_lock_was_committed(origin_1thread, tmp_path, prefect_harness,
+                                                                    lock_committed):
+    """Team A runs the pipeline at 2 threads and pushes without committing anything; team B clones, pulls and
+    runs `dvc repro` at 1 thread: no score@, score_generic or evaluate_dense@ runs. With the committed lock
+    (made at 1 thread) A's identical bytes are what it names; with no lock at all (a project that never
+    committed one) B finds A's results through the pushed run-cache."""
+    from flows.share import add_remote, pull_scores, push_scores
+    from tests.repo_fixture import git
+
+    origin = origin_1thread
+    if not lock_committed:
+        origin = clone(origin_1thread, tmp_path / "origin-nolock")
+        git(origin, "rm", "-q", "dvc.lock")
+        git(origin, "commit", "-qm", "no lock")
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    team_a = clone(origin, tmp_path / "a")
+    _repro(team_a, 2)
+    add_remote(team_a, str(remote))
+    push_scores(team_a)                                      # diet-flow push --add-remote DIR
+    # the remote went into .dvc/config; the lock is A's own, uncommitted, when the project had none
+    assert set(_git_status(team_a).splitlines()) == {" M .dvc/config", *(() if lock_committed else ["?? dvc.lock"])}
+
+    team_b = clone(origin, tmp_path / "b")
+    add_remote(team_b, str(remote))
+    pull_scores(repo=str(team_b))                            # diet-flow pull --add-remote DIR
+    ran = _repro(team_b, 1).ran
+    assert not [s for s in ran if s.startswith(EXPENSIVE_PREFIXES)], sorted(ran)
+    for t in ("t1", "t2"):
+        assert sha256(team_b / "scores" / f"{t}.safetensors") == sha256(team_a / "scores" / f"{t}.safetensors")
+
+
+@pytest.mark.slow
+def test_upgrading_keeps_a_users_own_task_scored(origin_1thread, tmp_path):
+    """A clone with a task of its own (t3), scored and committed; main then changes only comments in every
+    module; after merging it, `dvc repro` reruns no score@ and no evaluate_dense@."""
+    from tests.repo_fixture import git
+
+    user = clone(origin_1thread, tmp_path / "user")
+    params = yaml.safe_load((user / "params.yaml").read_text())
+    (user / "params.yaml").write_text(yaml.safe_dump({**params, "tasks": ["t1", "t2", "t3"]}, sort_keys=False))
+    assert {"score@t3", "evaluate_dense@t3"} <= _repro(user, 2).ran
+    git(user, "add", "-A")
+    git(user, "commit", "-qm", "our own task t3")
+
+    upstream = clone(origin_1thread, tmp_path / "upstream")
+    for path in sorted([*(upstream / "diet").rglob("*.py"), *(upstream / "stages").rglob("*.py")]):
+        path.write_text(path.read_text() + "\n# a comment of the new release\n")
+    git(upstream, "commit", "-qam", "the new release: comments only")
+    git(user, "pull", "-q", "--no-rebase", "--no-edit", str(upstream), "main")
+    ran = _repro(user, 1).ran
+    assert not [s for s in ran if s.startswith(("score@", "evaluate_dense@", "prepare@"))], sorted(ran)
+    assert not ran & {"model", "score_generic", "perplexity_dense", "perplexity"} and "evaluate@t3" not in ran
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
