@@ -50,19 +50,26 @@ def one_kernel_thread() -> Iterator[int]:
 def map_batches(fn: Callable[[B], R], batches: Sequence[B], device: torch.device | str) -> Iterator[R]:
     """``fn(batch)`` for every batch, yielded in batch order (module doc).
 
-    On the CPU the calls run in ``workers_for(device)`` threads with single-threaded kernels; ``fn`` must keep
-    any per-batch state of its own (thread-local or returned), never write shared state. Elsewhere the calls
+    On the CPU the calls run in ``workers_for(device)`` threads with single-threaded kernels and the caller's
+    gradient mode (``torch.no_grad()`` holds in the workers too: no activations kept for a backward pass);
+    ``fn`` must keep any per-batch state of its own (thread-local or returned), never write shared state. Elsewhere the calls
     run in order in this thread. Exceptions propagate from the batch that raised, in order.
     """
     if torch.device(device).type != "cpu":
         yield from (fn(b) for b in batches)
         return
+    grad = torch.is_grad_enabled()        # thread-local in torch: a worker starts with gradients on
+
+    def call(batch: B) -> R:
+        with torch.set_grad_enabled(grad):
+            return fn(batch)
+
     with one_kernel_thread() as threads:
         if threads <= 1 or len(batches) <= 1:
             yield from (fn(b) for b in batches)
             return
         with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="diet-batch") as pool:
-            futures = [pool.submit(fn, b) for b in batches]
+            futures = [pool.submit(call, b) for b in batches]
             try:
                 for future in futures:
                     yield future.result()

@@ -618,8 +618,11 @@ def test_two_teams_share_scores_whether_or_not_the_lock_was_committed(origin_1th
     _repro(team_a, 2)
     add_remote(team_a, str(remote))
     push_scores(team_a)                                      # diet-flow push --add-remote DIR
-    # the remote went into .dvc/config; the lock is A's own, uncommitted, when the project had none
-    assert set(_git_status(team_a).splitlines()) == {" M .dvc/config", *(() if lock_committed else ["?? dvc.lock"])}
+    # the remote went into .dvc/config; nothing is committed, and the committed lock (if any) is unchanged
+    status = {line[3:] for line in _git_status(team_a).splitlines()}
+    assert status == {".dvc/config", *(() if lock_committed else ["dvc.lock"])}, status
+    in_head = subprocess.run(["git", "cat-file", "-e", "HEAD:dvc.lock"], cwd=team_a).returncode == 0
+    assert in_head == lock_committed
 
     team_b = clone(origin, tmp_path / "b")
     add_remote(team_b, str(remote))

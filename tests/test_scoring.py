@@ -321,3 +321,19 @@ def test_hidden_scores_are_the_residual_stream_entering_its_norms(family, tokeni
     back, _ = read_scores(path)
     assert torch.equal(back["hidden"], scores["hidden"])
     assert torch.equal(read_moments(path, groups=["hidden"])["hidden"]["var"], moments["hidden"]["var"])
+
+
+def test_batches_run_in_workers_without_gradients_when_the_caller_has_none():
+    from diet.parallel import map_batches
+
+    threads = torch.get_num_threads()
+    seen = []
+    try:
+        torch.set_num_threads(2)
+        with torch.no_grad():
+            seen += list(map_batches(lambda b: torch.is_grad_enabled(), [0, 1, 2, 3], "cpu"))
+        seen += list(map_batches(lambda b: torch.is_grad_enabled(), [0, 1], "cpu"))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == [False] * 4 + [True] * 2
