@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +82,27 @@ def _choice(section: str, key: str, value: Any, allowed: tuple[str, ...]) -> Non
                           f"use one of: {', '.join(allowed)}")
 
 
+def is_number(value: Any) -> bool:
+    """A finite int or float, not a bool (YAML's ``.inf`` and ``.nan`` are floats, ``true`` is a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _integer(section: str, key: str, value: Any, example: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ConfigError(f"{section}.{key} = {value!r} must be an integer", f"set e.g. {key}: {example}")
+
+
+def _names(section: str, key: str, value: Any, allowed: tuple[str, ...]) -> tuple[str, ...]:
+    """A list of names from ``allowed`` (one name alone is refused: YAML reads ``groups: mlp`` as a string)."""
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{section}.{key} = {value!r} must be a list of names",
+                          f"write it as a list, e.g. {key}: [{value if value in allowed else allowed[0]}] "
+                          f"(names: {', '.join(allowed)})")
+    for name in value:
+        _choice(section, key, name, allowed)
+    return tuple(value)
+
+
 def _positive_int(section: str, key: str, value: Any, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
@@ -110,6 +132,9 @@ class ModelConfig:
             raise ConfigError("model.source is empty",
                               "set it to smollm2, gemma3-270m, a local model folder, or a hub id")
         _choice("model", "dtype", self.dtype, DTYPES)
+        if self.revision is not None and not isinstance(self.revision, str):
+            raise ConfigError(f"model.revision = {self.revision!r} must be a string (a branch, tag or commit)",
+                              "quote it, e.g. revision: 'main', or set revision: null")
         if not isinstance(self.device, str) or not DEVICE.fullmatch(self.device):
             raise ConfigError(f"model.device = {self.device!r} is not a device",
                               f"use {DEVICE_RULE}, e.g. device: auto")
@@ -126,8 +151,7 @@ class CalibrationConfig:
     def validate(self) -> None:
         _positive_int("calibration", "n_samples", self.n_samples)
         _positive_int("calibration", "max_length", self.max_length)
-        if not isinstance(self.seed, int):
-            raise ConfigError(f"calibration.seed = {self.seed!r} must be an integer", "set e.g. seed: 0")
+        _integer("calibration", "seed", self.seed, "0")
 
 
 @dataclass(frozen=True)
@@ -141,14 +165,14 @@ class ScoreConfig:
     precision: str = "model"
 
     def __post_init__(self):
-        object.__setattr__(self, "groups", tuple(self.groups))
+        object.__setattr__(self, "groups", _names("score", "groups", self.groups, GROUPS))
 
     def validate(self) -> None:
         _choice("score", "statistic", self.statistic, STATISTICS)
         _choice("score", "precision", self.precision, PRECISIONS)
         _positive_int("score", "batch_size", self.batch_size)
-        for g in self.groups:
-            _choice("score", "groups", g, GROUPS)
+        if not self.groups:
+            raise ConfigError("score.groups is empty", "set e.g. groups: [mlp, attention]")
         if not isinstance(self.weight_norm, bool):
             raise ConfigError("score.weight_norm must be true or false", "set score.weight_norm: false")
 
@@ -173,9 +197,10 @@ class MergeConfig:
         if not isinstance(self.weights, dict):
             raise ConfigError("merge.weights must be a mapping task -> weight", "e.g. weights: {boolq: 0.5}")
         for k, v in self.weights.items():
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
-                raise ConfigError(f"merge.weights.{k} = {v!r} must be a non-negative number",
+            if not is_number(v) or v < 0:
+                raise ConfigError(f"merge.weights.{k} = {v!r} must be a finite non-negative number",
                                   "use e.g. 1.0 (default weight) or 0 to ignore a task")
+        _integer("merge", "seed", self.seed, "0")
 
 
 @dataclass(frozen=True)
@@ -191,22 +216,20 @@ class PruneConfig:
     recover: str = "none"
 
     def __post_init__(self):
-        object.__setattr__(self, "groups", tuple(self.groups))
+        object.__setattr__(self, "groups", _names("prune", "groups", self.groups, GROUPS))
 
     def validate(self) -> None:
         s = self.sparsity
-        if not isinstance(s, (int, float)) or isinstance(s, bool) or not 0.0 < float(s) < 1.0:
-            raise ConfigError(f"prune.sparsity = {s!r} is outside (0, 1)",
+        if not is_number(s) or not 0.0 < float(s) < 1.0:
+            raise ConfigError(f"prune.sparsity = {s!r} is not a number in (0, 1)",
                               "set the share of decoder-layer parameters to remove, e.g. 0.2")
         if not self.groups:
             raise ConfigError("prune.groups is empty", "set e.g. groups: [mlp]")
-        for g in self.groups:
-            _choice("prune", "groups", g, GROUPS)
         _choice("prune", "recover", self.recover, RECOVERIES)
 
 
 def check_min_keep(key: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
+    if not is_number(value) or not 0.0 <= float(value) < 1.0:
         raise ConfigError(f"{key} = {value!r} must be in [0, 1)",
                           "set the least share of each layer's dimensions to keep, e.g. 0.05")
 
@@ -280,8 +303,11 @@ class EvaluateConfig:
         _choice("evaluate", "backend", self.backend, EVAL_BACKENDS)
         _positive_int("evaluate", "limit", self.limit, allow_none=True)
         _positive_int("evaluate", "batch_size", self.batch_size)
-        if not isinstance(self.perplexity_docs, int) or self.perplexity_docs < 0:
-            raise ConfigError("evaluate.perplexity_docs must be >= 0", "set e.g. perplexity_docs: 50 (0 skips it)")
+        _integer("evaluate", "seed", self.seed, "1234")
+        if not isinstance(self.perplexity_docs, int) or isinstance(self.perplexity_docs, bool) \
+                or self.perplexity_docs < 0:
+            raise ConfigError(f"evaluate.perplexity_docs = {self.perplexity_docs!r} must be an integer >= 0",
+                              "set e.g. perplexity_docs: 50 (0 skips it)")
         _positive_int("evaluate", "perplexity_max_length", self.perplexity_max_length)
 
 
@@ -331,6 +357,10 @@ class Params:
         if unknown:
             raise ConfigError(f"merge.weights names {', '.join(map(repr, unknown))}, not in 'tasks' {list(tasks)}",
                               "remove those weights, fix their names, or add the tasks to 'tasks'")
+        weights = sections["merge"].weights
+        if all(weights.get(t, 1.0) == 0 for t in tasks):
+            raise ConfigError(f"merge.weights gives every task weight 0 ({weights}): no task would vote",
+                              "give at least one task a weight above 0 (a task not listed weighs 1.0)")
         params = cls(tasks=tuple(tasks), **sections)
         params.cross_check()
         return params

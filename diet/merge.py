@@ -458,9 +458,10 @@ def recovery_means_from_files(method: str, groups: Sequence[str], *, task_files:
 
     if means_source(method) == "tasks":
         active = {t: p for t, p in task_files.items() if float((weights or {}).get(t, 1.0)) > 0}
-        task_moments = {t: read_moments(p, expect_fingerprint, groups) for t, p in active.items()}
+        task_moments = {t: read_moments(p, expect_fingerprint, groups, expect_task=t) for t, p in active.items()}
         return recovery_means(method, groups, task_moments=task_moments, weights=weights)
     if generic_file is None:
         raise ConfigError(f"prune.recover: bias with merge.method {method} needs the generic score file",
                           "pass --generic baselines/generic.safetensors")
-    return recovery_means(method, groups, generic_moments=read_moments(generic_file, expect_fingerprint, groups))
+    return recovery_means(method, groups, generic_moments=read_moments(generic_file, expect_fingerprint, groups,
+                                                                       expect_task="generic"))

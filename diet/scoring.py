@@ -56,7 +56,7 @@ from diet.batching import by_length, pad_right
 from diet.config import STATISTICS, ScoreConfig
 from diet.errors import DataError, DietError, ModelError
 from diet.groups import get_group
-from diet.io import read_json, save_tensors, sha256_file, write_json
+from diet.io import read_json, save_tensors, sha256_file, tensors_sha256, write_json
 from diet.parallel import map_batches, one_kernel_thread
 
 #: metadata every score file carries (``score_version`` and ``groups`` are added by ``write_scores``)
@@ -405,28 +405,33 @@ def write_scores(path: str | os.PathLike, scores: dict[str, torch.Tensor], meta:
     if orphans:
         raise ValueError(f"moments of {', '.join(orphans)} without the group's scores")
     path = Path(path)
-    full = {**meta, "score_version": SCORE, "groups": sorted(groups),
-            "shapes": {g: list(t.shape) for g, t in sorted(scores.items())}}
     tensors = {g: t.detach().to(device="cpu", dtype=torch.float32) for g, t in scores.items()}
+    full = {**meta, "score_version": SCORE, "groups": sorted(groups),
+            "shapes": {g: list(t.shape) for g, t in sorted(scores.items())},
+            "payload_sha256": tensors_sha256(tensors)}
     save_tensors(path, tensors, metadata={_HEADER_KEY: json.dumps(full, sort_keys=True)})
     write_json(path.with_suffix(".json"), full)
 
 
 def read_scores(path: str | os.PathLike, expect_fingerprint: str | None = None, *,
-                regenerate: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+                regenerate: str | None = None, expect_task: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """Read a score file's group scores ``{group: (L, W)}`` and metadata, checked when read; refuse it when it
-    was computed on another model than ``expect_fingerprint``. ``regenerate`` is the command that rewrites it
-    (default ``dvc repro -f score@<stem>``). The moment tensors are left out (``read_moments``)."""
-    tensors, meta = _read_score_file(path, expect_fingerprint, regenerate)
+    was computed on another model than ``expect_fingerprint``, for another task than ``expect_task`` (``generic``
+    for the generic-text scores), or when its payload no longer matches the checksum written with it.
+    ``regenerate`` is the command that rewrites it (default ``dvc repro -f score@<stem>``). The moment tensors
+    are left out (``read_moments``)."""
+    tensors, meta = _read_score_file(path, expect_fingerprint, regenerate, expect_task)
     return split_scores(tensors)[0], meta
 
 
 def read_moments(path: str | os.PathLike, expect_fingerprint: str | None = None,
-                 groups: Sequence[str] | None = None) -> dict[str, dict[str, torch.Tensor]]:
+                 groups: Sequence[str] | None = None, *,
+                 expect_task: str | None = None) -> dict[str, dict[str, torch.Tensor]]:
     """A score file's per-channel moments ``{group: {"mean": (L, D), "var": (L, D)}}`` for ``groups`` (default:
-    every group it scored); refuses a file without them (written before moments were recorded)."""
+    every group it scored), checked as ``read_scores`` checks; refuses a file without them (written before
+    moments were recorded)."""
     path = Path(path)
-    tensors, meta = _read_score_file(path, expect_fingerprint)
+    tensors, meta = _read_score_file(path, expect_fingerprint, expect_task=expect_task)
     scores, moments = split_scores(tensors)
     lacking = [g for g in (groups if groups is not None else sorted(scores))
                if set(moments.get(g, {})) != set(MOMENTS)]
@@ -439,21 +444,53 @@ def read_moments(path: str | os.PathLike, expect_fingerprint: str | None = None,
     return {g: moments[g] for g in (groups if groups is not None else sorted(scores))}
 
 
-def _read_score_file(path: str | os.PathLike, expect_fingerprint: str | None,
-                     regenerate: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
-    """Every tensor of a score file and its metadata, checked; refused when scored on another model."""
+def _regenerate(task: str | None, fallback: str) -> str:
+    """The command that rewrites the score file of ``task`` (``generic``: the generic-text scores)."""
+    if task is None:
+        return fallback
+    return "dvc repro -f score_generic" if task == "generic" else f"dvc repro -f score@{task}"
+
+
+def _read_score_file(path: str | os.PathLike, expect_fingerprint: str | None, regenerate: str | None = None,
+                     expect_task: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Every tensor of a score file and its metadata, checked: complete, its payload what was written, scored
+    on the expected model, for the expected task."""
     path = Path(path)
-    fix = f"run `{regenerate or f'dvc repro -f score@{path.stem}'}` to regenerate it"
+    given, regenerate = regenerate, regenerate or _regenerate(expect_task, f"dvc repro -f score@{path.stem}")
+    fix = f"run `{regenerate}` to regenerate it"
     if not path.exists():
         raise DataError(f"score file not found: {path}", fix)
     tensors, meta = _load_score_file(path, fix)
     _check_scores(path, split_scores(tensors)[0], meta, fix)
+    _check_payload(path, tensors, meta, regenerate)
+    if expect_task is not None and meta.get("task") != expect_task:
+        holds = meta.get("task")
+        raise DataError(f"{path} holds the scores of {'generic text' if holds == 'generic' else f'task {holds!r}'}"
+                        f", not of {'generic text' if expect_task == 'generic' else f'task {expect_task!r}'} (another "
+                        "task's file copied in its place, or a dvc.lock entry that names another task's output)",
+                        f"run `{regenerate}` to score it again (and commit the dvc.lock it writes)")
     if expect_fingerprint is not None and meta.get("model_fingerprint") != expect_fingerprint:
-        again = regenerate or f"dvc repro score@{meta.get('task', path.stem)}"
+        task = meta.get("task", path.stem)   # a changed model reruns the stage: no -f needed
+        again = given or ("dvc repro score_generic" if task == "generic" else f"dvc repro score@{task}")
         raise DietError(f"{path} was scored on model {meta.get('model_fingerprint')}, "
                         f"but the current model is {expect_fingerprint}",
                         f"rerun `{again}` to rescore it on the current model")
     return tensors, meta
+
+
+def _check_payload(path: Path, tensors: dict[str, torch.Tensor], meta: dict, regenerate: str) -> None:
+    """The tensors are the bytes the writer checksummed (``payload_sha256``): a file edited or damaged after it
+    was written, or a damaged DVC cache object checked out in its place, is refused whatever DVC says."""
+    recorded = meta.get("payload_sha256")
+    if recorded is None:
+        raise DataError(f"{path} records no checksum of its scores (score_version {meta.get('score_version', '?')}"
+                        ", written before score files carried one)", f"run `{regenerate}` to rescore it")
+    actual = tensors_sha256(tensors)
+    if actual != recorded:
+        raise DataError(f"{path}: its scores are not the ones written (payload checksum {actual[:12]}, recorded "
+                        f"{recorded[:12]}): the file, or the DVC cache object it was checked out from, was changed "
+                        "or damaged", f"run `{regenerate}` (it rewrites the file and the local cache object); "
+                        "check a shared remote with `dvc fetch` then `dvc status -c`, and `dvc push` the fixed file")
 
 
 def _load_score_file(path: Path, fix: str) -> tuple[dict[str, torch.Tensor], dict]:

@@ -19,9 +19,9 @@ MODEL = 1
 #: a task's calibration and evaluation items (``stages.prepare``: diet.tasks)
 PREPARE = 1
 #: a task's score file (``stages.score``: diet.scoring)
-SCORE = 1
+SCORE = 2
 #: the task-agnostic score file (``stages.score_generic``: diet.generic, diet.scoring)
-GENERIC = 1
+GENERIC = 2
 #: a model's per-item results on a task (``stages.evaluate``: diet.evaluation, both backends)
 EVALUATE = 1
 #: a model's perplexity on the held-out passages (``stages.perplexity``: diet.evaluation.perplexity)

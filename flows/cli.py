@@ -246,12 +246,14 @@ def dispatch(args: argparse.Namespace) -> Any:
         return {"pushed": out["targets"]}
     if args.command == "pull":
         from flows.pipeline import validate_run
+        from flows.repo import check_tasks
         from flows.share import add_remote, prepare_pull, pull_scores
 
+        # bad input fails here, before the remote is written or a Prefect server starts
+        check_tasks(validate_run(args.repo, parse_sets(args.sets)), args.tasks or [])
         if args.add_remote:
             add_remote(args.repo, args.add_remote)
-        prepare_pull(args.repo, args.tasks)  # bad input fails here, before a Prefect server starts
-        validate_run(args.repo, parse_sets(args.sets))
+        prepare_pull(args.repo, args.tasks)
         return pull_scores(repo=args.repo, tasks=args.tasks, params=parse_sets(args.sets),
                            all_stages=args.all_stages, task_runner=args.runner, workers=args.workers,
                            address=args.address, retries=args.retries)

@@ -81,6 +81,7 @@ def collect(runs: list[dict[str, Any]], tasks: list[str]) -> tuple[list[dict[str
 
 def render(table, items: dict[str, Any], methods: list[str], sparsity: float) -> str:
     """Per-task acc / acc_norm and the mean, per method and calibration, with paired intervals."""
+    from diet.evaluation.stats import DEFAULT_RESAMPLES as RESAMPLES
     tasks = sorted(table["task"].unique())
     dense: Items = items["dense"]
     reference = "task_agnostic" if "task_agnostic" in methods else methods[0]
@@ -116,7 +117,7 @@ def render(table, items: dict[str, Any], methods: list[str], sparsity: float) ->
             lines.append(f"| {name} | " + " | ".join(cells(model)) +
                          f" | {mean_of(model, 0):.4f} | {diff(dense, model)} | {diff(other, model)} | {vs_ref} |")
     lines += ["", "Δ: difference in mean acc over tasks on the same items, with the 95% interval of a paired "
-              "bootstrap over items (10,000 resamples, seed 0); * marks an interval that excludes zero. A method "
+              f"bootstrap over items ({RESAMPLES:,} resamples, seed 0); * marks an interval that excludes zero. A method "
               "marked *no task used* never sees the tasks: its one model is also its model with any task held "
               "out.", ""]
     return "\n".join(lines)

@@ -105,7 +105,12 @@ def publish_report(rows: list[dict[str, Any]], key: str, description: str) -> No
 
 def validate_run(repo: str | Path, params: dict[str, Any] | None) -> Path:
     """Fail fast, before anything runs or changes: ``repo`` must be a DVC project, every overridden params key
-    must exist, and every task must have a task file. Returns the repository root."""
+    must exist, the params with the overrides applied must validate as the stages will read them (values,
+    types, cross-key rules: ``diet.config.Params``), and every task must have a task file. Returns the
+    repository root."""
+    from diet.config import Params
+    from diet.errors import ConfigError
+
     root = ensure_repo(repo)
     merged = merged_params(read_params(root), params)
     tasks = merged.get("tasks")
@@ -113,6 +118,12 @@ def validate_run(repo: str | Path, params: dict[str, Any] | None) -> Path:
         raise FlowError("params 'tasks' must be a non-empty list of task names",
                         "write e.g.\ntasks:\n  - arc_easy\n  - boolq")
     check_tasks(root, tasks)
+    try:
+        Params.from_dict(merged)
+    except ConfigError as e:
+        where = "params.yaml with --set applied" if params else "params.yaml"
+        raise FlowError(f"{where}: {e.problem}", (e.fix or "") + (" (in --set KEY=VALUE)" if params else "")) \
+            from None
     return root
 
 

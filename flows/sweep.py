@@ -292,12 +292,31 @@ def check_points(root: Path, params: dict[str, Any] | None, points: list[Point])
 
 
 # -- per-item results ------------------------------------------------------------------------------------------------
-Items = dict  # {task: {item id: [acc, acc_norm]}}: one model's per-item correctness
+Items = dict  # {task: {item id: [acc, acc_norm, lls]}}: one model's per-item correctness and choice log-likelihoods
+#                (tables written before fidelity was measured hold [acc, acc_norm])
 
 
-def task_items(result: dict[str, Any]) -> dict[str, list[float]]:
-    """``{item id: [acc, acc_norm]}`` from one evaluate stage's JSON (``results/*/tasks/<task>.json``)."""
-    return {str(r["id"]): [float(r["acc"]), float(r["acc_norm"])] for r in result.get("items") or []}
+def task_items(result: dict[str, Any]) -> dict[str, list]:
+    """``{item id: [acc, acc_norm, lls]}`` from one evaluate stage's JSON (``results/*/tasks/<task>.json``)."""
+    return {str(r["id"]): [float(r["acc"]), float(r["acc_norm"]), *([r["lls"]] if r.get("lls") is not None else [])]
+            for r in result.get("items") or []}
+
+
+def item_row(value: list) -> dict[str, Any]:
+    """One item of ``Items`` as the evaluate stage's row (``acc``, ``acc_norm``, ``lls`` when recorded)."""
+    return {"acc": value[0], "acc_norm": value[1], "lls": value[2] if len(value) > 2 else None}
+
+
+def fidelity_values(dense: Items, model: Items) -> dict[str, dict[str, dict[str, float]]]:
+    """``{measure: {task: {item id: value}}}`` of the model's fidelity to the dense model
+    (``diet.evaluation.fidelity``: flip, flip_norm, and kl where both recorded the choice log-likelihoods)."""
+    from diet.evaluation.fidelity import MEASURES, item_measures, measure
+
+    if set(dense) != set(model) or any(set(dense[t]) != set(by_id) for t, by_id in model.items()):
+        return {}          # not the same items: the paired accuracy comparison refuses them with its own message
+    per_item = {t: {i: item_measures(item_row(dense[t][i]), item_row(v)) for i, v in by_id.items()}
+                for t, by_id in model.items()}
+    return {m: values for m in MEASURES if (values := measure(per_item, m)) is not None}
 
 
 def read_items(read, tasks: list[str], kind: str) -> Items | None:
@@ -739,6 +758,29 @@ def paired_mean(reference: Items, candidate: Items, metric: int = 0, seed: int =
     return paired_bootstrap(pick(reference), pick(candidate), seed=seed)[MEAN]
 
 
+#: the fidelity columns of a sweep table (mean over tasks; ``diet.evaluation.fidelity``) and their paired
+#: comparisons: a row's flip rate and KL with their intervals (``<m>_vs_dense``, the dense model's being 0),
+#: and their paired differences from task_agnostic and the best field baseline
+FIDELITY = ("flip", "kl")
+FIDELITY_COMPARISONS = ("vs_dense", "vs_task_agnostic", "vs_best_baseline")
+
+
+def paired_fidelity(reference: dict | None, candidate: dict, name: str, seed: int = 0):
+    """``candidate - reference`` mean over tasks of fidelity measure ``name`` (per-item values from
+    ``fidelity_values``; ``reference`` None: the dense model, 0 on every item) with its paired interval."""
+    from diet.evaluation.fidelity import BINARY
+    from diet.evaluation.stats import MEAN, paired_bootstrap
+
+    cand = candidate[name]
+    ref = reference[name] if reference is not None else {t: {i: 0.0 for i in v} for t, v in cand.items()}
+    return paired_bootstrap(ref, cand, seed=seed, binary=BINARY[name])[MEAN]
+
+
+def _paired_prefixes() -> tuple[str, ...]:
+    """Column prefixes of the paired comparisons a table is given by ``add_paired_columns``."""
+    return (*(f"acc_{k}" for k in COMPARISONS), *(f"{m}_{k}" for m in FIDELITY for k in FIDELITY_COMPARISONS))
+
+
 def add_paired_columns(table, items: dict[str, Items], dense_items: Items | None, default_groups: str | None = None):
     """Add each row's paired difference in mean acc (``acc_<comparison>`` with ``_low`` / ``_high``; ``best_baseline``
     names the baseline row) against the dense model, task_agnostic and the best field baseline at its sparsity,
@@ -752,7 +794,13 @@ def add_paired_columns(table, items: dict[str, Items], dense_items: Items | None
     for key in COMPARISONS:
         for suffix in ("", "_low", "_high"):
             table[f"acc_{key}{suffix}"] = float("nan")
+    for name in FIDELITY:
+        table[name] = float("nan")
+        for key in FIDELITY_COMPARISONS:
+            for suffix in ("", "_low", "_high"):
+                table[f"{name}_{key}{suffix}"] = float("nan")
     table["best_baseline"] = ""
+    fidelity = {e: fidelity_values(dense_items, cand) for e, cand in items.items()} if dense_items else {}
     at_default = table["groups"].isin(["", default_groups]) if default_groups else table["groups"] == ""
     for (sparsity, _), group in table.groupby(["sparsity", "groups"]):  # references prune the same groups
         plain = group[group["setting"] == ""]
@@ -783,31 +831,52 @@ def add_paired_columns(table, items: dict[str, Items], dense_items: Items | None
                     continue
                 d = paired_mean(ref_items, cand)
                 table.loc[idx, [f"acc_{key}", f"acc_{key}_low", f"acc_{key}_high"]] = [d.diff, d.low, d.high]
+            mine = fidelity.get(row.get("experiment")) or {}
+            for name in (n for n in FIDELITY if n in mine):
+                for key in FIDELITY_COMPARISONS:
+                    if key not in references:
+                        continue
+                    ref = None if key == "vs_dense" else fidelity.get(refs[key].get("experiment")) or {}
+                    if ref is not None and name not in ref:
+                        continue
+                    d = paired_fidelity(ref, mine, name)
+                    table.loc[idx, [f"{name}_{key}", f"{name}_{key}_low", f"{name}_{key}_high"]] = [d.diff, d.low,
+                                                                                                   d.high]
+                table.loc[idx, name] = table.loc[idx, f"{name}_vs_dense"]
     return table
 
 
-def interval_cell(r: dict[str, Any], key: str) -> str:
-    """``+0.031 [+0.004, +0.058]*`` from a row's paired columns (star: the interval excludes zero), or ''."""
-    d, lo, hi = (r.get(f"acc_{key}{s}") for s in ("", "_low", "_high"))
+def interval_cell(r: dict[str, Any], key: str, metric: str = "acc", sign: str = "+", star: bool = True) -> str:
+    """``+0.031 [+0.004, +0.058]*`` from a row's paired columns ``<metric>_<key>`` (star: the interval excludes
+    zero), or ''. ``sign=""`` and ``star=False`` for a value that cannot be negative (a flip rate)."""
+    d, lo, hi = (r.get(f"{metric}_{key}{s}") for s in ("", "_low", "_high"))
     if any(_number(v) is None or math.isnan(v) for v in (d, lo, hi)):
         return ""
-    return f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]" + ("*" if lo > 0 or hi < 0 else "")
+    f = f"{{:{sign}.3f}}"
+    return f"{f.format(d)} [{f.format(lo)}, {f.format(hi)}]" + ("*" if star and (lo > 0 or hi < 0) else "")
 
 
 def comparison_markdown(table, dense: dict[str, Any] | None) -> str:
     """One table per sparsity: a row per method (the dense model first), "acc / acc_norm" per task, the means,
     perplexity and the paired differences in mean acc (when the table has them). ``table`` is the sweep table."""
+    from diet.evaluation.stats import DEFAULT_RESAMPLES as RESAMPLES
+
     table = with_labels(table)
     tasks = sorted(c[len("acc_"):] for c in table.columns if c.startswith("acc_") and not c.startswith("acc_norm")
                    and c != "acc_norm" and not any(c.startswith(f"acc_{k}") for k in COMPARISONS))
     paired = [k for k in COMPARISONS if f"acc_{k}" in table.columns and table[f"acc_{k}"].notna().any()]
     heads = {"vs_dense": "Δ acc vs dense", "vs_task_agnostic": "Δ acc vs task_agnostic",
              "vs_best_baseline": "Δ acc vs best baseline", "vs_default": "Δ acc vs default"}
+    # fidelity: the row's flip rate and KL with their intervals, and their differences from the best baseline
+    faithful = [m for m in FIDELITY if f"{m}_vs_dense" in table.columns and table[f"{m}_vs_dense"].notna().any()]
+    fidelity_heads = {"flip": "flip rate", "kl": "KL to dense"}
+    versus = [m for m in faithful if table[f"{m}_vs_best_baseline"].notna().any()]
     # rows that prune different groups differ in size: their total parameters (embedding included) are shown
     sizes = table["groups"].nunique() > 1 and "params_total" in table.columns
     timed = all(c in table.columns for c in LATENCY) and table[list(LATENCY)].notna().any().any()
-    head = ["method", *tasks, "mean acc", "mean acc_norm", "perplexity", *(["total params (M)"] if sizes else []),
-            *(["prefill / decode CPU time (× dense)"] if timed else []), *(heads[k] for k in paired)]
+    head = ["method", *tasks, "mean acc", "mean acc_norm", "perplexity", *(fidelity_heads[m] for m in faithful),
+            *(["total params (M)"] if sizes else []), *(["prefill / decode CPU time (× dense)"] if timed else []),
+            *(heads[k] for k in paired), *(f"Δ {fidelity_heads[m]} vs best baseline" for m in versus)]
 
     def ratios(r: dict[str, Any]) -> str:
         values = [_number(r.get(c)) for c in LATENCY]
@@ -823,9 +892,11 @@ def comparison_markdown(table, dense: dict[str, Any] | None) -> str:
                  *(f"{r[k]:.4f}" if isinstance(r.get(k), float) and not math.isnan(r[k]) else ""
                    for k in ("acc", "acc_norm")),
                  f"{r['perplexity']:.2f}" if isinstance(r.get("perplexity"), float) else "",
+                 *(interval_cell(r, "vs_dense", m, sign="", star=False) for m in faithful),
                  *([f"{r['params_total'] / 1e6:.1f}" if _number(r.get("params_total")) is not None
                     and not math.isnan(r["params_total"]) else ""] if sizes else []),
-                 *([ratios(r)] if timed else []), *(interval_cell(r, k) for k in paired)]
+                 *([ratios(r)] if timed else []), *(interval_cell(r, k) for k in paired),
+                 *(interval_cell(r, "vs_best_baseline", m) for m in versus)]
         return "| " + " | ".join(cells) + " |"
 
     out = []
@@ -834,14 +905,20 @@ def comparison_markdown(table, dense: dict[str, Any] | None) -> str:
         out += [f"**Sparsity {sparsity:g}** (share of decoder-layer parameters removed); cells are acc / acc_norm",
                 "", "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
         if dense_row:
-            out.append(line("dense", {**dense_row, **{c: 1.0 for c in LATENCY}}))
+            zero = {f"{m}_vs_dense{x}": 0.0 for m in faithful for x in ("", "_low", "_high")}
+            out.append(line("dense", {**dense_row, **{c: 1.0 for c in LATENCY}, **zero}))
         out += [line(str(r["label"]), r) for r in group.to_dict("records")]
         out.append("")
         best = sorted({b for b in group.get("best_baseline", []) if isinstance(b, str) and b})
         if paired:
             out += ["Δ: the row's mean acc over tasks minus the reference's, on the same items, with the 95% interval "
-                    "of a paired bootstrap over items (10,000 resamples, seed 0); * marks an interval that excludes "
+                    f"of a paired bootstrap over items ({RESAMPLES:,} resamples, seed 0); * marks an interval that excludes "
                     "zero." + (f" Best field baseline at this sparsity: {', '.join(best)}." if best else ""), ""]
+        if faithful:
+            out += ["Fidelity to the dense model, mean over tasks: flip rate, the share of items whose correctness "
+                    "differs from the dense model's; KL, the divergence (nats) of the distribution over each item's "
+                    "choices from the dense model's. Lower is closer; each with its 95% bootstrap interval over "
+                    "items, and Δ the paired difference from the best field baseline (negative: closer).", ""]
     return "\n".join(out)
 
 
@@ -850,7 +927,7 @@ def render(table, dense: dict[str, Any] | None) -> str:
     summary = with_labels(table)
     columns = ["label"] + [c for c in summary.columns if not c.startswith("acc_norm_") and c not in
                            ("label", "method", "recover", "setting", *LATENCY)
-                           and not any(c.startswith(f"acc_{k}") for k in COMPARISONS)]
+                           and not c.startswith(_paired_prefixes())]
     md = "# DIET sweep\n\n" + markdown_table(summary.to_dict("records"), columns)
     if dense:
         md += "\nDense model: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics_row(dense).items()
@@ -1000,8 +1077,8 @@ def report(repo: str | Path = ".", csvs: list[str | Path] | None = None, out: st
         tables.append(with_labels(pd.DataFrame(rows)))  # in the order of diet.config's methods, recovery last
     for p in paths:
         t = with_labels(pd.read_csv(p))
-        tables.append(t.drop(columns=[c for c in t.columns if c.startswith(tuple(f"acc_{k}" for k in COMPARISONS))
-                                      or c == "best_baseline"]))
+        tables.append(t.drop(columns=[c for c in t.columns if c.startswith(_paired_prefixes())
+                                      or c in ("best_baseline", *FIDELITY)]))
         rows_items, d = load_items(root, p, t)
         items.update(rows_items)
         if d is not None and dense_items is not None and d != dense_items:

@@ -25,13 +25,21 @@ def stage_parser(description: str) -> argparse.ArgumentParser:
 def run_stage(main: Callable[[argparse.Namespace, Params], None], parser: argparse.ArgumentParser,
               argv: list[str] | None = None) -> int:
     """Parse args and params, run ``main``. A DietError prints ``error: <problem>`` and ``  fix: <fix>`` and
-    exits 2; any other exception prints one line naming it and exits 1. ``--debug`` or DIET_DEBUG=1 re-raise."""
+    exits 2; any other exception prints one line naming it and exits 1; an interrupt (Ctrl-C) prints one line
+    and exits 130. ``--debug`` or DIET_DEBUG=1 re-raise."""
     logging.basicConfig(level=os.environ.get("DIET_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     args = parser.parse_args(argv)
     record_run()
     try:
         main(args, load_params(args.params))
+    except KeyboardInterrupt:
+        if getattr(args, "debug", False) or os.environ.get("DIET_DEBUG", "") not in ("", "0"):
+            raise
+        stage = os.environ.get("DVC_STAGE") or parser.prog
+        print(f"interrupted: {stage}; its outputs are written whole or not at all, so nothing half-done was kept. "
+              "Rerun `dvc repro` to resume: finished stages are not run again.", file=sys.stderr)
+        return 130
     except Exception as e:
         if getattr(args, "debug", False) or os.environ.get("DIET_DEBUG", "") not in ("", "0"):
             raise

@@ -28,16 +28,15 @@ def main(args, params) -> None:
     fingerprint = model_fingerprint(args.model)
     method = params.merge.method
     # The task list comes from params, never from the folder: a removed task's file may linger there.
-    task_scores = {t: read_scores(args.scores / f"{t}.safetensors", expect_fingerprint=fingerprint)[0]
-                   for t in params.tasks}
+    task_scores = {t: read_scores(args.scores / f"{t}.safetensors", expect_fingerprint=fingerprint,
+                                  expect_task=t)[0] for t in params.tasks}
     if params.prune.recover == "bias":
         recovery_means_from_files(method, params.prune.groups, generic_file=args.generic,  # fail before prune
                                   task_files={t: args.scores / f"{t}.safetensors" for t in params.tasks},
                                   weights=params.merge.weights, expect_fingerprint=fingerprint)
     generic = magnitude = baseline = None
     if method == "task_agnostic":
-        generic = read_scores(args.generic, expect_fingerprint=fingerprint,
-                              regenerate="dvc repro -f score_generic")[0]
+        generic = read_scores(args.generic, expect_fingerprint=fingerprint, expect_task="generic")[0]
     if method == "magnitude" or method in MOMENT_METHODS:
         from diet.modeling import load_model
 
@@ -45,7 +44,8 @@ def main(args, params) -> None:
         if method == "magnitude":
             magnitude = magnitude_scores(model, groups=params.prune.groups)
         else:
-            moments = read_moments(args.generic, expect_fingerprint=fingerprint, groups=params.prune.groups)
+            moments = read_moments(args.generic, expect_fingerprint=fingerprint, groups=params.prune.groups,
+                                   expect_task="generic")
             baseline = moment_baseline_scores(method, model, moments, groups=params.prune.groups)
     geo = geometry_from_folder(args.model, groups=tuple(next(iter(task_scores.values())).keys()))
     merged = merge_scores(task_scores, geo, merge_cfg=params.merge, prune_cfg=params.prune,

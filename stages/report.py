@@ -4,9 +4,10 @@ Reads the task list from params (never the folder: a removed task's file may lin
 ``results/{dense,pruned}/tasks/<task>.json`` and ``results/{dense,pruned}/model.json``, and the mask. Writes
 
 * ``metrics/dense.json``, ``metrics/pruned.json``: the few figures ``dvc metrics show`` prints (mean acc,
-  acc_norm, perplexity, parameters, sparsity);
+  acc_norm, perplexity, parameters, sparsity; for the pruned model the mean flip rate and KL to the dense one);
 * ``results/dense/summary.json``, ``results/pruned/summary.json``: the whole record of each model (per task,
-  mean, perplexity, parameter counts, checkpoint size, mask summary);
+  mean, perplexity, parameter counts, checkpoint size, mask summary; for the pruned model its paired
+  differences from the dense model and its fidelity to it: flip rates and KL, ``diet.evaluation.fidelity``);
 * ``results/table.md``: per-task accuracy with standard errors, beside the dense model's, and model figures.
 """
 
@@ -31,6 +32,7 @@ def _read(path: Path, regenerate: str):
 
 
 def main(args, params) -> None:
+    from diet.evaluation.fidelity import fidelity
     from diet.evaluation.report import markdown_table, model_record, paired_differences, short_metrics
     from diet.io import read_json, write_json, write_text
 
@@ -47,6 +49,7 @@ def main(args, params) -> None:
                                      sparsity=mask_summary.get("achieved_sparsity") if kind == "pruned" else 0.0,
                                      mask=mask_summary if kind == "pruned" else None)
     records["pruned"]["vs_dense"] = paired_differences(results["dense"], results["pruned"])
+    records["pruned"]["fidelity"] = fidelity(results["dense"], results["pruned"])
     for kind, record in records.items():
         write_json(args.results / kind / "summary.json", record)
         write_json(args.out / f"{kind}.json", short_metrics(record))

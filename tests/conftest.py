@@ -44,3 +44,14 @@ def smollm2_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("base") / "smollm2"
     materialise("smollm2", out)
     return out
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`--dist loadgroup`), the tests that share a module-scoped fixture (a computed
+    pipeline, a loaded model) run on one worker, so that each such fixture is built once."""
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        shared = sorted(f"{defs[-1].baseid}::{name}" for name, defs in (info.name2fixturedefs.items() if info else ())
+                        if defs and defs[-1].scope == "module")
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(shared[0]))

@@ -181,6 +181,57 @@ def test_params_file_that_is_not_yaml(repo, capsys):
     fails_unchanged(repo, "merge", argv_of(repo, "merge"), capsys, "not valid YAML", "fix the YAML syntax")
 
 
+#: every number params.yaml holds, with a valid value: each must refuse a non-finite number, a string and a bool
+NUMERIC_KEYS = {"calibration.n_samples": 4, "calibration.seed": 0, "calibration.max_length": 64,
+                "score.batch_size": 2, "merge.seed": 0, "merge.weights.t1": 1.0, "prune.sparsity": 0.2,
+                "select.min_keep": 0.05, "select.multiple": 8, "select.min_keep.mlp": 0.05,
+                "select.multiple.mlp": 8, "evaluate.limit": 10, "evaluate.seed": 1234, "evaluate.batch_size": 2,
+                "evaluate.perplexity_docs": 2, "evaluate.perplexity_max_length": 64}
+
+
+def _with(key: str, value) -> dict:
+    """Tiny params with ``key`` (dotted; a third part sets one entry of a mapping) set to ``value``."""
+    data = {"tasks": list(TASKS), **{k: dict(v) for k, v in TINY_PARAMS.items()}}
+    section, name, *entry = key.split(".")
+    data.setdefault(section, {})
+    data[section][name] = {entry[0]: value} if entry else value
+    return data
+
+
+@pytest.mark.parametrize("key", sorted(NUMERIC_KEYS))
+def test_every_numeric_key_refuses_non_finite_strings_and_bools(key):
+    Params.from_dict(_with(key, NUMERIC_KEYS[key]))                      # the valid value passes
+    for bad in (float("inf"), float("-inf"), float("nan"), "8", True):
+        with pytest.raises(ConfigError) as e:
+            Params.from_dict(_with(key, bad))
+        leaf = key.split(".")[-1]
+        assert leaf in e.value.problem and repr(bad)[:3] in e.value.problem, (key, bad, e.value.problem)
+        assert e.value.fix, (key, bad)
+
+
+@pytest.mark.parametrize("weights", [{"t1": float("inf")}, {"t1": float("nan")}, {"t1": -1.0}])
+def test_a_non_finite_merge_weight_fails_before_scores_are_read(repo, capsys, weights):
+    write_params(repo, merge={"weights": weights})
+    shutil.rmtree(repo / "scores")
+    fails_unchanged(repo, "merge", argv_of(repo, "merge"), capsys, "merge.weights.t1", "finite non-negative number")
+
+
+def test_weights_that_ignore_every_task_are_refused():
+    with pytest.raises(ConfigError) as e:
+        Params.from_dict({"tasks": ["t1", "t2"], "merge": {"weights": {"t1": 0, "t2": 0.0}}})
+    assert "every task" in e.value.problem and "weight above 0" in e.value.fix
+
+
+@pytest.mark.parametrize("section, value, needles", [
+    ("prune", "mlp", ("prune.groups = 'mlp' must be a list of names", "groups: [mlp]")),
+    ("score", 5, ("score.groups = 5 must be a list of names", "groups: [mlp]")),
+    ("score", "attention", ("score.groups = 'attention' must be a list", "groups: [attention]")),
+], ids=["prune-string", "score-int", "score-string"])
+def test_a_group_list_given_as_one_value_is_refused_whole(repo, capsys, section, value, needles):
+    write_params(repo, **{section: {"groups": value}})
+    fails_unchanged(repo, "merge", argv_of(repo, "merge"), capsys, *needles)
+
+
 # --- dimension groups and their selection constraints (select.min_keep, select.multiple) -----------------------
 
 @pytest.mark.parametrize("select, needles", [
@@ -455,6 +506,42 @@ def test_score_file_of_another_model(repo, capsys):
     fails_unchanged(repo, "merge", argv_of(repo, "merge"), capsys, "scored on model ffff", "dvc repro score@t2")
 
 
+def test_score_file_of_another_task(repo, capsys):
+    """t2's score file copied over t1's: its metadata names t2, and merge refuses it for t1."""
+    shutil.copy(repo / "scores/t2.safetensors", repo / "scores/t1.safetensors")
+    fails_unchanged(repo, "merge", argv_of(repo, "merge"), capsys, "t1.safetensors holds the scores of task 't2', "
+                    "not of task 't1'", "dvc.lock entry", "dvc repro -f score@t1")
+
+
+def _swap_rows(p):
+    """Two layers' rows of the MLP scores swapped, the header (and its checksum) kept: same size, other data."""
+    t = load_file(str(p))
+    t["mlp"] = t["mlp"][[1, 0, *range(2, t["mlp"].shape[0])]].contiguous()
+    rewrite_scores(p, tensors=t)
+
+
+def test_score_payload_changed_after_writing(repo, capsys):
+    size = (repo / "scores/t1.safetensors").stat().st_size
+    _swap_rows(repo / "scores/t1.safetensors")
+    assert (repo / "scores/t1.safetensors").stat().st_size == size
+    fails_unchanged(repo, "merge", argv_of(repo, "merge"), capsys, "t1.safetensors: its scores are not the ones "
+                    "written", "DVC cache object", "dvc repro -f score@t1", "dvc status -c")
+
+
+def test_score_file_without_a_payload_checksum(repo, capsys):
+    path = repo / "scores/t1.safetensors"
+    meta = {k: v for k, v in scores_meta(path).items() if k != "payload_sha256"}
+    rewrite_scores(path, header={"diet": json.dumps({**meta, "score_version": 1})})
+    fails_unchanged(repo, "merge", argv_of(repo, "merge"), capsys, "records no checksum of its scores",
+                    "score_version 1", "dvc repro -f score@t1")
+
+
+def test_moments_of_another_task_are_refused_for_the_bias_recovery(repo, capsys):
+    write_params(repo, prune={"recover": "bias"})
+    shutil.copy(repo / "scores/t1.safetensors", repo / "scores/t2.safetensors")
+    fails_unchanged(repo, "merge", argv_of(repo, "merge"), capsys, "holds the scores of task 't1', not of task 't2'")
+
+
 def test_damaged_generic_scores_name_their_own_stage(repo, capsys):
     shutil.copy(repo / "scores/t1.safetensors", repo / "generic.safetensors")
     _truncate(repo / "generic.safetensors")
@@ -707,6 +794,30 @@ def test_stage_as_a_process_prints_no_traceback(repo):
     assert snapshot(repo) == before
 
 
+def test_ctrl_c_on_a_stage_prints_one_line_and_changes_nothing(repo):
+    """SIGINT while the score stage works (here: still loading torch inside its main): one line, exit 130 within
+    seconds, no traceback, no file written or changed."""
+    import signal
+    import time
+
+    before = snapshot(repo)
+    argv = [str(a) for a in argv_of(repo, "score")]
+    proc = subprocess.Popen([sys.executable, "-m", "stages.score", *argv], cwd=PROJECT, stderr=subprocess.PIPE,
+                            text=True, env={**__import__("os").environ, "DVC_STAGE": "score@t1"})
+    time.sleep(1.5)
+    start = time.time()
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=30)[1]
+    assert time.time() - start < 10
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]
+    lines = [line for line in err.splitlines() if line.strip()]
+    said = [line for line in lines if line.startswith("interrupted: ")]
+    assert len(said) == 1 and said[0].startswith("interrupted: score@t1;"), err[-2000:]
+    assert "rerun `dvc repro` to resume" in said[0].lower()
+    assert snapshot(repo) == before
+
+
 # --- flow arguments -----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["../x", "a/b", "x y", ".hidden"])
@@ -742,3 +853,33 @@ def test_cli_run_refuses_a_bad_task_in_set(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "error: task name '../x' is not a valid task name" in err and "fix: rename the task" in err and "Traceback" not in err
     assert snapshot(repo) == before
+
+
+def test_cli_run_refuses_a_bad_value_in_set_before_params_change(tmp_path, capsys):
+    from flows.cli import main
+    from tests.repo_fixture import make_tiny_repo
+
+    root = make_tiny_repo(tmp_path)
+    before = snapshot(root)
+    for value, needle in (("1.5", "prune.sparsity = 1.5 is not a number in (0, 1)"),
+                          (".nan", "prune.sparsity = nan"), ("[mlp]", "prune.sparsity = ['mlp']")):
+        capsys.readouterr()
+        assert main(["run", "--repo", str(root), "--set", f"prune.sparsity={value}"]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and "params.yaml with --set applied" in err and "Traceback" not in err, err
+    capsys.readouterr()
+    assert main(["run", "--repo", str(root), "--set", "merge.weights={t1: .inf}"]) == 2
+    assert "merge.weights.t1 = inf" in capsys.readouterr().err
+    assert snapshot(root) == before, "a refused --set changed a file"
+
+
+def test_cli_pull_refuses_an_unknown_task_before_writing_the_remote(tmp_path, capsys):
+    from flows.cli import main
+    from tests.repo_fixture import make_tiny_repo
+
+    root = make_tiny_repo(tmp_path)
+    before = snapshot(root)
+    assert main(["pull", "--repo", str(root), "--tasks", "nosuch", "--add-remote", str(tmp_path / "remote")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown task 'nosuch'" in err and "Traceback" not in err, err
+    assert snapshot(root) == before, "a refused pull changed a file (.dvc/config?)"

@@ -44,7 +44,7 @@ def test_bad_values_are_refused(data):
 
 
 def test_sparsity_message_names_the_range():
-    with pytest.raises(ConfigError, match=r"outside \(0, 1\)"):
+    with pytest.raises(ConfigError, match=r"is not a number in \(0, 1\)"):
         Params.from_dict({"prune": {"sparsity": 1.5}})
 
 

@@ -446,6 +446,7 @@ def test_second_run_is_all_cached(tiny_repo):
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_changing_sparsity_reruns_no_score(tiny_repo):
     from flows.pipeline import pipeline_flow
 
@@ -490,6 +491,7 @@ def test_dask_fan_out_equals_sequential_run(dask_repo, tiny_repo):
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_sweep_computes_each_score_once(dask_repo):
     from flows.sweep import CSV, MARKDOWN, PLOT, sweep_flow
 
@@ -517,6 +519,7 @@ def test_sweep_computes_each_score_once(dask_repo):
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_second_team_reuses_scores_through_a_remote(tmp_path, prefect_harness, monkeypatch):
     """Team A (one thread) runs the pipeline and pushes; team B (two threads) pulls and runs the whole pipeline
     with a task of its own: no score stage of A's tasks runs again, nor score_generic, nor A's dense
@@ -582,7 +585,8 @@ EXPENSIVE_PREFIXES = ("score@", "score_generic", "evaluate_dense@")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("lock_committed", [True, False], ids=["committed-lock", "no-lock"])
+@pytest.mark.parametrize("lock_committed", [True, pytest.param(False, marks=pytest.mark.integration)],
+                         ids=["committed-lock", "no-lock"])
 def test_two_teams_share_scores_whether_or_not_the_lock_was_committed(origin_1thread, tmp_path, prefect_harness,
                                                                     lock_committed):
     """Team A runs the pipeline at 2 threads and pushes without committing anything; team B clones, pulls and
@@ -606,7 +610,8 @@ def test_two_teams_share_scores_whether_or_not_the_lock_was_committed(origin_1th
     # the remote went into .dvc/config and nothing else changed: with a committed lock (made at 1 thread), A's
     # run at 2 threads reproduced it byte for byte, as a fresh clone's `make run` must
     status = {line[3:] for line in _git_status(team_a).splitlines()}
-    assert status == {".dvc/config", *(() if lock_committed else ["dvc.lock"])}, status
+    lock_diff = subprocess.run(["git", "diff", "dvc.lock"], cwd=team_a, capture_output=True, text=True).stdout
+    assert status == {".dvc/config", *(() if lock_committed else ["dvc.lock"])}, (status, lock_diff[-6000:])
     in_head = subprocess.run(["git", "cat-file", "-e", "HEAD:dvc.lock"], cwd=team_a).returncode == 0
     assert in_head == lock_committed
 
@@ -626,6 +631,9 @@ def test_upgrading_keeps_a_users_own_task_scored(origin_1thread, tmp_path):
     from tests.repo_fixture import git
 
     user = clone(origin_1thread, tmp_path / "user")
+    # the origin's DVC cache stands for the team's remote: the committed stages are restored, t3 is computed
+    assert subprocess.run([dvc(), "cache", "dir", "--local", str(origin_1thread / ".dvc" / "cache")], cwd=user,
+                          env=dvc_env({})).returncode == 0
     params = yaml.safe_load((user / "params.yaml").read_text())
     (user / "params.yaml").write_text(yaml.safe_dump({**params, "tasks": ["t1", "t2", "t3"]}, sort_keys=False))
     assert {"score@t3", "evaluate_dense@t3"} <= _repro(user, 2).ran

@@ -345,9 +345,29 @@ def test_bad_sparsity_fails_repro_with_a_config_error(tmp_path):
 
     r = repro(repo)
     assert r.rc != 0
-    assert "error: prune.sparsity = 1.5 is outside (0, 1)" in r.output
+    assert "error: prune.sparsity = 1.5 is not a number in (0, 1)" in r.output
     assert "fix: set the share of decoder-layer parameters to remove" in r.output
     assert "failed to reproduce 'model'" in r.output  # every stage validates the whole params file
     assert r.ran == {"model"}
     assert "Traceback" not in r.output
     assert not (repo / "models/base").exists()
+
+
+@pytest.mark.slow
+def test_a_lock_entry_naming_another_tasks_scores_is_refused_at_merge(work_copy):
+    """A bad merge of dvc.lock gives score@t1 the hash of t2's score file: `dvc checkout` restores t2's scores
+    under t1's name and `dvc repro` takes them as cached, but merge refuses them, naming the task they hold."""
+    repo = work_copy
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    outs = {t: lock["stages"][f"score@{t}"]["outs"] for t in TASKS}
+    for mine, theirs in zip(outs["t1"], outs["t2"]):
+        mine.update({k: theirs[k] for k in ("md5", "size")})
+    (repo / "dvc.lock").write_text(yaml.safe_dump(lock, sort_keys=False))
+    (repo / "scores/t1.safetensors").unlink()
+    assert subprocess.run([dvc(), "checkout", "score@t1"], cwd=repo, env=dvc_env(), capture_output=True).returncode == 0
+    merged = hashes(repo, "merged")
+    r = repro(repo)
+    assert r.rc != 0 and "score@t1" not in r.ran, r.output[-3000:]
+    assert "scores/t1.safetensors holds the scores of task 't2', not of task 't1'" in r.output, r.output[-3000:]
+    assert "dvc repro -f score@t1" in r.output and "Traceback" not in r.output
+    assert not (repo / "merged").exists() or hashes(repo, "merged") == merged   # DVC removes it before merge runs

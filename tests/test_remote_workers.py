@@ -141,6 +141,7 @@ def test_worker_clone_folders_are_per_worker_and_exclusive(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_dask_workers_without_a_shared_disk(tmp_path, monkeypatch):
     """Two Dask worker processes, each in its own clone of a bare git repository, exchange every input and
     output through a local DVC remote. The coordinator ends with every stage's output and an up-to-date

@@ -142,6 +142,7 @@ def test_queued_sweep_runs_points_in_parallel_and_leaves_the_workspace(committed
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_sweep_over_dimension_groups_and_an_ablation(committed_repo, prefect_harness, monkeypatch, tmp_path):
     """``groups``: one experiment per combination of pruned groups (prune.groups), rows labelled with their
     groups and sized in total parameters; ``vary``: per point one more experiment with a params change, compared

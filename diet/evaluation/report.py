@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from diet.evaluation.stats import DEFAULT_RESAMPLES as RESAMPLES
+
 ACC_KEYS = ("acc", "acc_norm")
 
 
@@ -59,17 +61,23 @@ def paired_differences(reference: dict[str, dict], candidate: dict[str, dict], *
 
 
 def short_metrics(record: dict) -> dict:
-    """The figures ``dvc metrics show`` prints as columns: mean acc / acc_norm, perplexity, size, sparsity."""
+    """The figures ``dvc metrics show`` prints as columns: mean acc / acc_norm, perplexity, size, sparsity, and
+    for a pruned model its fidelity to the dense one (mean flip rate and KL over tasks, when recorded)."""
     params = record.get("params") or {}
 
     def rounded(x: Any, digits: int) -> Any:
         return round(float(x), digits) if _finite(x) else None
 
-    return {"acc": rounded(record["mean"].get("acc"), 4), "acc_norm": rounded(record["mean"].get("acc_norm"), 4),
-            "perplexity": rounded(record.get("perplexity"), 3),
-            "params_M": rounded(params.get("total", float("nan")) / 1e6, 2),
-            "decoder_M": rounded(params.get("decoder", float("nan")) / 1e6, 2),
-            "sparsity": rounded(record.get("sparsity"), 4)}
+    out = {"acc": rounded(record["mean"].get("acc"), 4), "acc_norm": rounded(record["mean"].get("acc_norm"), 4),
+           "perplexity": rounded(record.get("perplexity"), 3),
+           "params_M": rounded(params.get("total", float("nan")) / 1e6, 2),
+           "decoder_M": rounded(params.get("decoder", float("nan")) / 1e6, 2),
+           "sparsity": rounded(record.get("sparsity"), 4)}
+    fidelity = record.get("fidelity") or {}
+    for name in ("flip", "kl"):
+        if name in fidelity:
+            out[name] = rounded(fidelity[name]["mean"]["value"], 4)
+    return out
 
 
 def _finite(x: Any) -> bool:
@@ -87,13 +95,21 @@ def _pm(x: Any, stderr: Any) -> str:
     return f"{_fmt(x)} ± {stderr:.4f}" if _finite(x) and _finite(stderr) else _fmt(x)
 
 
+def _interval(value: Any, low: Any, high: Any, digits: int = 4, sign: str = "+") -> str:
+    """``+0.0310 [+0.0040, +0.0580]``: a value and its 95% interval (``sign`` "" for a value that cannot be
+    negative), ``-`` when any is unknown."""
+    if not all(_finite(x) for x in (value, low, high)):
+        return "-"
+    f = f"{{:{sign}.{digits}f}}"
+    return f"{f.format(value)} [{f.format(low)}, {f.format(high)}]"
+
+
 def _paired(diffs: dict | None, metric: str, name: str) -> str | None:
     """``+0.031 [+0.004, +0.058]*`` from a ``paired_differences`` entry (star: the interval excludes zero)."""
     d = ((diffs or {}).get(metric) or {}).get(name)
     if d is None:
         return None
-    star = "*" if d["significant"] else ""
-    return f"{d['diff']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]{star}"
+    return _interval(d["diff"], d["low"], d["high"]) + ("*" if d["significant"] else "")
 
 
 def _delta(x: Any, ref: Any, digits: int = 4, percent: bool = False) -> str:
@@ -133,8 +149,10 @@ def markdown_table(metrics: dict, dense: dict | None = None) -> str:
              "", *_table(header, rows), ""]
     if metrics.get("vs_dense"):
         lines += ["Accuracy ± its standard error. Δ: this model minus the dense one on the same items, with the "
-                  "95% interval of a paired bootstrap over items (10,000 resamples); * marks an interval that "
+                  f"95% interval of a paired bootstrap over items ({RESAMPLES:,} resamples); * marks an interval that "
                   "excludes zero.", ""]
+
+    lines += fidelity_table(metrics.get("fidelity"))
 
     params, ckpt = metrics.get("params") or {}, metrics.get("checkpoint") or {}
     figures = [
@@ -158,3 +176,24 @@ def markdown_table(metrics: dict, dense: dict | None = None) -> str:
         rows.append(row)
     lines += ["### Model", "", *_table(header, rows), ""]
     return "\n".join(lines)
+
+
+FIDELITY_HEADS = {"flip": "flip rate (acc) [95% CI]", "flip_norm": "flip rate (acc_norm) [95% CI]",
+                  "kl": "KL to dense, nats [95% CI]"}
+
+
+def fidelity_table(fidelity: dict | None) -> list[str]:
+    """Markdown lines of a pruned model's fidelity to the dense model (``diet.evaluation.fidelity``): per task and
+    mean, the flip rates and the KL over the choices with their intervals; nothing when not recorded."""
+    if not fidelity:
+        return []
+    names = [m for m in FIDELITY_HEADS if m in fidelity]
+    keys = [k for k in next(iter(fidelity.values())) if k != "mean"] + ["mean"]
+    rows = [["**mean**" if key == "mean" else key,
+             *(_interval(*(fidelity[m][key][x] for x in ("value", "low", "high")), sign="") for m in names)]
+            for key in keys]
+    return ["### Fidelity to the dense model", "", *_table(["task", *(FIDELITY_HEADS[m] for m in names)], rows), "",
+            "Flip rate: the share of items whose correctness differs from the dense model's. KL: the divergence of "
+            "the model's distribution over each item's choices (softmax of the choice log-likelihoods) from the "
+            f"dense model's, mean over items. 95% interval of a bootstrap over items ({RESAMPLES:,} resamples); the mean "
+            "is over tasks, each counting once. Lower is closer to the dense model.", ""]

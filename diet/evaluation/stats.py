@@ -60,8 +60,10 @@ class PairedDifference:
         object.__setattr__(self, "significant", bool(self.low > 0.0 or self.high < 0.0))
 
 
-def _paired_arrays(reference: Mapping, candidate: Mapping) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """``{task: (ref (n,), cand (n,))}`` aligned by item id; refuses sets that do not match."""
+def _paired_arrays(reference: Mapping, candidate: Mapping,
+                   binary: bool = True) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``{task: (ref (n,), cand (n,))}`` aligned by item id; refuses sets that do not match, and values that are
+    not 0 or 1 (``binary``) or not finite."""
     if set(reference) != set(candidate):
         only_ref, only_cand = sorted(set(reference) - set(candidate)), sorted(set(candidate) - set(reference))
         raise DataError(f"the two models were evaluated on different tasks (only the reference: {only_ref}, "
@@ -82,9 +84,12 @@ def _paired_arrays(reference: Mapping, candidate: Mapping) -> dict[str, tuple[np
         pair = (np.array([ref[i] for i in ids], dtype=np.float64),          # (n,)
                 np.array([cand[i] for i in ids], dtype=np.float64))         # (n,)
         for values in pair:
-            if not np.isin(values, (0.0, 1.0)).all():
+            if binary and not np.isin(values, (0.0, 1.0)).all():
                 raise DataError(f"task {task}: per-item correctness must be 0 or 1",
                                 "pass acc / acc_norm of each item, not log-likelihoods")
+            if not np.isfinite(values).all():
+                raise DataError(f"task {task}: per-item values must be finite numbers",
+                                "rerun the evaluation that wrote them")
         out[task] = pair
     return out
 
@@ -107,17 +112,18 @@ def _resampled_diffs(diff: np.ndarray, n_resamples: int, seed: list[int]) -> np.
 
 def paired_bootstrap(reference: Mapping[str, Mapping], candidate: Mapping[str, Mapping], *,
                      n_resamples: int = DEFAULT_RESAMPLES, confidence: float = DEFAULT_CONFIDENCE,
-                     seed: int = 0) -> dict[str, PairedDifference]:
-    """Per-task and mean-over-tasks ``candidate - reference`` accuracy with paired bootstrap intervals."""
+                     seed: int = 0, binary: bool = True) -> dict[str, PairedDifference]:
+    """Per-task and mean-over-tasks ``candidate - reference`` accuracy with paired bootstrap intervals.
+    ``binary=False`` accepts any finite per-item value (a divergence, say) in place of 0/1 correctness."""
     if not isinstance(n_resamples, int) or n_resamples < 1:
         raise ValueError(f"n_resamples must be a positive integer, got {n_resamples!r}")
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
-    pairs = _paired_arrays(reference, candidate)
+    pairs = _paired_arrays(reference, candidate, binary)
     tail = (1.0 - confidence) / 2
     results, resampled = {}, []
     for task, (ref, cand) in pairs.items():
-        diff = cand - ref                                                    # (n,) in {-1, 0, 1}
+        diff = cand - ref                                                    # (n,)
         boot = _resampled_diffs(diff, n_resamples, _task_seed(seed, task))   # (R,)
         resampled.append(boot)
         low, high = np.quantile(boot, [tail, 1.0 - tail])
