@@ -73,6 +73,32 @@ def _remove(p: Path) -> None:
         p.unlink()
 
 
+def check_writable(*paths: str | os.PathLike) -> None:
+    """Refuse, before a long computation, an output that could not be written: for each path, the nearest
+    folder that exists must be a folder in which a file can be created (probed with a temporary file, which also
+    holds for root, whom permission bits do not stop). Raises DietError naming the path and the folder."""
+    from diet.errors import DietError
+
+    for path in paths:
+        target = Path(path).absolute()
+        folder = target.parent
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        problem = None
+        if not folder.is_dir():
+            problem = f"{folder} is a file, not a folder"
+        else:
+            try:
+                fd, probe = tempfile.mkstemp(prefix=".diet-probe-", dir=folder)
+                os.close(fd)
+                os.unlink(probe)
+            except OSError as e:
+                problem = f"no file can be created in {folder} ({e.strerror or e})"
+        if problem:
+            raise DietError(f"cannot write the output {path}: {problem}",
+                            f"make {folder} writable (or free the path), then rerun; nothing was computed yet")
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as sorted, indented JSON, atomically."""
     with atomic_file(path) as tmp:

@@ -45,6 +45,10 @@ def run_stage(main: Callable[[argparse.Namespace, Params], None], parser: argpar
             raise
         if isinstance(e, DietError):
             return _report(e.problem, e.fix, 2)
+        if isinstance(e, OSError) and e.filename:     # a full disk, a folder not writable, a file gone
+            return _report(f"{e.strerror or type(e).__name__}: {e.filename}",
+                           "check the path, its permissions and the free disk space, then rerun `dvc repro` (stages "
+                           "that finished are kept; outputs are written whole or not at all)", 2)
         text = str(e).strip().splitlines()
         return _report(f"unexpected {type(e).__name__}: {text[0] if text else '(no message)'}",
                        "rerun with --debug (or DIET_DEBUG=1) for the traceback, and report it if the input is "

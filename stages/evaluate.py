@@ -20,6 +20,9 @@ log = logging.getLogger("diet.evaluate")
 
 def main(args, params) -> None:
     set_threads()
+    from diet.io import check_writable
+
+    check_writable(args.out)  # before the model is loaded, not after the work
     from diet.modeling import load_model_and_tokenizer
     from diet.evaluation import load_eval_task
     from diet.io import write_json

@@ -24,6 +24,9 @@ def checkpoint_size(model_dir: Path) -> dict:
 
 def main(args, params) -> None:
     set_threads()
+    from diet.io import check_writable
+
+    check_writable(args.out)  # before the model is loaded, not after the work
     from diet.modeling import load_model_and_tokenizer
     from diet.evaluation.perplexity import heldout_perplexity
     from diet.io import write_json

@@ -18,6 +18,9 @@ log = logging.getLogger("diet.prune")
 
 def main(args, params) -> None:
     set_threads(single=True)
+    from diet.io import check_writable
+
+    check_writable(args.out)  # before the model is loaded, not after the work
     from diet.merge import means_source, recovery_means_from_files
     from diet.modeling import load_model_and_tokenizer
     from diet.modeling import save_pruned

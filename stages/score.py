@@ -13,6 +13,9 @@ log = logging.getLogger("diet.score")
 
 def main(args, params) -> None:
     set_threads()
+    from diet.io import check_writable
+
+    check_writable(args.out)  # before the model is loaded, not after the work
     from diet.config import check_task_name
     from diet.io import sha256_file, sha256_json
     from diet.adapters import adapter_class

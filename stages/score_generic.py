@@ -16,6 +16,9 @@ log = logging.getLogger("diet.score_generic")
 
 def main(args, params) -> None:
     set_threads()
+    from diet.io import check_writable
+
+    check_writable(args.out)  # before the model is loaded, not after the work
     from diet.modeling import load_model_and_tokenizer
     from diet.generic import generic_source, generic_texts
     from diet.io import sha256_json

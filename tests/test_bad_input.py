@@ -794,6 +794,31 @@ def test_stage_as_a_process_prints_no_traceback(repo):
     assert snapshot(repo) == before
 
 
+@pytest.mark.parametrize("name", ["score", "prune"])
+def test_an_output_that_cannot_be_written_is_refused_before_the_work(repo, capsys, monkeypatch, name):
+    """The output's folder is a file: refused before the model is even loaded (its weights are not read)."""
+    import diet.modeling
+
+    (repo / "blocked").write_text("a file where a folder should be")
+    argv = argv_of(repo, name)
+    argv[argv.index("--out") + 1] = repo / "blocked" / "out"
+    monkeypatch.setattr(diet.modeling, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(diet.modeling, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("the model was loaded"))
+    fails_unchanged(repo, name, argv, capsys, "cannot write the output", "blocked is a file, not a folder",
+                    "nothing was computed yet")
+
+
+def test_a_write_that_fails_names_the_file_and_how_to_retry(repo, capsys, monkeypatch):
+    import diet.scoring
+
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device", str(repo / "scores/t1.safetensors"))
+
+    monkeypatch.setattr(diet.scoring, "save_tensors", full_disk)
+    fails_unchanged(repo, "score", argv_of(repo, "score"), capsys, "No space left on device: ",
+                    "t1.safetensors", "free disk space, then rerun `dvc repro`")
+
+
 def test_ctrl_c_on_a_stage_prints_one_line_and_changes_nothing(repo):
     """SIGINT while the score stage works (here: still loading torch inside its main): one line, exit 130 within
     seconds, no traceback, no file written or changed."""
