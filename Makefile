@@ -3,7 +3,6 @@
 #   make test   create .venv, install with test extras, run the test suite offline (pytest, 2 workers), including
 #               the tests marked slow (real SmolLM2 model, whole DVC pipelines, Prefect server); CI runs this
 #   make test-integration   the multi-clone, multi-experiment and Dask scenarios marked integration
-#               (about 25 minutes on 2 cores)
 PY ?= python3.11
 VENV ?= .venv
 BIN := $(abspath $(VENV))/bin
