@@ -157,12 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _quiet_user_error_tracebacks() -> None:
     """Prefect logs a failed flow or task with its traceback; for a DietError (a user's mistake, whose message
-    names the problem and the fix) the log records keep the message alone."""
+    names the problem and the fix) and for an interrupt (Ctrl-C) the log records keep the message alone."""
     make_record = logging.getLogRecordFactory()
 
     def factory(*args, **kwargs) -> logging.LogRecord:
         record = make_record(*args, **kwargs)
-        if record.exc_info and isinstance(record.exc_info[1], DietError):
+        if record.exc_info and isinstance(record.exc_info[1], (DietError, KeyboardInterrupt)):
             record.exc_info, record.exc_text = None, None
         return record
 
@@ -181,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
         if e.fix:
             print(f"  fix: {e.fix}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"interrupted: diet-flow {args.command}; every stage that finished is kept in DVC's cache, and no "
+              "output is left half-written. Rerun the same command to resume.", file=sys.stderr)
+        return 130
     if result is not None:
         print(json.dumps(result, indent=2, default=str))
     return 0

@@ -20,7 +20,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.repo import (RAN, DvcCommandError, FlowError, check_stages, check_tasks, ensure_repo, merged_params,
-                       read_params, run_dvc, stage_graph, stage_status, topological, upstream, write_params)
+                       read_params, retry_unless_input_error, run_dvc, stage_graph, stage_status, topological,
+                       upstream, write_params)
 
 TASK_RUNNERS = ("threads", "dask", "ray")
 
@@ -51,7 +52,8 @@ def make_task_runner(kind: str = "threads", workers: int = 2, address: str | Non
     raise FlowError(f"unknown task_runner {kind!r}", f"use one of: {', '.join(TASK_RUNNERS)}")
 
 
-@task(name="dvc-repro", task_run_name="{stage}", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(name="dvc-repro", task_run_name="{stage}", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE,
+      retry_condition_fn=retry_unless_input_error)
 def repro_stage(repo: str, stage: str, pull: bool = False) -> dict[str, Any]:
     """``dvc repro -s <stage>``: run one stage, or let DVC skip it when its inputs are unchanged.
 

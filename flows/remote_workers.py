@@ -53,7 +53,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.repo import (RUN_LOG, DvcCommandError, FlowError, child_env, dvc_executable, edited_yaml, lock_stages,
-                        run_dvc, stage_status)
+                        retry_unless_input_error, run_dvc, stage_status)
 
 #: tracked files that may differ from the commit: the workers get their content from the coordinator
 #: (params.yaml, dvc.lock) or do not need it (.dvc/config: the default remote is passed along)
@@ -296,7 +296,8 @@ def record_lock_entries(root: Path, entries: Mapping[str, Any]) -> list[str]:
     return changed
 
 
-@task(name="dvc-repro-clone", task_run_name="{stage}", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(name="dvc-repro-clone", task_run_name="{stage}", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE,
+      retry_condition_fn=retry_unless_input_error)
 def repro_in_clone(spec: CloneSpec, stage: str, parent_rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Run ``stage`` in this worker's clone, from the remote's data; push what it produced.
 

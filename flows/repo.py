@@ -15,6 +15,7 @@ import io
 import json
 import os
 import shutil
+import re
 import subprocess
 import sys
 import tempfile
@@ -64,6 +65,18 @@ class DvcCommandError(FlowError):
 
     def __reduce__(self):
         return type(self), (self.command, self.returncode, self.output)
+
+
+#: how a stage reports that it refused its input (stages._common.run_stage, exit 2): a retry meets the same input
+_INPUT_ERROR = re.compile(r"^error: .+\n  fix: ", re.M)
+
+
+def retry_unless_input_error(task, task_run, state) -> bool:
+    """Prefect's retry condition of the tasks that run DVC: retry a failure (a killed worker, a full disk freed
+    meanwhile) unless a stage refused its input (it printed ``error:`` and ``  fix:``), which would fail the same
+    way again and print the same error once more."""
+    exc = getattr(state, "data", None)
+    return not (isinstance(exc, DvcCommandError) and _INPUT_ERROR.search(exc.output or ""))
 
 
 @dataclass(frozen=True)

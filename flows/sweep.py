@@ -38,8 +38,8 @@ from prefect.cache_policies import NO_CACHE
 from flows import repo as flows_repo  # dvc_executable looked up on use, never bound at import
 from flows.pipeline import make_task_runner, plan, publish_report, run_stages, validate_run
 from flows.repo import (RAN, RUN_LOG, DvcCommandError, DvcResult, FlowError, atomic_write, child_env, downstream,
-                        merged_params, read_params, read_run_log, run_dvc, stage_status, stages_reading,
-                        write_params)
+                        merged_params, read_params, read_run_log, retry_unless_input_error, run_dvc, stage_status,
+                        stages_reading, write_params)
 
 SWEPT = ("prune.sparsity", "merge.method", "prune.recover", "merge.weights", "prune.groups")
 DEFAULT_SPARSITIES, DEFAULT_METHODS = (0.1, 0.2, 0.3), ("vote",)
@@ -413,7 +413,7 @@ def finished_runs(root: Path, patterns: list[str]) -> list[dict[str, Any]]:
 
 # -- running points ---------------------------------------------------------------------------------------------------
 @task(name="dvc-exp-run", task_run_name="{point.label} @ {point.sparsity}", retries=1, retry_delay_seconds=5,
-      cache_policy=NO_CACHE)
+      cache_policy=NO_CACHE, retry_condition_fn=retry_unless_input_error)
 def run_experiment(repo: str, point: Point, stages: list[str], sweep_id: str) -> dict[str, Any]:
     """One workspace experiment; returns its name and which of ``stages`` ran (its results are in the workspace)."""
     logger = get_run_logger()

@@ -821,3 +821,32 @@ def test_cli_logs_user_errors_without_tracebacks():
     user, bug = records
     assert user.exc_info is None and "flow failed" in user.getMessage()
     assert bug.exc_info is not None and bug.exc_info[0] is ValueError
+
+
+def test_a_stage_that_refused_its_input_is_not_retried():
+    """Prefect retries a failed DVC task unless the stage refused its input (its `error:` / `  fix:` lines):
+    the same input fails the same way, so the error is printed once."""
+    from types import SimpleNamespace
+
+    from flows.repo import retry_unless_input_error
+
+    refused = DvcCommandError(["repro", "-s", "select"], 1, "Running stage 'select':\n> python -m stages.select\n"
+                              "error: select.multiple = 8 is not smaller than the attention group's width\n"
+                              "  fix: set select.multiple: {mlp: 8, attention: 1}\nERROR: failed to reproduce 'select'")
+    crashed = DvcCommandError(["repro", "-s", "score@t1"], 1, "Running stage 'score@t1':\nKilled\n"
+                              "ERROR: failed to reproduce 'score@t1': exited with -9")
+    assert retry_unless_input_error(None, None, SimpleNamespace(data=refused)) is False
+    assert retry_unless_input_error(None, None, SimpleNamespace(data=crashed)) is True
+    assert retry_unless_input_error(None, None, SimpleNamespace(data=RuntimeError("worker lost"))) is True
+
+
+def test_ctrl_c_on_a_flow_command_prints_one_line(monkeypatch, capsys, tmp_path):
+    import flows.cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(flows.cli, "dispatch", interrupted)
+    assert flows.cli.main(["run", "--repo", str(tmp_path)]) == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("interrupted: diet-flow run;") and "Rerun the same command" in err
