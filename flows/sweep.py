@@ -302,21 +302,22 @@ def task_items(result: dict[str, Any]) -> dict[str, list]:
             for r in result.get("items") or []}
 
 
-def item_row(value: list) -> dict[str, Any]:
-    """One item of ``Items`` as the evaluate stage's row (``acc``, ``acc_norm``, ``lls`` when recorded)."""
-    return {"acc": value[0], "acc_norm": value[1], "lls": value[2] if len(value) > 2 else None}
-
-
 def fidelity_values(dense: Items, model: Items) -> dict[str, dict[str, dict[str, float]]]:
     """``{measure: {task: {item id: value}}}`` of the model's fidelity to the dense model
-    (``diet.evaluation.fidelity``: flip, flip_norm, and kl where both recorded the choice log-likelihoods)."""
-    from diet.evaluation.fidelity import MEASURES, item_measures, measure
+    (``diet.evaluation.fidelity``: flip, flip_norm, and kl where both recorded the choice log-likelihoods); empty
+    when they were not evaluated on the same items (the paired accuracy comparison refuses those itself)."""
+    from diet.errors import DataError
+    from diet.evaluation.fidelity import MEASURES, measure, per_item
 
-    if set(dense) != set(model) or any(set(dense[t]) != set(by_id) for t, by_id in model.items()):
-        return {}          # not the same items: the paired accuracy comparison refuses them with its own message
-    per_item = {t: {i: item_measures(item_row(dense[t][i]), item_row(v)) for i, v in by_id.items()}
-                for t, by_id in model.items()}
-    return {m: values for m in MEASURES if (values := measure(per_item, m)) is not None}
+    def results(items: Items) -> dict[str, dict]:      # Items as the evaluate stage's results
+        return {t: {"items": [{"id": i, "acc": v[0], "acc_norm": v[1], "lls": v[2] if len(v) > 2 else None}
+                              for i, v in by_id.items()]} for t, by_id in items.items()}
+
+    try:
+        items = per_item(results(dense), results(model))
+    except DataError:
+        return {}
+    return {m: values for m in MEASURES if (values := measure(items, m)) is not None}
 
 
 def read_items(read, tasks: list[str], kind: str) -> Items | None:
@@ -767,13 +768,11 @@ FIDELITY_COMPARISONS = ("vs_dense", "vs_task_agnostic", "vs_best_baseline")
 
 def paired_fidelity(reference: dict | None, candidate: dict, name: str, seed: int = 0):
     """``candidate - reference`` mean over tasks of fidelity measure ``name`` (per-item values from
-    ``fidelity_values``; ``reference`` None: the dense model, 0 on every item) with its paired interval."""
-    from diet.evaluation.fidelity import BINARY
-    from diet.evaluation.stats import MEAN, paired_bootstrap
+    ``fidelity_values``; ``reference`` None: the dense model) with its paired interval."""
+    from diet.evaluation.fidelity import compare
+    from diet.evaluation.stats import MEAN
 
-    cand = candidate[name]
-    ref = reference[name] if reference is not None else {t: {i: 0.0 for i in v} for t, v in cand.items()}
-    return paired_bootstrap(ref, cand, seed=seed, binary=BINARY[name])[MEAN]
+    return compare(name, candidate[name], reference[name] if reference is not None else None, seed=seed)[MEAN]
 
 
 def _paired_prefixes() -> tuple[str, ...]:

@@ -86,20 +86,27 @@ def measure(items: Mapping[str, Mapping[str, Mapping[str, float]]], name: str) -
     return out
 
 
+def compare(name: str, values: Mapping[str, Mapping[str, float]],
+            reference: Mapping[str, Mapping[str, float]] | None = None, *, seed: int = 0) -> dict:
+    """``values - reference`` of measure ``name`` per task and mean over tasks, with paired 95% bootstrap intervals
+    (``diet.evaluation.stats.paired_bootstrap``); ``reference`` None: the dense model, 0 on every item, so the
+    result is the measure itself with its interval."""
+    from diet.evaluation.stats import paired_bootstrap
+
+    if reference is None:
+        reference = {t: {i: 0.0 for i in by_id} for t, by_id in values.items()}
+    return paired_bootstrap(reference, values, seed=seed, binary=BINARY[name])
+
+
 def summarise(items: Mapping[str, Mapping[str, Mapping[str, float]]], *, seed: int = 0) -> dict[str, dict]:
     """Per task and mean over tasks of each measure with its 95% bootstrap interval:
     ``{measure: {task | "mean": {value, low, high, n_items}}}`` (a measure no item carries is left out)."""
-    from diet.evaluation.stats import paired_bootstrap
-
     out = {}
     for name in MEASURES:
         values = measure(items, name)
-        if values is None:
-            continue
-        zeros = {t: {i: 0.0 for i in by_id} for t, by_id in values.items()}   # the dense model against itself
-        diffs = paired_bootstrap(zeros, values, seed=seed, binary=BINARY[name])
-        out[name] = {key: {"value": d.diff, "low": d.low, "high": d.high, "n_items": d.n_items}
-                     for key, d in diffs.items()}
+        if values is not None:
+            out[name] = {key: {"value": d.diff, "low": d.low, "high": d.high, "n_items": d.n_items}
+                         for key, d in compare(name, values, seed=seed).items()}
     return out
 
 
