@@ -42,6 +42,9 @@ PRECISIONS = ("float64", "model", "auto")
 DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?|gpus")
 DEVICE_RULE = "auto, cpu, cuda, cuda:N (N the GPU's index) or gpus (the layers spread over every visible GPU)"
 EVAL_BACKENDS = ("lm_eval", "direct")
+#: GGUF tensor types the export stage writes (``diet.export``): float, and the block types the gguf package
+#: quantises
+GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0")
 
 #: a task name is a file name (data/tasks/<task>.yaml) and a DVC stage key (score@<task>): no paths, no spaces
 TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
@@ -311,6 +314,30 @@ class EvaluateConfig:
         _positive_int("evaluate", "perplexity_max_length", self.perplexity_max_length)
 
 
+@dataclass(frozen=True)
+class ExportConfig:
+    """GGUF files of the pruned model (``stages.export``, ``diet.export``).
+
+    ``types``: the tensor types to write, one file each (``[]`` writes none). ``perplexity_docs``: held-out
+    passages on which each file's perplexity is measured against the pruned checkpoint's (0: only the logits
+    on fixed prompts are compared).
+    """
+
+    types: tuple[str, ...] = ()
+    perplexity_docs: int = 10
+
+    def __post_init__(self):
+        object.__setattr__(self, "types", _names("export", "types", self.types, GGUF_TYPES))
+
+    def validate(self) -> None:
+        if len(set(self.types)) != len(self.types):
+            raise ConfigError(f"export.types lists a type twice: {list(self.types)}", "list each type once")
+        _integer("export", "perplexity_docs", self.perplexity_docs, "10")
+        if self.perplexity_docs < 0:
+            raise ConfigError(f"export.perplexity_docs = {self.perplexity_docs!r} must be >= 0",
+                              "set e.g. perplexity_docs: 10 (0: compare logits only)")
+
+
 SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "calibration": CalibrationConfig,
@@ -319,6 +346,7 @@ SECTIONS: dict[str, type] = {
     "prune": PruneConfig,
     "select": SelectConfig,
     "evaluate": EvaluateConfig,
+    "export": ExportConfig,
 }
 
 
@@ -334,6 +362,7 @@ class Params:
     prune: PruneConfig = field(default_factory=PruneConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Params":

@@ -42,6 +42,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from diet.adapters import PRUNED, SUPPORTED, adapter_class, family, get_adapter, pruned_model_type
 from diet.adapters.base import parameter_counts
+from diet.cards import pruned_card
 from diet.errors import ConfigError, ModelError
 from diet.groups import GROUPS, PER_LAYER_FIELDS  # PER_LAYER_FIELDS: stock width field -> per-layer list field
 from diet.io import atomic_dir, write_json, write_text
@@ -181,13 +182,13 @@ def stock_config_problem(config, widths: dict[str, list[int]]) -> str | None:
     return None
 
 
-def save_pruned(model, tokenizer, out_dir: str | os.PathLike, manifest: dict) -> Path:
+def save_pruned(model, tokenizer, out_dir: str | os.PathLike, manifest: dict, provenance: dict | None = None) -> Path:
     """Write ``model`` (safetensors + config), ``tokenizer`` and ``manifest.json`` to ``out_dir`` atomically.
 
     ``config.tie_word_embeddings`` is set from the weights right before saving, so a tied head is stored once
     and re-tied on load. ``manifest.json`` holds ``manifest`` plus a ``checkpoint`` entry: model_type, whether
-    stock transformers loads it, the per-layer widths and the parameter counts. ``README.md`` (a model card)
-    says how to load the folder.
+    stock transformers loads it, the per-layer widths and the parameter counts. ``README.md`` (a model card,
+    ``diet.cards``; ``provenance`` is the base model's ``diet_source.json``) says what it is and how to load it.
     """
     inp, out = model.get_input_embeddings(), model.get_output_embeddings()
     model.config.tie_word_embeddings = out is None or out.weight is inp.weight
@@ -205,7 +206,8 @@ def save_pruned(model, tokenizer, out_dir: str | os.PathLike, manifest: dict) ->
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         write_json(tmp / "manifest.json", {**manifest, "checkpoint": checkpoint})
-        write_text(tmp / "README.md", model_card(checkpoint["model_type"], checkpoint["stock_loadable"], manifest))
+        write_text(tmp / "README.md", pruned_card(checkpoint["model_type"], family(checkpoint["model_type"]),
+                                                  checkpoint["stock_loadable"], manifest, provenance))
     return out_dir
 
 
@@ -483,27 +485,3 @@ def load_model_and_tokenizer(path: str | os.PathLike, dtype: str | torch.dtype =
         raise ModelError(f"cannot load the tokenizer of {path}: {_last_line(e)}",
                          PRUNED_FIX if (Path(path) / "manifest.json").exists() else MODEL_FIX) from None
     return model, tokenizer
-
-
-def model_card(model_type: str, stock_loadable: bool, manifest: dict) -> str:
-    """README.md of a pruned checkpoint: what it is and how to load it."""
-    mask = manifest.get("mask") or {}
-    lines = [f"# Pruned {family(model_type)} checkpoint (DIET)", "",
-             f"Structured pruning with DIET: {mask.get('achieved_sparsity', '?')} of the decoder-layer parameters "
-             f"removed (target {mask.get('target_sparsity', '?')}, layout {mask.get('layout', '?')}). "
-             "`manifest.json` lists the per-layer widths and the parameter counts.", "", "## Load it", ""]
-    if stock_loadable:
-        lines += ["Every layer has the same widths: the config is a stock one, so plain transformers loads it:", "",
-                  "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-                  'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")',
-                  'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")', "```"]
-    else:
-        lines += [f"The layers have different widths (model_type `{model_type}`). Its classes are registered with "
-                  "transformers by `diet.modeling`, so import it first:", "",
-                  "```python", "import diet.modeling  # registers the per-layer-width classes",
-                  "from transformers import AutoModelForCausalLM", "",
-                  'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")',
-                  "# or: model = diet.modeling.load_model(\"path/to/this/folder\")", "```", "",
-                  "Without that import transformers does not recognise the model type and asks to upgrade it; "
-                  "upgrading does not help."]
-    return "\n".join(lines) + "\n"

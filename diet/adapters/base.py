@@ -53,6 +53,12 @@ class ModelAdapter(ABC):
     norm_offset: ClassVar[float] = 0.0
     #: the embedding's output is multiplied by ``config.hidden_size ** embed_scale_exponent`` (Gemma: 0.5)
     embed_scale_exponent: ClassVar[float] = 0.0
+    #: llama.cpp's architecture for the family (GGUF export, ``diet.export``), and the one that reads per-layer
+    #: widths (None: the family's checkpoints export with one width for every layer only)
+    gguf_arch: ClassVar[str]
+    gguf_arch_per_layer: ClassVar[str | None] = None
+    #: llama.cpp rotates interleaved pairs for this architecture: q/k rows are permuted on export (Llama)
+    gguf_rope_interleaved: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -60,6 +66,20 @@ class ModelAdapter(ABC):
     @property
     def config(self):
         return self.model.config
+
+    def rope_theta(self) -> float:
+        """The rotary base of the (full-attention) layers; a ModelError for a scaled rotary embedding, which GGUF
+        export does not write."""
+        params = getattr(self.config, "rope_parameters", None) or {}
+        params = params.get("full_attention", params)
+        if params.get("rope_type", "default") != "default":
+            raise ModelError(f"the model's rotary embedding is scaled ({params.get('rope_type')!r}); GGUF export "
+                             "writes the default rotary embedding only", "export a model without rope scaling")
+        return float(params.get("rope_theta", getattr(self.config, "rope_theta", 10000.0)))
+
+    def gguf_metadata(self) -> dict[str, object]:
+        """The family's extra GGUF keys, by ``gguf.GGUFWriter.add_<key>`` name."""
+        return {}
 
     # -- structure -------------------------------------------------------------------------------------------
     @abstractmethod

@@ -27,6 +27,26 @@ class GemmaResidual:
         block = self.decoder_layers()[layer]
         return [block.post_attention_layernorm, block.post_feedforward_layernorm]
 
+    gguf_arch_per_layer = None
+    gguf_rope_interleaved = False
+
+    def gguf_metadata(self) -> dict[str, object]:
+        """Sliding window, its per-layer pattern (True: a sliding layer) and the soft-capping llama.cpp reads."""
+        config = self.config
+        out: dict[str, object] = {}
+        if getattr(config, "sliding_window", None):
+            out["sliding_window"] = int(config.sliding_window)
+            types = getattr(config, "layer_types", None) or []
+            if types:
+                out["sliding_window_pattern"] = [t == "sliding_attention" for t in types]
+        params = getattr(config, "rope_parameters", None) or {}
+        if "sliding_attention" in params:
+            out["rope_freq_base_swa"] = float(params["sliding_attention"].get("rope_theta"))
+        for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+            if getattr(config, key, None) is not None:
+                out[key] = float(getattr(config, key))
+        return out
+
     def sync_module_attributes(self) -> None:
         super().sync_module_attributes()
         emb = self.model.get_input_embeddings()
@@ -45,3 +65,4 @@ class Gemma2Adapter(GemmaResidual, LlamaAdapter):
     needs_bos = True
     BIAS_FLAGS = {"attention": "attention_bias"}  # on q/k/v/o; the MLP has no bias flag
     attn_implementation = "eager"
+    gguf_arch = "gemma2"

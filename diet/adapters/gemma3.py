@@ -12,3 +12,4 @@ class Gemma3TextAdapter(GemmaResidual, LlamaAdapter):
     model_class_name = "Gemma3ForCausalLM"
     needs_bos = True
     BIAS_FLAGS = {"attention": "attention_bias"}  # on q/k/v/o; the MLP has no bias flag
+    gguf_arch = "gemma3"

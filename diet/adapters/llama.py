@@ -15,6 +15,9 @@ class LlamaAdapter(ModelAdapter):
     config_class_name = "LlamaConfig"
     model_class_name = "LlamaForCausalLM"
     BIAS_FLAGS = {"mlp": "mlp_bias", "attention": "attention_bias"}
+    gguf_arch = "llama"
+    gguf_arch_per_layer = "deci"  # llama.cpp's Llama variant with per-layer feed-forward and head counts
+    gguf_rope_interleaved = True
 
     def decoder_layers(self) -> Sequence[nn.Module]:
         return self.model.model.layers

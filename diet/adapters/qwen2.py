@@ -8,3 +8,6 @@ class Qwen2Adapter(LlamaAdapter):
     config_class_name = "Qwen2Config"
     model_class_name = "Qwen2ForCausalLM"
     BIAS_FLAGS = {}  # q/k/v always carry biases, o_proj and the MLP never: no flag
+    gguf_arch = "qwen2"
+    gguf_arch_per_layer = None
+    gguf_rope_interleaved = False
