@@ -84,18 +84,20 @@ def llama_cpp_run(path: Path, docs, reference, args) -> dict:
     import math
 
     import numpy as np
-    import llama_cpp
+    import llama_cpp.llama as high_level
     from llama_cpp import Llama
 
-    if not args.repack:  # llama-cpp-python's constructor has no switch for it: set it in the default params
-        default = llama_cpp.llama_model_default_params
+    low = high_level.llama_cpp  # the C API module the constructor reads its default params from
+    if not args.repack and not getattr(low.llama_model_default_params, "no_repack", False):
+        default = low.llama_model_default_params
 
-        def no_repack():
+        def no_repack():  # llama-cpp-python's constructor has no switch for it
             params = default()
             params.use_extra_bufts = False
             return params
 
-        llama_cpp.llama_model_default_params = no_repack
+        no_repack.no_repack = True
+        low.llama_model_default_params = no_repack
     llm = Llama(model_path=str(path), n_ctx=args.max_length + 8, logits_all=True, n_threads=args.threads,
                 verbose=False, seed=0)
     total, n, first = 0.0, 0, None

@@ -14,9 +14,10 @@ family's extra keys (``gguf_metadata``: Gemma's soft-capping, sliding window and
 
 Tensor types: F32, F16, BF16 and the block types the ``gguf`` package can write (Q8_0, Q5_0, Q5_1, Q4_0,
 Q4_1). Two-dimensional weights get the type (the embedding and the output head stay Q8_0 in a 4- or 5-bit file,
-as in llama.cpp's own recipes); norms and biases stay F32, as llama.cpp's own converter does. A
-block type needs rows whose length is a multiple of its block (32): a row of another length (a pruned width that
-is not a multiple of 32) is written in F16 instead, and listed in the result (``select.multiple: 32`` avoids it).
+as in llama.cpp's own recipes); norms and biases stay F32, as llama.cpp's own converter does. A block type needs
+rows whose length is a multiple of its block (32): each layer's feed-forward width is padded to whole blocks with
+zero channels (zero rows of gate and up, zero columns of down: they add exactly nothing), and a row that still
+does not fit (a pruned hidden width that is not a multiple of 32) is written in F16 and listed in the result.
 
 The tokenizer comes from the source GGUF when the base model came from one (every ``tokenizer.*`` key copied, so
 llama.cpp pre-tokenizes as it did), otherwise from the tokenizer's own files: a byte-level BPE (Llama-3, Qwen2,
@@ -162,6 +163,43 @@ def _from_file(adapter, key: str, w: np.ndarray, layer: int | None, rope: str | 
 KEEP_8_BIT = ("token_embd.weight", "output.weight")
 
 
+#: the block length of every block type written here (Q8_0, Q5_x, Q4_x)
+BLOCK = 32
+
+
+def padded_width(width: int, qtype: str) -> int:
+    """The feed-forward width a file of ``qtype`` stores: a block type's rounded up to whole blocks (the extra
+    channels are zero in gate, up and down, so they add exactly nothing), a float type's as it is."""
+    if qtype in FLOAT_TOLERANCE:
+        return width
+    return -(-width // BLOCK) * BLOCK
+
+
+def _mlp_roles(model) -> dict[str, tuple[str, int]]:
+    """Module name -> ('rows' | 'cols', layer) for the MLP projections: the ones whose channels are padded."""
+    adapter = get_adapter(model)
+    role = {}
+    for layer in range(adapter.num_layers):
+        inputs, output = adapter.mlp_projections(layer)
+        role.update({id(m): ("rows", layer) for m in inputs})
+        role[id(output)] = ("cols", layer)
+    return {name: role[id(m)] for name, m in model.named_modules() if id(m) in role}
+
+
+def _pad(w: np.ndarray, role: str, to: int) -> np.ndarray:
+    if role == "rows":  # gate / up: weight rows or bias entries are channels
+        return np.pad(w, [(0, to - w.shape[0])] + [(0, 0)] * (w.ndim - 1))
+    if w.ndim == 2:     # down: weight columns are channels (its bias is hidden-wide)
+        return np.pad(w, [(0, 0), (0, to - w.shape[1])])
+    return w
+
+
+def _unpad(w: np.ndarray, role: str, width: int) -> np.ndarray:
+    if role == "rows":
+        return w[:width]
+    return w[:, :width] if w.ndim == 2 else w
+
+
 def _encode(w: np.ndarray, qtype: str, name: str = "") -> tuple[np.ndarray, Any, bool]:
     """(data, raw dtype for the writer, fell back to F16?) of one float32 tensor in type ``qtype``."""
     import gguf
@@ -185,7 +223,7 @@ def _metadata(writer, model, arch: str, per_layer: bool, name: str, qtype: str) 
     adapter = get_adapter(model)
     config = model.config
     n = adapter.num_layers
-    ff = [adapter.mlp_projections(i)[1].in_features for i in range(n)]
+    ff = [padded_width(adapter.mlp_projections(i)[1].in_features, qtype) for i in range(n)]
     heads = [adapter.num_heads(i) for i in range(n)]
     kv = [adapter.num_kv_heads(i) for i in range(n)]
     one = (lambda v: v) if per_layer else (lambda v: v[0])
@@ -212,8 +250,11 @@ def write_gguf(model, path: str | Path, qtype: str, tokenizer_fields: list[tuple
                name: str) -> dict:
     """Write ``model`` to ``path`` as GGUF in tensor type ``qtype`` (atomically); returns what was written.
 
-    ``tokenizer_fields`` comes from ``tokenizer_fields`` (below). The result lists the file's architecture, its
-    bytes and the tensors written in F16 because their rows do not fit the type's blocks.
+    ``tokenizer_fields`` comes from ``tokenizer_fields`` (below). In a block type, each layer's feed-forward
+    width is padded to whole blocks with zero channels (``padded_width``): the file computes the same, and
+    down_proj's rows fit the blocks. The result lists the file's architecture, its bytes, the layers padded and
+    the tensors written in F16 because their rows still do not fit the type's blocks (a hidden width that is
+    not a multiple of 32).
     """
     import gguf
 
@@ -222,15 +263,23 @@ def write_gguf(model, path: str | Path, qtype: str, tokenizer_fields: list[tuple
     adapter = get_adapter(model)
     tensors = _tensor_map(model, arch)
     state = model.state_dict()
-    fallback = []
+    fallback, padded = [], set()
     path = Path(path)
     with atomic_file(path) as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
         _metadata(writer, model, arch, per_layer, name, qtype)
         for key, value, vtype, sub in tokenizer_fields:
             writer.add_key_value(key, value, vtype, sub_type=sub)
+        roles = _mlp_roles(model)
         for key, (gname, layer, rope) in tensors.items():
-            data, raw, fell_back = _encode(_to_file(adapter, key, state[key], layer, rope), qtype, gname)
+            w = _to_file(adapter, key, state[key], layer, rope)
+            role = roles.get(key.rpartition(".")[0])
+            if role:
+                width = adapter.mlp_projections(role[1])[1].in_features
+                if padded_width(width, qtype) != width:
+                    w = _pad(w, role[0], padded_width(width, qtype))
+                    padded.add(role[1])
+            data, raw, fell_back = _encode(w, qtype, gname)
             if fell_back:
                 fallback.append(gname)
             writer.add_tensor(gname, data, raw_dtype=raw)
@@ -239,10 +288,10 @@ def write_gguf(model, path: str | Path, qtype: str, tokenizer_fields: list[tuple
         writer.write_tensors_to_file()
         writer.close()
     if fallback:
-        log.warning("%s: %d tensors written in F16, their rows do not fit %s blocks of 32 (select.multiple: 32 "
-                    "avoids it)", path.name, len(fallback), qtype)
+        log.warning("%s: %d tensors written in F16, their rows do not fit %s blocks of 32 (a hidden width that "
+                    "is a multiple of 32 avoids it)", path.name, len(fallback), qtype)
     return {"type": qtype, "architecture": arch, "per_layer_widths": per_layer, "bytes": path.stat().st_size,
-            "tensors": len(tensors), "f16_fallback": fallback}
+            "tensors": len(tensors), "f16_fallback": fallback, "padded_layers": sorted(padded)}
 
 
 def read_gguf(path: str | Path, like) -> torch.nn.Module:
@@ -267,11 +316,14 @@ def read_gguf(path: str | Path, like) -> torch.nn.Module:
     if set(found) != set(wanted):
         raise ModelError(f"{path} holds tensors {sorted(set(found) ^ set(wanted))[:4]} that the model does not "
                          "(or lacks them)", "rerun `dvc repro export`")
-    state = {}
+    state, roles = {}, _mlp_roles(model)
     for gname, (key, layer, rope) in wanted.items():
         t = found[gname]
         w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32).reshape(
             tuple(int(d) for d in reversed(t.shape)))
+        role = roles.get(key.rpartition(".")[0])
+        if role:
+            w = _unpad(w, role[0], adapter.mlp_projections(role[1])[1].in_features)
         state[key] = torch.from_numpy(_from_file(adapter, key, w, layer, rope).copy())
     ref = model.state_dict()
     model.load_state_dict({k: v.to(ref[k].dtype) for k, v in state.items()}, strict=False)
@@ -299,6 +351,8 @@ def _check_widths(reader, arch: str, like, path: Path) -> None:
         got = _field(reader, f"{arch}.{key}")
         if isinstance(want, list) and not isinstance(got, list):
             got = [got] * n
+        if key == "feed_forward_length" and isinstance(got, list) and len(got) == n:  # padded to whole blocks
+            got = [w if g == padded_width(w, "Q8_0") else g for g, w in zip(got, want)]
         if got != want:
             raise ModelError(f"{path}: {arch}.{key} is {got}, the model has {want}",
                              "rerun `dvc repro export` (the file is not from this checkpoint)")

@@ -5,6 +5,8 @@ Reads the task list from params (never the folder: a removed task's file may lin
 
 * ``metrics/dense.json``, ``metrics/pruned.json``: the few figures ``dvc metrics show`` prints (mean acc,
   acc_norm, perplexity, parameters, sparsity; for the pruned model the mean flip rate and KL to the dense one);
+* ``metrics/tasks.json``: per task, the pruned and dense acc, the flip rate, KL and the number of items (a
+  second file, so that the summary stays narrow);
 * ``results/dense/summary.json``, ``results/pruned/summary.json``: the whole record of each model (per task,
   mean, perplexity, parameter counts, checkpoint size, mask summary; for the pruned model its paired
   differences from the dense model and its fidelity to it: flip rates and KL, ``diet.evaluation.fidelity``);
@@ -33,7 +35,7 @@ def _read(path: Path, regenerate: str):
 
 def main(args, params) -> None:
     from diet.evaluation.fidelity import fidelity
-    from diet.evaluation.report import markdown_table, model_record, paired_differences, short_metrics
+    from diet.evaluation.report import markdown_table, model_record, paired_differences, short_metrics, task_metrics
     from diet.io import read_json, write_json, write_text
 
     mask = read_json(args.mask) if args.mask.is_file() else {}
@@ -53,6 +55,7 @@ def main(args, params) -> None:
     for kind, record in records.items():
         write_json(args.results / kind / "summary.json", record)
         write_json(args.out / f"{kind}.json", short_metrics(record))
+    write_json(args.out / "tasks.json", task_metrics(records["pruned"], records["dense"]))
     write_text(args.results / "table.md", markdown_table(records["pruned"], records["dense"]))
     log.info("mean acc dense %s, pruned %s -> %s", records["dense"]["mean"]["acc"], records["pruned"]["mean"]["acc"],
              args.out)

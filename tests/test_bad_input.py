@@ -733,6 +733,10 @@ def test_model_cards_say_how_to_load(built):
 
     card = (built / "models/pruned/README.md").read_text()
     assert "diet_llama" in card and "import diet.modeling" in card and "diet.modeling.load_model(" in card
+    meta = yaml.safe_load(card.split("---\n")[1])  # the Hub's front matter
+    assert meta["library_name"] == "transformers" and meta["pipeline_tag"] == "text-generation"
+    assert "diet" in meta["tags"] and meta["diet"]["layout"] == "global" and meta["diet"]["tasks"]
+    assert "dvc repro export" in card and "llama-cli -m models/gguf/" in card
     uniform = built.parent / "uniform/pruned"
     card = (uniform / "README.md").read_text()
     assert "plain transformers loads it" in card and "import diet" not in card

@@ -106,12 +106,33 @@ def test_output_biases_export_where_llama_cpp_has_the_tensor_and_are_refused_els
     assert "prune.recover: none" in e.value.fix and not (tmp_path / "q.gguf").exists()
 
 
-def test_rows_that_do_not_fit_the_blocks_fall_back_to_f16_and_are_listed(tmp_path):
-    model = tiny_model("llama")  # intermediate 64: keep 40 channels, rows of down_proj are 40 long
-    keep = {"mlp": [torch.arange(40)] * model.config.num_hidden_layers}
-    apply_mask(model, keep, "uniform")
+def test_feed_forward_widths_are_padded_to_whole_blocks_with_channels_that_add_nothing(tmp_path):
+    import gguf
+
+    model = tiny_model("llama")  # intermediate 64: keep 40 channels, so down_proj's rows are 40 long
+    apply_mask(model, {"mlp": [torch.arange(40)] * model.config.num_hidden_layers}, "uniform")
+    for qtype in ("Q8_0", "Q4_1"):
+        info = written(model, tmp_path / f"{qtype}.gguf", qtype)
+        assert info["padded_layers"] == [0, 1, 2] and not info["f16_fallback"]
+        assert export.gguf_widths(tmp_path / f"{qtype}.gguf")["feed_forward_length"] == 64
+        tensors = {t.name: t for t in gguf.GGUFReader(tmp_path / f"{qtype}.gguf").tensors}
+        for name in ("blk.0.ffn_gate.weight", "blk.2.ffn_up.weight"):
+            t = tensors[name]
+            assert t.tensor_type.name == qtype
+            rows = gguf.quants.dequantize(t.data, t.tensor_type).reshape(64, -1)
+            assert not rows[40:].any() and rows[:40].any()  # silu(0) * 0: the padded channels output exactly 0
+        limit = 0.2 if qtype == "Q8_0" else 0.6  # 4 bits on a tiny random model: near, far from equal
+        assert gap(model, export.read_gguf(tmp_path / f"{qtype}.gguf", model))["relative"] < limit
+    f16 = written(model, tmp_path / "f16.gguf", "F16")  # a float type needs no whole blocks: no padding
+    assert f16["padded_layers"] == [] and export.gguf_widths(tmp_path / "f16.gguf")["feed_forward_length"] == 40
+
+
+def test_rows_that_cannot_be_padded_fall_back_to_f16_and_are_listed(tmp_path):
+    model = tiny_model("llama")  # hidden 32 -> 24: every row along the residual stream is 24 long
+    apply_mask(model, {"hidden": [torch.arange(24)]}, "uniform")
     info = written(model, tmp_path / "m.gguf", "Q8_0")
-    assert sorted(info["f16_fallback"]) == [f"blk.{i}.ffn_down.weight" for i in range(3)]
+    assert "blk.0.ffn_up.weight" in info["f16_fallback"] and "token_embd.weight" in info["f16_fallback"]
+    assert gap(model, export.read_gguf(tmp_path / "m.gguf", model))["relative"] < 0.05
     assert not written(tiny_model("llama"), tmp_path / "n.gguf", "Q8_0")["f16_fallback"]  # rows of 32 and 64
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from diet.errors import DataError
 from diet.evaluation.fidelity import choice_kl, fidelity, per_item
-from diet.evaluation.report import markdown_table, short_metrics
+from diet.evaluation.report import markdown_table, short_metrics, task_metrics
 
 
 def _result(rows):
@@ -84,6 +84,9 @@ def test_the_report_shows_fidelity_in_its_table_and_metrics():
     assert "### Fidelity to the dense model" in md and "| **mean** | 0.2000 [" in md
     assert "KL to dense" in md
     assert "flip" not in short_metrics({**record, "fidelity": None})
+    per_task = task_metrics(record, {"tasks": {"t": {"acc": 1.0, "n": 20}}})
+    assert per_task["t"]["acc"] == 0.8 and per_task["t"]["acc_dense"] == 1.0 and per_task["t"]["n"] == 20
+    assert per_task["t"]["flip"] == 0.2 and per_task["t"]["kl"] == metrics["kl"]
 
 
 def test_sweep_rows_carry_flip_rate_and_kl_with_paired_intervals_against_the_best_baseline():

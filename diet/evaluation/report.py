@@ -60,6 +60,22 @@ def paired_differences(reference: dict[str, dict], candidate: dict[str, dict], *
             for metric, by_task in compared.items()}
 
 
+def task_metrics(pruned: dict, dense: dict) -> dict:
+    """Per task, the figures ``dvc metrics show`` / ``dvc metrics diff`` print from the second metrics file:
+    the pruned and the dense model's acc, the flip rate and KL to the dense model, and the number of items."""
+    fidelity = pruned.get("fidelity") or {}
+    out = {}
+    for task, r in pruned["tasks"].items():
+        row = {"acc": round(float(r["acc"]), 4), "acc_dense": round(float(dense["tasks"][task]["acc"]), 4)}
+        for name in ("flip", "kl"):
+            value = (fidelity.get(name) or {}).get(task, {}).get("value")
+            if _finite(value):
+                row[name] = round(float(value), 4)
+        row["n"] = int(r.get("n", 0))
+        out[task] = row
+    return out
+
+
 def short_metrics(record: dict) -> dict:
     """The figures ``dvc metrics show`` prints as columns: mean acc / acc_norm, perplexity, size, sparsity, and
     for a pruned model its fidelity to the dense one (mean flip rate and KL over tasks, when recorded)."""
