@@ -45,6 +45,7 @@ TINY_PARAMS: dict[str, Any] = {
     "select": {"min_keep": 0.05, "multiple": 8, "layout": "global"},
     "evaluate": {"limit": 8, "seed": 1234, "batch_size": 4, "perplexity_docs": 2, "perplexity_max_length": 64,
                  "backend": "direct"},
+    "export": {"types": [], "perplexity_docs": 0},
 }
 
 _COLOURS = ["red", "blue", "green", "black", "white", "brown"]

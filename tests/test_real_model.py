@@ -183,3 +183,36 @@ def test_prune_uniform_loads_in_stock_transformers(base_dir, calibration, tmp_pa
     assert result["model_type"] == "llama"
     assert len(result["new_tokens"]) > 0 and result["text"].strip()
     torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected, atol=1e-4, rtol=0)
+
+
+def test_the_default_model_exports_to_gguf_with_the_release_tokenizer_and_metadata(base_dir, tmp_path):
+    """SmolLM2 from its release GGUF, back to GGUF: the release's tokenizer keys copied, its llama.* metadata
+    reproduced, the F16 file's logits within F16 rounding, and transformers' GGUF tokenizer on the exported file
+    giving the ids of the tokenizer the pipeline uses."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    from diet import export
+    from diet.io import read_json
+    from diet.modeling import load_model
+    from diet.models import source_gguf
+
+    model = load_model(base_dir)
+    tok = AutoTokenizer.from_pretrained(str(base_dir))
+    with source_gguf(read_json(base_dir / "diet_source.json"), tmp_path / "src") as src:
+        fields = export.tokenizer_fields(tok, model.get_input_embeddings().weight.shape[0], src)
+        release = gguf.GGUFReader(src)
+        info = export.write_gguf(model, tmp_path / "m.gguf", "F16", fields, name="SmolLM2-135M-Instruct")
+    assert info["architecture"] == "llama" and not info["f16_fallback"]
+    ours = gguf.GGUFReader(tmp_path / "m.gguf")
+    for key, field in release.fields.items():
+        if key.startswith(("llama.", "tokenizer.")):
+            assert key in ours.fields, key
+            want, got = field.contents(), ours.fields[key].contents()
+            assert got == (pytest.approx(want) if isinstance(want, float) else want), key
+    texts = ["Question: Which gas do plants take in?\nAnswer: carbon dioxide", "  naïve café, 3.14 — ok!"]
+    back = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="m.gguf")
+    for text in texts:
+        assert back(text)["input_ids"] == tok(text)["input_ids"], text
+    gap = export.logits_gap(model, export.read_gguf(tmp_path / "m.gguf", model), tok)
+    assert gap["relative"] <= export.FLOAT_TOLERANCE["F16"] and gap["top1_agreement"] == 1.0
