@@ -55,17 +55,21 @@ def apply(model, mask, layout: str | None = None, means: Mapping[str, torch.Tens
 def prune(model, tokenizer, tasks: Mapping[str, Sequence[str]], sparsity: float = 0.2, *,
           score_cfg: ScoreConfig | None = None, merge_cfg: MergeConfig = MergeConfig(),
           groups: Sequence[str] = ("mlp",), select_cfg: SelectConfig = SelectConfig(), max_length: int = 512,
-          generic_texts: Sequence[str] | None = None, progress: bool = True, recover: str = "none"):
+          generic_texts: Sequence[str] | None = None, progress: bool = True, recover: str = "none",
+          refit_damping: float = 0.01):
     """Prune ``model`` in place for ``tasks`` ({task name: calibration texts}); returns (model, Mask).
 
     ``merge_cfg.method`` picks DIET's majority vote (default) or a baseline; ``task_agnostic``, ``wanda_sp``
-    and ``flap`` need ``generic_texts``, and so does ``recover="bias"`` for every method that does not rank
-    with the tasks (``diet.merge.means_source``).
+    and ``flap`` need ``generic_texts``, and so do ``recover="bias"``, ``"refit"`` and ``"refit_bias"`` for every
+    method that does not rank with the tasks (``diet.merge.means_source``). The refit (``diet.refit``) fits on
+    every text given, each task weighted by ``merge_cfg.weights``.
     """
     from diet.merge import MOMENT_METHODS, magnitude_scores, means_source, moment_baseline_scores, recovery_means
     from diet.scoring import split_scores
 
-    prune_cfg = PruneConfig(sparsity=sparsity, groups=tuple(groups), recover=recover)
+    from diet.config import REFITS
+
+    prune_cfg = PruneConfig(sparsity=sparsity, groups=tuple(groups), recover=recover, refit_damping=refit_damping)
     prune_cfg.validate()
     score_cfg = score_cfg or ScoreConfig(groups=tuple(groups))
     if not tasks:
@@ -77,7 +81,12 @@ def prune(model, tokenizer, tasks: Mapping[str, Sequence[str]], sparsity: float 
         task_scores[name], task_moments[name] = split_scores(tensors)
     method = merge_cfg.method
     generic = generic_moments = magnitude = baseline = None
-    if method in ("task_agnostic", *MOMENT_METHODS) or (recover == "bias" and means_source(method) == "generic"):
+    if recover in REFITS:
+        from diet.refit import check_refit_groups
+
+        check_refit_groups(groups)
+    needs_generic = recover in ("bias", *REFITS) and means_source(method) == "generic"
+    if method in ("task_agnostic", *MOMENT_METHODS) or needs_generic:
         if not generic_texts:
             raise ConfigError(f"merge.method {method} (with prune.recover {recover}) needs generic_texts",
                               "pass generic_texts=[...]")
@@ -93,4 +102,14 @@ def prune(model, tokenizer, tasks: Mapping[str, Sequence[str]], sparsity: float 
     if recover == "bias":
         means = recovery_means(method, groups, task_moments=task_moments, generic_moments=generic_moments,
                                weights=merge_cfg.weights)
+    if recover in REFITS:
+        from diet.pruning import apply_mask
+        from diet.refit import refit_on_texts
+
+        sources = dict(tasks) if means_source(method) == "tasks" else {"generic": list(generic_texts)}
+        done, _ = refit_on_texts(model, tokenizer, sources, mask.keep_tensors(),
+                                 weights=merge_cfg.weights if "generic" not in sources else None,
+                                 max_length=max_length, batch_size=score_cfg.batch_size, damping=refit_damping,
+                                 bias=recover == "refit_bias", progress=progress)
+        return apply_mask(model, done.keep, select_cfg.layout), mask
     return apply(model, mask, select_cfg.layout, means=means), mask

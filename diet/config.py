@@ -29,7 +29,14 @@ GROUPS = ("mlp", "attention", "hidden")
 #: input is the group's activation); the residual stream (``hidden``) has none
 RECOVERABLE_GROUPS = ("mlp", "attention")
 LAYOUTS = ("global", "uniform")
-RECOVERIES = ("none", "bias")
+#: ``none``; ``bias`` (removed channels held at their calibration means); ``refit`` (the kept columns of each output
+#: projection solved by damped least squares against the dense model, ``diet.refit``); ``refit_bias`` (the same,
+#: with the output bias solved too)
+RECOVERIES = ("none", "bias", "refit", "refit_bias")
+#: the recoveries that solve for the kept weights (``diet.refit``)
+REFITS = ("refit", "refit_bias")
+#: who chooses the kept dimensions with a refit: the mask, or the refit's error (``diet.refit.obs_keep``)
+REFIT_CHOICES = ("mask", "obs")
 DTYPES = ("float32", "bfloat16", "float16")
 #: the scoring forward's precision: ``model`` keeps the model's dtype (score files are the same bytes at any
 #: thread count either way: ``diet.parallel``); ``float64`` runs the forward in float64 (twice the time and the
@@ -210,13 +217,22 @@ class MergeConfig:
 class PruneConfig:
     """What to remove: the share of decoder-layer parameters and from which groups, and how to recover.
 
-    ``recover``: ``none``, or ``bias`` (fold the calibration mean of each removed dimension into the output
-    projection's bias; the data whose means are used: ``diet.merge.means_source``).
+    ``recover``: ``none``; ``bias`` (fold the calibration mean of each removed dimension into the output
+    projection's bias; the data whose means are used: ``diet.merge.means_source``); ``refit`` / ``refit_bias``
+    (solve for the kept columns of each output projection, and with ``refit_bias`` its bias, so that its output on
+    calibration tokens stays the dense model's: ``diet.refit``). ``refit_damping``: the ridge term as a share of
+    the mean diagonal of the calibration Gram matrix; ``refit_samples``: calibration samples per task (or of the
+    generic text) the refit uses, the first of each set (null: all); ``refit_choose``: ``mask`` (the refit keeps
+    the mask's dimensions) or ``obs`` (within each layer, as many MLP channels as the mask keeps, chosen by the
+    error the refit leaves, among the lowest-priority ones: ``diet.refit.obs_keep``).
     """
 
     sparsity: float = 0.2
     groups: tuple[str, ...] = ("mlp",)
     recover: str = "none"
+    refit_damping: float = 0.01
+    refit_samples: int | None = 32
+    refit_choose: str = "mask"
 
     def __post_init__(self):
         object.__setattr__(self, "groups", _names("prune", "groups", self.groups, GROUPS))
@@ -229,6 +245,16 @@ class PruneConfig:
         if not self.groups:
             raise ConfigError("prune.groups is empty", "set e.g. groups: [mlp]")
         _choice("prune", "recover", self.recover, RECOVERIES)
+        _choice("prune", "refit_choose", self.refit_choose, REFIT_CHOICES)
+        d = self.refit_damping
+        if not is_number(d) or float(d) < 0:
+            raise ConfigError(f"prune.refit_damping = {d!r} must be a finite number >= 0",
+                              "set the ridge term as a share of the Gram matrix's mean diagonal, e.g. 0.01")
+        if self.refit_samples is not None:
+            _integer("prune", "refit_samples", self.refit_samples, "32 (or null for every calibration sample)")
+            if self.refit_samples < 1:
+                raise ConfigError(f"prune.refit_samples = {self.refit_samples} must be at least 1",
+                                  "set e.g. refit_samples: 32, or null for every calibration sample")
 
 
 def check_min_keep(key: str, value: Any) -> None:
@@ -420,6 +446,17 @@ class Params:
             rest = [g for g in self.prune.groups if g in RECOVERABLE_GROUPS]
             raise ConfigError(f"prune.recover: bias cannot hold the removed {', '.join(unrecoverable)} dimensions "
                               "at their means: no output projection takes the residual stream as its input",
+                              "set prune.recover: none" + (f", or prune.groups: {rest}" if rest else ""))
+
+        if self.prune.refit_choose == "obs" and (self.prune.recover not in REFITS or "mlp" not in self.prune.groups):
+            raise ConfigError(f"prune.refit_choose: obs chooses MLP channels by the error a refit leaves, but "
+                              f"prune.recover is {self.prune.recover} and prune.groups {list(self.prune.groups)}",
+                              "set prune.recover: refit (or refit_bias) with mlp in prune.groups, or "
+                              "prune.refit_choose: mask")
+        if self.prune.recover in REFITS and unrecoverable:
+            rest = [g for g in self.prune.groups if g in RECOVERABLE_GROUPS]
+            raise ConfigError(f"prune.recover: {self.prune.recover} solves for output projections, and the removed "
+                              f"{', '.join(unrecoverable)} dimensions have none (the residual stream)",
                               "set prune.recover: none" + (f", or prune.groups: {rest}" if rest else ""))
 
     def to_dict(self) -> dict[str, Any]:

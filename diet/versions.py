@@ -25,7 +25,7 @@ GENERIC = 2
 #: a model's per-item results on a task (``stages.evaluate``: diet.evaluation, both backends)
 EVALUATE = 1
 #: a model's perplexity on the held-out passages (``stages.perplexity``: diet.evaluation.perplexity)
-PERPLEXITY = 1
+PERPLEXITY = 2
 
 #: the entries above, by the lower-case name the metadata of each result records
 NAMES = ("model", "prepare", "score", "generic", "evaluate", "perplexity")

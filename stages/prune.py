@@ -2,7 +2,10 @@
 
 With `prune.recover: bias` the removed dimensions' calibration means are folded into the output projections'
 biases: from the tasks' score files (`--scores`) for vote / mean / rank, from the generic one (`--generic`)
-for the other methods (diet.merge.means_source).
+for the other methods (diet.merge.means_source). With `refit` / `refit_bias` the kept weights of each output
+projection are solved for on calibration text (diet.refit): the tasks' calibration samples (`--tasks-dir`,
+merge.weights honoured) for vote / mean / rank, the generic text for the other methods; the first
+`prune.refit_samples` of each.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ def main(args, params) -> None:
     from diet.pruning import apply_mask, parameter_counts
     from diet.scoring import model_fingerprint
     from diet.adapters import get_adapter
+    from diet.config import REFITS
     from diet.select import Mask, check_fits
 
     mask = Mask.load(args.mask)
@@ -37,20 +41,61 @@ def main(args, params) -> None:
             params.merge.method, sorted(mask.keep), generic_file=args.generic,
             task_files={t: args.scores / f"{t}.safetensors" for t in params.tasks},
             weights=params.merge.weights, expect_fingerprint=fingerprint)
+    texts = refit_texts(args, params, mask) if params.prune.recover in REFITS else None
+    priors = None
+    if params.prune.refit_choose == "obs":
+        from diet.select import read_priority
+
+        priors = read_priority(args.merged / "votes.safetensors", ["mlp"], mask.base_widths)
     model, tokenizer = load_model_and_tokenizer(args.model, params.model.dtype, params.model.device)
     check_fits(mask, {g: get_adapter(model).group_widths(g) for g in mask.base_widths}, args.mask, args.model)
     before = parameter_counts(model)
-    apply_mask(model, mask.keep_tensors(), params.select.layout, means=means)
+    refitted, keep = None, mask.keep_tensors()
+    if texts is not None:
+        refitted, keep = run_refit(model, tokenizer, texts, keep, params, priors)
+    apply_mask(model, keep, params.select.layout, means=means)
     after = parameter_counts(model)
     manifest = {"base_model_fingerprint": fingerprint, "mask": mask.summary(),
                 "params_before": before, "params_after": after, "layout": params.select.layout,
                 "recover": params.prune.recover,
                 "recover_means": means_source(params.merge.method) if means is not None else None,
                 "method": params.merge.method, "tasks": list(params.tasks)}
+    if refitted is not None:
+        manifest["refit"] = refitted
     source = args.model / "diet_source.json"
     save_pruned(model, tokenizer, args.out, manifest, read_json(source) if source.is_file() else None)
     log.info("pruned: decoder %.1fM -> %.1fM parameters, total %.1fM -> %.1fM -> %s",
              before["decoder"] / 1e6, after["decoder"] / 1e6, before["total"] / 1e6, after["total"] / 1e6, args.out)
+
+
+def refit_texts(args, params, mask) -> dict[str, list[str]]:
+    """The refit's calibration texts by source, read (and checked) before the model is loaded."""
+    from diet.merge import means_source
+    from diet.refit import check_refit_groups
+
+    check_refit_groups(mask.keep, "the mask's groups")
+    n = params.prune.refit_samples
+    if means_source(params.merge.method) == "generic":
+        from diet.generic import generic_texts
+
+        return {"generic": generic_texts(params.calibration.n_samples, params.calibration.seed)[:n]}
+    from diet.tasks import read_calibration
+
+    weights = params.merge.weights
+    return {t: read_calibration(args.tasks_dir / t / "calib.jsonl", t)[:n] for t in params.tasks
+            if float(weights.get(t, 1.0)) > 0}
+
+
+def run_refit(model, tokenizer, texts: dict[str, list[str]], keep, params, priors=None) -> tuple[dict, dict]:
+    """``diet.refit.refit_on_texts``: (the manifest's summary of it, the dimensions to keep)."""
+    from diet.refit import refit_on_texts
+
+    done, stats = refit_on_texts(
+        model, tokenizer, texts, keep, weights=params.merge.weights if "generic" not in texts else None,
+        max_length=params.calibration.max_length, batch_size=params.score.batch_size,
+        damping=params.prune.refit_damping, bias=params.prune.recover == "refit_bias", priors=priors)
+    return {"sources": sorted(texts), **stats, "damping": params.prune.refit_damping,
+            "choose": params.prune.refit_choose, "groups": done.summary()}, done.keep
 
 
 def parser():
@@ -60,6 +105,10 @@ def parser():
     p.add_argument("--scores", default="scores", type=Path, help="the tasks' score files (prune.recover: bias)")
     p.add_argument("--generic", default="baselines/generic.safetensors", type=Path,
                    help="the generic score file (prune.recover: bias with a method that ranks without the tasks)")
+    p.add_argument("--merged", default="merged", type=Path,
+                   help="the merged priorities (prune.refit_choose: obs takes them as its prior)")
+    p.add_argument("--tasks-dir", default="data/tasks", type=Path,
+                   help="the prepared tasks (<task>/calib.jsonl: prune.recover: refit with a task method)")
     p.add_argument("--out", default="models/pruned", type=Path)
     return p
 

@@ -9,7 +9,8 @@ Reads the task list from params (never the folder: a removed task's file may lin
   second file, so that the summary stays narrow);
 * ``results/dense/summary.json``, ``results/pruned/summary.json``: the whole record of each model (per task,
   mean, perplexity, parameter counts, checkpoint size, mask summary; for the pruned model its paired
-  differences from the dense model and its fidelity to it: flip rates and KL, ``diet.evaluation.fidelity``);
+  differences from the dense model, its perplexity minus the dense one's with a paired interval over passages,
+  and its fidelity to it: flip rates and KL, ``diet.evaluation.fidelity``);
 * ``results/table.md``: per-task accuracy with standard errors, beside the dense model's, and model figures.
 """
 
@@ -35,7 +36,8 @@ def _read(path: Path, regenerate: str):
 
 def main(args, params) -> None:
     from diet.evaluation.fidelity import fidelity
-    from diet.evaluation.report import markdown_table, model_record, paired_differences, short_metrics, task_metrics
+    from diet.evaluation.report import (markdown_table, model_record, paired_differences, perplexity_vs, short_metrics,
+                                        task_metrics)
     from diet.io import read_json, write_json, write_text
 
     mask = read_json(args.mask) if args.mask.is_file() else {}
@@ -52,6 +54,7 @@ def main(args, params) -> None:
                                      mask=mask_summary if kind == "pruned" else None)
     records["pruned"]["vs_dense"] = paired_differences(results["dense"], results["pruned"])
     records["pruned"]["fidelity"] = fidelity(results["dense"], results["pruned"])
+    records["pruned"]["perplexity_vs_dense"] = perplexity_vs(records["dense"], records["pruned"])
     for kind, record in records.items():
         write_json(args.results / kind / "summary.json", record)
         write_json(args.out / f"{kind}.json", short_metrics(record))

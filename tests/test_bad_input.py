@@ -130,7 +130,9 @@ def argv_of(repo: Path, name: str, task: str = "t1") -> list:
                   "--out", repo / "scores" / f"{task}.safetensors"],
         "merge": ["--model", model, "--scores", repo / "scores", "--out", repo / "merged"],
         "select": ["--model", model, "--merged", repo / "merged", "--out", repo / "masks/mask.json"],
-        "prune": ["--model", model, "--mask", repo / "masks/mask.json", "--out", repo / "models/pruned"],
+        "prune": ["--model", model, "--mask", repo / "masks/mask.json", "--merged", repo / "merged",
+                  "--tasks-dir", repo / "data/tasks",
+                  "--out", repo / "models/pruned"],
     }[name] + ["--params", repo / "params.yaml"]
 
 
@@ -186,7 +188,8 @@ NUMERIC_KEYS = {"calibration.n_samples": 4, "calibration.seed": 0, "calibration.
                 "score.batch_size": 2, "merge.seed": 0, "merge.weights.t1": 1.0, "prune.sparsity": 0.2,
                 "select.min_keep": 0.05, "select.multiple": 8, "select.min_keep.mlp": 0.05,
                 "select.multiple.mlp": 8, "evaluate.limit": 10, "evaluate.seed": 1234, "evaluate.batch_size": 2,
-                "evaluate.perplexity_docs": 2, "evaluate.perplexity_max_length": 64}
+                "evaluate.perplexity_docs": 2, "evaluate.perplexity_max_length": 64, "prune.refit_damping": 0.01,
+                "prune.refit_samples": 8, "export.perplexity_docs": 0}
 
 
 def _with(key: str, value) -> dict:
@@ -324,7 +327,10 @@ def test_a_hidden_budget_beyond_its_floor_fails_at_select(repo, capsys):
     ({"prune": {"groups": ["mlp", "hidden"]}}, ("which score.groups does not score", "add hidden to score.groups")),
     ({"score": HIDDEN_SCORED, "prune": {"groups": ["hidden"], "recover": "bias"}},
      ("prune.recover: bias cannot hold the removed hidden dimensions", "set prune.recover: none")),
-], ids=["unscored", "recovery"])
+    ({"score": HIDDEN_SCORED, "prune": {"groups": ["mlp", "hidden"], "recover": "refit"}},
+     ("prune.recover: refit solves for output projections", "the removed hidden dimensions have none",
+      "prune.groups: ['mlp']")),
+], ids=["unscored", "recovery", "refit"])
 def test_hidden_group_misuse_fails_at_params_load(repo, capsys, sections, needles):
     write_params(repo, **sections)
     fails_unchanged(repo, "merge", argv_of(repo, "merge"), capsys, *needles)
@@ -540,6 +546,48 @@ def test_moments_of_another_task_are_refused_for_the_bias_recovery(repo, capsys)
     write_params(repo, prune={"recover": "bias"})
     shutil.copy(repo / "scores/t1.safetensors", repo / "scores/t2.safetensors")
     fails_unchanged(repo, "merge", argv_of(repo, "merge"), capsys, "holds the scores of task 't1', not of task 't2'")
+
+
+@pytest.mark.parametrize("recover, choose", [("refit", "mask"), ("refit_bias", "mask"), ("refit", "obs")])
+def test_prune_refits_the_kept_weights_and_reports_the_calibration_error(repo, capsys, recover, choose):
+    from diet.io import read_json
+
+    write_params(repo, prune={"recover": recover, "refit_samples": 6, "refit_choose": choose})
+    out = repo / "refit"
+    code, err = stage("prune", [*argv_of(repo, "prune")[:-4], "--out", out, "--params", repo / "params.yaml"],
+                      capsys)
+    assert code == 0, err
+    manifest = read_json(out / "manifest.json")
+    assert manifest["recover"] == recover
+    mlp = manifest["refit"]["groups"]["mlp"]
+    assert manifest["refit"]["sources"] == list(TASKS) and manifest["refit"]["n_samples"] == 12
+    assert len(mlp["layers"]) == 3 and mlp["error_refit"] < mlp["error_none"], mlp
+    none = load_file(str(repo / "models/pruned/model.safetensors"))
+    refitted = load_file(str(out / "model.safetensors"))
+    assert set(none) <= set(refitted)
+    down = [k for k in none if "down_proj.weight" in k]
+    assert down and any(not torch.equal(none[k], refitted[k]) for k in down)
+    assert manifest["params_after"] == read_json(repo / "models/pruned/manifest.json")["params_after"] or \
+        recover == "refit_bias"                                       # the same size; refit_bias adds biases
+    if choose == "mask":
+        assert all(torch.equal(none[k], refitted[k]) for k in none if "down_proj" not in k)
+    else:
+        assert manifest["refit"]["choose"] == "obs" and {r["kept"] for r in mlp["layers"]} <= {"obs", "refit", "dense"}
+        chose = [r for r in mlp["layers"] if r["kept"] == "obs"]
+        assert chose and all(r["channels_changed"] > 0 for r in chose), mlp["layers"]
+
+
+def test_refit_without_the_calibration_samples_fails_before_the_model_is_read(repo, capsys, monkeypatch):
+    import diet.modeling
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the calibration samples were checked")
+
+    monkeypatch.setattr(diet.modeling, "load_model_and_tokenizer", no_load)
+    write_params(repo, prune={"recover": "refit"})
+    (repo / "data/tasks/t2/calib.jsonl").unlink()
+    fails_unchanged(repo, "prune", argv_of(repo, "prune"), capsys, "prepared calibration data missing",
+                    "t2/calib.jsonl", "dvc repro prepare@t2")
 
 
 def test_damaged_generic_scores_name_their_own_stage(repo, capsys):

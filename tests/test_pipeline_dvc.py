@@ -164,6 +164,25 @@ def test_changing_sparsity_reruns_only_the_sparsity_stages(built, work_copy):
 
 
 @pytest.mark.slow
+def test_switching_to_the_refit_reruns_no_score_and_no_dense_evaluation(built, work_copy):
+    repo = work_copy
+    lock_before = lock(repo)
+    set_params(repo, prune={"recover": "refit", "refit_samples": 4})
+
+    r = ok(repro(repo))
+    # merge reads prune.recover for an early check and writes the same priorities: select does not rerun
+    assert r.ran == {"merge", "prune", *(f"evaluate@{t}" for t in TASKS), "perplexity", "report"}
+    assert not any(s.startswith(("score", "prepare@", "evaluate_dense@")) for s in r.ran | r.restored)
+    assert "perplexity_dense" not in r.ran
+    for stage in all_stages(repo) - r.ran:
+        assert lock(repo)[stage] == lock_before[stage], stage
+    assert sha256(repo / "masks/mask.json") == built.hashes["masks/mask.json"]
+    assert sha256(repo / "models/pruned/model.safetensors") != built.hashes["models/pruned/model.safetensors"]
+    manifest = json.loads((repo / "models/pruned/manifest.json").read_text())
+    assert manifest["recover"] == "refit" and manifest["refit"]["n_samples"] == 4 * len(TASKS)
+
+
+@pytest.mark.slow
 def test_changing_the_evaluation_size_keeps_every_score(built, work_copy):
     """Scores depend on the calibration file only: a new evaluate.limit re-prepares but never re-scores."""
     repo = work_copy

@@ -181,6 +181,31 @@ def test_api_prune_with_baselines_and_recovery():
                   progress=False)
 
 
+@pytest.mark.parametrize("method", ["vote", "wanda_sp"])
+def test_api_prune_with_the_refit_fits_on_the_methods_data(method):
+    """api.prune(recover="refit") equals the mask's pruning followed by diet.refit on the method's texts (the
+    tasks' for vote, the generic ones for wanda_sp), and moves the model off the plain pruning."""
+    from diet.pruning import apply_mask
+    from diet.refit import refit_on_texts
+
+    tok = tiny_tokenizer()
+    tasks = {"a": ["the quick brown fox jumps over the lazy dog", "pack my box with five dozen jugs"] * 4,
+             "b": ["question: which gas do plants take in? answer: carbon dioxide", "count 0 1 2 3 4 5"] * 4}
+    generic = ["a small model is pruned by removing whole dimensions", "the lazy dog sleeps in the sun"] * 4
+    ids = input_ids(7)
+    pruned, mask = api.prune(tiny_model("llama", seed=8), tok, tasks, 0.2, merge_cfg=MergeConfig(method=method),
+                             groups=("mlp",), select_cfg=SelectConfig(multiple=1), generic_texts=generic,
+                             recover="refit", progress=False)
+    sources = tasks if method == "vote" else {"generic": generic}
+    reference = tiny_model("llama", seed=8)
+    done, stats = refit_on_texts(reference, tok, sources, mask.keep_tensors(), progress=False)
+    assert stats["n_samples"] == sum(len(t) for t in sources.values())
+    apply_mask(reference, done.keep)
+    plain = apply_mask(tiny_model("llama", seed=8), mask.keep_tensors())
+    torch.testing.assert_close(logits(pruned, ids), logits(reference, ids))
+    assert not torch.allclose(logits(pruned, ids), logits(plain, ids), atol=1e-4)
+
+
 def test_stages_prune_residual_channels_with_the_mlp(scored):
     """score.groups with hidden, prune.groups [mlp, hidden], layout uniform, through score, merge, select and
     prune: one kept width for the residual stream, a stock checkpoint with a smaller hidden_size and embedding,

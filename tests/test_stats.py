@@ -76,3 +76,30 @@ def test_compare_metrics_and_format():
     d = PairedDifference(0.0314, 0.0041, 0.0579, 100, 0.95)
     assert format_difference(d) == "+0.031 [+0.004, +0.058]*"
     assert format_difference(dataclasses.replace(d, low=-0.01)) == "+0.031 [-0.010, +0.058]"
+
+
+def test_perplexity_difference_is_paired_over_passages():
+    from diet.evaluation.stats import perplexity_difference
+
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(50, 200, size=40)
+    hard = rng.uniform(2.0, 5.0, size=40)                  # passages differ a lot in difficulty
+    ref = {"nll": (hard * tokens).tolist(), "tokens": tokens.tolist()}
+    worse = {"nll": ((hard + 0.1) * tokens).tolist(), "tokens": tokens.tolist()}   # every passage 0.1 nats worse
+    d = perplexity_difference(ref, worse, n_resamples=2000)
+    expected = np.exp((hard * tokens).sum() / tokens.sum() + 0.1) - np.exp((hard * tokens).sum() / tokens.sum())
+    assert d.diff == pytest.approx(expected) and d.significant and d.low > 0 and d.n_items == 40
+    same = perplexity_difference(ref, ref, n_resamples=500)
+    assert same.diff == 0 and same.low == 0 and same.high == 0 and not same.significant
+    noisy = {"nll": ((hard + rng.normal(0, 0.3, 40)) * tokens).tolist(), "tokens": tokens.tolist()}
+    n = perplexity_difference(ref, noisy, n_resamples=2000)
+    assert n.low < n.diff < n.high
+
+
+@pytest.mark.parametrize("candidate, needle", [({"nll": [1.0, 2.0], "tokens": [3, 5]}, "different passages"),
+                                               ({"ppl": 3.0}, "no per-passage values")])
+def test_perplexity_difference_refuses_unpaired_or_old_results(candidate, needle):
+    from diet.evaluation.stats import perplexity_difference
+
+    with pytest.raises(DataError, match=needle):
+        perplexity_difference({"nll": [1.0, 2.0], "tokens": [3, 4]}, candidate)

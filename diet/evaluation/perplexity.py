@@ -71,7 +71,10 @@ def _batches(lengths: list[int], batch_size: int, vocab: int) -> list[list[int]]
 @torch.no_grad()
 def perplexity(model, tokenizer, texts: list[str], *, max_length: int, batch_size: int = 8,
                add_bos: bool | None = None, progress: bool = True) -> dict:
-    """Token-weighted perplexity of ``texts``: {ppl, nll, tokens, docs, add_bos}.
+    """Token-weighted perplexity of ``texts``: {ppl, nll, tokens, docs, add_bos, per_doc}.
+
+    ``per_doc`` holds each passage's summed NLL (nats) and predicted tokens, in the order of ``texts`` (passages
+    too short to predict a token left out), for paired intervals over passages (``diet.evaluation.stats``).
 
     Texts run longest first; a batch holds at most ``batch_size`` texts and at most LOGITS_BUDGET bytes of
     logits (a 262k-token vocabulary at 512 tokens fits two rows per GiB).
@@ -84,23 +87,25 @@ def perplexity(model, tokenizer, texts: list[str], *, max_length: int, batch_siz
     model.eval()
     dev = next(model.parameters()).device
 
-    def run(batch: list[int]) -> tuple[float, int]:
+    def run(batch: list[int]) -> list[tuple[int, float, int]]:
         ids, mask = pad_right([seqs[i] for i in batch], device=dev)              # (B, T) each
         logits = model(input_ids=ids, attention_mask=mask.long()).logits[:, :-1]  # (B, T-1, V) predicts ids[:, 1:]
         targets = ids[:, 1:].masked_fill(~mask[:, 1:], -100)                     # (B, T-1), pads ignored
         nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
-                              reduction="sum")
-        return nll.item(), int(mask[:, 1:].sum())
+                              reduction="none").view(targets.shape).double().sum(dim=1)   # (B,) per passage
+        return [(i, float(n), int(t)) for i, n, t in zip(batch, nll.tolist(), mask[:, 1:].sum(dim=1).tolist())]
 
-    total_nll, total_tokens = 0.0, 0
+    doc_nll, doc_tokens = [0.0] * len(seqs), [0] * len(seqs)
     batches = _batches([len(s) for s in seqs], batch_size, _vocab_size(model))
-    # several batches at once, each single-threaded, summed in batch order: the same bytes at any thread count
-    for nll, tokens in tqdm(map_batches(run, batches, dev), total=len(batches), desc="perplexity", unit="batch",
-                            disable=not progress):
-        total_nll += nll
-        total_tokens += tokens
+    # several batches at once, each single-threaded: the same bytes at any thread count
+    for rows in tqdm(map_batches(run, batches, dev), total=len(batches), desc="perplexity", unit="batch",
+                     disable=not progress):
+        for i, nll, tokens in rows:
+            doc_nll[i], doc_tokens[i] = nll, tokens
+    total_nll, total_tokens = math.fsum(doc_nll), sum(doc_tokens)   # in passage order
     mean = total_nll / total_tokens
-    return {"ppl": math.exp(mean), "nll": mean, "tokens": total_tokens, "docs": len(seqs), "add_bos": add_bos}
+    return {"ppl": math.exp(mean), "nll": mean, "tokens": total_tokens, "docs": len(seqs), "add_bos": add_bos,
+            "per_doc": {"nll": doc_nll, "tokens": doc_tokens}}
 
 
 def heldout_perplexity(model, tokenizer, *, n_docs: int, max_length: int, batch_size: int = 8,

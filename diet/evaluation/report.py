@@ -9,6 +9,8 @@ entries render as ``-``.
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 from typing import Any
 
@@ -58,6 +60,18 @@ def paired_differences(reference: dict[str, dict], candidate: dict[str, dict], *
     return {metric: {name: {"diff": d.diff, "low": d.low, "high": d.high, "significant": d.significant,
                             "n_items": d.n_items} for name, d in by_task.items()}
             for metric, by_task in compared.items()}
+
+
+def perplexity_vs(reference: dict, candidate: dict, *, seed: int = 0) -> dict | None:
+    """``candidate - reference`` perplexity with its paired bootstrap interval over passages
+    (``stats.perplexity_difference``) as ``{diff, low, high, n_items, confidence, significant}``; None when either
+    record has no per-passage values (perplexity skipped, or a result written before they were kept)."""
+    from diet.evaluation.stats import perplexity_difference
+
+    ref, cand = (((r.get("perplexity_detail") or {}).get("per_doc")) for r in (reference, candidate))
+    if not ref or not cand:
+        return None
+    return dataclasses.asdict(perplexity_difference(ref, cand, seed=seed))
 
 
 def task_metrics(pruned: dict, dense: dict) -> dict:
@@ -191,6 +205,11 @@ def markdown_table(metrics: dict, dense: dict | None = None) -> str:
             row += [_fmt(ref, digits), _delta(value, ref, percent=True)]
         rows.append(row)
     lines += ["### Model", "", *_table(header, rows), ""]
+    ppl = metrics.get("perplexity_vs_dense")
+    if ppl:
+        lines += [f"Perplexity minus the dense model's: {_interval(ppl['diff'], ppl['low'], ppl['high'], 2)}"
+                  f"{'*' if ppl['significant'] else ''} (95% interval of a paired bootstrap over the "
+                  f"{ppl['n_items']} passages, {RESAMPLES:,} resamples).", ""]
     return "\n".join(lines)
 
 

@@ -12,6 +12,8 @@ API:
   ``candidate - reference``; ``MEAN`` is the difference of the mean over tasks of per-task accuracies.
 * ``compare_metrics(reference, candidate, metrics=("acc", "acc_norm"), ...)`` ->
   ``{metric: {task | MEAN: PairedDifference}}``.
+* ``perplexity_difference(reference, candidate, ...)`` -> one ``PairedDifference`` of perplexity over the same
+  held-out passages (``per_doc`` of ``diet.evaluation.perplexity``), resampling passages.
 * ``format_difference(d, digits=3)`` -> a table cell such as ``+0.031 [+0.004, +0.058]*`` (the star marks an
   interval that excludes zero).
 
@@ -152,6 +154,45 @@ def compare_metrics(reference: Mapping[str, Mapping[object, Mapping[str, float]]
 
     return {m: paired_bootstrap(pick(reference, m, "reference"), pick(candidate, m, "candidate"), **kwargs)
             for m in metrics}
+
+
+def perplexity_difference(reference: Mapping[str, Sequence], candidate: Mapping[str, Sequence], *,
+                          n_resamples: int = DEFAULT_RESAMPLES, confidence: float = DEFAULT_CONFIDENCE,
+                          seed: int = 0) -> PairedDifference:
+    """``candidate - reference`` perplexity over the same passages, with a paired bootstrap over passages.
+
+    Each argument is a perplexity result's ``per_doc`` (``{"nll": [summed NLL per passage], "tokens": [...]}``,
+    ``diet.evaluation.perplexity``). A resample draws passages with replacement and takes both models'
+    token-weighted perplexity, ``exp(sum nll / sum tokens)``, on the same draw. Refused unless both hold the same
+    passages (the same token counts, in the same order).
+    """
+    def arrays(per_doc, who):
+        try:
+            nll, tokens = np.asarray(per_doc["nll"], dtype=np.float64), np.asarray(per_doc["tokens"], dtype=np.int64)
+        except (KeyError, TypeError, ValueError):
+            raise DataError(f"the {who}'s perplexity result has no per-passage values (per_doc)",
+                            "rerun its perplexity stage (`dvc repro perplexity` or `perplexity_dense`)") from None
+        if nll.ndim != 1 or nll.shape != tokens.shape or not nll.size or not np.isfinite(nll).all():
+            raise DataError(f"the {who}'s per-passage perplexity values are malformed",
+                            "rerun its perplexity stage")
+        return nll, tokens
+
+    ref_nll, ref_tok = arrays(reference, "reference")
+    cand_nll, cand_tok = arrays(candidate, "candidate")
+    if not np.array_equal(ref_tok, cand_tok):
+        raise DataError("the two perplexity results were measured on different passages (token counts differ)",
+                        "compare models evaluated with the same evaluate.perplexity_* settings and tokenizer")
+    rng = np.random.default_rng([int(seed), 0x9E3779B9])
+    n, tail = ref_nll.size, (1.0 - confidence) / 2
+    boot = np.empty(n_resamples, dtype=np.float64)
+    for start in range(0, n_resamples, _CHUNK):
+        size = min(_CHUNK, n_resamples - start)
+        idx = rng.integers(0, n, size=(size, n))                              # (r, n)
+        tokens = ref_tok[idx].sum(axis=1)                                     # (r,)
+        boot[start:start + size] = np.exp(cand_nll[idx].sum(axis=1) / tokens) - np.exp(ref_nll[idx].sum(axis=1) / tokens)
+    low, high = np.quantile(boot, [tail, 1.0 - tail])
+    observed = float(np.exp(cand_nll.sum() / cand_tok.sum()) - np.exp(ref_nll.sum() / ref_tok.sum()))
+    return PairedDifference(observed, float(low), float(high), n, confidence)
 
 
 def format_difference(d: PairedDifference, digits: int = 3) -> str:

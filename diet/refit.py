@@ -1,0 +1,412 @@
+"""Refit of the kept weights after choosing what to remove (``prune.recover: refit`` / ``refit_bias``).
+
+Removing dimensions changes the input of each group's *output projection* (``down_proj`` for ``mlp``,
+``o_proj`` for ``attention``): its removed input channels are gone, and with sequential pruning its kept
+channels differ too. The refit solves, per layer and output projection ``y = W x + b``, for the kept columns
+``W'`` (and, with ``refit_bias``, a new bias ``b'``) that keep the projection's output on calibration tokens what
+the dense model's was::
+
+    min  sum_t w_t || W' a_t + b' - y_t ||^2 + lambda ||W'||^2
+    a_t: the kept channels of the projection's input in the model pruned so far (sequential calibration),
+    y_t: the dense projection's output in the dense model,
+
+solved in closed form: with ``A = [a; 1]``, ``H = sum w A A^T`` and ``C = sum w y A^T``,
+``[W' b'] = C (H + lambda I)^-1``, ``lambda = damping * mean(diag H)`` over the channel entries (the damped
+least squares of OSSCAR and Týr-the-Pruner; with the dense model's inputs it is ``W H[:, K] (H[K, K] +
+lambda I)^-1``). Layers are taken in order, attention before the MLP inside a layer, and each one sees the
+outputs of the layers already refitted: errors do not compound unseen.
+
+A refit never makes a projection worse on the calibration tokens than keeping its dense columns
+(``recover: none``): the two errors are compared exactly (from ``H``, ``C`` and ``sum w ||y||^2``) and the
+better one is kept. The report gives, per group and layer, the relative calibration error of both.
+
+The model is refitted in place and stays *dense-shaped*: removed channels' columns are zeroed (the model then
+computes what the pruned one will) and kept columns hold the refit; ``diet.pruning.apply_mask`` then slices.
+Token weights ``w_t`` give each source (task) the share of the total that ``merge.weights`` gives it, whatever
+its token count (``calibration_batches``). Sums run in float64, single-threaded kernels give the same bytes
+at any thread count.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from diet.batching import by_length, pad_right
+from diet.errors import ConfigError, DataError, ModelError
+
+log = logging.getLogger(__name__)
+
+#: groups whose output projection the refit solves for; ``hidden`` (the residual stream) has none
+REFIT_GROUPS = ("attention", "mlp")  # the order inside a layer: attention's output feeds the MLP
+#: groups whose kept channels the refit can choose itself (``prune.refit_choose: obs``); a KV group is a block
+#: of channels, chosen by the mask
+CHOOSE_GROUPS = ("mlp",)
+#: with ``obs``, the channels that may go: this many times the number removed, of lowest merged priority
+POOL = 2
+
+
+@dataclass
+class Batch:
+    """Right-padded token ids (B, T), the real-token mask (B, T) and the weight of each real token."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    weight: float
+
+
+def calibration_batches(sources: Mapping[str, Sequence[Sequence[int]]], *, weights: Mapping[str, float] | None,
+                        batch_size: int, pad_id: int) -> list[Batch]:
+    """Batches of token-id sequences from ``sources`` (``{task: [ids, ...]}``), each batch of one source.
+
+    Every real token of source ``s`` weighs ``weights[s] / (sum of weights * tokens of s)``: a source's share of
+    the total is its weight's share (default weight 1: each task counts the same). Sources of weight 0 are left
+    out; sources are taken in sorted order.
+    """
+    w = {s: float((weights or {}).get(s, 1.0)) for s in sorted(sources)}
+    active = [s for s in w if w[s] > 0 and sources[s]]
+    if not active:
+        raise DataError("the refit has no calibration tokens: every source is empty or has weight 0",
+                        "give at least one task a positive merge weight and calibration samples")
+    total = sum(w[s] for s in active)
+    batches = []
+    for s in active:
+        seqs = sources[s]
+        tokens = sum(len(q) for q in seqs)
+        for rows in by_length([len(q) for q in seqs], batch_size):
+            ids, mask = pad_right([seqs[i] for i in rows], pad_id)
+            batches.append(Batch(ids, mask, w[s] / (total * tokens)))
+    return batches
+
+
+def check_refit_groups(groups: Iterable[str], key: str = "prune.groups") -> None:
+    """A ConfigError for a group the refit cannot serve (it has no output projection per layer)."""
+    refused = [g for g in groups if g not in REFIT_GROUPS]
+    if refused:
+        rest = [g for g in groups if g in REFIT_GROUPS]
+        raise ConfigError(f"the refit solves for the output projections of {', '.join(REFIT_GROUPS)}; "
+                          f"{key} includes {', '.join(refused)}, which has none (the residual stream)",
+                          "set prune.recover: none" + (f", or {key}: {rest}" if rest else ""))
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a layer's forward once what it needs is captured."""
+
+
+class _LayerRunner:
+    """Calls one decoder layer with the arguments the model gave it (captured once per batch)."""
+
+    def __init__(self, model: nn.Module, layers: Sequence[nn.Module], batches: Sequence[Batch], device):
+        self.layers = layers
+        self.inputs: list[torch.Tensor] = []               # per batch: the first layer's hidden states (B, T, H)
+        self.kwargs: list[list[dict]] = []                 # per batch, per layer: the other arguments
+        extra = {"use_cache": False}
+        for batch in batches:
+            captured: list[dict] = []
+
+            def grab(module, args, kwargs, captured=captured):
+                if not captured:
+                    hidden = args[0] if args else kwargs["hidden_states"]
+                    self.inputs.append(hidden.detach())
+                rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+                captured.append({"args": tuple(args[1:]), "kwargs": rest})
+                if len(captured) == len(layers):
+                    raise _Stop
+
+            handles = [layer.register_forward_pre_hook(grab, with_kwargs=True) for layer in layers]
+            try:
+                model(input_ids=batch.ids.to(device), **extra)
+            except _Stop:
+                pass
+            finally:
+                for h in handles:
+                    h.remove()
+            if len(captured) != len(layers):
+                raise ModelError(f"the model called {len(captured)} of its {len(layers)} decoder layers",
+                                 "refit a causal LM whose forward runs every decoder layer once")
+            self.kwargs.append(captured)
+
+    def __call__(self, layer: int, batch: int, hidden: torch.Tensor) -> torch.Tensor:
+        call = self.kwargs[batch][layer]
+        out = self.layers[layer](hidden, *call["args"], **call["kwargs"])
+        return out[0] if isinstance(out, tuple) else out
+
+
+def _capture(fn, module: nn.Module, *, want: str):
+    """Run ``fn()`` and return ``module``'s input (``want="input"``) or output (``"output"``) as (N, D), the
+    forward stopped right after."""
+    box = {}
+    if want == "input":
+        def hook(mod, args):
+            box["x"] = args[0]
+            raise _Stop
+        handle = module.register_forward_pre_hook(hook)
+    else:
+        def hook(mod, args, out):
+            box["x"] = out
+            raise _Stop
+        handle = module.register_forward_hook(hook)
+    try:
+        fn()
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    if "x" not in box:
+        raise ModelError(f"the layer never called its {type(module).__name__} output projection",
+                         "refit a model whose adapter names the projections its layers run")
+    x = box["x"]
+    return x.reshape(-1, x.shape[-1])
+
+
+class _Weights:
+    """A projection's dense weights beside its working (refitted, removed columns zeroed) ones."""
+
+    def __init__(self, lin: nn.Linear, kept_cols: torch.Tensor):
+        self.lin = lin
+        self.dense_w = lin.weight.detach().clone()
+        self.dense_b = None if lin.bias is None else lin.bias.detach().clone()
+        self.kept = kept_cols.to(lin.weight.device)
+        work = torch.zeros_like(self.dense_w)
+        work[:, self.kept] = self.dense_w[:, self.kept]
+        self.work_w, self.work_b = work, self.dense_b
+
+    def use(self, which: str) -> None:
+        dense = which == "dense"
+        self.lin.weight.data = self.dense_w if dense else self.work_w
+        if self.lin.bias is not None:
+            b = self.dense_b if dense else self.work_b
+            self.lin.bias.data = b if b is not None else torch.zeros_like(self.lin.bias)
+
+
+@dataclass
+class Refit:
+    """What ``refit`` did: ``report`` ``{group: [{"layer", "error_none", "error_refit", "kept"}, ...]}`` (``kept``:
+    ``refit``, ``obs`` or ``dense``, whichever left the least calibration error) and the kept dimensions
+    ``keep`` to prune to (the mask's, or those ``obs_keep`` chose)."""
+
+    report: dict[str, list[dict]]
+    keep: dict[str, list[torch.Tensor]]
+
+    def summary(self) -> dict[str, dict]:
+        """Per group: the mean relative calibration error with the dense columns kept (``error_none``) and
+        after the refit (``error_refit``, the better of the two per layer), the layers refitted, every row."""
+        out = {}
+        for group, rows in self.report.items():
+            out[group] = {"error_none": sum(r["error_none"] for r in rows) / len(rows),
+                          "error_refit": sum(min(r["error_none"], r["error_refit"]) for r in rows) / len(rows),
+                          "layers_refitted": sum(r["kept"] != "dense" for r in rows), "layers": rows}
+        return out
+
+
+def refit_on_texts(model: nn.Module, tokenizer, texts: Mapping[str, Sequence[str]],
+                   keep: Mapping[str, Sequence[torch.Tensor]], *, weights: Mapping[str, float] | None = None,
+                   max_length: int = 512, batch_size: int = 8, damping: float = 0.01, bias: bool = False,
+                   priors: Mapping[str, torch.Tensor] | None = None, progress: bool = True) -> tuple[Refit, dict]:
+    """``refit`` on calibration ``texts`` by source (``{task: [text, ...]}``, weighted by ``weights``), tokenised as
+    scoring does; returns (the refit, ``{"n_samples", "n_tokens"}``)."""
+    from diet.scoring import encode_texts
+    from diet.tokens import resolve_add_bos
+
+    add_bos = resolve_add_bos(model, tokenizer)
+    encoded = {s: encode_texts(tokenizer, t, max_length=max_length, add_bos=add_bos) for s, t in texts.items()}
+    pad_id = next((t for t in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None))
+                   if t is not None), 0)
+    batches = calibration_batches(encoded, weights=weights, batch_size=batch_size, pad_id=pad_id)
+    stats = {"n_samples": sum(len(e) for e in encoded.values()), "n_tokens": sum(int(b.mask.sum()) for b in batches)}
+    log.info("refit on %d samples (%d tokens) of %s", stats["n_samples"], stats["n_tokens"], ", ".join(texts))
+    return refit(model, keep, batches, damping=damping, bias=bias, priors=priors, progress=progress), stats
+
+
+@torch.no_grad()
+def refit(model: nn.Module, keep: Mapping[str, Sequence[torch.Tensor]], batches: Sequence[Batch], *,
+          damping: float = 0.01, bias: bool = False, priors: Mapping[str, torch.Tensor] | None = None,
+          progress: bool = True) -> Refit:
+    """Refit ``model`` (dense, in place) for the kept dimensions ``keep`` (module doc).
+
+    ``keep`` is ``diet.pruning``'s ``{group: [kept dims per layer]}`` (groups of ``REFIT_GROUPS`` only);
+    ``bias`` also solves for the output projections' biases (created where absent: the caller makes the config
+    carry them, as for ``prune.recover: bias``). ``priors`` (``{group: (L, W) merged priority}``, groups of
+    ``CHOOSE_GROUPS``) lets the refit choose each layer's kept channels (as many as ``keep`` has) by
+    ``obs_keep``. Call ``diet.pruning.apply_mask`` with the result's ``keep`` after it.
+    """
+    from tqdm.auto import tqdm
+
+    from diet.adapters import get_adapter
+    from diet.parallel import one_kernel_thread
+
+    check_refit_groups(keep, "the mask's groups")
+    if not isinstance(damping, (int, float)) or not damping >= 0 or damping != damping or damping == float("inf"):
+        raise ConfigError(f"prune.refit_damping = {damping!r} must be a finite number >= 0", "use e.g. 0.01")
+    if not batches:
+        raise DataError("the refit has no calibration batches", "pass the tasks' calibration samples")
+    adapter = get_adapter(model)
+    keep = adapter.check_keep(dict(keep))
+    priors = dict(priors or {})
+    unchosen = [g for g in priors if g not in CHOOSE_GROUPS or g not in keep]
+    if unchosen:
+        raise ConfigError(f"the refit chooses the kept channels of {', '.join(CHOOSE_GROUPS)} only, and of pruned "
+                          f"groups; it was asked to for {', '.join(unchosen)}",
+                          "set prune.refit_choose: mask, or prune only the mlp group")
+    layers = adapter.decoder_layers()
+    device = next(model.parameters()).device
+    groups = [g for g in REFIT_GROUPS if g in keep]
+    if bias:
+        adapter.ensure_output_biases(groups)
+    was_training = model.training
+    model.eval()
+    report: dict[str, list[dict]] = {g: [] for g in groups}
+    try:
+        with one_kernel_thread():
+            run = _LayerRunner(model, layers, batches, device)
+            dense_h = list(run.inputs)
+            pruned_h = [h.clone() for h in run.inputs]
+            for layer in tqdm(range(len(layers)), desc="refit", unit="layer", disable=not progress):
+                projs = {g: _Weights(adapter.activation_module(g, layer),
+                                     adapter.output_channels(g, layer, keep[g][layer])) for g in groups}
+                for g in groups:
+                    prior = priors[g][layer, :adapter.group_widths(g)[layer]] if g in priors else None
+                    report[g].append({"layer": layer, **_refit_one(run, layer, projs, g, batches, dense_h,
+                                                                   pruned_h, damping, bias, prior)})
+                    if prior is not None:  # CHOOSE_GROUPS: each channel is one dimension
+                        keep[g][layer] = projs[g].kept.cpu()
+                for b in range(len(batches)):
+                    for p in projs.values():
+                        p.use("dense")
+                    nxt = run(layer, b, dense_h[b])
+                    for p in projs.values():
+                        p.use("work")
+                    pruned_h[b] = run(layer, b, pruned_h[b])
+                    dense_h[b] = nxt
+                for p in projs.values():
+                    p.use("work")
+    finally:
+        model.train(was_training)
+    for g, rows in report.items():
+        before = sum(r["error_none"] for r in rows) / len(rows)
+        after = sum(min(r["error_none"], r["error_refit"]) for r in rows) / len(rows)
+        log.info("refit %s: mean relative calibration error %.4f -> %.4f (%d of %d layers refitted)", g, before,
+                 after, sum(r["kept"] != "dense" for r in rows), len(rows))
+    return Refit(report, keep)
+
+
+def _refit_one(run: _LayerRunner, layer: int, projs: dict[str, _Weights], group: str, batches: Sequence[Batch],
+               dense_h: list[torch.Tensor], pruned_h: list[torch.Tensor], damping: float, bias: bool,
+               prior: torch.Tensor | None = None) -> dict:
+    """Solve for ``group``'s output projection in ``layer`` and install it in the working weights; with
+    ``prior`` (one priority per input channel), choose the kept channels by ``obs_keep`` first."""
+    p = projs[group]
+    width = p.dense_w.shape[1]
+    cols = torch.arange(width, device=p.kept.device) if prior is not None else p.kept   # the Gram's channels
+    k = cols.numel() + (1 if bias else 0)
+    out = p.dense_w.shape[0]
+    hess = torch.zeros(k, k, dtype=torch.float64, device=p.dense_w.device)     # sum w A A^T
+    cross = torch.zeros(out, k, dtype=torch.float64, device=p.dense_w.device)  # sum w y A^T
+    yy = 0.0                                                                  # sum w ||y||^2
+    for b, batch in enumerate(batches):
+        real = batch.mask.reshape(-1).to(p.dense_w.device)
+        for q in projs.values():
+            q.use("dense")
+        y = _capture(lambda: run(layer, b, dense_h[b]), p.lin, want="output")[real].double()   # (N, out)
+        if not bias:  # the dense bias stays: the kept columns fit what it leaves
+            y = y - _dense_bias(p)
+        for q in projs.values():
+            q.use("work")
+        x = _capture(lambda: run(layer, b, pruned_h[b]), p.lin, want="input")[real]         # (N, D)
+        a = x[:, cols].double()                                                             # (N, K)
+        if bias:
+            a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype, device=a.device)], dim=1)
+        hess += batch.weight * (a.T @ a)
+        cross += batch.weight * (y.T @ a)
+        yy += batch.weight * float(y.square().sum())
+
+    def restrict(kept: torch.Tensor) -> torch.Tensor:
+        """Positions in the Gram of the channels ``kept`` (and of the intercept)."""
+        pos = kept if prior is not None else torch.arange(kept.numel())
+        return torch.cat([pos, torch.tensor([k - 1])]) if bias else pos
+
+    def error(m: torch.Tensor, pos: torch.Tensor) -> float:  # sum w ||m A - y||^2, from the sums
+        h, c = hess[pos][:, pos], cross[:, pos]
+        return float(((m @ h) * m).sum() - 2 * (m * c).sum()) + yy
+
+    # recover: none keeps the mask's dense columns (and the dense bias)
+    dense_cols = p.dense_w[:, p.kept].double()
+    none = torch.cat([dense_cols, _dense_bias(p)[:, None]], dim=1) if bias else dense_cols
+    options = [("dense", p.kept, none, error(none, restrict(p.kept)))]
+    choices = [p.kept] if prior is None else [p.kept, obs_keep(hess, cross, p.kept.numel(), prior, damping, bias)]
+    for kept in choices:
+        pos = restrict(kept)
+        solved = _solve(hess[pos][:, pos], cross[:, pos], kept.numel(), damping)
+        if bool(torch.isfinite(solved).all()):
+            options.append(("refit" if kept is p.kept else "obs", kept, solved, error(solved, pos)))
+    kind, kept, chosen, err = min(options, key=lambda o: (o[3], o[0] == "dense"))  # ties: the refit
+    p.kept = kept
+    w = torch.zeros_like(p.dense_w)
+    w[:, kept] = chosen[:, :kept.numel()].to(w.dtype)
+    p.work_w = w
+    if bias:
+        p.work_b = chosen[:, kept.numel()].to(p.dense_w.dtype)
+    scale = yy if yy > 0 else 1.0
+    refit_err = min((o[3] for o in options if o[0] != "dense"), default=options[0][3])
+    row = {"error_none": max(options[0][3], 0.0) / scale, "error_refit": max(refit_err, 0.0) / scale,
+           "kept": kind}
+    if prior is not None:  # kept channels the mask did not keep
+        row["channels_changed"] = int(kept.numel() - torch.isin(kept, options[0][1]).sum())
+    return row
+
+
+def _solve(hess: torch.Tensor, cross: torch.Tensor, channels: int, damping: float) -> torch.Tensor:
+    """``cross (hess + lambda I)^-1``, lambda = ``damping`` times the mean of the channel entries' diagonal."""
+    damped = hess.clone()
+    damped.diagonal()[:channels] += damping * float(hess.diagonal()[:channels].mean())
+    try:
+        return torch.linalg.solve(damped, cross.T).T                                       # (out, K)
+    except RuntimeError:  # singular (fewer tokens than channels, no damping): the least-squares solution
+        return torch.linalg.lstsq(damped, cross.T).solution.T
+
+
+def obs_keep(hess: torch.Tensor, cross: torch.Tensor, n_keep: int, prior: torch.Tensor, damping: float,
+             bias: bool) -> torch.Tensor:
+    """The ``n_keep`` channels to keep (sorted LongTensor) of a projection whose Gram over all its ``D`` input
+    channels (and, with ``bias``, the intercept last) is ``hess`` and whose cross term is ``cross``.
+
+    Optimal brain surgeon, greedily: with ``Hi = (hess + lambda I)^-1`` and the full refit ``W = cross Hi``,
+    removing channel ``j`` and refitting the rest adds ``||W[:, j]||^2 / Hi[j, j]`` to the calibration error;
+    the cheapest channel goes, ``W`` and ``Hi`` are updated (rank one), and so on. Only the
+    ``POOL * (D - n_keep)`` channels of lowest ``prior`` may go (the task-aware vote stays the prior; ties: the
+    higher index first); the intercept never goes.
+    """
+    width = prior.numel()
+    removed = width - n_keep
+    if removed <= 0:
+        return torch.arange(width)
+    damped = hess.clone()
+    damped.diagonal()[:width] += damping * float(hess.diagonal()[:width].mean())
+    hi = torch.linalg.pinv(damped, hermitian=True)
+    w = cross @ hi                                                                          # (out, K)
+    # lowest priority first; ties: the higher index first, as the selection removes (diet.select)
+    order = (width - 1 - torch.sort(prior.double().flip(0).cpu(), stable=True).indices)
+    pool = torch.zeros(width, dtype=torch.bool, device=hess.device)
+    pool[order[:min(width, POOL * removed)].to(hess.device)] = True
+    alive = torch.ones(width, dtype=torch.bool, device=hess.device)
+    for _ in range(removed):
+        d = hi.diagonal()[:width].clamp_min(1e-300)
+        cost = w[:, :width].square().sum(dim=0) / d                                         # (D,)
+        cost[~(alive & pool)] = float("inf")
+        j = int(torch.argmin(cost))
+        w -= torch.outer(w[:, j], hi[j]) / hi[j, j]
+        hi -= torch.outer(hi[:, j], hi[j]) / hi[j, j]
+        alive[j] = False
+    del bias  # the intercept sits past ``width`` and is never a candidate
+    return alive.nonzero().flatten().cpu()
+
+
+def _dense_bias(p: _Weights) -> torch.Tensor:
+    """The dense bias of ``p``'s projection in float64 (zeros where it has none), (out,)."""
+    if p.dense_b is None:
+        return torch.zeros(p.dense_w.shape[0], dtype=torch.float64, device=p.dense_w.device)
+    return p.dense_b.double()
