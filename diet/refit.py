@@ -30,6 +30,7 @@ at any thread count.
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
@@ -38,6 +39,7 @@ from torch import nn
 
 from diet.batching import by_length, pad_right
 from diet.errors import ConfigError, DataError, ModelError
+from diet.parallel import one_kernel_thread
 
 log = logging.getLogger(__name__)
 
@@ -97,70 +99,97 @@ class _Stop(Exception):
     """Raised by a hook to end a layer's forward once what it needs is captured."""
 
 
+_local = threading.local()  # per worker thread: what a tap captured (batches run in threads: diet.parallel)
+
+
+class _Tap:
+    """While installed, a call of ``module`` in a thread that asked for it (``capture``) records the module's input
+    (``want="input"``) or output (``"output"``) and stops that forward; other calls pass through."""
+
+    def __init__(self, module: nn.Module, want: str):
+        self.module = module
+        if want == "input":
+            self.handle = module.register_forward_pre_hook(lambda mod, args: self._hit(args[0]))
+        else:
+            self.handle = module.register_forward_hook(lambda mod, args, out: self._hit(out))
+
+    @staticmethod
+    def _hit(x: torch.Tensor) -> None:
+        box = getattr(_local, "box", None)
+        if box is not None:
+            box["x"] = x
+            raise _Stop
+
+    def capture(self, fn) -> torch.Tensor:
+        """``fn()`` up to the module's call: the captured tensor as (N, D)."""
+        _local.box = {}
+        try:
+            fn()
+        except _Stop:
+            pass
+        finally:
+            box, _local.box = _local.box, None
+        if "x" not in box:
+            raise ModelError(f"the layer never called its {type(self.module).__name__} output projection",
+                             "refit a model whose adapter names the projections its layers run")
+        return box["x"].reshape(-1, box["x"].shape[-1])
+
+    def __enter__(self) -> "_Tap":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.handle.remove()
+
+
 class _LayerRunner:
     """Calls one decoder layer with the arguments the model gave it (captured once per batch)."""
 
     def __init__(self, model: nn.Module, layers: Sequence[nn.Module], batches: Sequence[Batch], device):
-        self.layers = layers
-        self.inputs: list[torch.Tensor] = []               # per batch: the first layer's hidden states (B, T, H)
-        self.kwargs: list[list[dict]] = []                 # per batch, per layer: the other arguments
-        extra = {"use_cache": False}
-        for batch in batches:
-            captured: list[dict] = []
+        from diet.parallel import map_batches
 
-            def grab(module, args, kwargs, captured=captured):
-                if not captured:
-                    hidden = args[0] if args else kwargs["hidden_states"]
-                    self.inputs.append(hidden.detach())
-                rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-                captured.append({"args": tuple(args[1:]), "kwargs": rest})
-                if len(captured) == len(layers):
-                    raise _Stop
+        self.layers, self.device = layers, device
 
-            handles = [layer.register_forward_pre_hook(grab, with_kwargs=True) for layer in layers]
+        def grab(module, args, kwargs):
+            captured = _local.calls
+            if not captured:
+                captured.append(args[0] if args else kwargs["hidden_states"])
+            rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            captured.append({"args": tuple(args[1:]), "kwargs": rest})
+            if len(captured) == len(layers) + 1:
+                raise _Stop
+
+        def first_pass(batch: Batch) -> list:
+            _local.calls = []
             try:
-                model(input_ids=batch.ids.to(device), **extra)
+                model(input_ids=batch.ids.to(device), use_cache=False)
             except _Stop:
                 pass
             finally:
-                for h in handles:
-                    h.remove()
-            if len(captured) != len(layers):
-                raise ModelError(f"the model called {len(captured)} of its {len(layers)} decoder layers",
+                calls, _local.calls = _local.calls, None
+            if len(calls) != len(layers) + 1:
+                raise ModelError(f"the model called {max(len(calls) - 1, 0)} of its {len(layers)} decoder layers",
                                  "refit a causal LM whose forward runs every decoder layer once")
-            self.kwargs.append(captured)
+            return calls
+
+        handles = [layer.register_forward_pre_hook(grab, with_kwargs=True) for layer in layers]
+        try:
+            calls = list(map_batches(first_pass, batches, device))
+        finally:
+            for h in handles:
+                h.remove()
+        self.inputs: list[torch.Tensor] = [c[0].detach() for c in calls]   # per batch: the first layer's input
+        self.kwargs: list[list[dict]] = [c[1:] for c in calls]              # per batch, per layer: the rest
 
     def __call__(self, layer: int, batch: int, hidden: torch.Tensor) -> torch.Tensor:
         call = self.kwargs[batch][layer]
         out = self.layers[layer](hidden, *call["args"], **call["kwargs"])
         return out[0] if isinstance(out, tuple) else out
 
+    def each(self, fn) -> list:
+        """``fn(b)`` for every batch index, several at once (``diet.parallel.map_batches``), in batch order."""
+        from diet.parallel import map_batches
 
-def _capture(fn, module: nn.Module, *, want: str):
-    """Run ``fn()`` and return ``module``'s input (``want="input"``) or output (``"output"``) as (N, D), the
-    forward stopped right after."""
-    box = {}
-    if want == "input":
-        def hook(mod, args):
-            box["x"] = args[0]
-            raise _Stop
-        handle = module.register_forward_pre_hook(hook)
-    else:
-        def hook(mod, args, out):
-            box["x"] = out
-            raise _Stop
-        handle = module.register_forward_hook(hook)
-    try:
-        fn()
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    if "x" not in box:
-        raise ModelError(f"the layer never called its {type(module).__name__} output projection",
-                         "refit a model whose adapter names the projections its layers run")
-    x = box["x"]
-    return x.reshape(-1, x.shape[-1])
+        return list(map_batches(fn, range(len(self.kwargs)), self.device))
 
 
 class _Weights:
@@ -237,7 +266,6 @@ def refit(model: nn.Module, keep: Mapping[str, Sequence[torch.Tensor]], batches:
     from tqdm.auto import tqdm
 
     from diet.adapters import get_adapter
-    from diet.parallel import one_kernel_thread
 
     check_refit_groups(keep, "the mask's groups")
     if not isinstance(damping, (int, float)) or not damping >= 0 or damping != damping or damping == float("inf"):
@@ -261,29 +289,24 @@ def refit(model: nn.Module, keep: Mapping[str, Sequence[torch.Tensor]], batches:
     model.eval()
     report: dict[str, list[dict]] = {g: [] for g in groups}
     try:
-        with one_kernel_thread():
-            run = _LayerRunner(model, layers, batches, device)
-            dense_h = list(run.inputs)
-            pruned_h = [h.clone() for h in run.inputs]
-            for layer in tqdm(range(len(layers)), desc="refit", unit="layer", disable=not progress):
-                projs = {g: _Weights(adapter.activation_module(g, layer),
-                                     adapter.output_channels(g, layer, keep[g][layer])) for g in groups}
-                for g in groups:
-                    prior = priors[g][layer, :adapter.group_widths(g)[layer]] if g in priors else None
-                    report[g].append({"layer": layer, **_refit_one(run, layer, projs, g, batches, dense_h,
-                                                                   pruned_h, damping, bias, prior)})
-                    if prior is not None:  # CHOOSE_GROUPS: each channel is one dimension
-                        keep[g][layer] = projs[g].kept.cpu()
-                for b in range(len(batches)):
-                    for p in projs.values():
-                        p.use("dense")
-                    nxt = run(layer, b, dense_h[b])
-                    for p in projs.values():
-                        p.use("work")
-                    pruned_h[b] = run(layer, b, pruned_h[b])
-                    dense_h[b] = nxt
-                for p in projs.values():
-                    p.use("work")
+        run = _LayerRunner(model, layers, batches, device)
+        dense_h = list(run.inputs)
+        pruned_h = [h.clone() for h in run.inputs]
+        for layer in tqdm(range(len(layers)), desc="refit", unit="layer", disable=not progress):
+            projs = {g: _Weights(adapter.activation_module(g, layer),
+                                 adapter.output_channels(g, layer, keep[g][layer])) for g in groups}
+            for g in groups:
+                prior = priors[g][layer, :adapter.group_widths(g)[layer]] if g in priors else None
+                report[g].append({"layer": layer, **_refit_one(run, layer, projs, g, batches, dense_h,
+                                                               pruned_h, damping, bias, prior)})
+                if prior is not None:  # CHOOSE_GROUPS: each channel is one dimension
+                    keep[g][layer] = projs[g].kept.cpu()
+            for p in projs.values():
+                p.use("dense")
+            dense_h = run.each(lambda b: run(layer, b, dense_h[b]))
+            for p in projs.values():
+                p.use("work")
+            pruned_h = run.each(lambda b: run(layer, b, pruned_h[b]))
     finally:
         model.train(was_training)
     for g, rows in report.items():
@@ -307,56 +330,61 @@ def _refit_one(run: _LayerRunner, layer: int, projs: dict[str, _Weights], group:
     hess = torch.zeros(k, k, dtype=torch.float64, device=p.dense_w.device)     # sum w A A^T
     cross = torch.zeros(out, k, dtype=torch.float64, device=p.dense_w.device)  # sum w y A^T
     yy = 0.0                                                                  # sum w ||y||^2
-    for b, batch in enumerate(batches):
-        real = batch.mask.reshape(-1).to(p.dense_w.device)
-        for q in projs.values():
-            q.use("dense")
-        y = _capture(lambda: run(layer, b, dense_h[b]), p.lin, want="output")[real].double()   # (N, out)
-        if not bias:  # the dense bias stays: the kept columns fit what it leaves
-            y = y - _dense_bias(p)
-        for q in projs.values():
-            q.use("work")
-        x = _capture(lambda: run(layer, b, pruned_h[b]), p.lin, want="input")[real]         # (N, D)
-        a = x[:, cols].double()                                                             # (N, K)
+    real = [batch.mask.reshape(-1).to(p.dense_w.device) for batch in batches]
+    for q in projs.values():
+        q.use("dense")
+    with _Tap(p.lin, "output") as tap:
+        ys = run.each(lambda b: tap.capture(lambda: run(layer, b, dense_h[b]))[real[b]])             # (N, out) each
+    for q in projs.values():
+        q.use("work")
+    with _Tap(p.lin, "input") as tap:
+        xs = run.each(lambda b: tap.capture(lambda: run(layer, b, pruned_h[b]))[real[b]][:, cols])   # (N, K) each
+    with one_kernel_thread():   # the sums, the choice and the solves: one kernel thread, in batch order
+        for batch, y, x in zip(batches, ys, xs):
+            y = y.double()
+            if not bias:  # the dense bias stays: the kept columns fit what it leaves
+                y = y - _dense_bias(p)
+            a = x.double()
+            if bias:
+                a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype, device=a.device)], dim=1)
+            hess += batch.weight * (a.T @ a)
+            cross += batch.weight * (y.T @ a)
+            yy += batch.weight * float(y.square().sum())
+        del ys, xs
+
+        def restrict(kept: torch.Tensor) -> torch.Tensor:
+            """Positions in the Gram of the channels ``kept`` (and of the intercept)."""
+            pos = kept if prior is not None else torch.arange(kept.numel())
+            return torch.cat([pos, torch.tensor([k - 1])]) if bias else pos
+
+        def error(m: torch.Tensor, pos: torch.Tensor) -> float:  # sum w ||m A - y||^2, from the sums
+            h, c = hess[pos][:, pos], cross[:, pos]
+            return float(((m @ h) * m).sum() - 2 * (m * c).sum()) + yy
+
+        # recover: none keeps the mask's dense columns (and the dense bias)
+        dense_cols = p.dense_w[:, p.kept].double()
+        none = torch.cat([dense_cols, _dense_bias(p)[:, None]], dim=1) if bias else dense_cols
+        options = [("dense", p.kept, none, error(none, restrict(p.kept)))]
+        choices = [p.kept] if prior is None else [p.kept, obs_keep(hess, cross, p.kept.numel(), prior, damping, bias)]
+        for kept in choices:
+            pos = restrict(kept)
+            solved = _solve(hess[pos][:, pos], cross[:, pos], kept.numel(), damping)
+            if bool(torch.isfinite(solved).all()):
+                options.append(("refit" if kept is p.kept else "obs", kept, solved, error(solved, pos)))
+        kind, kept, chosen, err = min(options, key=lambda o: (o[3], o[0] == "dense"))  # ties: the refit
+        p.kept = kept
+        w = torch.zeros_like(p.dense_w)
+        w[:, kept] = chosen[:, :kept.numel()].to(w.dtype)
+        p.work_w = w
         if bias:
-            a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype, device=a.device)], dim=1)
-        hess += batch.weight * (a.T @ a)
-        cross += batch.weight * (y.T @ a)
-        yy += batch.weight * float(y.square().sum())
-
-    def restrict(kept: torch.Tensor) -> torch.Tensor:
-        """Positions in the Gram of the channels ``kept`` (and of the intercept)."""
-        pos = kept if prior is not None else torch.arange(kept.numel())
-        return torch.cat([pos, torch.tensor([k - 1])]) if bias else pos
-
-    def error(m: torch.Tensor, pos: torch.Tensor) -> float:  # sum w ||m A - y||^2, from the sums
-        h, c = hess[pos][:, pos], cross[:, pos]
-        return float(((m @ h) * m).sum() - 2 * (m * c).sum()) + yy
-
-    # recover: none keeps the mask's dense columns (and the dense bias)
-    dense_cols = p.dense_w[:, p.kept].double()
-    none = torch.cat([dense_cols, _dense_bias(p)[:, None]], dim=1) if bias else dense_cols
-    options = [("dense", p.kept, none, error(none, restrict(p.kept)))]
-    choices = [p.kept] if prior is None else [p.kept, obs_keep(hess, cross, p.kept.numel(), prior, damping, bias)]
-    for kept in choices:
-        pos = restrict(kept)
-        solved = _solve(hess[pos][:, pos], cross[:, pos], kept.numel(), damping)
-        if bool(torch.isfinite(solved).all()):
-            options.append(("refit" if kept is p.kept else "obs", kept, solved, error(solved, pos)))
-    kind, kept, chosen, err = min(options, key=lambda o: (o[3], o[0] == "dense"))  # ties: the refit
-    p.kept = kept
-    w = torch.zeros_like(p.dense_w)
-    w[:, kept] = chosen[:, :kept.numel()].to(w.dtype)
-    p.work_w = w
-    if bias:
-        p.work_b = chosen[:, kept.numel()].to(p.dense_w.dtype)
-    scale = yy if yy > 0 else 1.0
-    refit_err = min((o[3] for o in options if o[0] != "dense"), default=options[0][3])
-    row = {"error_none": max(options[0][3], 0.0) / scale, "error_refit": max(refit_err, 0.0) / scale,
-           "kept": kind}
-    if prior is not None:  # kept channels the mask did not keep
-        row["channels_changed"] = int(kept.numel() - torch.isin(kept, options[0][1]).sum())
-    return row
+            p.work_b = chosen[:, kept.numel()].to(p.dense_w.dtype)
+        scale = yy if yy > 0 else 1.0
+        refit_err = min((o[3] for o in options if o[0] != "dense"), default=options[0][3])
+        row = {"error_none": max(options[0][3], 0.0) / scale, "error_refit": max(refit_err, 0.0) / scale,
+               "kept": kind}
+        if prior is not None:  # kept channels the mask did not keep
+            row["channels_changed"] = int(kept.numel() - torch.isin(kept, options[0][1]).sum())
+        return row
 
 
 def _solve(hess: torch.Tensor, cross: torch.Tensor, channels: int, damping: float) -> torch.Tensor:

@@ -881,7 +881,10 @@ def test_ctrl_c_on_a_stage_prints_one_line_and_changes_nothing(repo):
     argv = [str(a) for a in argv_of(repo, "score")]
     proc = subprocess.Popen([sys.executable, "-m", "stages.score", *argv], cwd=PROJECT, stderr=subprocess.PIPE,
                             text=True, env={**__import__("os").environ, "DVC_STAGE": "score@t1"})
-    time.sleep(1.5)
+    maps, deadline = Path(f"/proc/{proc.pid}/maps"), time.time() + 30
+    while proc.poll() is None and time.time() < deadline and "libtorch" not in maps.read_text():
+        time.sleep(0.02)           # the stage imports torch inside its main: interrupt it there, mid-import
+    assert proc.poll() is None, "the stage ended before it could be interrupted"
     start = time.time()
     proc.send_signal(signal.SIGINT)
     err = proc.communicate(timeout=30)[1]

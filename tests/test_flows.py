@@ -454,7 +454,7 @@ def test_changing_sparsity_reruns_no_score(tiny_repo):
     scores = {t: sha256(repo / "scores" / f"{t}.safetensors") for t in ("t1", "t2")}
     report = pipeline_flow(repo=str(repo), params={"prune": {"sparsity": 0.35}}, workers=2)
     ran = {s for s, st in report.items() if st == RAN}
-    assert ran == {"merge", "select", "prune", "evaluate@t1", "evaluate@t2", "perplexity", "report"}, report
+    assert ran == {"merge", "select", "prune", "evaluate@t1", "evaluate@t2", "perplexity", "export", "report"}, report
     assert yaml.safe_load((repo / "params.yaml").read_text())["prune"]["sparsity"] == 0.35
     assert json.loads((repo / "metrics" / "pruned.json").read_text())["sparsity"] == pytest.approx(0.35, abs=0.05)
     assert scores == {t: sha256(repo / "scores" / f"{t}.safetensors") for t in ("t1", "t2")}
@@ -504,7 +504,7 @@ def test_sweep_computes_each_score_once(dask_repo):
     assert [(e["method"], e["sparsity"]) for e in out["experiments"]] == [("vote", 0.1), ("vote", 0.2), ("vote", 0.3)]
     for e in out["experiments"]:
         assert {s for s, st in e["stages"].items() if st == RAN} <= {
-            "merge", "select", "prune", "evaluate@t1", "evaluate@t2", "perplexity", "report"}, e
+            "merge", "select", "prune", "evaluate@t1", "evaluate@t2", "perplexity", "export", "report"}, e
         assert e["stages"]["merge"] == RAN
     import pandas as pd
 

@@ -150,7 +150,8 @@ def test_changing_sparsity_reruns_only_the_sparsity_stages(built, work_copy):
     set_params(repo, prune={"sparsity": 0.4})
 
     r = ok(repro(repo))
-    assert r.ran == {"merge", "select", "prune", *(f"evaluate@{t}" for t in TASKS), "perplexity", "report"}
+    assert r.ran == {"merge", "select", "prune", *(f"evaluate@{t}" for t in TASKS), "perplexity", "export",
+                     "report"}
     assert r.skipped == all_stages(repo) - r.ran
     assert not any(s.startswith(("score@", "prepare@")) for s in r.ran | r.restored)
 
@@ -171,7 +172,7 @@ def test_switching_to_the_refit_reruns_no_score_and_no_dense_evaluation(built, w
 
     r = ok(repro(repo))
     # merge reads prune.recover for an early check and writes the same priorities: select does not rerun
-    assert r.ran == {"merge", "prune", *(f"evaluate@{t}" for t in TASKS), "perplexity", "report"}
+    assert r.ran == {"merge", "prune", *(f"evaluate@{t}" for t in TASKS), "perplexity", "export", "report"}
     assert not any(s.startswith(("score", "prepare@", "evaluate_dense@")) for s in r.ran | r.restored)
     assert "perplexity_dense" not in r.ran
     for stage in all_stages(repo) - r.ran:
@@ -226,7 +227,7 @@ def test_readme_add_a_task_recipe_runs_only_the_new_task(built, work_copy):
 
     r = ok(repro(repo))
     new_task = {f"prepare@{name}", f"score@{name}", f"evaluate_dense@{name}", f"evaluate@{name}"}
-    pruned_side = {"merge", "select", "prune", *(f"evaluate@{t}" for t in TASKS), "perplexity", "report"}
+    pruned_side = {"merge", "select", "prune", *(f"evaluate@{t}" for t in TASKS), "perplexity", "export", "report"}
     assert new_task <= r.ran <= new_task | pruned_side, r.ran
     assert {"merge", "report"} <= r.ran
     assert r.skipped >= {"model", "score_generic", "perplexity_dense",
@@ -298,10 +299,10 @@ def test_editing_every_module_reruns_no_expensive_stage(built, work_copy):
         path.write_bytes(path.read_bytes() + b"\n# edited\n")
     git(repo, "commit", "-qam", "comments everywhere")
     changed = dvc_status(repo)
-    assert changed == {"merge", "select", "prune", "report"}, sorted(changed)
+    assert changed == {"merge", "select", "prune", "export", "report"}, sorted(changed)
     assert not any(s.split("@")[0] in VERSIONED for s in changed)
     again = ok(repro(repo))
-    assert again.ran == {"merge", "select", "prune", "report"}, sorted(again.ran)
+    assert again.ran == {"merge", "select", "prune", "export", "report"}, sorted(again.ran)
     assert hashes(repo, "models", "scores", "merged", "masks", "metrics", "data/tasks") == built.hashes
 
 
@@ -314,7 +315,7 @@ def test_changing_a_computation_version_reruns_exactly_its_stages(built, work_co
     text = versions.read_text()
     versions.write_text(text.replace("\nSCORE = ", "\nSCORE = 1000 + ", 1))
     changed = dvc_status(repo)
-    cheap = {"merge", "select", "prune"}      # they import diet/versions.py as code, and take seconds
+    cheap = {"merge", "select", "prune", "export"}   # they import diet/versions.py as code, and take seconds
     assert changed - cheap == {*(f"score@{t}" for t in TASKS), "score_generic"}, sorted(changed)
 
 

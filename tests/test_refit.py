@@ -216,3 +216,19 @@ def test_out_of_range_refit_settings_are_refused(key, value):
     with pytest.raises(ConfigError) as e:
         Params.from_dict(tiny_params(recover="refit", **{key: value}))
     assert key in e.value.problem and e.value.fix
+
+
+def test_the_refit_is_the_same_bytes_at_any_thread_count():
+    """Batches run several at once (diet.parallel) and the sums run in batch order: 1 and 3 threads agree."""
+    out = {}
+    for threads in (1, 3):
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            model = tiny_model("gemma2")
+            keep = {"mlp": [torch.arange(0, 64, 2)] * 3, "attention": [torch.tensor([1])] * 3}
+            refit(model, keep, batches(40), progress=False)
+            out[threads] = {k: v.clone() for k, v in model.state_dict().items()}
+        finally:
+            torch.set_num_threads(before)
+    assert all(torch.equal(out[1][k], out[3][k]) for k in out[1])

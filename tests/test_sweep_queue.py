@@ -115,7 +115,7 @@ def test_queued_sweep_runs_points_in_parallel_and_leaves_the_workspace(committed
             assert ran == set(), e
         else:
             assert ran and ran <= {"merge", "select", "prune", "evaluate@t1", "evaluate@t2", "perplexity",
-                                   "report"}, e                      # never a score stage
+                                   "export", "report"}, e                      # never a score stage
     assert table["sparsity"].tolist() == [0.2, 0.3, 0.2, 0.3]
     assert table["recover"].tolist() == ["none", "none", "bias", "bias"]   # read from each experiment's params
     assert (table["achieved_sparsity"] - table["sparsity"]).abs().max() < 0.05   # each row is its own experiment
