@@ -48,6 +48,10 @@ REFIT_GROUPS = ("attention", "mlp")  # the order inside a layer: attention's out
 #: groups whose kept channels the refit can choose itself (``prune.refit_choose: obs``); a KV group is a block
 #: of channels, chosen by the mask
 CHOOSE_GROUPS = ("mlp",)
+#: each layer's inputs come from the model pruned so far (True) or from the dense model (False)
+SEQUENTIAL = True
+#: the ridge term pulls the refit toward the dense columns (True) or toward zero (False)
+TOWARD_DENSE = True
 #: with ``obs``, the channels that may go: this many times the number removed, of lowest merged priority
 POOL = 2
 
@@ -306,7 +310,8 @@ def refit(model: nn.Module, keep: Mapping[str, Sequence[torch.Tensor]], batches:
             dense_h = run.each(lambda b: run(layer, b, dense_h[b]))
             for p in projs.values():
                 p.use("work")
-            pruned_h = run.each(lambda b: run(layer, b, pruned_h[b]))
+            pruned_h = run.each(lambda b: run(layer, b, pruned_h[b])) if SEQUENTIAL else \
+                [h.clone() for h in dense_h]
     finally:
         model.train(was_training)
     for g, rows in report.items():
@@ -368,7 +373,8 @@ def _refit_one(run: _LayerRunner, layer: int, projs: dict[str, _Weights], group:
         choices = [p.kept] if prior is None else [p.kept, obs_keep(hess, cross, p.kept.numel(), prior, damping, bias)]
         for kept in choices:
             pos = restrict(kept)
-            solved = _solve(hess[pos][:, pos], cross[:, pos], kept.numel(), damping)
+            start = p.dense_w[:, kept].double() if TOWARD_DENSE else None
+            solved = _solve(hess[pos][:, pos], cross[:, pos], kept.numel(), damping, start)
             if bool(torch.isfinite(solved).all()):
                 options.append(("refit" if kept is p.kept else "obs", kept, solved, error(solved, pos)))
         kind, kept, chosen, err = min(options, key=lambda o: (o[3], o[0] == "dense"))  # ties: the refit
@@ -387,14 +393,21 @@ def _refit_one(run: _LayerRunner, layer: int, projs: dict[str, _Weights], group:
         return row
 
 
-def _solve(hess: torch.Tensor, cross: torch.Tensor, channels: int, damping: float) -> torch.Tensor:
-    """``cross (hess + lambda I)^-1``, lambda = ``damping`` times the mean of the channel entries' diagonal."""
+def _solve(hess: torch.Tensor, cross: torch.Tensor, channels: int, damping: float,
+           start: torch.Tensor | None = None) -> torch.Tensor:
+    """``(cross + lambda start) (hess + lambda I)^-1``: least squares damped toward ``start`` (the dense columns;
+    None: toward zero), lambda = ``damping`` times the mean of the channel entries' diagonal (the intercept is
+    not damped)."""
+    lam = damping * float(hess.diagonal()[:channels].mean())
     damped = hess.clone()
-    damped.diagonal()[:channels] += damping * float(hess.diagonal()[:channels].mean())
+    damped.diagonal()[:channels] += lam
+    target = cross.clone()
+    if start is not None:
+        target[:, :channels] += lam * start[:, :channels]
     try:
-        return torch.linalg.solve(damped, cross.T).T                                       # (out, K)
+        return torch.linalg.solve(damped, target.T).T                                      # (out, K)
     except RuntimeError:  # singular (fewer tokens than channels, no damping): the least-squares solution
-        return torch.linalg.lstsq(damped, cross.T).solution.T
+        return torch.linalg.lstsq(damped, target.T).solution.T
 
 
 def obs_keep(hess: torch.Tensor, cross: torch.Tensor, n_keep: int, prior: torch.Tensor, damping: float,

@@ -764,6 +764,8 @@ def paired_mean(reference: Items, candidate: Items, metric: int = 0, seed: int =
 #: and their paired differences from task_agnostic and the best field baseline
 FIDELITY = ("flip", "kl")
 FIDELITY_COMPARISONS = ("vs_dense", "vs_task_agnostic", "vs_best_baseline")
+#: perplexity's paired comparisons over the held-out passages (``ppl_<comparison>``; diet.evaluation.stats)
+PPL_COMPARISONS = ("vs_dense", "vs_best_baseline")
 
 
 def paired_fidelity(reference: dict | None, candidate: dict, name: str, seed: int = 0):
@@ -777,15 +779,19 @@ def paired_fidelity(reference: dict | None, candidate: dict, name: str, seed: in
 
 def _paired_prefixes() -> tuple[str, ...]:
     """Column prefixes of the paired comparisons a table is given by ``add_paired_columns``."""
-    return (*(f"acc_{k}" for k in COMPARISONS), *(f"{m}_{k}" for m in FIDELITY for k in FIDELITY_COMPARISONS))
+    return (*(f"acc_{k}" for k in COMPARISONS), *(f"{m}_{k}" for m in FIDELITY for k in FIDELITY_COMPARISONS),
+            *(f"ppl_{k}" for k in PPL_COMPARISONS))
 
 
-def add_paired_columns(table, items: dict[str, Items], dense_items: Items | None, default_groups: str | None = None):
+def add_paired_columns(table, items: dict[str, Items], dense_items: Items | None, default_groups: str | None = None,
+                       docs: dict[str, dict] | None = None, dense_docs: dict | None = None):
     """Add each row's paired difference in mean acc (``acc_<comparison>`` with ``_low`` / ``_high``; ``best_baseline``
     names the baseline row) against the dense model, task_agnostic and the best field baseline at its sparsity,
     and against its default (``vs_default``): for a row with a ``--vary`` setting, the same method without it;
     for a row pruning other groups than ``default_groups`` (params.yaml's ``prune.groups``, ``+``-joined), the
-    same method pruning those.
+    same method pruning those. With ``docs`` (experiment -> per-passage perplexity values, ``per_doc`` of
+    diet.evaluation.perplexity) and ``dense_docs``, also the paired difference in perplexity from the dense model
+    and the best field baseline (``ppl_<comparison>``).
 
     ``items`` maps an experiment name to its per-item results; rows without them, or without the reference's,
     get empty cells. A row is not compared with itself."""
@@ -798,6 +804,9 @@ def add_paired_columns(table, items: dict[str, Items], dense_items: Items | None
         for key in FIDELITY_COMPARISONS:
             for suffix in ("", "_low", "_high"):
                 table[f"{name}_{key}{suffix}"] = float("nan")
+    for key in PPL_COMPARISONS:
+        for suffix in ("", "_low", "_high"):
+            table[f"ppl_{key}{suffix}"] = float("nan")
     table["best_baseline"] = ""
     fidelity = {e: fidelity_values(dense_items, cand) for e, cand in items.items()} if dense_items else {}
     at_default = table["groups"].isin(["", default_groups]) if default_groups else table["groups"] == ""
@@ -842,16 +851,41 @@ def add_paired_columns(table, items: dict[str, Items], dense_items: Items | None
                     table.loc[idx, [f"{name}_{key}", f"{name}_{key}_low", f"{name}_{key}_high"]] = [d.diff, d.low,
                                                                                                    d.high]
                 table.loc[idx, name] = table.loc[idx, f"{name}_vs_dense"]
+            mine_docs = (docs or {}).get(row.get("experiment"))
+            ppl_refs = {"vs_dense": dense_docs, "vs_best_baseline": (docs or {}).get(
+                refs["vs_best_baseline"].get("experiment")) if "vs_best_baseline" in references else None}
+            for key, ref_docs in ppl_refs.items():
+                d = paired_perplexity(ref_docs, mine_docs) if mine_docs and ref_docs else None
+                if d is not None:
+                    table.loc[idx, [f"ppl_{key}", f"ppl_{key}_low", f"ppl_{key}_high"]] = [d.diff, d.low, d.high]
     return table
 
 
-def interval_cell(r: dict[str, Any], key: str, metric: str = "acc", sign: str = "+", star: bool = True) -> str:
+def paired_perplexity(reference: dict, candidate: dict):
+    """``candidate - reference`` perplexity over the same held-out passages with its paired interval
+    (``diet.evaluation.stats.perplexity_difference``), or None where the two were measured on other passages."""
+    from diet.errors import DietError
+    from diet.evaluation.stats import perplexity_difference
+
+    try:
+        return perplexity_difference(reference, candidate)
+    except DietError:
+        return None
+
+
+def perplexity_docs(record: dict | None) -> dict | None:
+    """The per-passage perplexity values of a report stage's model record (None where it has none)."""
+    return ((record or {}).get("perplexity_detail") or {}).get("per_doc")
+
+
+def interval_cell(r: dict[str, Any], key: str, metric: str = "acc", sign: str = "+", star: bool = True,
+                  digits: int = 3) -> str:
     """``+0.031 [+0.004, +0.058]*`` from a row's paired columns ``<metric>_<key>`` (star: the interval excludes
     zero), or ''. ``sign=""`` and ``star=False`` for a value that cannot be negative (a flip rate)."""
     d, lo, hi = (r.get(f"{metric}_{key}{s}") for s in ("", "_low", "_high"))
     if any(_number(v) is None or math.isnan(v) for v in (d, lo, hi)):
         return ""
-    f = f"{{:{sign}.3f}}"
+    f = f"{{:{sign}.{digits}f}}"
     return f"{f.format(d)} [{f.format(lo)}, {f.format(hi)}]" + ("*" if star and (lo > 0 or hi < 0) else "")
 
 
@@ -870,12 +904,15 @@ def comparison_markdown(table, dense: dict[str, Any] | None) -> str:
     faithful = [m for m in FIDELITY if f"{m}_vs_dense" in table.columns and table[f"{m}_vs_dense"].notna().any()]
     fidelity_heads = {"flip": "flip rate", "kl": "KL to dense"}
     versus = [m for m in faithful if table[f"{m}_vs_best_baseline"].notna().any()]
+    ppl = [k for k in PPL_COMPARISONS if f"ppl_{k}" in table.columns and table[f"ppl_{k}"].notna().any()]
+    ppl_heads = {"vs_dense": "Δ perplexity vs dense", "vs_best_baseline": "Δ perplexity vs best baseline"}
     # rows that prune different groups differ in size: their total parameters (embedding included) are shown
     sizes = table["groups"].nunique() > 1 and "params_total" in table.columns
     timed = all(c in table.columns for c in LATENCY) and table[list(LATENCY)].notna().any().any()
     head = ["method", *tasks, "mean acc", "mean acc_norm", "perplexity", *(fidelity_heads[m] for m in faithful),
             *(["total params (M)"] if sizes else []), *(["prefill / decode CPU time (× dense)"] if timed else []),
-            *(heads[k] for k in paired), *(f"Δ {fidelity_heads[m]} vs best baseline" for m in versus)]
+            *(heads[k] for k in paired), *(f"Δ {fidelity_heads[m]} vs best baseline" for m in versus),
+            *(ppl_heads[k] for k in ppl)]
 
     def ratios(r: dict[str, Any]) -> str:
         values = [_number(r.get(c)) for c in LATENCY]
@@ -895,7 +932,8 @@ def comparison_markdown(table, dense: dict[str, Any] | None) -> str:
                  *([f"{r['params_total'] / 1e6:.1f}" if _number(r.get("params_total")) is not None
                     and not math.isnan(r["params_total"]) else ""] if sizes else []),
                  *([ratios(r)] if timed else []), *(interval_cell(r, k) for k in paired),
-                 *(interval_cell(r, "vs_best_baseline", m) for m in versus)]
+                 *(interval_cell(r, "vs_best_baseline", m) for m in versus),
+                 *(interval_cell(r, k, "ppl", digits=2) for k in ppl)]
         return "| " + " | ".join(cells) + " |"
 
     out = []
@@ -918,6 +956,9 @@ def comparison_markdown(table, dense: dict[str, Any] | None) -> str:
                     "differs from the dense model's; KL, the divergence (nats) of the distribution over each item's "
                     "choices from the dense model's. Lower is closer; each with its 95% bootstrap interval over "
                     "items, and Δ the paired difference from the best field baseline (negative: closer).", ""]
+        if ppl:
+            out += ["Δ perplexity: the row's perplexity on the held-out passages minus the reference's, with the 95% "
+                    "interval of a paired bootstrap over passages.", ""]
     return "\n".join(out)
 
 
@@ -939,8 +980,21 @@ def items_path(csv: Path) -> Path:
     return csv.with_name(f"{csv.stem}-items.json")
 
 
-def write_items(path: Path, rows: dict[str, Items], dense: Items | None) -> None:
-    atomic_write(path, json.dumps({"dense": dense, "rows": rows}, sort_keys=True, separators=(",", ":")) + "\n")
+def write_items(path: Path, rows: dict[str, Items], dense: Items | None, docs: dict[str, dict] | None = None,
+                dense_docs: dict | None = None) -> None:
+    """The per-item results of a table's rows and of the dense model, with (``perplexity``) their per-passage
+    perplexity values where known."""
+    data = {"dense": dense, "rows": rows}
+    if docs or dense_docs:
+        data["perplexity"] = {"rows": docs or {}, "dense": dense_docs}
+    atomic_write(path, json.dumps(data, sort_keys=True, separators=(",", ":")) + "\n")
+
+
+def load_docs(csv: Path) -> tuple[dict[str, dict], dict | None]:
+    """The per-passage perplexity values beside a sweep table (``write_items``): (by experiment, the dense model's)."""
+    path = items_path(csv)
+    data = (json.loads(path.read_text()).get("perplexity") or {}) if path.is_file() else {}
+    return data.get("rows") or {}, data.get("dense")
 
 
 def default_groups(root: Path) -> str | None:
@@ -954,12 +1008,16 @@ def default_groups(root: Path) -> str | None:
 
 def sweep_rows(runs: list[dict[str, Any]], tasks: list[str]):
     """The rows of ``runs`` (``sweep_row``), their per-item results by experiment, the dense model's per-item
-    results and its summary (the first the runs recorded, or None). Runs whose dense models' per-item results
+    results, its summary (the first the runs recorded, or None) and the rows' per-passage perplexity values by
+    experiment (``perplexity_docs``). Runs whose dense models' per-item results
     differ (other items, or another evaluation) are refused: their rows could not be paired."""
-    rows, items, dense_items, dense, dense_from = [], {}, None, None, None
+    rows, items, dense_items, dense, dense_from, docs = [], {}, None, None, None, {}
     for run in runs:
         row, pruned, dense_run = sweep_row(run, tasks)
         rows.append(row)
+        mine = perplexity_docs(json.loads(run["read"](PRUNED_METRICS)))
+        if mine:
+            docs[row["experiment"]] = mine
         if pruned is not None:
             items[row["experiment"]] = pruned
         if dense_items is not None and dense_run is not None and dense_run != dense_items:
@@ -974,7 +1032,7 @@ def sweep_rows(runs: list[dict[str, Any]], tasks: list[str]):
                 dense = json.loads(run["read"](DENSE_METRICS))
             except FileNotFoundError:
                 pass
-    return rows, items, dense_items, dense
+    return rows, items, dense_items, dense, docs
 
 
 def write_results(root: Path, runs: list[dict[str, Any]], tasks: list[str]):
@@ -982,10 +1040,11 @@ def write_results(root: Path, runs: list[dict[str, Any]], tasks: list[str]):
     returns the table, the markdown and the paths."""
     import pandas as pd
 
-    rows, items, dense_items, dense = sweep_rows(runs, tasks)
-    table = add_paired_columns(pd.DataFrame(rows), items, dense_items, default_groups(root)).drop(columns="label")
+    rows, items, dense_items, dense, docs = sweep_rows(runs, tasks)
+    table = add_paired_columns(pd.DataFrame(rows), items, dense_items, default_groups(root), docs,
+                               perplexity_docs(dense)).drop(columns="label")
     atomic_write(root / CSV, table.to_csv(index=False))
-    write_items(items_path(root / CSV), items, dense_items)
+    write_items(items_path(root / CSV), items, dense_items, docs, perplexity_docs(dense))
     if dense is not None:
         atomic_write(root / SWEEP_DENSE, json.dumps(dense, indent=2, sort_keys=True) + "\n")
     md = render(table, dense)
@@ -1064,10 +1123,11 @@ def report(repo: str | Path = ".", csvs: list[str | Path] | None = None, out: st
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise FlowError(f"no sweep table at {', '.join(missing)}", "run `diet-flow sweep` first")
-    tables, items, dense_items = [], {}, None
+    tables, items, dense_items, docs, dense_docs = [], {}, None, {}, None
     if experiments:
         runs = finished_runs(root, experiments)
-        rows, items, dense_items, dense_record = sweep_rows(runs, read_params(root).get("tasks") or [])
+        rows, items, dense_items, dense_record, docs = sweep_rows(runs, read_params(root).get("tasks") or [])
+        dense_docs = perplexity_docs(dense_record)
         from diet.config import METHODS, RECOVERIES
 
         rows.sort(key=lambda r: (METHODS.index(r["method"]) if r["method"] in METHODS else len(METHODS),
@@ -1080,6 +1140,9 @@ def report(repo: str | Path = ".", csvs: list[str | Path] | None = None, out: st
                                       or c in ("best_baseline", *FIDELITY)]))
         rows_items, d = load_items(root, p, t)
         items.update(rows_items)
+        table_docs, table_dense_docs = load_docs(p)
+        docs.update(table_docs)
+        dense_docs = dense_docs or table_dense_docs
         if d is not None and dense_items is not None and d != dense_items:
             raise FlowError(f"the dense model's per-item results beside {p} differ from another table's",
                             "combine sweeps evaluated on the same items (same evaluate.limit and evaluate.seed)")
@@ -1087,7 +1150,7 @@ def report(repo: str | Path = ".", csvs: list[str | Path] | None = None, out: st
     table = pd.concat(tables, ignore_index=True)
     table = table.drop_duplicates(["method", "recover", "groups", "setting", "sparsity"], keep="last").sort_values("sparsity",
                                                                                               kind="stable")
-    table = add_paired_columns(table, items, dense_items, default_groups(root)).drop(columns="label")
+    table = add_paired_columns(table, items, dense_items, default_groups(root), docs, dense_docs).drop(columns="label")
     if experiments and dense is None:
         dense, dense_path = dense_record, Path(f"experiment {runs[0]['experiment']}")
     else:
@@ -1109,7 +1172,9 @@ def report(repo: str | Path = ".", csvs: list[str | Path] | None = None, out: st
         out = Path(out)
         md_path, plot_path = out / "sweep.md", out / "accuracy_vs_sparsity.png"
         atomic_write(out / "sweep.csv", table.to_csv(index=False))
-        write_items(out / "sweep-items.json", {e: items[e] for e in table.get("experiment", []) if e in items}, dense_items)
+        kept = list(table.get("experiment", []))
+        write_items(out / "sweep-items.json", {e: items[e] for e in kept if e in items}, dense_items,
+                    {e: docs[e] for e in kept if e in docs}, dense_docs)
     atomic_write(md_path, md)
     plot_accuracy(table, plot_path, dense)
     return md

@@ -112,3 +112,26 @@ def test_sweep_rows_carry_flip_rate_and_kl_with_paired_intervals_against_the_bes
     assert not np.isnan(out.loc["random", "flip"]) and np.isnan(out.loc["random", "kl"])
     md = comparison_markdown(out.reset_index(drop=True), None)
     assert "flip rate" in md and "Δ KL to dense vs best baseline" in md
+
+
+def test_sweep_rows_carry_perplexity_differences_paired_over_passages(tmp_path):
+    from flows.sweep import add_paired_columns, comparison_markdown, load_docs, write_items
+
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(40, 120, size=30).tolist()
+    base = rng.uniform(2.5, 4.0, size=30)
+    docs = {m: {"nll": ((base + shift) * np.asarray(tokens)).tolist(), "tokens": tokens}
+            for m, shift in (("vote", 0.2), ("wanda_sp", 0.5))}
+    dense_docs = {"nll": (base * np.asarray(tokens)).tolist(), "tokens": tokens}
+    items = {"t": {f"i{k}": [1.0, 1.0] for k in range(20)}}
+    rows = [{"method": m, "recover": "none", "sparsity": 0.2, "acc": 0.5, "acc_norm": 0.5, "acc_t": 0.5,
+             "acc_norm_t": 0.5, "perplexity": 30.0, "experiment": m} for m in ("vote", "wanda_sp")]
+    out = add_paired_columns(pd.DataFrame(rows), {m: items for m in docs}, items, None, docs,
+                             dense_docs).set_index("label")
+    assert out.loc["vote", "ppl_vs_dense"] > 0 and out.loc["vote", "ppl_vs_dense_low"] > 0
+    assert out.loc["vote", "ppl_vs_best_baseline_high"] < 0          # lower than wanda_sp's beyond the interval
+    assert np.isnan(out.loc["wanda_sp", "ppl_vs_best_baseline"])      # the baseline is not compared with itself
+    md = comparison_markdown(out.reset_index(drop=True), None)
+    assert "Δ perplexity vs best baseline" in md and "paired bootstrap over passages" in md
+    write_items(tmp_path / "sweep-items.json", {}, None, docs, dense_docs)
+    assert load_docs(tmp_path / "sweep.csv") == (docs, dense_docs)

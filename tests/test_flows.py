@@ -317,7 +317,7 @@ def test_sweep_rows_refuse_runs_whose_dense_models_saw_other_items():
                 "dense": {"t1": [{"id": 0, "acc": correct, "acc_norm": correct}]}}
 
     same = [fake_run(Point("vote", s), fake_metrics(0.5, s), fake_metrics(0.7, 0.0), items(1)) for s in (0.1, 0.2)]
-    rows, by_experiment, dense_items, _ = sweep_rows(same, ["t1"])
+    rows, by_experiment, dense_items, _, _ = sweep_rows(same, ["t1"])
     assert len(rows) == 2 and dense_items == {"t1": {"0": [1.0, 1.0]}} and len(by_experiment) == 2
     other = fake_run(Point("mean", 0.2), fake_metrics(0.5, 0.2), fake_metrics(0.7, 0.0), items(0))
     with pytest.raises(FlowError, match="dense model's per-item results of experiment mean-0.2 differ from those "
