@@ -4,8 +4,8 @@ With `prune.recover: bias` the removed dimensions' calibration means are folded 
 biases: from the tasks' score files (`--scores`) for vote / mean / rank, from the generic one (`--generic`)
 for the other methods (diet.merge.means_source). With `refit` / `refit_bias` the kept weights of each output
 projection are solved for on calibration text (diet.refit): the tasks' calibration samples (`--tasks-dir`,
-merge.weights honoured) for vote / mean / rank, the generic text for the other methods; the first
-`prune.refit_samples` of each.
+merge.weights honoured) for vote / mean / rank, the first `prune.refit_samples` of each; as many generic
+texts in all for the other methods.
 """
 
 from __future__ import annotations
@@ -78,7 +78,9 @@ def refit_texts(args, params, mask) -> dict[str, list[str]]:
     if means_source(params.merge.method) == "generic":
         from diet.generic import generic_texts
 
-        return {"generic": generic_texts(params.calibration.n_samples, params.calibration.seed)[:n]}
+        # as many generic texts as the task methods get samples in all
+        count = (n or params.calibration.n_samples) * len(params.tasks)
+        return {"generic": generic_texts(count, params.calibration.seed)}
     from diet.tasks import read_calibration
 
     weights = params.merge.weights

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from diet.config import Params
 from diet.errors import ConfigError, DataError, DietError, ModelError
 from stages._common import run_stage
+from tests.test_tasks import needs_olmo
 from tests.repo_fixture import MODEL_DIR, PROJECT, TINY_PARAMS, write_task, write_tiny_model
 
 TASKS = ("t1", "t2")
@@ -575,6 +576,19 @@ def test_prune_refits_the_kept_weights_and_reports_the_calibration_error(repo, c
         assert manifest["refit"]["choose"] == "obs" and {r["kept"] for r in mlp["layers"]} <= {"obs", "refit", "dense"}
         chose = [r for r in mlp["layers"] if r["kept"] == "obs"]
         assert chose and all(r["channels_changed"] > 0 for r in chose), mlp["layers"]
+
+
+@needs_olmo
+def test_refit_for_a_method_that_ranks_without_the_tasks_fits_on_as_many_generic_texts(repo, capsys):
+    from diet.io import read_json
+
+    write_params(repo, prune={"recover": "refit", "refit_samples": 3}, merge={"method": "wanda_sp"})
+    out = repo / "refit-generic"
+    code, err = stage("prune", [*argv_of(repo, "prune")[:-4], "--out", out, "--params", repo / "params.yaml"],
+                      capsys)
+    assert code == 0, err
+    refit = read_json(out / "manifest.json")["refit"]
+    assert refit["sources"] == ["generic"] and refit["n_samples"] == 3 * len(TASKS)
 
 
 def test_refit_without_the_calibration_samples_fails_before_the_model_is_read(repo, capsys, monkeypatch):
