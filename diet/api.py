@@ -56,7 +56,7 @@ def prune(model, tokenizer, tasks: Mapping[str, Sequence[str]], sparsity: float 
           score_cfg: ScoreConfig | None = None, merge_cfg: MergeConfig = MergeConfig(),
           groups: Sequence[str] = ("mlp",), select_cfg: SelectConfig = SelectConfig(), max_length: int = 512,
           generic_texts: Sequence[str] | None = None, progress: bool = True, recover: str = "none",
-          refit_damping: float = 0.01):
+          refit_damping: float = 0.3):
     """Prune ``model`` in place for ``tasks`` ({task name: calibration texts}); returns (model, Mask).
 
     ``merge_cfg.method`` picks DIET's majority vote (default) or a baseline; ``task_agnostic``, ``wanda_sp``

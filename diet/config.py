@@ -230,7 +230,7 @@ class PruneConfig:
     sparsity: float = 0.2
     groups: tuple[str, ...] = ("mlp",)
     recover: str = "none"
-    refit_damping: float = 0.01
+    refit_damping: float = 0.3
     refit_samples: int | None = 32
     refit_choose: str = "mask"
 
@@ -249,7 +249,8 @@ class PruneConfig:
         d = self.refit_damping
         if not is_number(d) or float(d) < 0:
             raise ConfigError(f"prune.refit_damping = {d!r} must be a finite number >= 0",
-                              "set the ridge term as a share of the Gram matrix's mean diagonal, e.g. 0.01")
+                              "set the pull toward the dense weights as a share of the Gram matrix's mean "
+                              "diagonal, e.g. 0.3")
         if self.refit_samples is not None:
             _integer("prune", "refit_samples", self.refit_samples, "32 (or null for every calibration sample)")
             if self.refit_samples < 1:

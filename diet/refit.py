@@ -238,7 +238,7 @@ class Refit:
 
 def refit_on_texts(model: nn.Module, tokenizer, texts: Mapping[str, Sequence[str]],
                    keep: Mapping[str, Sequence[torch.Tensor]], *, weights: Mapping[str, float] | None = None,
-                   max_length: int = 512, batch_size: int = 8, damping: float = 0.01, bias: bool = False,
+                   max_length: int = 512, batch_size: int = 8, damping: float = 0.3, bias: bool = False,
                    priors: Mapping[str, torch.Tensor] | None = None, progress: bool = True) -> tuple[Refit, dict]:
     """``refit`` on calibration ``texts`` by source (``{task: [text, ...]}``, weighted by ``weights``), tokenised as
     scoring does; returns (the refit, ``{"n_samples", "n_tokens"}``)."""
@@ -257,7 +257,7 @@ def refit_on_texts(model: nn.Module, tokenizer, texts: Mapping[str, Sequence[str
 
 @torch.no_grad()
 def refit(model: nn.Module, keep: Mapping[str, Sequence[torch.Tensor]], batches: Sequence[Batch], *,
-          damping: float = 0.01, bias: bool = False, priors: Mapping[str, torch.Tensor] | None = None,
+          damping: float = 0.3, bias: bool = False, priors: Mapping[str, torch.Tensor] | None = None,
           progress: bool = True) -> Refit:
     """Refit ``model`` (dense, in place) for the kept dimensions ``keep`` (module doc).
 
@@ -273,7 +273,7 @@ def refit(model: nn.Module, keep: Mapping[str, Sequence[torch.Tensor]], batches:
 
     check_refit_groups(keep, "the mask's groups")
     if not isinstance(damping, (int, float)) or not damping >= 0 or damping != damping or damping == float("inf"):
-        raise ConfigError(f"prune.refit_damping = {damping!r} must be a finite number >= 0", "use e.g. 0.01")
+        raise ConfigError(f"prune.refit_damping = {damping!r} must be a finite number >= 0", "use e.g. 0.3")
     if not batches:
         raise DataError("the refit has no calibration batches", "pass the tasks' calibration samples")
     adapter = get_adapter(model)
