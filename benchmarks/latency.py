@@ -164,7 +164,8 @@ def experiment_variants(repo: Path, patterns: list[str], workdir: Path) -> list[
     DVC cache at the experiment's commit into ``workdir``, named by method and pruned groups."""
     from dvc.api import DVCFileSystem
 
-    from flows.sweep import PRUNED_METRICS, finished_runs, params_at, row_label
+    from flows.experiments import PRUNED_METRICS, finished_runs, params_at
+    from flows.points import row_label
 
     variants = []
     for run in finished_runs(repo, patterns):

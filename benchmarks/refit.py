@@ -114,7 +114,8 @@ def main(argv=None) -> None:
             model(input_ids=b.ids, use_cache=False)
         plain = cpu_seconds() - start
     t0, w0 = cpu_seconds(), time.perf_counter()
-    peak, report = peak_above_now(lambda: refit(model, keep, batches, damping=0.01, progress=False))
+    peak, done = peak_above_now(lambda: refit(model, keep, batches, progress=False))
+    report = done.report
     refit_s, wall = cpu_seconds() - t0, time.perf_counter() - w0
     k = max(int(v.numel()) for v in keep["mlp"])
     errors = {grp: {"none": sum(r["error_none"] for r in rows) / len(rows),

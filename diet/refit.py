@@ -6,15 +6,16 @@ channels differ too. The refit solves, per layer and output projection ``y = W x
 ``W'`` (and, with ``refit_bias``, a new bias ``b'``) that keep the projection's output on calibration tokens what
 the dense model's was::
 
-    min  sum_t w_t || W' a_t + b' - y_t ||^2 + lambda ||W'||^2
+    min  sum_t w_t || W' a_t + b' - y_t ||^2 + lambda ||W' - W[:, K]||^2
     a_t: the kept channels of the projection's input in the model pruned so far (sequential calibration),
     y_t: the dense projection's output in the dense model,
 
 solved in closed form: with ``A = [a; 1]``, ``H = sum w A A^T`` and ``C = sum w y A^T``,
-``[W' b'] = C (H + lambda I)^-1``, ``lambda = damping * mean(diag H)`` over the channel entries (the damped
-least squares of OSSCAR and Týr-the-Pruner; with the dense model's inputs it is ``W H[:, K] (H[K, K] +
-lambda I)^-1``). Layers are taken in order, attention before the MLP inside a layer, and each one sees the
-outputs of the layers already refitted: errors do not compound unseen.
+``[W' b'] = (C + lambda [W[:, K] 0]) (H + lambda I)^-1``, ``lambda = damping * mean(diag H)`` over the channel
+entries. The ridge term pulls toward the dense columns, not toward zero as OSSCAR's and Týr-the-Pruner's damping
+does: a few thousand calibration tokens per task overfit a plain least-squares fit, and a large ``lambda`` then
+falls back to the dense columns (docs/method.md). Layers are taken in order, attention before the MLP inside a
+layer, and each one sees the outputs of the layers already refitted: errors do not compound unseen.
 
 A refit never makes a projection worse on the calibration tokens than keeping its dense columns
 (``recover: none``): the two errors are compared exactly (from ``H``, ``C`` and ``sum w ||y||^2``) and the
@@ -294,8 +295,8 @@ def refit(model: nn.Module, keep: Mapping[str, Sequence[torch.Tensor]], batches:
     report: dict[str, list[dict]] = {g: [] for g in groups}
     try:
         run = _LayerRunner(model, layers, batches, device)
-        dense_h = list(run.inputs)
-        pruned_h = [h.clone() for h in run.inputs]
+        dense_h, run.inputs = run.inputs, None      # the first layer's inputs, held once
+        pruned_h = [h.clone() for h in dense_h]
         for layer in tqdm(range(len(layers)), desc="refit", unit="layer", disable=not progress):
             projs = {g: _Weights(adapter.activation_module(g, layer),
                                  adapter.output_channels(g, layer, keep[g][layer])) for g in groups}

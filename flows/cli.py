@@ -208,7 +208,8 @@ def dispatch(args: argparse.Namespace) -> Any:
                              workdir=args.workdir)
     if args.command in ("sweep", "loto"):
         from flows.pipeline import validate_run
-        from flows.sweep import check_points, make_points, parse_variant, sweep_flow
+        from flows.points import check_points, make_points, parse_variant
+        from flows.sweep import sweep_flow
 
         root = validate_run(args.repo, parse_sets(args.sets))
         # a point that cannot run, or an unknown method, fails before a Prefect server starts
@@ -262,7 +263,7 @@ def dispatch(args: argparse.Namespace) -> Any:
                            all_stages=args.all_stages, task_runner=args.runner, workers=args.workers,
                            address=args.address, retries=args.retries)
     if args.command == "report":
-        from flows.sweep import report
+        from flows.sweep_report import report
 
         print(report(args.repo, csvs=args.csvs, out=args.out, dense=args.dense, experiments=args.experiments,
                      latency=args.latency))

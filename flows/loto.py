@@ -25,7 +25,10 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from flows.repo import FlowError, atomic_write, merged_params, read_params
-from flows.sweep import Items, Point, experiments_flow, interval_cell, paired_mean, parse_variant, read_items
+from flows.experiments import Items, read_items
+from flows.points import Point, parse_variant
+from flows.sweep import experiments_flow
+from flows.tables import interval_cell, paired_mean
 
 CSV, MARKDOWN, ITEMS = "results/loto.csv", "results/loto.md", "results/loto-items.json"
 #: the merge methods whose mask depends on the tasks (``diet.merge.TASK_METHODS``, which imports torch); every
@@ -148,7 +151,7 @@ def loto_report(repo: str | Path, experiments: list[str], methods: list[str] | N
     """The leave-one-task-out table again, from finished experiments (shell-style name patterns, e.g. those of a
     ``loto`` run whose flow was stopped): no experiment runs. ``methods`` fixes the row order (default: as
     found)."""
-    from flows.sweep import finished_runs
+    from flows.experiments import finished_runs
 
     root = Path(repo)
     runs = finished_runs(root, experiments)

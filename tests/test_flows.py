@@ -310,7 +310,8 @@ def fake_run(point, metrics: dict, dense: dict, items: dict | None = None) -> di
 
 
 def test_sweep_rows_refuse_runs_whose_dense_models_saw_other_items():
-    from flows.sweep import Point, sweep_rows
+    from flows.points import Point
+    from flows.tables import sweep_rows
 
     def items(correct):
         return {"pruned": {"t1": [{"id": 0, "acc": 1, "acc_norm": 1}]},
@@ -327,7 +328,8 @@ def test_sweep_rows_refuse_runs_whose_dense_models_saw_other_items():
 
 
 def test_sweep_results_table_markdown_plot(tmp_path):
-    from flows.sweep import CSV, MARKDOWN, PLOT, SWEEP_DENSE, Point, write_results
+    from flows.points import Point
+    from flows.tables import CSV, MARKDOWN, PLOT, SWEEP_DENSE, write_results
 
     runs = [fake_run(Point(m, s), fake_metrics(0.6 - s, s), fake_metrics(0.7, 0.0))
             for m in ("vote", "mean") for s in (0.1, 0.3)]
@@ -493,7 +495,8 @@ def test_dask_fan_out_equals_sequential_run(dask_repo, tiny_repo):
 @pytest.mark.slow
 @pytest.mark.integration
 def test_sweep_computes_each_score_once(dask_repo):
-    from flows.sweep import CSV, MARKDOWN, PLOT, sweep_flow
+    from flows.sweep import sweep_flow
+    from flows.tables import CSV, MARKDOWN, PLOT
 
     repo, first = dask_repo
     assert first["score@t1"] == first["score@t2"] == RAN  # computed once, before the sweep
@@ -728,7 +731,8 @@ def test_scheduled_run_fires_on_a_real_server(tmp_path):
 def test_report_renders_per_task_tables(tmp_path):
     import pandas as pd
 
-    from flows.sweep import metrics_row, report
+    from flows.sweep_report import report
+    from flows.tables import metrics_row
 
     def metrics(a, b):
         return {"mean": {"acc": (a + b) / 2, "acc_norm": a}, "perplexity": 20.0, "sparsity": 0.2,
@@ -750,7 +754,8 @@ def test_report_renders_per_task_tables(tmp_path):
 def test_report_combines_sweeps(tmp_path):
     import pandas as pd
 
-    from flows.sweep import metrics_row, report
+    from flows.sweep_report import report
+    from flows.tables import metrics_row
 
     def row(method, sparsity, acc):
         m = {"mean": {"acc": acc, "acc_norm": acc}, "tasks": {"t1": {"acc": acc, "acc_norm": acc}}}
@@ -772,7 +777,8 @@ def test_report_refuses_a_dense_row_of_another_evaluation_size(tmp_path):
     import pandas as pd
 
     from flows.repo import FlowError
-    from flows.sweep import metrics_row, report
+    from flows.sweep_report import report
+    from flows.tables import metrics_row
 
     def metrics(acc, n):
         return {"mean": {"acc": acc, "acc_norm": acc},

@@ -8,9 +8,10 @@ import pandas as pd
 import pytest
 
 from flows.repo import FlowError
-from flows.sweep import (Point, add_paired_columns, check_points, comparison_markdown, inferred_settings,
-                         interval_cell, items_path, make_points, parse_groups, parse_setting, parse_variant, report,
-                         with_labels, write_items)
+from flows.experiments import inferred_settings
+from flows.points import Point, check_points, make_points, parse_groups, parse_setting, parse_variant
+from flows.sweep_report import report
+from flows.tables import add_paired_columns, comparison_markdown, interval_cell, items_path, with_labels, write_items
 
 
 def test_points_name_their_experiments_and_set_their_params():
@@ -151,7 +152,8 @@ def test_tables_of_several_group_combinations_name_the_groups_and_the_total_size
 
 
 def test_report_takes_the_latency_of_its_experiments(tmp_path):
-    from flows.sweep import LATENCY, add_latency
+    from flows.sweep_report import add_latency
+    from flows.tables import LATENCY
 
     rows = [{"method": "vote", "recover": "none", "groups": g, "sparsity": 0.2, "acc": 0.4, "acc_norm": 0.4,
              "acc_t1": 0.4, "acc_norm_t1": 0.4, "perplexity": 30.0, "params_total": 1e8, "experiment": f"e-{g}"}

@@ -46,7 +46,7 @@ def test_record_run_names_the_experiment(tmp_path, monkeypatch):
 
 
 def test_bad_mode_and_jobs_are_refused():
-    from flows.sweep import check_mode
+    from flows.experiments import check_mode
 
     assert check_mode("queue", 2) == 2 and check_mode("workspace", 1) == 1
     with pytest.raises(FlowError, match="sweep mode 'parallel' is unknown") as e:
@@ -88,8 +88,10 @@ def test_queued_sweep_runs_points_in_parallel_and_leaves_the_workspace(committed
 
     import pandas as pd
 
-    import flows.sweep as sweep
-    from flows.sweep import CSV, MARKDOWN, sweep_flow
+    import flows.experiments as sweep
+    from flows.sweep import sweep_flow
+    from flows.sweep_report import report
+    from flows.tables import CSV, MARKDOWN
 
     repo = committed_repo
     before = _state(repo)
@@ -133,12 +135,12 @@ def test_queued_sweep_runs_points_in_parallel_and_leaves_the_workspace(committed
     assert {states[e]["state"] for e in table["experiment"]} == {"success"}
     # the same table again straight from the finished experiments (a sweep whose flow was stopped)
     sweep_id = table["experiment"][0].rsplit("-", 1)[-1]
-    sweep.report(repo, experiments=[f"*-{sweep_id}"], out=tmp_path / "again")
+    report(repo, experiments=[f"*-{sweep_id}"], out=tmp_path / "again")
     again = pd.read_csv(tmp_path / "again" / "sweep.csv").set_index("experiment").loc[table["experiment"]]
     for column in ("recover", "acc", "acc_norm", "perplexity", "acc_vs_dense", "acc_vs_dense_low"):
         assert again[column].tolist() == table[column].tolist(), column
     with pytest.raises(FlowError, match="no finished experiment matches 'nope-\\*'"):
-        sweep.report(repo, experiments=["nope-*"])
+        report(repo, experiments=["nope-*"])
 
 
 @pytest.mark.slow
@@ -153,8 +155,10 @@ def test_sweep_over_dimension_groups_and_an_ablation(committed_repo, prefect_har
 
     import pandas as pd
 
-    import flows.sweep as sweep
-    from flows.sweep import CSV, MARKDOWN, sweep_flow
+    import flows.experiments as sweep
+    from flows.sweep import sweep_flow
+    from flows.sweep_report import report
+    from flows.tables import CSV, MARKDOWN
 
     repo = committed_repo
     before = _state(repo)
@@ -192,7 +196,7 @@ def test_sweep_over_dimension_groups_and_an_ablation(committed_repo, prefect_har
         assert not any(s.startswith("score") for s, st in e["stages"].items() if st == RAN), e
     # the same rows and settings, read back from the finished experiments alone
     sweep_id = table["experiment"][0].rsplit("-", 1)[-1]
-    sweep.report(repo, experiments=[f"*-{sweep_id}"], out=tmp_path / "again")
+    report(repo, experiments=[f"*-{sweep_id}"], out=tmp_path / "again")
     again = pd.read_csv(tmp_path / "again" / "sweep.csv").set_index("experiment").loc[table["experiment"]]
     assert again["setting"].fillna("").tolist() == table["setting"].fillna("").tolist()
     assert again["acc_vs_default"].fillna(9).tolist() == table["acc_vs_default"].fillna(9).tolist()
@@ -256,7 +260,7 @@ def test_cli_sweep_takes_mode_and_jobs():
 @pytest.fixture
 def fake_queue(monkeypatch, tmp_path):
     """run_queue against canned experiment states: ``states`` maps a name to its executor state."""
-    import flows.sweep as sweep
+    import flows.experiments as sweep
 
     states: dict = {}
     started = []
@@ -320,7 +324,7 @@ def _exp_show_failing(times: int, calls: list):
 
 
 def test_experiment_states_retries_exp_show_while_an_executor_cleans_up(monkeypatch, tmp_path):
-    import flows.sweep as sweep
+    import flows.experiments as sweep
 
     calls: list = []
     monkeypatch.setattr(sweep, "run_dvc", _exp_show_failing(2, calls))
@@ -330,7 +334,7 @@ def test_experiment_states_retries_exp_show_while_an_executor_cleans_up(monkeypa
 
 
 def test_experiment_states_raises_when_exp_show_keeps_failing(monkeypatch, tmp_path):
-    import flows.sweep as sweep
+    import flows.experiments as sweep
     from flows.repo import DvcCommandError
 
     calls: list = []
