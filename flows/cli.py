@@ -130,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--latency", metavar="JSON",
                    help="add each row's prefill and decoding CPU time against the dense model's, from the JSON of "
                         "`python benchmarks/latency.py --experiments PATTERN --out JSON`")
+    q.add_argument("--against", action="append", metavar="LABEL",
+                   help="add every row's paired differences (mean acc, flip rate, KL, perplexity) from the row of "
+                        "this label, e.g. wanda_sp or flap+bias (repeatable)")
     q.add_argument("--dense", help="dense metrics for the reference row, evaluated on as many items as the sweep "
                                    "(default: results/sweep-dense.json from the sweep, else results/dense/summary.json)")
 
@@ -266,7 +269,7 @@ def dispatch(args: argparse.Namespace) -> Any:
         from flows.sweep_report import report
 
         print(report(args.repo, csvs=args.csvs, out=args.out, dense=args.dense, experiments=args.experiments,
-                     latency=args.latency))
+                     latency=args.latency, against=args.against))
         return None
     raise AssertionError(args.command)  # argparse restricts the choices
 

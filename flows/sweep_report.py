@@ -12,7 +12,7 @@ from flows.points import group_order
 from flows.repo import FlowError, atomic_write, read_params
 from flows.tables import (COMPARISONS, CSV, FIDELITY, LATENCY, MARKDOWN, PLOT, SWEEP_DENSE, _check_same_items, _number,
                           _paired_prefixes, add_paired_columns, default_groups, items_path, load_docs, perplexity_docs,
-                          plot_accuracy, render, sweep_rows, with_labels, write_items)
+                          plot_accuracy, render, sweep_rows, versus_markdown, with_labels, write_items)
 
 
 def table_tasks(table) -> list[str]:
@@ -59,7 +59,7 @@ def add_latency(table, path: Path):
 
 def report(repo: str | Path = ".", csvs: list[str | Path] | None = None, out: str | Path | None = None,
            dense: str | Path | None = None, experiments: list[str] | None = None,
-           latency: str | Path | None = None) -> str:
+           latency: str | Path | None = None, against: list[str] | None = None) -> str:
     """Render the sweep markdown and plot again from sweep tables; return the markdown.
 
     By default from ``results/sweep.csv`` into ``results/sweep.md`` and ``plots/accuracy_vs_sparsity.png``.
@@ -72,7 +72,8 @@ def report(repo: str | Path = ".", csvs: list[str | Path] | None = None, out: st
     name patterns) adds rows read straight from finished DVC experiments, e.g. those of a sweep whose flow
     was stopped: their metrics, params and per-item results at their commits. ``latency`` (a JSON of
     ``benchmarks/latency.py --experiments``) adds each timed row's prefill and decoding CPU time against the
-    dense model's.
+    dense model's. ``against`` (row labels, e.g. ``["wanda_sp", "flap+bias"]``) adds, per label, every row's paired
+    differences from that row in mean acc, flip rate, KL and perplexity (``flows.tables.versus_markdown``).
     """
     import pandas as pd
 
@@ -124,6 +125,8 @@ def report(repo: str | Path = ".", csvs: list[str | Path] | None = None, out: st
     if latency is not None:
         table = add_latency(table, Path(latency))
     md = render(table, dense)
+    if against:
+        md += "\n## Paired differences\n\n" + versus_markdown(table, items, dense_items, docs, list(against))
     if out is None:
         md_path, plot_path = root / MARKDOWN, root / PLOT
     else:

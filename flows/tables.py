@@ -382,6 +382,46 @@ def render(table, dense: dict[str, Any] | None) -> str:
     return md + "\n## Per task\n\n" + comparison_markdown(table, dense)
 
 
+def versus_markdown(table, items: dict[str, Items], dense_items: Items | None, docs: dict[str, dict] | None,
+                    labels: list[str]) -> str:
+    """Per sparsity, every row's paired differences from each row named in ``labels`` (e.g. ``wanda_sp``,
+    ``flap+bias``): mean acc, flip rate, KL to dense and perplexity, each with its 95% interval (over items; over
+    passages for perplexity). Refuses a label no row has."""
+    from diet.evaluation.stats import format_difference
+
+    table = with_labels(table)
+    missing = [lab for lab in labels if lab not in set(table["label"])]
+    if missing:
+        raise FlowError(f"--against {', '.join(missing)}: no row of the table is labelled so",
+                        f"name rows the table has: {', '.join(sorted(set(table['label'])))}")
+    fidelity = {e: fidelity_values(dense_items, cand) for e, cand in items.items()} if dense_items else {}
+    out = []
+    for sparsity, group in table.groupby("sparsity", sort=True):
+        for lab in labels:
+            ref = group[group["label"] == lab]
+            if not len(ref):
+                continue
+            ref_exp = ref.iloc[0].get("experiment")
+            head = ["method", "Δ mean acc", "Δ flip rate", "Δ KL to dense", "Δ perplexity"]
+            out += [f"**Against {lab}** (sparsity {sparsity:g}): the row minus {lab}, paired, 95% intervals; * "
+                    "excludes zero", "", "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+            for r in group.to_dict("records"):
+                exp = r.get("experiment")
+                if exp == ref_exp or exp not in items or ref_exp not in items:
+                    continue
+                cells = [str(r["label"]), format_difference(paired_mean(items[ref_exp], items[exp]))]
+                for name in FIDELITY:
+                    mine, theirs = fidelity.get(exp) or {}, fidelity.get(ref_exp) or {}
+                    ok = name in mine and name in theirs
+                    cells.append(format_difference(paired_fidelity(theirs, mine, name)) if ok else "")
+                d = paired_perplexity((docs or {}).get(ref_exp), (docs or {}).get(exp)) \
+                    if (docs or {}).get(ref_exp) and (docs or {}).get(exp) else None
+                cells.append(format_difference(d, 2) if d is not None else "")
+                out.append("| " + " | ".join(cells) + " |")
+            out.append("")
+    return "\n".join(out)
+
+
 def items_path(csv: Path) -> Path:
     """Where a sweep table's per-item results lie: ``sweep.csv`` -> ``sweep-items.json``."""
     return csv.with_name(f"{csv.stem}-items.json")

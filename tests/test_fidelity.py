@@ -135,3 +135,26 @@ def test_sweep_rows_carry_perplexity_differences_paired_over_passages(tmp_path):
     assert "Δ perplexity vs best baseline" in md and "paired bootstrap over passages" in md
     write_items(tmp_path / "sweep-items.json", {}, None, docs, dense_docs)
     assert load_docs(tmp_path / "sweep.csv") == (docs, dense_docs)
+
+
+def test_report_against_named_rows_gives_paired_differences_in_acc_fidelity_and_perplexity():
+    from flows.repo import FlowError
+    from flows.tables import versus_markdown
+
+    n, tokens = 200, [50] * 20
+    dense = {"t": {f"i{k}": [1.0, 1.0, [0.0, -1.0]] for k in range(n)}}
+    close = {"t": {f"i{k}": [float(k >= 10), 1.0, [0.0, -1.0]] for k in range(n)}}
+    far = {"t": {f"i{k}": [float(k >= 60), 1.0, [-1.0, 0.0] if k < 100 else [0.0, -1.0]] for k in range(n)}}
+    docs = {"vote": {"nll": [150.0] * 20, "tokens": tokens},
+            "wanda_sp": {"nll": [150.0 + (k % 3) * 10 + 20 for k in range(20)], "tokens": tokens}}
+    rows = [{"method": m, "recover": "none", "sparsity": 0.2, "acc": 0.5, "acc_norm": 0.5, "experiment": m}
+            for m in ("vote", "wanda_sp")]
+    md = versus_markdown(pd.DataFrame(rows), {"vote": close, "wanda_sp": far}, dense, docs, ["wanda_sp"])
+    line = next(r for r in md.splitlines() if r.startswith("| vote |"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[1].startswith("+0.250 [") and cells[1].endswith("*")        # 50 fewer wrong items of 200
+    assert cells[2].startswith("-0.250 [") and cells[2].endswith("*")        # and 50 fewer flips
+    assert cells[3].startswith("-") and cells[3].endswith("*") and cells[4].startswith("-") and cells[4].endswith("*")
+    assert "| wanda_sp |" not in md                                          # the reference is not compared with itself
+    with pytest.raises(FlowError, match="no row of the table is labelled so"):
+        versus_markdown(pd.DataFrame(rows), {}, dense, docs, ["flap+bias"])
