@@ -902,7 +902,7 @@ def test_ctrl_c_on_a_stage_prints_one_line_and_changes_nothing(repo):
     start = time.time()
     proc.send_signal(signal.SIGINT)
     err = proc.communicate(timeout=30)[1]
-    assert time.time() - start < 10
+    assert time.time() - start < 15    # about a second on an idle machine; a shared CI machine is slower
     assert proc.returncode == 130, err[-2000:]
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]
     lines = [line for line in err.splitlines() if line.strip()]
