@@ -49,10 +49,6 @@ REFIT_GROUPS = ("attention", "mlp")  # the order inside a layer: attention's out
 #: groups whose kept channels the refit can choose itself (``prune.refit_choose: obs``); a KV group is a block
 #: of channels, chosen by the mask
 CHOOSE_GROUPS = ("mlp",)
-#: each layer's inputs come from the model pruned so far (True) or from the dense model (False)
-SEQUENTIAL = True
-#: the ridge term pulls the refit toward the dense columns (True) or toward zero (False)
-TOWARD_DENSE = True
 #: with ``obs``, the channels that may go: this many times the number removed, of lowest merged priority
 POOL = 2
 
@@ -311,8 +307,7 @@ def refit(model: nn.Module, keep: Mapping[str, Sequence[torch.Tensor]], batches:
             dense_h = run.each(lambda b: run(layer, b, dense_h[b]))
             for p in projs.values():
                 p.use("work")
-            pruned_h = run.each(lambda b: run(layer, b, pruned_h[b])) if SEQUENTIAL else \
-                [h.clone() for h in dense_h]
+            pruned_h = run.each(lambda b: run(layer, b, pruned_h[b]))
     finally:
         model.train(was_training)
     for g, rows in report.items():
@@ -374,8 +369,7 @@ def _refit_one(run: _LayerRunner, layer: int, projs: dict[str, _Weights], group:
         choices = [p.kept] if prior is None else [p.kept, obs_keep(hess, cross, p.kept.numel(), prior, damping, bias)]
         for kept in choices:
             pos = restrict(kept)
-            start = p.dense_w[:, kept].double() if TOWARD_DENSE else None
-            solved = _solve(hess[pos][:, pos], cross[:, pos], kept.numel(), damping, start)
+            solved = _solve(hess[pos][:, pos], cross[:, pos], kept.numel(), damping, p.dense_w[:, kept].double())
             if bool(torch.isfinite(solved).all()):
                 options.append(("refit" if kept is p.kept else "obs", kept, solved, error(solved, pos)))
         kind, kept, chosen, err = min(options, key=lambda o: (o[3], o[0] == "dense"))  # ties: the refit
