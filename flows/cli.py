@@ -14,13 +14,16 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
-from typing import Any
+import threading
+from typing import Any, Callable
 
 import yaml
 
 from diet.errors import DietError
 from flows.repo import CHILD_ENV, FlowError, check_task_names
+from flows.server import flow_server
 
 
 def parse_sets(items: list[str] | None) -> dict[str, Any]:
@@ -172,11 +175,40 @@ def _quiet_user_error_tracebacks() -> None:
     logging.setLogRecordFactory(factory)
 
 
+def _quiet_after_interrupts() -> Callable[[], Any]:
+    """Ctrl-C (SIGINT) or SIGTERM: the stages and DVC, which get the signal too, stop and say so; the flow
+    records how it ended. What Prefect would log about each cancelled task is silenced, so that one line says
+    what happened (``main``). Inside a flow Prefect's own SIGTERM handler takes over and ends the flow run
+    crashed."""
+    def handler(signum, frame):
+        logging.disable(logging.CRITICAL)
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        return lambda: None
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    return lambda: [signal.signal(s, h) for s, h in previous.items()]
+
+
+def _interrupt(e: BaseException) -> bool:
+    """Whether ``e`` is how an interrupt ends a command: KeyboardInterrupt, or Prefect's TerminationSignal."""
+    if isinstance(e, KeyboardInterrupt):
+        return True
+    if "prefect" in sys.modules:
+        from prefect.exceptions import TerminationSignal
+
+        if isinstance(e, TerminationSignal):
+            logging.disable(logging.CRITICAL)
+            return True
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     for k, v in CHILD_ENV.items():  # before Prefect is imported: it reads its settings once
         os.environ.setdefault(k, v)
     _quiet_user_error_tracebacks()
+    restore = _quiet_after_interrupts()
     try:
         result = dispatch(args)
     except DietError as e:  # FlowError, and the configuration errors of diet.config
@@ -184,10 +216,15 @@ def main(argv: list[str] | None = None) -> int:
         if e.fix:
             print(f"  fix: {e.fix}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except BaseException as e:
+        if not _interrupt(e):
+            raise
         print(f"interrupted: diet-flow {args.command}; every stage that finished is kept in DVC's cache, and no "
               "output is left half-written. Rerun the same command to resume.", file=sys.stderr)
-        return 130
+        return 130 if isinstance(e, KeyboardInterrupt) else 128 + signal.SIGTERM
+    finally:
+        restore()
+        logging.disable(logging.NOTSET)
     if result is not None:
         print(json.dumps(result, indent=2, default=str))
     return 0
@@ -205,10 +242,11 @@ def dispatch(args: argparse.Namespace) -> Any:
             from flows.remote_workers import check_workspace
 
             check_workspace(args.repo, args.git_url)
-        return pipeline_flow(repo=args.repo, params=parse_sets(args.sets), task_runner=args.runner,
-                             workers=args.workers, address=args.address, targets=args.targets, pull=args.pull,
-                             retries=args.retries, shared_disk=args.shared_disk, git_url=args.git_url,
-                             workdir=args.workdir)
+        with flow_server():
+            return pipeline_flow(repo=args.repo, params=parse_sets(args.sets), task_runner=args.runner,
+                                 workers=args.workers, address=args.address, targets=args.targets, pull=args.pull,
+                                 retries=args.retries, shared_disk=args.shared_disk, git_url=args.git_url,
+                                 workdir=args.workdir)
     if args.command in ("sweep", "loto"):
         from flows.pipeline import validate_run
         from flows.points import check_points, make_points, parse_variant
@@ -229,14 +267,17 @@ def dispatch(args: argparse.Namespace) -> Any:
         if args.command == "loto":
             from flows.loto import loto_flow
 
-            out = loto_flow(repo=args.repo, methods=args.methods, params=parse_sets(args.sets),
-                            task_runner=args.runner, workers=args.workers, address=args.address,
-                            retries=args.retries, mode=args.mode, jobs=args.jobs)
+            with flow_server():
+                out = loto_flow(repo=args.repo, methods=args.methods, params=parse_sets(args.sets),
+                                task_runner=args.runner, workers=args.workers, address=args.address,
+                                retries=args.retries, mode=args.mode, jobs=args.jobs)
             return {"files": out["files"]}
 
-        out = sweep_flow(repo=args.repo, sparsities=args.sparsities, methods=args.methods, groups=args.groups,
-                         vary=args.vary, params=parse_sets(args.sets), task_runner=args.runner, workers=args.workers,
-                         address=args.address, retries=args.retries, mode=args.mode, jobs=args.jobs)
+        with flow_server():
+            out = sweep_flow(repo=args.repo, sparsities=args.sparsities, methods=args.methods, groups=args.groups,
+                             vary=args.vary, params=parse_sets(args.sets), task_runner=args.runner,
+                             workers=args.workers, address=args.address, retries=args.retries, mode=args.mode,
+                             jobs=args.jobs)
         return {"files": out["files"], "shared": out["shared"]}
     if args.command == "serve":
         from flows.schedule import load_schedule, serve_pipeline
@@ -262,9 +303,10 @@ def dispatch(args: argparse.Namespace) -> Any:
         if args.add_remote:
             add_remote(args.repo, args.add_remote)
         prepare_pull(args.repo, args.tasks)
-        return pull_scores(repo=args.repo, tasks=args.tasks, params=parse_sets(args.sets),
-                           all_stages=args.all_stages, task_runner=args.runner, workers=args.workers,
-                           address=args.address, retries=args.retries)
+        with flow_server():
+            return pull_scores(repo=args.repo, tasks=args.tasks, params=parse_sets(args.sets),
+                               all_stages=args.all_stages, task_runner=args.runner, workers=args.workers,
+                               address=args.address, retries=args.retries)
     if args.command == "report":
         from flows.sweep_report import report
 

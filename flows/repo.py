@@ -67,16 +67,17 @@ class DvcCommandError(FlowError):
         return type(self), (self.command, self.returncode, self.output)
 
 
-#: how a stage reports that it refused its input (stages._common.run_stage, exit 2): a retry meets the same input
-_INPUT_ERROR = re.compile(r"^error: .+\n  fix: ", re.M)
+#: how a stage reports that it refused its input (stages._common.run_stage, exit 2): a retry meets the same input;
+#: or that it was interrupted (Ctrl-C, exit 130): the user asked everything to stop
+_NO_RETRY = re.compile(r"^error: .+\n  fix: |^interrupted: ", re.M)
 
 
 def retry_unless_input_error(task, task_run, state) -> bool:
     """Prefect's retry condition of the tasks that run DVC: retry a failure (a killed worker, a full disk freed
     meanwhile) unless a stage refused its input (it printed ``error:`` and ``  fix:``), which would fail the same
-    way again and print the same error once more."""
+    way again and print the same error once more, or was interrupted."""
     exc = getattr(state, "data", None)
-    return not (isinstance(exc, DvcCommandError) and _INPUT_ERROR.search(exc.output or ""))
+    return not (isinstance(exc, DvcCommandError) and _NO_RETRY.search(exc.output or ""))
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,9 @@ def run_dvc(args: list[str], repo: str | os.PathLike, *, check: bool = True,
     Commands wait for DVC's repository lock instead of failing, so independent stages can run side by side.
     """
     start = time.monotonic()
-    fd, log = tempfile.mkstemp(prefix="diet-runs-", suffix=".jsonl")
+    scratch = Path(repo) / ".dvc" / "tmp"  # DVC's own scratch folder (git-ignored): a killed run leaves no file
+    fd, log = tempfile.mkstemp(prefix="diet-runs-", suffix=".jsonl",  # in the system's temp folder
+                               dir=scratch if scratch.is_dir() else None)
     os.close(fd)
     try:
         proc = subprocess.run([dvc_executable(), "--wait-for-lock", *args], cwd=repo, env=child_env({RUN_LOG: log}),

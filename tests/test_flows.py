@@ -456,7 +456,7 @@ def test_changing_sparsity_reruns_no_score(tiny_repo):
     scores = {t: sha256(repo / "scores" / f"{t}.safetensors") for t in ("t1", "t2")}
     report = pipeline_flow(repo=str(repo), params={"prune": {"sparsity": 0.35}}, workers=2)
     ran = {s for s, st in report.items() if st == RAN}
-    assert ran == {"merge", "select", "prune", "evaluate@t1", "evaluate@t2", "perplexity", "export", "report"}, report
+    assert ran == {"check", "merge", "select", "prune", "evaluate@t1", "evaluate@t2", "perplexity", "export", "report"}, report
     assert yaml.safe_load((repo / "params.yaml").read_text())["prune"]["sparsity"] == 0.35
     assert json.loads((repo / "metrics" / "pruned.json").read_text())["sparsity"] == pytest.approx(0.35, abs=0.05)
     assert scores == {t: sha256(repo / "scores" / f"{t}.safetensors") for t in ("t1", "t2")}
@@ -507,7 +507,7 @@ def test_sweep_computes_each_score_once(dask_repo):
     assert [(e["method"], e["sparsity"]) for e in out["experiments"]] == [("vote", 0.1), ("vote", 0.2), ("vote", 0.3)]
     for e in out["experiments"]:
         assert {s for s, st in e["stages"].items() if st == RAN} <= {
-            "merge", "select", "prune", "evaluate@t1", "evaluate@t2", "perplexity", "export", "report"}, e
+            "check", "merge", "select", "prune", "evaluate@t1", "evaluate@t2", "perplexity", "export", "report"}, e
         assert e["stages"]["merge"] == RAN
     import pandas as pd
 
@@ -843,7 +843,62 @@ def test_a_stage_that_refused_its_input_is_not_retried():
                               "ERROR: failed to reproduce 'score@t1': exited with -9")
     assert retry_unless_input_error(None, None, SimpleNamespace(data=refused)) is False
     assert retry_unless_input_error(None, None, SimpleNamespace(data=crashed)) is True
+    stopped = DvcCommandError(["repro", "-s", "select"], 255, "Running stage 'select':\ninterrupted: select; its "
+                              "outputs are written whole or not at all\nERROR: failed to reproduce 'select'")
+    assert retry_unless_input_error(None, None, SimpleNamespace(data=stopped)) is False  # Ctrl-C: stop, no retry
     assert retry_unless_input_error(None, None, SimpleNamespace(data=RuntimeError("worker lost"))) is True
+
+
+def _processes_with(variable: str, value: str) -> list[int]:
+    """The pids of the running processes whose environment holds ``variable=value`` (children inherit it)."""
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if f"{variable}={value}".encode() in environ.read_bytes().split(b"\0"):
+                found.append(int(environ.parent.name))
+        except OSError:
+            pass
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads /proc")
+def test_ctrl_c_on_diet_flow_run_stops_everything_within_seconds_in_one_line(tmp_path):
+    """SIGINT to the process group of `diet-flow run` (what Ctrl-C at a terminal does) while a stage runs: exit
+    130 within 10 s, one line, no traceback, no process left (the flow's temporary Prefect server included),
+    and a rerun resumes."""
+    repo = make_tiny_repo(tmp_path)
+    mark = f"diet-test-{os.getpid()}-{time.time_ns()}"
+    env = dvc_env({"DIET_TEST_MARK": mark, "PYTHONPATH": str(PROJECT)})
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "--repo", str(repo)], cwd=PROJECT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    seen: list[str] = []
+    reader = __import__("threading").Thread(target=lambda: seen.extend(proc.stdout), daemon=True)
+    reader.start()
+    deadline = time.time() + 240
+    while not any("Running stage 'model'" in line for line in seen):
+        assert proc.poll() is None and time.time() < deadline, "".join(seen)[-3000:]
+        time.sleep(0.2)
+    before = len(seen)
+    start = time.time()
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    took = time.time() - start
+    reader.join(10)
+    after = [line for line in seen[before:] if line.strip()]
+    assert proc.returncode == 130, "".join(seen)[-3000:]
+    assert took < 10, f"{took:.1f} s"
+    assert "Traceback" not in "".join(seen), "".join(seen)[-3000:]
+    assert len(after) <= 3 and after[-1].startswith("interrupted: diet-flow run;"), after  # lines in flight + ours
+    time.sleep(1)
+    assert _processes_with("DIET_TEST_MARK", mark) == [], "a process of the interrupted run is still running"
+    resumed = subprocess.run([dvc(), "repro", "model"], cwd=repo, env=dvc_env(), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
 
 
 def test_ctrl_c_on_a_flow_command_prints_one_line(monkeypatch, capsys, tmp_path):

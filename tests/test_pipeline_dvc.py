@@ -150,7 +150,7 @@ def test_changing_sparsity_reruns_only_the_sparsity_stages(built, work_copy):
     set_params(repo, prune={"sparsity": 0.4})
 
     r = ok(repro(repo))
-    assert r.ran == {"merge", "select", "prune", *(f"evaluate@{t}" for t in TASKS), "perplexity", "export",
+    assert r.ran == {"check", "merge", "select", "prune", *(f"evaluate@{t}" for t in TASKS), "perplexity", "export",
                      "report"}
     assert r.skipped == all_stages(repo) - r.ran
     assert not any(s.startswith(("score@", "prepare@")) for s in r.ran | r.restored)
@@ -172,7 +172,7 @@ def test_switching_to_the_refit_reruns_no_score_and_no_dense_evaluation(built, w
 
     r = ok(repro(repo))
     # merge reads prune.recover for an early check and writes the same priorities: select does not rerun
-    assert r.ran == {"merge", "prune", *(f"evaluate@{t}" for t in TASKS), "perplexity", "export", "report"}
+    assert r.ran == {"check", "merge", "prune", *(f"evaluate@{t}" for t in TASKS), "perplexity", "export", "report"}
     assert not any(s.startswith(("score", "prepare@", "evaluate_dense@")) for s in r.ran | r.restored)
     assert "perplexity_dense" not in r.ran
     for stage in all_stages(repo) - r.ran:
@@ -194,7 +194,7 @@ def test_changing_the_evaluation_size_keeps_every_score(built, work_copy):
     r = ok(repro(repo))
     # prune reads the prepared tasks' calibration samples (prune.recover: refit): it reruns and writes the same model
     expected = {f"{s}@{t}" for s in ("prepare", "evaluate_dense", "evaluate") for t in TASKS}
-    assert r.ran == expected | {"prune", "report"}
+    assert r.ran == expected | {"check", "prune", "report"}
     assert not any(s.startswith("score") for s in r.ran | r.restored)
     assert hashes(repo, *kept) == hashes(built.repo, *kept)
     for t in TASKS:
@@ -229,7 +229,7 @@ def test_readme_add_a_task_recipe_runs_only_the_new_task(built, work_copy):
 
     r = ok(repro(repo))
     new_task = {f"prepare@{name}", f"score@{name}", f"evaluate_dense@{name}", f"evaluate@{name}"}
-    pruned_side = {"merge", "select", "prune", *(f"evaluate@{t}" for t in TASKS), "perplexity", "export", "report"}
+    pruned_side = {"check", "merge", "select", "prune", *(f"evaluate@{t}" for t in TASKS), "perplexity", "export", "report"}
     assert new_task <= r.ran <= new_task | pruned_side, r.ran
     assert {"merge", "report"} <= r.ran
     assert r.skipped >= {"model", "score_generic", "perplexity_dense",
@@ -301,10 +301,10 @@ def test_editing_every_module_reruns_no_expensive_stage(built, work_copy):
         path.write_bytes(path.read_bytes() + b"\n# edited\n")
     git(repo, "commit", "-qam", "comments everywhere")
     changed = dvc_status(repo)
-    assert changed == {"merge", "select", "prune", "export", "report"}, sorted(changed)
+    assert changed == {"check", "merge", "select", "prune", "export", "report"}, sorted(changed)
     assert not any(s.split("@")[0] in VERSIONED for s in changed)
     again = ok(repro(repo))
-    assert again.ran == {"merge", "select", "prune", "export", "report"}, sorted(again.ran)
+    assert again.ran == {"check", "merge", "select", "prune", "export", "report"}, sorted(again.ran)
     assert hashes(repo, "models", "scores", "merged", "masks", "metrics", "data/tasks") == built.hashes
 
 
@@ -369,10 +369,36 @@ def test_bad_sparsity_fails_repro_with_a_config_error(tmp_path):
     assert r.rc != 0
     assert "error: prune.sparsity = 1.5 is not a number in (0, 1)" in r.output
     assert "fix: set the share of decoder-layer parameters to remove" in r.output
-    assert "failed to reproduce 'model'" in r.output  # every stage validates the whole params file
-    assert r.ran == {"model"}
+    assert "failed to reproduce 'check'" in r.output  # the root stage validates the whole params file
+    assert r.ran == {"check"}
     assert "Traceback" not in r.output
     assert not (repo / "models/base").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("edit, needle", [
+    ({"prune": {"sparsity": 2}}, "error: prune.sparsity = 2 is not a number in (0, 1)"),
+    ({"prune": {"sparsity": float("nan")}}, "error: prune.sparsity = nan is not a number in (0, 1)"),
+    ({"prune": {"recovr": "bias"}}, "error: unknown params key 'prune.recovr'"),
+    ({"merge": {"weights": {"t1": float("inf")}}}, "merge.weights"),
+    ({"tasks": ["t1", "nosuch"]}, "error: unknown task 'nosuch': no file data/tasks/nosuch.yaml"),
+])
+def test_a_bad_params_edit_is_refused_before_any_output_is_deleted(built, work_copy, edit, needle):
+    """The root `check` stage refuses the edit first: no stage's outputs are emptied, and putting params.yaml
+    back leaves `dvc status` clean, with nothing to rerun."""
+    repo = work_copy
+    before = hashes(repo, "models", "scores", "merged", "masks", "metrics", "data")
+    original = (repo / "params.yaml").read_text()
+    set_params(repo, **edit)
+
+    r = repro(repo)
+    assert r.rc != 0 and r.ran == {"check"}, r.output[-3000:]
+    assert needle in r.output and "fix: " in r.output and "Traceback" not in r.output
+    assert hashes(repo, "models", "scores", "merged", "masks", "metrics", "data") == before
+
+    (repo / "params.yaml").write_text(original)
+    status = subprocess.run([dvc(), "status", "--json"], cwd=repo, env=dvc_env(), capture_output=True, text=True)
+    assert status.returncode == 0 and json.loads(status.stdout) == {}, status.stdout
 
 
 @pytest.mark.slow

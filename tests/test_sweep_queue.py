@@ -116,7 +116,7 @@ def test_queued_sweep_runs_points_in_parallel_and_leaves_the_workspace(committed
         if (e["method"], e["sparsity"]) == ("vote", 0.2):  # the committed run: DVC restores every stage
             assert ran == set(), e
         else:
-            assert ran and ran <= {"merge", "select", "prune", "evaluate@t1", "evaluate@t2", "perplexity",
+            assert ran and ran <= {"check", "merge", "select", "prune", "evaluate@t1", "evaluate@t2", "perplexity",
                                    "export", "report"}, e                      # never a score stage
     assert table["sparsity"].tolist() == [0.2, 0.3, 0.2, 0.3]
     assert table["recover"].tolist() == ["none", "none", "bias", "bias"]   # read from each experiment's params
