@@ -59,15 +59,16 @@ def prune(model, tokenizer, tasks: Mapping[str, Sequence[str]], sparsity: float 
           refit_damping: float = 0.3):
     """Prune ``model`` in place for ``tasks`` ({task name: calibration texts}); returns (model, Mask).
 
-    ``merge_cfg.method`` picks DIET's majority vote (default) or a baseline; ``task_agnostic``, ``wanda_sp``
-    and ``flap`` need ``generic_texts``, and so do ``recover="bias"``, ``"refit"`` and ``"refit_bias"`` for every
+    ``merge_cfg.method`` picks DIET's majority vote (default) or a baseline (``diet.registry.MERGE_METHODS``); the
+    methods that read the generic text's scores or moments (``task_agnostic``, ``wanda_sp``, ``flap``) need
+    ``generic_texts``, and so do ``recover="bias"``, ``"refit"`` and ``"refit_bias"`` for every
     method that does not rank with the tasks (``diet.merge.means_source``). The refit (``diet.refit``) fits on
     every text given, each task weighted by ``merge_cfg.weights``.
     """
-    from diet.merge import MOMENT_METHODS, magnitude_scores, means_source, moment_baseline_scores, recovery_means
-    from diet.scoring import split_scores
-
     from diet.config import REFITS
+    from diet.merge import magnitude_scores, means_source, moment_baseline_scores, recovery_means
+    from diet.registry import MERGE_METHODS
+    from diet.scoring import split_scores
 
     prune_cfg = PruneConfig(sparsity=sparsity, groups=tuple(groups), recover=recover, refit_damping=refit_damping)
     prune_cfg.validate()
@@ -80,21 +81,22 @@ def prune(model, tokenizer, tasks: Mapping[str, Sequence[str]], sparsity: float 
         tensors, _ = score(model, tokenizer, texts, score_cfg, max_length=max_length, progress=progress)
         task_scores[name], task_moments[name] = split_scores(tensors)
     method = merge_cfg.method
+    inputs = MERGE_METHODS.facts(method).inputs
     generic = generic_moments = magnitude = baseline = None
     if recover in REFITS:
         from diet.refit import check_refit_groups
 
         check_refit_groups(groups)
     needs_generic = recover in ("bias", *REFITS) and means_source(method) == "generic"
-    if method in ("task_agnostic", *MOMENT_METHODS) or needs_generic:
+    if "generic" in inputs or "moments" in inputs or needs_generic:
         if not generic_texts:
             raise ConfigError(f"merge.method {method} (with prune.recover {recover}) needs generic_texts",
                               "pass generic_texts=[...]")
         tensors, _ = score(model, tokenizer, generic_texts, score_cfg, max_length=max_length, progress=progress)
         generic, generic_moments = split_scores(tensors)
-    if method == "magnitude":
+    if "magnitude" in inputs:
         magnitude = magnitude_scores(model, groups=groups)
-    if method in MOMENT_METHODS:
+    if "moments" in inputs:
         baseline = moment_baseline_scores(method, model, generic_moments, groups=groups)
     _, mask = plan(task_scores, geometry(model, score_cfg.groups), merge_cfg=merge_cfg, prune_cfg=prune_cfg,
                    select_cfg=select_cfg, generic=generic, magnitude=magnitude, baseline=baseline)

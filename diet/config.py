@@ -21,7 +21,6 @@ from diet.errors import ConfigError
 
 STATISTICS = ("mean_abs", "l2")
 NORMALIZATIONS = ("none", "mean", "zscore", "rank")
-METHODS = ("vote", "mean", "rank", "task_agnostic", "magnitude", "random", "wanda_sp", "flap")
 #: dimension groups (``diet.groups``): per-layer MLP channels, per-layer KV groups, residual channels shared by
 #: every layer
 GROUPS = ("mlp", "attention", "hidden")
@@ -191,9 +190,10 @@ class ScoreConfig:
 class MergeConfig:
     """How per-task scores become one ranking.
 
-    ``method``: ``vote`` (DIET: majority vote of per-task keep sets), ``mean`` / ``rank`` (ablations),
-    ``task_agnostic`` (scores on generic text), ``magnitude`` (weight norms), ``random`` (seeded), and the
-    field's baselines on generic text: ``wanda_sp`` (|W| times activation norm) and ``flap`` (fluctuation).
+    ``method``: a name of ``diet.registry.MERGE_METHODS``: ``vote`` (DIET: majority vote of per-task keep
+    sets), ``mean`` / ``rank`` (ablations), ``task_agnostic`` (scores on generic text), ``magnitude`` (weight
+    norms), ``random`` (seeded), and the field's baselines on generic text: ``wanda_sp`` (|W| times activation
+    norm) and ``flap`` (fluctuation).
     """
 
     method: str = "vote"
@@ -202,7 +202,9 @@ class MergeConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        _choice("merge", "method", self.method, METHODS)
+        from diet.registry import MERGE_METHODS  # torch-free; on use, so that importing diet.config stays minimal
+
+        MERGE_METHODS.check(self.method)
         _choice("merge", "normalize", self.normalize, NORMALIZATIONS)
         if not isinstance(self.weights, dict):
             raise ConfigError("merge.weights must be a mapping task -> weight", "e.g. weights: {boolq: 0.5}")

@@ -41,7 +41,8 @@ Groups (DESIGN.md):
   those channels zeroed (docs/method.md, "The hidden group").
 
 ``GROUPS`` holds one instance per name of ``diet.config.GROUPS``, in that order (the order in which files
-list the groups' widths). A new group is one subclass here plus its name in ``diet.config.GROUPS``.
+list the groups' widths). A new group is one subclass here plus its name in ``diet.config.GROUPS`` (and, where
+they apply, in ``RECOVERABLE_GROUPS`` and ``diet.refit.REFIT_GROUPS``: docs/extending.md).
 
 The pruning primitives the groups compose (``slice_linear``, ``ensure_bias``) live here too, so that this
 module depends on torch and ``diet.config`` alone, and every other module can import it.

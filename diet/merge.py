@@ -5,7 +5,9 @@ Pipeline for one group, each score tensor (L, W) (layers x dimensions):
 1. ``normalize`` each task's scores per layer, so that dimensions of different layers compare.
 2. Each task keeps its global top-``k`` dimensions across all layers (``task_keep_mask``), where ``k`` is
    the number of dimensions the sparsity budget keeps (``keep_count``).
-3. ``merge`` turns the tasks into one order. For ``vote`` (DIET) the order is, most important first::
+3. ``merge`` turns the tasks into one order with the method that ``diet.registry.MERGE_METHODS`` names: its
+   ``order`` function (``diet.merge_methods``) gets the group's ``MergeInput`` and returns sort keys. For
+   ``vote`` (DIET) the order is, most important first::
 
        votes desc  ->  mean normalised score desc  ->  layer asc  ->  index asc
 
@@ -33,7 +35,9 @@ of that output projection ``W`` (H, D); ``moment_baseline_scores`` computes them
 * ``wanda_sp``: channel ``c`` scores ``sum_i |W[i, c]| * rms(a_c)``, ``rms(a_c) = sqrt(var_c + mean_c^2)``
   (the L2 norm over tokens divided by sqrt(tokens), a constant factor);
 * ``flap``: channel ``c`` scores ``var_c * sum_i W[i, c]^2`` (FLAP's fluctuation metric), always
-  standardised per layer (``FLAP_NORMALIZE``) whatever ``merge.normalize`` says.
+  standardised per layer (``diet.merge_methods.FLAP_NORMALIZE``) whatever ``merge.normalize`` says.
+
+Each formula is the method's ``channels`` function (``diet.merge_methods``), named by its registry entry.
 
 A dimension that owns a block of channels (an ``attention`` KV group: the o_proj columns of its query heads;
 ``DimensionGroup.channel_blocks``) sums the scores of its channels.
@@ -47,20 +51,19 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
 
-from diet.config import METHODS, NORMALIZATIONS, MergeConfig, PruneConfig
+from diet.config import NORMALIZATIONS, MergeConfig, PruneConfig
 from diet.errors import ConfigError, DataError
 from diet.groups import get_group
+from diet.registry import MERGE_METHODS, load
 
-TASK_METHODS = ("vote", "mean", "rank")
-#: methods whose order comes from the generic text's activation moments and the weights
-MOMENT_METHODS = ("wanda_sp", "flap")
-#: FLAP standardises its metric per layer before ranking globally: part of the method, not a choice
-FLAP_NORMALIZE = "zscore"
+#: the built-in methods whose order depends on the tasks (``MergeMethod.uses_tasks``)
+TASK_METHODS = MERGE_METHODS.names(lambda f: f.uses_tasks)
 
 
 # -- budget ------------------------------------------------------------------------------------------------------
@@ -228,6 +231,42 @@ def layer_agreement(keeps: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 # -- merge -------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MergeInput:
+    """What a merge method's ``order`` sees of one group (shapes (L, W) = layers x dimensions).
+
+    ``weights`` and ``scores`` cover the tasks with a positive weight, in name order (the weights as given,
+    the scores normalised per layer as ``merge.normalize`` says, float64); ``votes`` (float64) sums the weights of
+    the tasks whose global top-k keeps each dimension; ``mean_score`` is the weighted mean of ``scores`` (None
+    without such a task). ``sources`` holds the other inputs a method can read (``diet.registry.INPUTS``):
+    ``{"generic" | "magnitude" | "moments": {group: (L, W)} or None}``.
+    """
+
+    method: str
+    group: str
+    shape: torch.Size
+    normalize: str
+    seed: int
+    weights: Mapping[str, float]
+    scores: Mapping[str, torch.Tensor]
+    votes: torch.Tensor
+    mean_score: torch.Tensor | None
+    sources: Mapping[str, Mapping[str, torch.Tensor] | None]
+
+    def normalized(self, source: str, how: str | None = None) -> torch.Tensor:
+        """The group's scores of ``source`` normalised per layer (``how``, default ``merge.normalize``): (L, W)."""
+        label = self.method if source == "moments" else source
+        return _normalized(self.sources[source], self.group, self.shape, how or self.normalize, label)
+
+    def global_rank(self, task: str) -> torch.Tensor:
+        """Position of each dimension in ``task``'s global order (0 = most important): (L, W) float64."""
+        return _global_rank(self.scores[task])
+
+    def generator(self) -> torch.Generator:
+        """A generator seeded by ``merge.seed`` and the group (not by which other groups are merged)."""
+        return torch.Generator().manual_seed(_group_seed(self.seed, self.group))
+
+
 def merge(task_scores: Mapping[str, Mapping[str, torch.Tensor]], *, method: str, normalize: str,
           weights: Mapping[str, float] | None, budget: Mapping[str, int], seed: int = 0,
           magnitude: Mapping[str, torch.Tensor] | None = None, generic: Mapping[str, torch.Tensor] | None = None,
@@ -236,19 +275,16 @@ def merge(task_scores: Mapping[str, Mapping[str, torch.Tensor]], *, method: str,
 
     Returns ``{group: {"priority": (L, W) float32, "votes": (L, W) float32, "agreement": (L,) float32}}``.
 
-    * ``vote``: weighted votes of the per-task keep sets, then mean normalised score (module doc).
-    * ``mean``: weighted mean normalised score.  ``rank``: weighted mean of per-task global ranks.
-    * ``task_agnostic``: the ``generic`` scores as the only task.  ``magnitude``: the ``magnitude`` scores
-      (same per-layer normalisation).  ``random``: uniform, from a generator seeded by ``seed`` and group.
-    * ``wanda_sp`` / ``flap``: the ``baseline`` scores from ``moment_baseline_scores`` (``flap`` always
-      standardised per layer, ``FLAP_NORMALIZE``).
+    ``method`` names an entry of ``diet.registry.MERGE_METHODS``; its ``order`` function ranks each group
+    (``diet.merge_methods``: ``vote``, ``mean``, ``rank``, ``task_agnostic`` on the ``generic`` scores,
+    ``magnitude`` on the ``magnitude`` scores, ``random`` seeded by ``seed`` and group, ``wanda_sp`` / ``flap``
+    on the ``baseline`` scores from ``moment_baseline_scores``).
 
     Every method breaks remaining ties by lowest (layer, index). ``votes`` and ``agreement`` describe the
     keep sets of the tasks with a positive weight, for every method (zeros / NaN when there are none).
     """
     how = normalize  # the parameter shadows the function; the function is reached as ``_normalize``
-    if method not in METHODS:
-        raise ConfigError(f"merge.method = {method!r} is not supported", f"use one of: {', '.join(METHODS)}")
+    facts = MERGE_METHODS.facts(method)
     tasks = sorted(task_scores)
     weights = dict(weights or {})
     unknown = sorted(set(weights) - set(tasks))
@@ -259,16 +295,9 @@ def merge(task_scores: Mapping[str, Mapping[str, torch.Tensor]], *, method: str,
     if any(v < 0 for v in w.values()):
         raise ConfigError("merge.weights must be non-negative", "use e.g. 1.0, or 0 to ignore a task")
     active = [t for t in tasks if w[t] > 0]
-    if method in TASK_METHODS and not active:
-        raise ConfigError(f"merge.method {method} needs at least one task with a positive weight",
-                          "list tasks under 'tasks' and give at least one a weight above 0")
-    if method == "task_agnostic" and generic is None:
-        raise ConfigError("merge.method task_agnostic needs scores on generic text", "score the generic corpus first")
-    if method == "magnitude" and magnitude is None:
-        raise ConfigError("merge.method magnitude needs weight-magnitude scores", "pass magnitude_scores(...)")
-    if method in MOMENT_METHODS and baseline is None:
-        raise ConfigError(f"merge.method {method} needs its scores from the generic text's moments",
-                          f"pass moment_baseline_scores({method!r}, ...)")
+    sources = {"generic": generic, "magnitude": magnitude, "moments": baseline}
+    _check_inputs(method, facts.inputs, active, sources)
+    order_keys = MERGE_METHODS.get(method)
 
     out = {}
     for group in budget:
@@ -281,27 +310,33 @@ def merge(task_scores: Mapping[str, Mapping[str, torch.Tensor]], *, method: str,
         wsum = sum(w[t] for t in active)
         mean_score = sum(w[t] * norm[t] for t in active) / wsum if active else None      # (L, W)
 
-        if method == "vote":
-            order = _descending_order(torch.round(votes, decimals=9), mean_score)
-        elif method == "mean":
-            order = _descending_order(mean_score)
-        elif method == "rank":
-            mean_rank = sum(w[t] * _global_rank(norm[t]) for t in active) / wsum          # (L, W)
-            order = _descending_order(-mean_rank, mean_score)
-        elif method == "task_agnostic":
-            order = _descending_order(_normalized(generic, group, shape, how, "generic"))
-        elif method == "magnitude":
-            order = _descending_order(_normalized(magnitude, group, shape, how, "magnitude"))
-        elif method in MOMENT_METHODS:
-            order = _descending_order(_normalized(baseline, group, shape,
-                                                  FLAP_NORMALIZE if method == "flap" else how, method))
-        else:  # random
-            gen = torch.Generator().manual_seed(_group_seed(seed, group))
-            order = _descending_order(torch.rand(shape, generator=gen, dtype=torch.float64))
+        inputs = MergeInput(method=method, group=group, shape=shape, normalize=how, seed=seed,
+                            weights={t: w[t] for t in active}, scores={t: norm[t] for t in active},
+                            votes=votes, mean_score=mean_score, sources=sources)
+        keys = order_keys(inputs)
+        keys = tuple(keys) if isinstance(keys, (tuple, list)) else (keys,)
+        if not keys or any(not isinstance(k, torch.Tensor) or k.shape != shape for k in keys):
+            got = [tuple(k.shape) if isinstance(k, torch.Tensor) else type(k).__name__ for k in keys]
+            raise ValueError(f"merge method {method!r} returned sort keys {got}, expected tensors {tuple(shape)}")
+        order = _descending_order(*keys)
         agreement = (layer_agreement([keeps[t] for t in active]) if active
                      else torch.full((shape[0],), float("nan")))
         out[group] = {"priority": _priority(order, shape), "votes": votes.float(), "agreement": agreement}
     return out
+
+
+def _check_inputs(method: str, inputs: Sequence[str], active: Sequence[str], sources: Mapping) -> None:
+    """A ConfigError when ``method`` reads an input that was not given (or tasks, and none has a weight)."""
+    if "tasks" in inputs and not active:
+        raise ConfigError(f"merge.method {method} needs at least one task with a positive weight",
+                          "list tasks under 'tasks' and give at least one a weight above 0")
+    if "generic" in inputs and sources["generic"] is None:
+        raise ConfigError(f"merge.method {method} needs scores on generic text", "score the generic corpus first")
+    if "magnitude" in inputs and sources["magnitude"] is None:
+        raise ConfigError(f"merge.method {method} needs weight-magnitude scores", "pass magnitude_scores(...)")
+    if "moments" in inputs and sources["moments"] is None:
+        raise ConfigError(f"merge.method {method} needs its scores from the generic text's moments",
+                          f"pass moment_baseline_scores({method!r}, ...)")
 
 
 def _normalized(scores: Mapping[str, torch.Tensor], group: str, shape: torch.Size, how: str,
@@ -347,12 +382,20 @@ def magnitude_scores(model, adapter=None, groups: Sequence[str] = ("mlp",)) -> d
 
 
 # -- the field's baselines from activation moments ---------------------------------------------------------------
+def moment_methods() -> tuple[str, ...]:
+    """The registered methods that read ``moments`` (``wanda_sp``, ``flap``)."""
+    return MERGE_METHODS.names(lambda f: "moments" in f.inputs)
+
+
 def moment_baseline_scores(method: str, model, moments: Mapping[str, Mapping[str, torch.Tensor]],
                            groups: Sequence[str] = ("mlp",), adapter=None) -> dict[str, torch.Tensor]:
-    """Scores of ``wanda_sp`` or ``flap`` (module doc) from per-channel ``moments`` ``{group: {"mean", "var"}}``
-    (each (L, D), of the generic text) and the model's output projections: ``{group: (L, W) float32}``."""
-    if method not in MOMENT_METHODS:
-        raise ValueError(f"{method!r} is not one of {MOMENT_METHODS}")
+    """Scores of a method that reads ``moments`` (``wanda_sp``, ``flap``: module doc) from per-channel ``moments``
+    ``{group: {"mean", "var"}}`` (each (L, D), of the generic text) and the model's output projections, by the
+    method's ``channels`` function (its registry entry): ``{group: (L, W) float32}``."""
+    channels_target = MERGE_METHODS.facts(method).channels
+    if channels_target is None:
+        raise ValueError(f"{method!r} is not one of {moment_methods()}")
+    channels = load(channels_target)
     if adapter is None:
         from diet.adapters import get_adapter
 
@@ -376,11 +419,7 @@ def moment_baseline_scores(method: str, model, moments: Mapping[str, Mapping[str
             if tuple(mean[layer].shape) != (width,):
                 raise DataError(f"the generic moments of '{group}' have {mean.shape[1]} channels, the model's "
                                 f"layer {layer} has {width}", "rescore the generic text on this model")
-            if method == "wanda_sp":
-                abs_sum = sum(w.abs().sum(dim=0) for w in readers)                         # (D,)
-                channel = abs_sum * (var[layer] + mean[layer].square()).sqrt()             # (D,)
-            else:  # flap
-                channel = var[layer] * sum(w.square().sum(dim=0) for w in readers)         # (D,)
+            channel = channels(readers, mean[layer], var[layer])                          # (D,)
             blocks = rule.channel_blocks(adapter, layer)  # a dimension sums its block of channels
             rows.append(channel if blocks is None else channel.view(blocks, -1).sum(dim=1))  # (W,)
         if len({r.numel() for r in rows}) != 1:
@@ -396,9 +435,7 @@ def means_source(method: str) -> str:
     The baselines that use no data (``magnitude``, ``random``) take the generic text's means, as
     ``task_agnostic``, ``wanda_sp`` and ``flap`` do: none of them may see the tasks.
     """
-    if method not in METHODS:
-        raise ConfigError(f"merge.method = {method!r} is not supported", f"use one of: {', '.join(METHODS)}")
-    return "tasks" if method in TASK_METHODS else "generic"
+    return "tasks" if MERGE_METHODS.facts(method).uses_tasks else "generic"
 
 
 def recovery_means(method: str, groups: Sequence[str], *,

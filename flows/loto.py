@@ -24,6 +24,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
+from diet.registry import MERGE_METHODS
 from flows.repo import FlowError, atomic_write, merged_params, read_params
 from flows.experiments import Items, read_items
 from flows.points import Point, parse_variant
@@ -31,10 +32,10 @@ from flows.sweep import experiments_flow
 from flows.tables import interval_cell, paired_mean
 
 CSV, MARKDOWN, ITEMS = "results/loto.csv", "results/loto.md", "results/loto-items.json"
-#: the merge methods whose mask depends on the tasks (``diet.merge.TASK_METHODS``, which imports torch); every
+#: the merge methods whose mask depends on the tasks (``MergeMethod.uses_tasks`` in the torch-free registry); every
 #: other method (task_agnostic, wanda_sp, flap, magnitude, random) never sees a task, with or without recovery,
 #: so its model with a task held out is its one model: no held-out experiment runs for it
-TASK_METHODS = ("vote", "mean", "rank")
+TASK_METHODS = MERGE_METHODS.names(lambda f: f.uses_tasks)
 DEFAULT_METHODS = ("vote", "task_agnostic")
 ALL, HELD_OUT = "all tasks", "task held out"
 

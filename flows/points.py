@@ -13,8 +13,6 @@ from flows.repo import FlowError, merged_params, read_params
 
 SWEPT = ("prune.sparsity", "merge.method", "prune.recover", "merge.weights", "prune.groups")
 DEFAULT_SPARSITIES, DEFAULT_METHODS = (0.1, 0.2, 0.3), ("vote",)
-#: merge methods of the field (Wanda-sp, FLAP): ``vs best baseline`` compares a row with the best of them
-FIELD_BASELINES = ("wanda_sp", "flap")
 #: the task-agnostic reference of every comparison
 TASK_AGNOSTIC = "task_agnostic"
 
@@ -70,11 +68,12 @@ class Point:
 def parse_variant(text: str) -> tuple[str, str | None]:
     """``"vote"`` -> ("vote", None); ``"vote+bias"`` -> ("vote", "bias"): a merge method, optionally with the
     ``prune.recover`` its experiment uses. Refuses unknown methods and recoveries."""
-    from diet.config import METHODS, RECOVERIES
+    from diet.config import RECOVERIES
+    from diet.registry import MERGE_METHODS
 
     method, _, recover = str(text).partition("+")
-    if method not in METHODS:
-        raise FlowError(f"merge method {method!r} is unknown", f"use one of: {', '.join(METHODS)}")
+    if method not in MERGE_METHODS:
+        raise FlowError(f"merge method {method!r} is unknown", f"use one of: {', '.join(MERGE_METHODS.names())}")
     if recover and recover not in RECOVERIES:
         raise FlowError(f"recovery {recover!r} in {text!r} is unknown",
                         f"write METHOD+RECOVERY with one of: {', '.join(RECOVERIES)}, e.g. vote+bias")

@@ -87,12 +87,14 @@ def report(repo: str | Path = ".", csvs: list[str | Path] | None = None, out: st
         runs = finished_runs(root, experiments)
         rows, items, dense_items, dense_record, docs = sweep_rows(runs, read_params(root).get("tasks") or [])
         dense_docs = perplexity_docs(dense_record)
-        from diet.config import METHODS, RECOVERIES
+        from diet.config import RECOVERIES
+        from diet.registry import MERGE_METHODS
 
-        rows.sort(key=lambda r: (METHODS.index(r["method"]) if r["method"] in METHODS else len(METHODS),
+        methods = MERGE_METHODS.names()
+        rows.sort(key=lambda r: (methods.index(r["method"]) if r["method"] in methods else len(methods),
                                  RECOVERIES.index(r["recover"]) if r["recover"] in RECOVERIES else len(RECOVERIES),
                                  group_order(r["groups"]), r["setting"]))
-        tables.append(with_labels(pd.DataFrame(rows)))  # in the order of diet.config's methods, recovery last
+        tables.append(with_labels(pd.DataFrame(rows)))  # in the registry's order of methods, recovery last
     for p in paths:
         t = with_labels(pd.read_csv(p))
         tables.append(t.drop(columns=[c for c in t.columns if c.startswith(_paired_prefixes())

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from flows.experiments import DENSE_METRICS, PRUNED_METRICS, Items, fidelity_values, params_at, read_items
-from flows.points import FIELD_BASELINES, TASK_AGNOSTIC, row_label, setting_text
+from flows.points import TASK_AGNOSTIC, row_label, setting_text
 from flows.repo import FlowError, atomic_write, read_params
 
 CSV, MARKDOWN, PLOT = "results/sweep.csv", "results/sweep.md", "plots/accuracy_vs_sparsity.png"
@@ -202,6 +202,9 @@ def add_paired_columns(table, items: dict[str, Items], dense_items: Items | None
 
     ``items`` maps an experiment name to its per-item results; rows without them, or without the reference's,
     get empty cells. A row is not compared with itself."""
+    from diet.registry import MERGE_METHODS  # the field's baselines (wanda_sp, flap) are facts of their entries
+
+    field_baselines = MERGE_METHODS.names(lambda f: f.field_baseline)
     table = with_labels(table).reset_index(drop=True)
     for key in COMPARISONS:
         for suffix in ("", "_low", "_high"):
@@ -220,7 +223,7 @@ def add_paired_columns(table, items: dict[str, Items], dense_items: Items | None
     for (sparsity, _), group in table.groupby(["sparsity", "groups"]):  # references prune the same groups
         plain = group[group["setting"] == ""]
         agnostic = plain[(plain["method"] == TASK_AGNOSTIC) & (plain["recover"] == "none")]
-        field = plain[plain["method"].isin(FIELD_BASELINES)].sort_values("acc", ascending=False, kind="stable")
+        field = plain[plain["method"].isin(field_baselines)].sort_values("acc", ascending=False, kind="stable")
         for idx, row in group.iterrows():
             cand = items.get(row.get("experiment"))
             if cand is None:

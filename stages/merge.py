@@ -1,8 +1,9 @@
 """DVC stage `merge`: per-task scores of the tasks in params -> one priority per dimension (majority vote).
 
-The baselines read the generic score file (`task_agnostic`: its scores; `wanda_sp`, `flap`: its activation
-moments, with the model's weights). With `prune.recover: bias` the score files whose means the prune stage
-will fold are checked here, so a file without moments fails before any pruning.
+What a method reads beyond the task scores is a fact of its entry in diet.registry.MERGE_METHODS: `generic`
+(the generic score file's scores: `task_agnostic`), `moments` (that file's activation moments, with the model's
+weights: `wanda_sp`, `flap`), `magnitude` (the model's weight norms). With `prune.recover: bias` the score files
+whose means the prune stage will fold are checked here, so a file without moments fails before any pruning.
 """
 
 from __future__ import annotations
@@ -20,13 +21,14 @@ def main(args, params) -> None:
     set_threads(single=True)
     from diet.geometry import geometry_from_folder
     from diet.io import atomic_dir, save_tensors, write_json, write_text
-    from diet.merge import (MOMENT_METHODS, magnitude_scores, merge_scores, moment_baseline_scores,
-                            recovery_means_from_files)
+    from diet.merge import magnitude_scores, merge_scores, moment_baseline_scores, recovery_means_from_files
     from diet.plots import per_layer_chart
+    from diet.registry import MERGE_METHODS
     from diet.scoring import model_fingerprint, read_moments, read_scores
 
     fingerprint = model_fingerprint(args.model)
     method = params.merge.method
+    inputs = MERGE_METHODS.facts(method).inputs
     # The task list comes from params, never from the folder: a removed task's file may linger there.
     task_scores = {t: read_scores(args.scores / f"{t}.safetensors", expect_fingerprint=fingerprint,
                                   expect_task=t)[0] for t in params.tasks}
@@ -35,15 +37,15 @@ def main(args, params) -> None:
                                   task_files={t: args.scores / f"{t}.safetensors" for t in params.tasks},
                                   weights=params.merge.weights, expect_fingerprint=fingerprint)
     generic = magnitude = baseline = None
-    if method == "task_agnostic":
+    if "generic" in inputs:
         generic = read_scores(args.generic, expect_fingerprint=fingerprint, expect_task="generic")[0]
-    if method == "magnitude" or method in MOMENT_METHODS:
+    if "magnitude" in inputs or "moments" in inputs:
         from diet.modeling import load_model
 
         model = load_model(args.model, dtype=params.model.dtype)
-        if method == "magnitude":
+        if "magnitude" in inputs:
             magnitude = magnitude_scores(model, groups=params.prune.groups)
-        else:
+        if "moments" in inputs:
             moments = read_moments(args.generic, expect_fingerprint=fingerprint, groups=params.prune.groups,
                                    expect_task="generic")
             baseline = moment_baseline_scores(method, model, moments, groups=params.prune.groups)

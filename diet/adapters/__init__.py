@@ -1,7 +1,8 @@
 """Lazy registry of model-family adapters, keyed by ``config.model_type``.
 
 Each entry is ``"module:Class"``, imported on first use. A checkpoint pruned with per-layer widths has the
-model_type ``diet_<family>`` (see ``diet.modeling``) and uses its family's adapter.
+model_type ``diet_<family>`` (see ``diet.modeling``) and uses its family's adapter. A new family is one
+adapter file and one line here (docs/extending.md lists the tests that go with it).
 """
 
 from __future__ import annotations
