@@ -175,6 +175,10 @@ def _quiet_user_error_tracebacks() -> None:
     logging.setLogRecordFactory(factory)
 
 
+#: the signals that interrupted this command (the exit code is 128 + the first: 130 for Ctrl-C, 143 for SIGTERM)
+_SIGNALLED: list[int] = []
+
+
 def _quiet_after_interrupts() -> Callable[[], Any]:
     """Ctrl-C (SIGINT) or SIGTERM: the stages and DVC, which get the signal too, stop and say so; the flow
     records how it ended. What Prefect would log about each cancelled task is silenced, so that one line says
@@ -182,6 +186,7 @@ def _quiet_after_interrupts() -> Callable[[], Any]:
     crashed."""
     def handler(signum, frame):
         logging.disable(logging.CRITICAL)
+        _SIGNALLED.append(signum)
         raise KeyboardInterrupt
 
     if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
@@ -221,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"interrupted: diet-flow {args.command}; every stage that finished is kept in DVC's cache, and no "
               "output is left half-written. Rerun the same command to resume.", file=sys.stderr)
-        return 130 if isinstance(e, KeyboardInterrupt) else 128 + signal.SIGTERM
+        return 128 + (_SIGNALLED[0] if _SIGNALLED else signal.SIGINT if isinstance(e, KeyboardInterrupt)
+                      else signal.SIGTERM)
     finally:
         restore()
         logging.disable(logging.NOTSET)

@@ -901,6 +901,45 @@ def test_ctrl_c_on_diet_flow_run_stops_everything_within_seconds_in_one_line(tmp
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
 
 
+@pytest.mark.slow
+def test_sigterm_ends_a_dask_run_within_seconds_and_its_flow_run_crashed(tmp_path):
+    """SIGTERM to `diet-flow run --runner dask` (what a scheduler or `kill` sends) while a stage runs: the
+    command exits within 15 s, its Dask workers stop, and the flow run ends in a terminal state on the server
+    (here a temporary one that outlives the command)."""
+    import httpx
+
+    from flows.server import flow_server
+
+    repo = make_tiny_repo(tmp_path)
+    mark = f"diet-test-{os.getpid()}-{time.time_ns()}"
+    with flow_server() as url:
+        env = dvc_env({"DIET_TEST_MARK": mark, "PYTHONPATH": str(PROJECT), "PREFECT_API_URL": url})
+        proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "--repo", str(repo), "--runner", "dask"],
+                                cwd=PROJECT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        seen: list[str] = []
+        __import__("threading").Thread(target=lambda: seen.extend(proc.stdout), daemon=True).start()
+        deadline = time.time() + 240
+        while not any("Running stage" in line for line in seen):
+            assert proc.poll() is None and time.time() < deadline, "".join(seen)[-3000:]
+            time.sleep(0.2)
+        start = time.time()
+        proc.terminate()
+        try:
+            proc.wait(30)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        took = time.time() - start
+        assert took < 15 and proc.returncode == 128 + signal.SIGTERM, (took, proc.returncode, "".join(seen)[-3000:])
+        assert "".join(seen).rstrip().splitlines()[-1].startswith("interrupted: diet-flow run;")
+        states = {r["name"]: r["state_type"] for r in
+                  httpx.post(f"{url}/flow_runs/filter", json={}, timeout=10).json()}
+        assert states and set(states.values()) <= {"CRASHED", "CANCELLED", "FAILED"}, states
+    time.sleep(1)
+    assert _processes_with("DIET_TEST_MARK", mark) == [], "a worker of the terminated run is still running"
+
+
 def test_ctrl_c_on_a_flow_command_prints_one_line(monkeypatch, capsys, tmp_path):
     import flows.cli
 
