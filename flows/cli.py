@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def dispatch(args: argparse.Namespace) -> Any:
     if args.command == "run":
-        from flows.pipeline import pipeline_flow, validate_run
+        from flows.pipeline import nothing_to_do, pipeline_flow, validate_run
 
         validate_run(args.repo, parse_sets(args.sets))  # bad input fails before a Prefect server starts
         if args.shared_disk and (args.git_url or args.workdir):
@@ -248,6 +248,12 @@ def dispatch(args: argparse.Namespace) -> Any:
             from flows.remote_workers import check_workspace
 
             check_workspace(args.repo, args.git_url)
+        done = None if args.pull or not args.shared_disk else nothing_to_do(args.repo, parse_sets(args.sets),
+                                                                            args.targets)
+        if done is not None:
+            print(f"nothing to do: dvc status finds all {len(done)} stages up to date; no flow was started",
+                  file=sys.stderr)
+            return done
         with flow_server():
             return pipeline_flow(repo=args.repo, params=parse_sets(args.sets), task_runner=args.runner,
                                  workers=args.workers, address=args.address, targets=args.targets, pull=args.pull,

@@ -241,6 +241,22 @@ def merged_params(current: Mapping[str, Any], overrides: Mapping[str, Any] | Non
     return out
 
 
+_KEY_LINE = re.compile(r"^(\s*)[^#\s-][^#]*:\s*(#.*)?$")
+
+
+def _sequence_indent(text: str) -> tuple[int, int]:
+    """How the file indents a block list under its key, as ruamel's ``indent(sequence=, offset=)`` takes it:
+    params.yaml's ``tasks:\n  - arc_easy`` is (4, 2), dvc.lock's ``deps:\n- path:`` style (2, 0)."""
+    lines = text.splitlines()
+    for key, item in zip(lines, lines[1:]):
+        found = _KEY_LINE.match(key)
+        if found and item.lstrip().startswith("- "):
+            dash = len(item) - len(item.lstrip()) - len(found.group(1))
+            if dash >= 0:
+                return dash + 2, dash
+    return 2, 0
+
+
 @contextlib.contextmanager
 def edited_yaml(path: Path) -> Iterator[Any]:
     """Edit a YAML file (params.yaml, dvc.lock) in place as DVC does: ruamel's round trip keeps comments, order
@@ -251,6 +267,16 @@ def edited_yaml(path: Path) -> Iterator[Any]:
     ryaml = YAML()
     ryaml.preserve_quotes = True
     text = path.read_text() if path.exists() else ""
+    sequence, offset = _sequence_indent(text)
+    ryaml.indent(mapping=2, sequence=sequence, offset=offset)
+    if re.search(r":[ \t]+null[ \t]*(#.*)?$", text, re.M):  # params.yaml: `revision: null`; dvc.lock: empty
+        from ruamel.yaml.representer import RoundTripRepresenter
+
+        class NullRepresenter(RoundTripRepresenter):  # a subclass: add_representer edits the class it is called on
+            pass
+
+        NullRepresenter.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
+        ryaml.Representer = NullRepresenter
     doc = ryaml.load(text) or ryaml.load("{}")
     yield doc
     buf = io.StringIO()

@@ -79,11 +79,25 @@ def flow_server() -> Iterator[str | None]:
         os.environ["PREFECT_API_URL"] = url  # the flow's own child processes (Dask workers) use it too
         try:
             with temporary_settings({PREFECT_API_URL: url}):
-                yield url
+                try:
+                    yield url
+                finally:
+                    _drain()
         finally:
             os.environ.pop("PREFECT_API_URL", None)
     finally:
         _stop(proc)
+
+
+def _drain(timeout: float = 5.0) -> None:
+    """Send the logs and events that Prefect's background workers still hold, while the server still answers
+    (else they fail at exit, printing ``Error logging to API``)."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        with contextlib.suppress(Exception):
+            worker.drain_all(timeout=timeout)
 
 
 def _stop(proc: subprocess.Popen, grace: float = 5.0) -> None:

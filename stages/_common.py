@@ -6,7 +6,9 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from typing import Callable
 
 from diet.config import Params, load_params
@@ -31,8 +33,11 @@ def run_stage(main: Callable[[argparse.Namespace, Params], None], parser: argpar
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     args = parser.parse_args(argv)
     record_run()
+    interrupts, previous = _count_interrupts()
     try:
         main(args, load_params(args.params))
+        if interrupts:  # a library swallowed the KeyboardInterrupt (a bare except): the user still asked to stop
+            raise KeyboardInterrupt
     except KeyboardInterrupt:
         if getattr(args, "debug", False) or os.environ.get("DIET_DEBUG", "") not in ("", "0"):
             raise
@@ -53,7 +58,24 @@ def run_stage(main: Callable[[argparse.Namespace, Params], None], parser: argpar
         return _report(f"unexpected {type(e).__name__}: {text[0] if text else '(no message)'}",
                        "rerun with --debug (or DIET_DEBUG=1) for the traceback, and report it if the input is "
                        "correct", 1)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
     return 0
+
+
+def _count_interrupts() -> tuple[list[int], object]:
+    """Ctrl-C raises KeyboardInterrupt as Python does, and is also recorded in the returned list; with it the
+    handler it replaced, to put back (None outside the main thread, where nothing is installed)."""
+    seen: list[int] = []
+
+    def handler(signum, frame):
+        seen.append(signum)
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        return seen, None
+    return seen, signal.signal(signal.SIGINT, handler)
 
 
 #: a file to which every stage run under DVC appends its stage name (set by the flows, which read it back to

@@ -121,6 +121,31 @@ def test_write_params_keeps_comments_and_order(tmp_path):
     assert list(data) == list(yaml.safe_load(before))
 
 
+def test_flow_edits_change_only_the_edited_lines_of_params_and_the_lock(tmp_path):
+    """params.yaml keeps its list indentation and its `null`s; dvc.lock keeps DVC's own style (lists at the key's
+    indentation, empty nulls): a flow's edit differs from the file in the edited value alone."""
+    from flows.repo import edited_yaml
+
+    shutil.copy(PROJECT / "params.yaml", tmp_path / "params.yaml")
+    before = (tmp_path / "params.yaml").read_text()
+    assert "  - arc_easy" in before and "revision: null" in before
+    write_params(tmp_path, {"prune.sparsity": 0.35})
+    changed = [(a, b) for a, b in zip(before.splitlines(), (tmp_path / "params.yaml").read_text().splitlines())
+               if a != b]
+    assert len(before.splitlines()) == len((tmp_path / "params.yaml").read_text().splitlines())
+    assert [(a.split("#")[0].strip(), b.split("#")[0].strip()) for a, b in changed] == \
+        [("sparsity: 0.2", "sparsity: 0.35")]
+
+    lock = (PROJECT / "dvc.lock").read_text()
+    (tmp_path / "dvc.lock").write_text(lock)
+    with edited_yaml(tmp_path / "dvc.lock") as doc:
+        doc["stages"]["check"]["cmd"] += " --task-dir data/tasks"
+    after = (tmp_path / "dvc.lock").read_text().splitlines()
+    assert len(after) == len(lock.splitlines())
+    assert [b for a, b in zip(lock.splitlines(), after) if a != b] == [
+        "    cmd: python -m stages.check --out data/params.checked --task-dir data/tasks"]
+
+
 def test_check_tasks_names_missing_and_available(tmp_path):
     (tmp_path / "data" / "tasks").mkdir(parents=True)
     for t in ("arc_easy", "boolq"):

@@ -419,3 +419,27 @@ def test_a_lock_entry_naming_another_tasks_scores_is_refused_at_merge(work_copy)
     assert "scores/t1.safetensors holds the scores of task 't2', not of task 't1'" in r.output, r.output[-3000:]
     assert "dvc repro -f score@t1" in r.output and "Traceback" not in r.output
     assert not (repo / "merged").exists() or hashes(repo, "merged") == merged   # DVC removes it before merge runs
+
+
+@pytest.mark.slow
+def test_diet_flow_run_with_nothing_to_do_answers_from_dvc_status(built, work_copy, monkeypatch, capsys):
+    """A reproduced project: `diet-flow run` finds nothing to do in `dvc status` and answers with one table of
+    cached stages, without a Prefect server or flow; a --set that changes a value does start the flow."""
+    import flows.cli
+
+    def no_server():
+        raise AssertionError("a Prefect server was started for a run with nothing to do")
+
+    monkeypatch.setattr(flows.cli, "flow_server", no_server)
+    assert flows.cli.main(["run", "--repo", str(work_copy)]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out) == {s: "cached" for s in all_stages(work_copy)}
+    assert err.strip() == f"nothing to do: dvc status finds all {len(all_stages(work_copy))} stages up to date; " \
+                          "no flow was started"
+    assert flows.cli.main(["run", "--repo", str(work_copy), "--target", "select"]) == 0
+    assert set(json.loads(capsys.readouterr().out)) == {"check", "model", "merge", "select", "score_generic",
+                                                       *(f"{s}@{t}" for s in ("prepare", "score") for t in TASKS)}
+
+    with pytest.raises(AssertionError, match="a Prefect server was started"):
+        flows.cli.main(["run", "--repo", str(work_copy), "--set", "prune.sparsity=0.3"])
+    assert yaml.safe_load((work_copy / "params.yaml").read_text())["prune"]["sparsity"] == 0.2  # not yet written
