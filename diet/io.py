@@ -73,10 +73,11 @@ def _remove(p: Path) -> None:
         p.unlink()
 
 
-def check_writable(*paths: str | os.PathLike) -> None:
+def check_writable(*paths: str | os.PathLike, need_bytes: int = 0) -> None:
     """Refuse, before a long computation, an output that could not be written: for each path, the nearest
     folder that exists must be a folder in which a file can be created (probed with a temporary file, which also
-    holds for root, whom permission bits do not stop). Raises DietError naming the path and the folder."""
+    holds for root, whom permission bits do not stop), with ``need_bytes`` free on its disk (the expected size of
+    the output; 0: not checked). Raises DietError naming the path and the folder."""
     from diet.errors import DietError
 
     for path in paths:
@@ -94,6 +95,10 @@ def check_writable(*paths: str | os.PathLike) -> None:
                 os.unlink(probe)
             except OSError as e:
                 problem = f"no file can be created in {folder} ({e.strerror or e})"
+        if not problem and need_bytes and (free := shutil.disk_usage(folder).free) < need_bytes:
+            raise DietError(f"cannot write the output {path}: it needs about {need_bytes / 2**20:,.0f} MiB and the "
+                            f"disk of {folder} has {free / 2**20:,.0f} MiB free",
+                            "free disk space (or point the output elsewhere), then rerun; nothing was computed yet")
         if problem:
             raise DietError(f"cannot write the output {path}: {problem}",
                             f"make {folder} writable (or free the path), then rerun; nothing was computed yet")

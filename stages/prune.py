@@ -23,7 +23,8 @@ def main(args, params) -> None:
     set_threads(single=True)
     from diet.io import check_writable, read_json
 
-    check_writable(args.out)  # before the model is loaded, not after the work
+    weights = sum(f.stat().st_size for f in Path(args.model).glob("*.safetensors"))
+    check_writable(args.out, need_bytes=int(weights * (1 - params.prune.sparsity)))  # before the work, not after
     from diet.merge import means_source, recovery_means_from_files
     from diet.modeling import load_model_and_tokenizer
     from diet.modeling import save_pruned

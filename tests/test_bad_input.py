@@ -874,6 +874,19 @@ def test_an_output_that_cannot_be_written_is_refused_before_the_work(repo, capsy
                     "nothing was computed yet")
 
 
+def test_a_disk_without_room_for_the_pruned_model_is_refused_before_the_work(repo, capsys, monkeypatch):
+    """prune needs about the base model's weights times (1 - sparsity) free: with less, refused before the
+    model is loaded, naming both sizes."""
+    import shutil
+
+    import diet.modeling
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 << 30, 10 << 30, 1024))
+    monkeypatch.setattr(diet.modeling, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("the model was loaded"))
+    fails_unchanged(repo, "prune", argv_of(repo, "prune"), capsys, "cannot write the output", "MiB free",
+                    "free disk space (or point the output elsewhere), then rerun; nothing was computed yet")
+
+
 def test_a_write_that_fails_names_the_file_and_how_to_retry(repo, capsys, monkeypatch):
     import diet.scoring
 
