@@ -42,6 +42,8 @@ class ScheduleConfig:
             raise FlowError(f"interval = {self.interval!r} must be a positive number of seconds", "set e.g. interval: 3600")
         if not isinstance(self.limit, int) or self.limit < 1:
             raise FlowError(f"limit = {self.limit!r} must be a positive integer", "set limit: 1")
+        if self.cron is not None or self.timezone is not None:
+            self._check_schedule()
         from flows.pipeline import pipeline_flow
 
         known = list(inspect.signature(pipeline_flow.fn).parameters)
@@ -51,6 +53,24 @@ class ScheduleConfig:
                 raise FlowError(f"unknown pipeline parameter '{key}' in the schedule",
                                 f"did you mean '{close[0]}'?" if close else f"use: {', '.join(known)}")
 
+
+    def _check_schedule(self) -> None:
+        """The cron expression and the timezone as Prefect's schedules read them (refused here, not as a
+        traceback when the deployment is created)."""
+        from pydantic import ValidationError
+        from prefect.client.schemas.schedules import CronSchedule, IntervalSchedule
+
+        try:
+            if self.cron is not None:
+                CronSchedule(cron=self.cron, timezone=self.timezone)
+            else:
+                IntervalSchedule(interval=self.interval, timezone=self.timezone)
+        except (ValidationError, ValueError) as e:
+            what = f"cron = {self.cron!r}" if self.cron is not None else f"timezone = {self.timezone!r}"
+            problem = str(e.errors()[0]["msg"]) if isinstance(e, ValidationError) else str(e)
+            raise FlowError(f"{what} is not a valid schedule: {problem}",
+                            'write five cron fields, e.g. cron: "0 2 * * *" (02:00 every day), and an IANA '
+                            "timezone such as Europe/Berlin (or none: UTC)") from None
 
 def load_schedule(path: str | Path | None = None, *, name: str | None = None, cron: str | None = None,
                   interval: float | None = None, repo: str | None = None) -> ScheduleConfig:

@@ -998,3 +998,22 @@ def test_cli_pull_refuses_an_unknown_task_before_writing_the_remote(tmp_path, ca
     err = capsys.readouterr().err
     assert "unknown task 'nosuch'" in err and "Traceback" not in err, err
     assert snapshot(root) == before, "a refused pull changed a file (.dvc/config?)"
+
+
+@pytest.mark.parametrize("sets, needle", [
+    (["--cron", "not a cron"], "error: cron = 'not a cron' is not a valid schedule: "),
+    (["--cron", "0 2 * * *", "--config", "TZ"], "error: cron = '0 2 * * *' is not a valid schedule: "),
+])
+def test_cli_serve_refuses_a_bad_schedule_before_any_server(tmp_path, capsys, monkeypatch, sets, needle):
+    """A cron expression or timezone Prefect cannot read is refused with the fix, not as a traceback, before a
+    server is asked for (PREFECT_API_URL here names none)."""
+    import flows.cli
+
+    config = tmp_path / "schedule.yaml"
+    config.write_text("name: nightly\ntimezone: Mars/Olympus\ncron: '0 2 * * *'\n")
+    sets = [str(config) if s == "TZ" else s for s in sets]
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
+    assert flows.cli.main(["serve", *sets]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(needle) and 'fix: write five cron fields, e.g. cron: "0 2 * * *"' in err, err
+    assert "Traceback" not in err
