@@ -45,6 +45,19 @@ def _floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def _count(least: int):
+    """An argparse type: a whole number of at least ``least`` (``--workers 0`` fails here, not mid-flow)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{value} is below {least}, the least this option takes")
+        return value
+    return parse
+
+
 def _names(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
@@ -69,9 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
         if runner:
             q.add_argument("--runner", default="threads", choices=("threads", "dask", "ray"),
                            help="where independent stages run side by side (default: threads)")
-            q.add_argument("--workers", type=int, default=2, help="parallel stages (default: 2)")
+            q.add_argument("--workers", type=_count(1), default=2, help="parallel stages (default: 2)")
             q.add_argument("--address", help="dask scheduler / ray cluster address (default: a local one)")
-            q.add_argument("--retries", type=int, default=1,
+            q.add_argument("--retries", type=_count(0), default=1,
                            help="retries of a failed stage, or of a failed experiment in a queued sweep (default: 1)")
 
     def experiments(q: argparse.ArgumentParser) -> None:
@@ -79,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="queue: DVC's experiment queue, --jobs points at a time in temporary copies (the "
                             "workspace is left alone); workspace: one point after the other in the workspace "
                             "(default: queue)")
-        q.add_argument("--jobs", type=int, help="experiments run at a time in queue mode (default: --workers)")
+        q.add_argument("--jobs", type=_count(1), help="experiments run at a time in queue mode (default: --workers)")
 
     q = sub.add_parser("run", help="run the pipeline: every stage, each as a Prefect task over `dvc repro -s`")
     common(q)

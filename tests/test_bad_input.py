@@ -1017,3 +1017,17 @@ def test_cli_serve_refuses_a_bad_schedule_before_any_server(tmp_path, capsys, mo
     err = capsys.readouterr().err
     assert err.startswith(needle) and 'fix: write five cron fields, e.g. cron: "0 2 * * *"' in err, err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["run", "--workers", "0"], "argument --workers: 0 is below 1"),
+    (["run", "--retries", "-1"], "argument --retries: -1 is below 0"),
+    (["sweep", "--jobs", "two"], "argument --jobs: expected a whole number, got 'two'"),
+])
+def test_cli_counts_are_checked_as_arguments(tmp_path, capsys, argv, needle):
+    """Counts of workers, retries and jobs are refused by the argument parser (exit 2), before anything runs."""
+    import flows.cli
+
+    with pytest.raises(SystemExit) as stop:
+        flows.cli.main([*argv, "--repo", str(tmp_path)])
+    assert stop.value.code == 2 and needle in capsys.readouterr().err
