@@ -511,7 +511,8 @@ def dask_repo(tmp_path_factory, prefect_harness):
 @pytest.mark.slow
 def test_dask_fan_out_equals_sequential_run(dask_repo, tiny_repo):
     repo, report = dask_repo
-    assert report == {"model": RAN, "prepare@t1": RAN, "prepare@t2": RAN, "score@t1": RAN, "score@t2": RAN}
+    assert report == {"check": RAN, "model": RAN, "prepare@t1": RAN, "prepare@t2": RAN, "score@t1": RAN,
+                      "score@t2": RAN}
     sequential, _ = tiny_repo
     for t in ("t1", "t2"):
         assert sha256(repo / "scores" / f"{t}.safetensors") == sha256(sequential / "scores" / f"{t}.safetensors")

@@ -113,8 +113,8 @@ def test_queued_sweep_runs_points_in_parallel_and_leaves_the_workspace(committed
         ("vote", 0.2), ("vote", 0.3), ("vote+bias", 0.2), ("vote+bias", 0.3)]
     for e in out["experiments"]:
         ran = {s for s, st in e["stages"].items() if st == RAN}
-        if (e["method"], e["sparsity"]) == ("vote", 0.2):  # the committed run: DVC restores every stage
-            assert ran == set(), e
+        if (e["method"], e["sparsity"]) == ("vote", 0.2):  # the committed run: DVC restores every stage but
+            assert ran <= {"check"}, e       # the params check may rerun in the experiment (about 2 s)
         else:
             assert ran and ran <= {"check", "merge", "select", "prune", "evaluate@t1", "evaluate@t2", "perplexity",
                                    "export", "report"}, e                      # never a score stage
