@@ -13,7 +13,7 @@ from diet.errors import ModelError
 from diet.pruning import apply_mask, parameter_counts
 from tests.tiny import FAMILIES, tiny_model
 
-NEEDS_BOS = {"llama": False, "gemma2": True, "gemma3_text": True, "qwen2": False}
+NEEDS_BOS = {"llama": False, "gemma2": True, "gemma3_text": True, "qwen2": False, "mistral": False}
 
 
 

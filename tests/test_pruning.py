@@ -226,7 +226,7 @@ def test_generate_on_pruned_models(family, tmp_path):
     reference = zero_mask(model, keep)
     apply_mask(model, keep, "global")
     prompt = input_ids(3)[:1, :6]
-    settings = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    settings = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
     expected = reference.generate(prompt, **settings)
     assert expected.shape == (1, 14)
     assert torch.equal(model.generate(prompt, **settings), expected)
@@ -431,7 +431,7 @@ def held_at_means_logits(model, keep, means, ids) -> torch.Tensor:
 
 
 #: family -> whether a uniform checkpoint with output biases of both groups is a stock one
-STOCK_WITH_BIASES = {"llama": True, "gemma2": False, "gemma3_text": False, "qwen2": False}
+STOCK_WITH_BIASES = {"llama": True, "gemma2": False, "gemma3_text": False, "qwen2": False, "mistral": False}
 
 
 @pytest.mark.parametrize("layout", ["global", "uniform"])
@@ -625,7 +625,8 @@ def test_hidden_selection_prunes_exactly_and_reloads(family, groups, shape, layo
 
 
 #: family -> whether its stock config demands hidden_size % num_attention_heads == 0 (Qwen2's does not)
-STOCK_NEEDS_HEADS_TO_DIVIDE_HIDDEN = {"llama": True, "gemma2": True, "gemma3_text": True, "qwen2": False}
+STOCK_NEEDS_HEADS_TO_DIVIDE_HIDDEN = {"llama": True, "gemma2": True, "gemma3_text": True, "qwen2": False,
+                                      "mistral": False}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -657,7 +658,7 @@ def test_generate_on_hidden_pruned_models(family, tmp_path):
     reference = zero_mask(model, keep)
     apply_mask(model, keep, "global")
     prompt = input_ids(3)[:1, :6]
-    settings = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    settings = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
     expected = reference.generate(prompt, **settings)
     assert torch.equal(model.generate(prompt, **settings), expected)
     save_pruned(model, None, tmp_path / "m", {})

@@ -16,7 +16,7 @@ from diet.adapters import adapter_class
 
 VOCAB = 128
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
-FAMILIES = ("llama", "gemma2", "gemma3_text", "qwen2")
+FAMILIES = ("llama", "gemma2", "gemma3_text", "qwen2", "mistral")
 
 _COMMON = dict(
     vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
@@ -26,6 +26,7 @@ _COMMON = dict(
 _FAMILY = {
     "llama": dict(tie_word_embeddings=True),
     "qwen2": dict(tie_word_embeddings=False),
+    "mistral": dict(tie_word_embeddings=False, sliding_window=None),
     "gemma2": dict(sliding_window=4, query_pre_attn_scalar=8,
                    layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
     "gemma3_text": dict(sliding_window=4, query_pre_attn_scalar=8,

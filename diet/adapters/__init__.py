@@ -20,6 +20,7 @@ SUPPORTED: dict[str, str] = {
     "gemma2": "diet.adapters.gemma2:Gemma2Adapter",
     "gemma3_text": "diet.adapters.gemma3:Gemma3TextAdapter",
     "qwen2": "diet.adapters.qwen2:Qwen2Adapter",
+    "mistral": "diet.adapters.mistral:MistralAdapter",
 }
 
 
