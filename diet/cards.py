@@ -58,9 +58,29 @@ def _summary_line(manifest: dict, provenance: dict | None, widths: str) -> str:
             f"{mask.get('layout', '?')}). {widths}")
 
 
+#: the transformers release on which ``stock_on_layer_config`` was measured (tests/test_layer_schema.py)
+STOCK_MEASURED_ON = "5.24.0"
+
+
+def stock_on_layer_config(family: str) -> str:
+    """What stock transformers (``STOCK_MEASURED_ON``) does with per-layer widths as ``per_layer_config`` under
+    the stock model_type ``family``."""
+    config_check = ("" if family == "qwen2" else "; where the head counts differ, its config validation "
+                    "(`hidden_size % num_attention_heads`) raises it already")
+    return (f"with `model_type` set to `{family}`, it reads `per_layer_config` into a heterogeneous config, but its "
+            f"{family} modeling still builds every layer from the global `intermediate_size` and head counts, and "
+            f"reading a width that differs per layer from the global config raises "
+            f"`AmbiguousGlobalPerLayerAttributeError`{config_check}. It refuses the checkpoint rather than build it "
+            "at the wrong widths")
+
+
 def pruned_card(model_type: str, family: str, stock_loadable: bool, manifest: dict,
-                provenance: dict | None = None) -> str:
-    """README.md of a pruned checkpoint: what it is, how to load it, how to run it in llama.cpp."""
+                provenance: dict | None = None, *, layer_schema: bool = False, output_biases: bool = False) -> str:
+    """README.md of a pruned checkpoint: what it is, how to load it, how to run it in llama.cpp.
+
+    ``layer_schema``: config.json gives the per-layer widths as transformers' ``per_layer_config``;
+    ``output_biases``: it also lists output biases that no stock config expresses.
+    """
     lines = [front_matter(manifest, provenance, "transformers", (family,)) + f"# Pruned {family} checkpoint (DIET)",
              "", _summary_line(manifest, provenance, "`manifest.json` lists the per-layer widths and the parameter "
                                "counts."), "", "## Load it", ""]
@@ -78,6 +98,15 @@ def pruned_card(model_type: str, family: str, stock_loadable: bool, manifest: di
                   "# or: model = diet.modeling.load_model(\"path/to/this/folder\")", "```", "",
                   "Without that import transformers does not recognise the model type and asks to upgrade it; "
                   "upgrading does not help."]
+        if layer_schema:
+            lines += ["", "`config.json` gives the widths of each layer as `per_layer_config`, transformers' own schema "
+                      "for layers that differ (layer index -> `intermediate_size`, `num_attention_heads`, "
+                      "`num_key_value_heads`); the global fields hold the widest layer. What stock transformers "
+                      f"{STOCK_MEASURED_ON} does with it, measured: {stock_on_layer_config(family)}. "
+                      + ("Once stock modeling builds each layer from `per_layer_config`, that `model_type` is the "
+                         "one change this folder needs to load without `diet`." if not output_biases else
+                         "This checkpoint also lists `output_biases` (bias terms no stock config of this family "
+                         "expresses), so it keeps needing `diet` even then.")]
     lines += ["", "## Run it in llama.cpp, Ollama or LM Studio", "",
               "The pipeline's `export` stage writes this checkpoint as GGUF files (set `export.types` in params.yaml, "
               "e.g. `[F16, Q8_0, Q4_0]`, then `dvc repro export`). `models/gguf/README.md` lists each file with its "

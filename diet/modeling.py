@@ -6,8 +6,13 @@ Two formats, chosen by the widths the mask leaves (``write_config``):
   ``num_attention_heads``, ``num_key_value_heads`` and ``hidden_size`` updated and ``head_dim`` explicit. Plain transformers
   (and other runtimes) load it without this package.
 * **per-layer** (widths differ, ``layout: global``): for each family ``<f>`` a config subclass with model_type
-  ``diet_<f>`` carrying ``intermediate_sizes``, ``num_heads_per_layer`` and ``num_kv_heads_per_layer``, and a
-  causal-LM subclass that builds every layer at its own widths. Importing ``diet.modeling`` registers both with
+  ``diet_<f>`` holding ``intermediate_sizes``, ``num_heads_per_layer`` and ``num_kv_heads_per_layer``, and a
+  causal-LM subclass that builds every layer at its own widths. Its config.json writes those widths in
+  transformers' own schema for heterogeneous layers, ``per_layer_config`` (``transformers.integrations.
+  heterogeneity``): ``{"0": {"intermediate_size": ..., "num_attention_heads": ..., "num_key_value_heads": ...},
+  ...}``, every layer listed, keys zero-padded as transformers writes them (``layer_overrides``); the config
+  reads that schema and the lists of earlier checkpoints alike (``read_layer_overrides``). A per-layer config
+  whose widths are all equal (output biases, or head counts stock validation refuses) keeps the lists. Importing ``diet.modeling`` registers both with
   ``AutoConfig`` / ``AutoModelForCausalLM``, so ``AutoModelForCausalLM.from_pretrained(path)`` works without
   remote code (each pruned folder's README.md says so). ``hidden_size`` is one width for every layer in both
   formats: pruning the ``hidden`` group sets it to the kept width (Gemma scales embeddings by its square root;
@@ -39,6 +44,7 @@ import torch
 import transformers
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.integrations.heterogeneity import HeterogeneousConfigMixin
 
 from diet.adapters import PRUNED, SUPPORTED, adapter_class, family, get_adapter, pruned_model_type
 from diet.adapters.base import parameter_counts
@@ -77,6 +83,53 @@ def _validate_per_layer(config) -> None:
         raise ValueError(f"{OUTPUT_BIASES_FIELD} lists unknown groups {unknown}; known: {list(GROUPS)}")
 
 
+def read_layer_overrides(config, overrides) -> None:
+    """Set the per-layer lists of ``config`` from a ``per_layer_config`` mapping (layer index, an int or its
+    string, -> overrides of the stock width fields); a layer or field it leaves out has the global width.
+
+    Any override but the widths of ``PER_LAYER_FIELDS`` (``skip``, ``sliding_window``) would change a layer in a
+    way these classes do not build: a ValueError. The global fields become the widest layer's.
+    """
+    if overrides is None:
+        return
+    if not isinstance(overrides, dict):
+        raise ValueError(f"per_layer_config must map layer indices to width overrides, got {overrides!r}")
+    n = config.num_hidden_layers
+    layers: dict[int, dict] = {}
+    for key, fields in overrides.items():
+        index = key if isinstance(key, int) else int(key) if isinstance(key, str) and key.isdigit() else -1
+        if not 0 <= index < n:
+            raise ValueError(f"per_layer_config key {key!r} is not a layer index below num_hidden_layers = {n}")
+        if not isinstance(fields, dict) or set(fields) - set(PER_LAYER_FIELDS):
+            raise ValueError(f"per_layer_config[{key!r}] = {fields!r}: these classes read only the widths "
+                             f"{', '.join(PER_LAYER_FIELDS)}")
+        layers[index] = fields
+    for scalar, field in PER_LAYER_FIELDS.items():
+        if not any(scalar in fields for fields in layers.values()):
+            continue
+        values = [layers.get(i, {}).get(scalar, getattr(config, scalar)) for i in range(n)]
+        listed = getattr(config, field)
+        if listed is not None and list(listed) != values:
+            raise ValueError(f"per_layer_config gives {scalar} per layer {values}, {field} {list(listed)}")
+        setattr(config, field, values)
+        setattr(config, scalar, max(values))
+
+
+def layer_overrides(config, d: dict) -> dict:
+    """``d`` (a ``to_dict`` of ``config``) with its per-layer lists written as ``per_layer_config``, every layer
+    and every listed field explicit; unchanged when the lists give every layer the same widths."""
+    lists = {scalar: d[field] for scalar, field in PER_LAYER_FIELDS.items() if d.get(field) is not None}
+    if all(len(set(values)) == 1 for values in lists.values()):
+        return d
+    for field in PER_LAYER_FIELDS.values():
+        d.pop(field, None)
+    n = config.num_hidden_layers
+    digits = len(str(n - 1))  # zero-padded as transformers writes them, so the keys sort numerically
+    d["per_layer_config"] = {str(i).zfill(digits): {scalar: values[i] for scalar, values in lists.items()}
+                             for i in range(n)}
+    return d
+
+
 def _shape_layers(model) -> None:
     """Slice a freshly built model (every layer at the widest widths) to the per-layer widths of its config."""
     config = model.config
@@ -100,6 +153,13 @@ def _define(model_type: str) -> None:
 
         def validate_architecture(self):
             _validate_per_layer(self)
+
+        def to_dict(self):
+            return layer_overrides(self, super().to_dict())
+
+        # transformers' HeterogeneousConfigMixin turns per_layer_config into per-layer configs whose global
+        # widths raise on access (the stock layers read them); here it fills the lists instead
+        per_layer_config = property(HeterogeneousConfigMixin.per_layer_config.fget, read_layer_overrides)
 
     PerLayerConfig.model_type = pruned_model_type(model_type)
 
@@ -206,8 +266,11 @@ def save_pruned(model, tokenizer, out_dir: str | os.PathLike, manifest: dict, pr
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         write_json(tmp / "manifest.json", {**manifest, "checkpoint": checkpoint})
+        written = model.config.to_dict()
         write_text(tmp / "README.md", pruned_card(checkpoint["model_type"], family(checkpoint["model_type"]),
-                                                  checkpoint["stock_loadable"], manifest, provenance))
+                                                  checkpoint["stock_loadable"], manifest, provenance,
+                                                  layer_schema="per_layer_config" in written,
+                                                  output_biases=bool(written.get(OUTPUT_BIASES_FIELD))))
     return out_dir
 
 

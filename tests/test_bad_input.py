@@ -742,9 +742,16 @@ def load_error(folder: Path) -> ModelError:
 
 def test_pruned_config_with_a_per_layer_list_of_the_wrong_length(repo):
     pruned = repo / "models/pruned"
-    edit_config(pruned, lambda c: c.update(intermediate_sizes=c["intermediate_sizes"][:2]))
+    edit_config(pruned, lambda c: (c.pop("per_layer_config"), c.update(intermediate_sizes=[8, 8])))  # older form
     e = load_error(pruned)
     assert "intermediate_sizes lists 2 widths for num_hidden_layers = 3" in e.problem and "dvc repro prune" in e.fix
+
+
+def test_pruned_config_with_a_layer_beyond_the_last(repo):
+    pruned = repo / "models/pruned"
+    edit_config(pruned, lambda c: c["per_layer_config"].update({"3": {"intermediate_size": 8}}))
+    e = load_error(pruned)
+    assert "per_layer_config key '3' is not a layer index below num_hidden_layers = 3" in e.problem and "dvc repro prune" in e.fix
 
 
 def test_unknown_per_layer_model_type(repo):
@@ -784,7 +791,8 @@ def edit_manifest(folder: Path, change) -> None:
 def test_damaged_pruned_manifest(repo, damage, needle):
     pruned = repo / "models/pruned"
     if needle == "gives intermediate_size per layer":
-        assert len(set(json.loads((pruned / "config.json").read_text())["intermediate_sizes"])) > 1
+        layers = json.loads((pruned / "config.json").read_text())["per_layer_config"].values()
+        assert len({layer["intermediate_size"] for layer in layers}) > 1
     damage(pruned)
     e = load_error(pruned)
     assert needle in e.problem and "dvc repro prune" in e.fix

@@ -281,8 +281,10 @@ def test_per_layer_config_builds_its_model_and_validates_its_lists():
     assert {k: v.shape for k, v in built.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
     check_metadata(built)
     config_class = type(config)
-    fields = {**config.to_dict(), "intermediate_sizes": [8, 16]}
+    fields = config.to_dict()  # the lists alone, as checkpoints written before per_layer_config hold them
     fields.pop("model_type")
+    fields.pop("per_layer_config")
+    fields.update({field: getattr(config, field) for field in PER_LAYER_FIELDS.values()}, intermediate_sizes=[8, 16])
     with pytest.raises(Exception, match="3 layers"):
         config_class(**fields)
     fields.update(intermediate_sizes=config.intermediate_sizes, num_heads_per_layer=[3, 4, 2])
