@@ -65,8 +65,10 @@ STOCK_MEASURED_ON = "5.24.0"
 def stock_on_layer_config(family: str) -> str:
     """What stock transformers (``STOCK_MEASURED_ON``) does with per-layer widths as ``per_layer_config`` under
     the stock model_type ``family``."""
-    config_check = ("" if family == "qwen2" else "; where the head counts differ, its config validation "
-                    "(`hidden_size % num_attention_heads`) raises it already")
+    from diet.adapters import adapter_class
+
+    config_check = ("" if not adapter_class(family).stock_config_checks_heads else "; where the head counts "
+                    "differ, its config validation (`hidden_size % num_attention_heads`) raises it already")
     return (f"with `model_type` set to `{family}`, it reads `per_layer_config` into a heterogeneous config, but its "
             f"{family} modeling still builds every layer from the global `intermediate_size` and head counts, and "
             f"reading a width that differs per layer from the global config raises "

@@ -15,7 +15,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.integrations.heterogeneity import AmbiguousGlobalPerLayerAttributeError
 
-from diet.adapters import get_adapter
+from diet.adapters import adapter_class, get_adapter
 from diet.cards import STOCK_MEASURED_ON
 from diet.errors import ModelError
 from diet.modeling import PER_LAYER_FIELDS, load_model, save_pruned, write_config
@@ -121,7 +121,7 @@ def test_what_stock_transformers_does_with_the_schema(family, groups, tmp_path):
     write(path, config)
     widths = get_adapter(model).layer_widths()
     heads_differ = len(set(widths["num_attention_heads"])) > 1
-    config_refuses = heads_differ and family != "qwen2"  # Qwen2's config validation reads per-layer configs
+    config_refuses = heads_differ and adapter_class(family).stock_config_checks_heads  # not Qwen2's, Mistral's
     if config_refuses:
         with pytest.raises(AmbiguousGlobalPerLayerAttributeError, match="num_attention_heads"):
             AutoConfig.from_pretrained(path)

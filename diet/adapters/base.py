@@ -40,6 +40,9 @@ class ModelAdapter(ABC):
     model_type: ClassVar[str]
     #: families whose tokenizer must prepend BOS for sane log-likelihoods (Gemma)
     needs_bos: ClassVar[bool] = False
+    #: whether the family's stock config refuses ``hidden_size % num_attention_heads != 0`` (Qwen2's and
+    #: Mistral's do not check it): what stock transformers does with per-layer head counts (diet.cards)
+    stock_config_checks_heads: ClassVar[bool] = True
     #: attention implementation to load with (None: the transformers default)
     attn_implementation: ClassVar[str | None] = None
     #: stock transformers classes of the family, by name in the ``transformers`` namespace

@@ -8,4 +8,5 @@ class MistralAdapter(LlamaAdapter):
     model_type = "mistral"
     config_class_name = "MistralConfig"
     model_class_name = "MistralForCausalLM"
+    stock_config_checks_heads = False
     BIAS_FLAGS = {}  # no projection carries a bias: recovery adds output biases through the per-layer config

@@ -7,6 +7,7 @@ class Qwen2Adapter(LlamaAdapter):
     model_type = "qwen2"
     config_class_name = "Qwen2Config"
     model_class_name = "Qwen2ForCausalLM"
+    stock_config_checks_heads = False
     BIAS_FLAGS = {}  # q/k/v always carry biases, o_proj and the MLP never: no flag
     gguf_arch = "qwen2"
     gguf_arch_per_layer = None
