@@ -117,8 +117,6 @@ def removal_targets(widths: Mapping[str, Sequence[int]], costs: Mapping[str, Seq
                     ) -> dict[str, float]:
     """Parameters each group must remove (of its own, shared ones included) so that ``sparsity`` of the decoder
     parameters go (see module doc)."""
-    if not 0.0 < float(sparsity) < 1.0:
-        raise ConfigError(f"prune.sparsity = {sparsity!r} is outside (0, 1)", "set e.g. sparsity: 0.2")
     if not groups:
         raise ConfigError("no group to prune", "set e.g. prune.groups: [mlp]")
     prunable = {g: prunable_params(widths, costs, g) for g in groups}

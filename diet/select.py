@@ -198,9 +198,6 @@ def select(priority: Mapping[str, torch.Tensor], widths: Mapping[str, Sequence[i
     group of ``priority`` (``diet.config.SelectConfig``). ``crossings`` (``diet.geometry.Geometry``) lists the
     parameters two groups share: the budget and the mask's parameter counts take each of them once.
     """
-    LAYOUTS.check(layout)
-    if not 0.0 < float(sparsity) < 1.0:
-        raise ConfigError(f"prune.sparsity = {sparsity!r} is outside (0, 1)", "set e.g. sparsity: 0.2")
     groups = list(priority)
     keeps, multiples = _resolve(min_keep, multiple, groups)
     for g in groups:
