@@ -28,11 +28,11 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from diet.evaluation.data import load_eval_task  # noqa: E402
-from diet.evaluation.harness import evaluate_tasks  # noqa: E402
-from diet.evaluation.loglik import build_items, encode_pair, evaluate_tasks_direct  # noqa: E402
+from diet.evaluation.loglik import build_items, encode_pair  # noqa: E402
 from diet.tokens import resolve_add_bos  # noqa: E402
 from diet.io import write_json  # noqa: E402
 from diet.modeling import load_model  # noqa: E402
+from diet.registry import EVAL_BACKENDS  # noqa: E402
 
 DEFAULT_TASKS = "arc_easy,arc_challenge,boolq,hellaswag,openbookqa,piqa,winogrande,rte"
 
@@ -67,7 +67,7 @@ def run(args) -> dict:
     model = load_model(args.model)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     tasks = [t for t in args.tasks.split(",") if t]
-    backends = {"lm_eval": evaluate_tasks, "direct": evaluate_tasks_direct}
+    backends = {name: EVAL_BACKENDS.get(name) for name in ("lm_eval", "direct")}
     warm = {tasks[0]: args.data / tasks[0]}
     for fn in backends.values():
         fn(model, tokenizer, warm, batch_size=args.batch_size, limit=2)

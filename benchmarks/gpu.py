@@ -52,6 +52,7 @@ from diet.config import MergeConfig, PruneConfig, SelectConfig  # noqa: E402
 from diet.io import write_json, write_text  # noqa: E402
 from diet.modeling import resolve_device  # noqa: E402
 from diet.pruning import parameter_counts  # noqa: E402
+from diet.registry import LAYOUTS  # noqa: E402
 from diet.scoring import resolve_precision, split_scores  # noqa: E402
 
 #: Gemma-2-2B's shapes (google/gemma-2-2b config.json), and a small stand-in with the same structure
@@ -293,7 +294,7 @@ def main(argv=None) -> dict:
     p.add_argument("--seq-len", type=int, help="tokens per sample after BOS (default 512; small 32)")
     p.add_argument("--batch-sizes", type=int, nargs="+", help="default 1 4 8 16 32; small 1 4")
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.2, 0.3])
-    p.add_argument("--layouts", nargs="+", default=["uniform", "global"], choices=["global", "uniform"])
+    p.add_argument("--layouts", nargs="+", default=["uniform", "global"], choices=LAYOUTS.names())
     p.add_argument("--prompt-tokens", type=int, help="default 256; small 32")
     p.add_argument("--new-tokens", type=int, help="default 32; small 4")
     p.add_argument("--repeats", type=int, default=3)

@@ -46,6 +46,7 @@ from diet import api  # noqa: E402
 from diet.config import MergeConfig, PruneConfig, ScoreConfig, SelectConfig  # noqa: E402
 from diet.io import write_json  # noqa: E402
 from diet.modeling import load_model, save_pruned  # noqa: E402
+from diet.registry import LAYOUTS  # noqa: E402
 from diet.pruning import parameter_counts  # noqa: E402
 
 
@@ -286,7 +287,7 @@ def main(argv=None) -> None:
     p.add_argument("--model", default=os.environ.get("DIET_BASE_MODEL"),
                    help="materialised base model folder (default: $DIET_BASE_MODEL, else materialise smollm2)")
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.1, 0.2, 0.3])
-    p.add_argument("--layouts", nargs="+", default=["global", "uniform"], choices=["global", "uniform"])
+    p.add_argument("--layouts", nargs="+", default=["global", "uniform"], choices=LAYOUTS.names())
     p.add_argument("--tasks", nargs="+", default=["arc_easy", "piqa"])
     p.add_argument("--n-calib", type=int, default=32)
     p.add_argument("--prompt-tokens", type=int, default=256)

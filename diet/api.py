@@ -28,9 +28,14 @@ def plan(task_scores: Mapping[str, Mapping[str, torch.Tensor]], geo: Geometry, *
          merge_cfg: MergeConfig = MergeConfig(), prune_cfg: PruneConfig = PruneConfig(),
          select_cfg: SelectConfig = SelectConfig(), generic: Mapping[str, torch.Tensor] | None = None,
          magnitude: Mapping[str, torch.Tensor] | None = None, baseline: Mapping[str, torch.Tensor] | None = None):
-    """Merge per-task scores into one order per group and select the mask: (merged, Mask)."""
+    """Merge per-task scores into one order per group and select the mask: (merged, Mask).
+
+    The configs are checked here, as params.yaml's sections are when read: the functions below trust them.
+    """
     from diet.select import check_constraints, select
 
+    for cfg in (merge_cfg, prune_cfg, select_cfg):
+        cfg.validate()
     check_constraints(geo.widths, prune_cfg.groups, select_cfg.min_keep, select_cfg.multiple)
     merged = merge_scores(task_scores, geo, merge_cfg=merge_cfg, prune_cfg=prune_cfg,
                           generic=generic, magnitude=magnitude, baseline=baseline)
@@ -71,7 +76,8 @@ def prune(model, tokenizer, tasks: Mapping[str, Sequence[str]], sparsity: float 
     from diet.scoring import split_scores
 
     prune_cfg = PruneConfig(sparsity=sparsity, groups=tuple(groups), recover=recover, refit_damping=refit_damping)
-    prune_cfg.validate()
+    for cfg in (prune_cfg, merge_cfg, select_cfg):
+        cfg.validate()  # before any scoring
     score_cfg = score_cfg or ScoreConfig(groups=tuple(groups))
     if not tasks:
         raise ConfigError("no tasks to prune for", "pass {task name: [calibration texts]}")

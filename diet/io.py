@@ -9,12 +9,22 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping
+
+
+def package_dir(package: str) -> Path | None:
+    """The folder of an installed top-level package, found without importing it (data wheels ship files there);
+    None when it is not installed."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
 
 
 def _umask() -> int:

@@ -57,10 +57,10 @@ from typing import Mapping, Sequence
 
 import torch
 
-from diet.config import NORMALIZATIONS, MergeConfig, PruneConfig
+from diet.config import MergeConfig, PruneConfig
 from diet.errors import ConfigError, DataError
 from diet.groups import get_group
-from diet.registry import MERGE_METHODS, load
+from diet.registry import MERGE_METHODS, NORMALIZATIONS, load
 
 #: the built-in methods whose order depends on the tasks (``MergeMethod.uses_tasks``)
 TASK_METHODS = MERGE_METHODS.names(lambda f: f.uses_tasks)
@@ -117,8 +117,6 @@ def removal_targets(widths: Mapping[str, Sequence[int]], costs: Mapping[str, Seq
                     ) -> dict[str, float]:
     """Parameters each group must remove (of its own, shared ones included) so that ``sparsity`` of the decoder
     parameters go (see module doc)."""
-    if not 0.0 < float(sparsity) < 1.0:
-        raise ConfigError(f"prune.sparsity = {sparsity!r} is outside (0, 1)", "set e.g. sparsity: 0.2")
     if not groups:
         raise ConfigError("no group to prune", "set e.g. prune.groups: [mlp]")
     prunable = {g: prunable_params(widths, costs, g) for g in groups}
@@ -148,30 +146,19 @@ def keep_count(widths: Mapping[str, Sequence[int]], costs: Mapping[str, Sequence
 
 # -- per-task rankings -------------------------------------------------------------------------------------------
 def normalize(scores: torch.Tensor, how: str) -> torch.Tensor:
-    """Per-layer normalisation of scores (L, W): none | mean | zscore | rank (float64 out).
+    """Per-layer normalisation of scores (L, W) by a name of ``diet.registry.NORMALIZATIONS`` (float64 out).
 
-    ``mean`` divides by the layer mean; ``zscore`` subtracts the layer mean and divides by the layer standard
-    deviation (population); a constant layer becomes 0. ``rank`` maps each layer to [0, 1] by ordinal rank
-    (ties: lower index ranks lower).
+    ``none``; ``mean`` divides by the layer mean; ``zscore`` subtracts the layer mean and divides by the layer
+    standard deviation (population); a constant layer becomes 0. ``rank`` maps each layer to [0, 1] by ordinal
+    rank (ties: lower index ranks lower). The functions: ``diet.normalizations``.
     """
-    if how not in NORMALIZATIONS:
-        raise ConfigError(f"merge.normalize = {how!r} is not supported", f"use one of: {', '.join(NORMALIZATIONS)}")
+    fn = NORMALIZATIONS.get(how)
     x = scores.detach().to(torch.float64)                                      # (L, W)
     if x.dim() != 2:
         raise ValueError(f"scores must be (layers, dimensions), got {tuple(x.shape)}")
     if not torch.isfinite(x).all():
         raise DataError("scores contain NaN or infinite values", "rescore the task; check the model's dtype")
-    if how == "none":
-        return x.clone()
-    if how == "mean":
-        mu = x.mean(dim=1, keepdim=True)                                       # (L, 1)
-        return torch.where(mu != 0, x / torch.where(mu != 0, mu, 1.0), torch.zeros_like(x))
-    if how == "zscore":
-        mu = x.mean(dim=1, keepdim=True)                                       # (L, 1)
-        sd = x.std(dim=1, correction=0, keepdim=True)                          # (L, 1)
-        return torch.where(sd > 0, (x - mu) / torch.where(sd > 0, sd, 1.0), torch.zeros_like(x))
-    ranks = torch.argsort(torch.argsort(x, dim=1, stable=True), dim=1, stable=True).to(torch.float64)  # (L, W)
-    return ranks / max(x.shape[1] - 1, 1)
+    return fn(x)
 
 
 _normalize = normalize  # ``merge`` takes a parameter of the same name

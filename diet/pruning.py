@@ -27,10 +27,9 @@ from diet.adapters.base import parameter_counts
 from diet.errors import ModelError
 from diet.groups import GROUPS, slice_linear
 from diet.modeling import stock_config_problem, write_config
+from diet.registry import LAYOUTS
 
 __all__ = ["LAYOUTS", "apply_mask", "fold_means", "parameter_counts", "slice_linear", "zero_mask"]
-
-LAYOUTS = ("global", "uniform")
 
 
 def apply_mask(model: nn.Module, keep: dict[str, list[torch.Tensor]], layout: str = "global",
@@ -40,8 +39,9 @@ def apply_mask(model: nn.Module, keep: dict[str, list[torch.Tensor]], layout: st
     With ``means`` (module doc) the removed channels' mean contribution is folded into the output projections'
     biases first (``fold_means``); every check runs before the model is touched.
 
-    ``layout="uniform"`` demands the same kept width in every layer and a config that stock transformers
-    accepts; it is checked before anything is removed. With ``layout="global"`` widths may differ per layer
+    ``layout`` names an entry of ``diet.registry.LAYOUTS``; a uniform one (``layout="uniform"``) demands the same
+    kept width in every layer and a config that stock transformers accepts; it is checked before anything is
+    removed. With ``layout="global"`` widths may differ per layer
     and the model becomes the per-layer-width ``diet_<family>`` type (unless the widths happen to be uniform,
     in which case it stays a stock model). An output bias that the family's stock config cannot express makes
     it the per-layer type whatever the widths (``diet.adapters.base``).
@@ -50,7 +50,7 @@ def apply_mask(model: nn.Module, keep: dict[str, list[torch.Tensor]], layout: st
         raise ModelError(f"unknown layout {layout!r}", f"use one of: {', '.join(LAYOUTS)}")
     adapter = get_adapter(model)
     keep = adapter.check_keep(keep)
-    if layout == "uniform":
+    if LAYOUTS[layout].uniform:
         widths = adapter.widths_after(keep)
         uneven = {k: sorted(set(v)) for k, v in widths.items() if len(set(v)) > 1}
         if uneven:

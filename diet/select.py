@@ -17,7 +17,6 @@ parameters are closest to the target, then keeps each layer's highest-priority d
 
 from __future__ import annotations
 
-import heapq
 import json
 import math
 from dataclasses import dataclass, field
@@ -27,10 +26,11 @@ from typing import Mapping, Sequence
 import torch
 
 from diet.config import GROUPS as GROUP_NAMES
-from diet.config import LAYOUTS, check_min_keep, check_multiple, check_per_group, per_group
+from diet.config import check_min_keep, check_multiple, check_per_group, per_group
 from diet.errors import ConfigError, DataError
 from diet.groups import GROUPS
 from diet.merge import Crossings, prunable_params, removal_targets, removed_params, shared_params
+from diet.registry import LAYOUTS
 
 
 @dataclass
@@ -188,12 +188,6 @@ def floor_width(width: int, min_keep: float, multiple: int) -> int:
     return min(width, -(-least // multiple) * multiple)
 
 
-def _next_width(width: int, current: int, floor: int, multiple: int) -> int | None:
-    """The largest allowed width below ``current``, or None at the floor."""
-    nxt = (current - 1) // multiple * multiple
-    return nxt if nxt >= floor and current > floor else None
-
-
 def select(priority: Mapping[str, torch.Tensor], widths: Mapping[str, Sequence[int]],
            costs: Mapping[str, Sequence[int]], *, sparsity: float, decoder_params: int,
            min_keep: float | Mapping[str, float], multiple: int | Mapping[str, int], layout: str,
@@ -204,10 +198,6 @@ def select(priority: Mapping[str, torch.Tensor], widths: Mapping[str, Sequence[i
     group of ``priority`` (``diet.config.SelectConfig``). ``crossings`` (``diet.geometry.Geometry``) lists the
     parameters two groups share: the budget and the mask's parameter counts take each of them once.
     """
-    if layout not in LAYOUTS:
-        raise ConfigError(f"select.layout = {layout!r} is not supported", f"use one of: {', '.join(LAYOUTS)}")
-    if not 0.0 < float(sparsity) < 1.0:
-        raise ConfigError(f"prune.sparsity = {sparsity!r} is outside (0, 1)", "set e.g. sparsity: 0.2")
     groups = list(priority)
     keeps, multiples = _resolve(min_keep, multiple, groups)
     for g in groups:
@@ -220,8 +210,8 @@ def select(priority: Mapping[str, torch.Tensor], widths: Mapping[str, Sequence[i
     targets = removal_targets(widths, costs, sparsity, decoder_params, groups, crossings)
 
     keep, dropped = {}, {}
+    pick = LAYOUTS.get(layout)
     for g in groups:
-        pick = _select_uniform if layout == "uniform" else _select_global
         kept_widths = pick(priority[g], list(widths[g]), list(costs[g]), floors[g], multiples[g], targets[g])
         keep[g] = [_top_indices(priority[g][i, : widths[g][i]], k) for i, k in enumerate(kept_widths)]
         dropped[g] = [w - k for w, k in zip(widths[g], kept_widths)]
@@ -307,56 +297,9 @@ def check_budget(geo, groups: Sequence[str], sparsity: float, min_keep: float | 
                      geo.decoder_params, layout, multiples, geo.crossings)
 
 
-def _removal_order(prio: torch.Tensor) -> list[int]:
-    """Indices of one layer's dimensions, least important first (priority asc; ties: higher index first)."""
-    keep_first = torch.sort(prio, descending=True, stable=True).indices  # priority desc, index asc
-    return keep_first.flip(0).tolist()
-
-
 def _top_indices(prio: torch.Tensor, k: int) -> list[int]:
     """The ``k`` highest-priority indices of one layer (W,), sorted ascending."""
     return sorted(torch.sort(prio, descending=True, stable=True).indices[:k].tolist())
-
-
-def _select_global(prio: torch.Tensor, widths: list[int], costs: list[int], floors: list[int], multiple: int,
-                   target: float) -> list[int]:
-    """Per-layer kept widths: greedy removal of the lowest-mean-priority block while it nears the target."""
-    current = list(widths)
-    orders = [_removal_order(prio[i, : w]) for i, w in enumerate(widths)]
-
-    def push(heap, i):
-        nxt = _next_width(widths[i], current[i], floors[i], multiple)
-        if nxt is not None:
-            block = orders[i][widths[i] - current[i]: widths[i] - nxt]       # dims this block removes
-            mean_prio = float(prio[i, block].double().mean())
-            heapq.heappush(heap, (mean_prio, i, current[i] - nxt))
-
-    heap: list = []
-    for i in range(len(widths)):
-        push(heap, i)
-    removed = 0.0
-    while heap and removed < target:
-        _, i, size = heapq.heappop(heap)
-        cost = size * costs[i]
-        if target - removed > cost / 2:  # removing this block brings the total closer to the target
-            current[i] -= size
-            removed += cost
-            push(heap, i)
-        # else: this layer's later blocks need this one removed first, so the layer is done
-    return current
-
-
-def _select_uniform(prio: torch.Tensor, widths: list[int], costs: list[int], floors: list[int], multiple: int,
-                    target: float) -> list[int]:
-    """One kept width for all layers: the allowed width whose removed parameters are closest to the target."""
-    hi, lo = min(widths), max(floors)
-    candidates = sorted({hi} | set(range(-(-lo // multiple) * multiple, hi + 1, multiple)), reverse=True)
-
-    def removed(k):
-        return sum((w - k) * c for w, c in zip(widths, costs))
-
-    best = min(candidates, key=lambda k: (abs(removed(k) - target), -k))  # ties: keep more
-    return [best] * len(widths)
 
 
 def _check_reachable(groups, widths, costs, floors, sparsity, decoder_params, layout, multiples,
@@ -369,7 +312,7 @@ def _check_reachable(groups, widths, costs, floors, sparsity, decoder_params, la
     most = {}  # group -> the most parameters it can remove
     for g in groups:
         floor_g = floors[g]
-        if layout == "uniform":
+        if LAYOUTS.facts(layout).uniform:
             lo, hi = max(floors[g]), min(widths[g])
             if lo > hi:
                 raise ConfigError(f"layout uniform cannot give group '{g}' one width: its layers' widths "

@@ -24,6 +24,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
+from diet import markdown
 from diet.registry import MERGE_METHODS
 from flows.repo import FlowError, atomic_write, merged_params, read_params
 from flows.experiments import Items, read_items
@@ -92,7 +93,7 @@ def render(table, items: dict[str, Any], methods: list[str], sparsity: float) ->
     head = ["model", *tasks, "mean acc", "Δ acc vs dense", "Δ held out vs all tasks", f"Δ vs {reference} held out"]
     lines = [f"**Leave-one-task-out at sparsity {sparsity:g}**: each *task held out* cell comes from a model whose "
              "merge left that task out; cells are acc / acc_norm.", "",
-             "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+             *markdown.head(head)]
 
     def mean_of(model: Items, metric: int) -> float:
         return sum(sum(v[metric] for v in by_id.values()) / len(by_id) for by_id in model.values()) / len(model)
@@ -118,8 +119,8 @@ def render(table, items: dict[str, Any], methods: list[str], sparsity: float) ->
             other = items["rows"].get(f"{method}|{ALL}") if calibration == HELD_OUT else None
             vs_ref = diff(ref_model, model) if calibration == HELD_OUT and method != reference else ""
             name = f"{method} (no task used)" if task_free else f"{method} ({calibration})"
-            lines.append(f"| {name} | " + " | ".join(cells(model)) +
-                         f" | {mean_of(model, 0):.4f} | {diff(dense, model)} | {diff(other, model)} | {vs_ref} |")
+            lines.append(markdown.row([name, *cells(model), f"{mean_of(model, 0):.4f}", diff(dense, model),
+                                       diff(other, model), vs_ref]))
     lines += ["", "Δ: difference in mean acc over tasks on the same items, with the 95% interval of a paired "
               f"bootstrap over items ({RESAMPLES:,} resamples, seed 0); * marks an interval that excludes zero. A method "
               "marked *no task used* never sees the tasks: its one model is also its model with any task held "

@@ -116,10 +116,8 @@ def validate_run(repo: str | Path, params: dict[str, Any] | None) -> Path:
     root = ensure_repo(repo)
     merged = merged_params(read_params(root), params)
     tasks = merged.get("tasks")
-    if not isinstance(tasks, list) or not tasks:
-        raise FlowError("params 'tasks' must be a non-empty list of task names",
-                        "write e.g.\ntasks:\n  - arc_easy\n  - boolq")
-    check_tasks(root, tasks)
+    if isinstance(tasks, list) and tasks:  # a task without its file first; any other list is Params' to refuse
+        check_tasks(root, tasks)
     try:
         Params.from_dict(merged)
     except ConfigError as e:

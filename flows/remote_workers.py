@@ -52,8 +52,8 @@ from typing import Any, Iterator, Mapping
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.repo import (RUN_LOG, DvcCommandError, FlowError, child_env, dvc_executable, edited_yaml, lock_stages,
-                        retry_unless_input_error, run_dvc, stage_status)
+from flows.repo import (RUN_LOG, DvcCommandError, FlowError, child_env, default_remote, dvc_executable, edited_yaml,
+                        lock_stages, retry_unless_input_error, run_dvc, stage_status)
 
 #: tracked files that may differ from the commit: the workers get their content from the coordinator
 #: (params.yaml, dvc.lock) or do not need it (.dvc/config: the default remote is passed along)
@@ -86,21 +86,16 @@ def git(repo: str | os.PathLike, *args: str, check: bool = True) -> subprocess.C
 
 # --- the coordinator's checks ---------------------------------------------------------------------------
 
-def default_remote(root: Path) -> tuple[str, str]:
-    """The name and URL of the default DVC remote (DVC's merged config: a relative folder comes back absolute),
-    or a FlowError saying how to add one."""
-    from dvc.repo import Repo
-
-    with Repo(str(root)) as dvc_repo:
-        config = dvc_repo.config
-        name = config["core"].get("remote")
-        url = (config["remote"].get(name) or {}).get("url") if name else None
-    if not name or not url:
+def required_remote(root: Path) -> tuple[str, str]:
+    """The name and URL of the default DVC remote (``flows.repo.default_remote``), or a FlowError saying how to
+    add one."""
+    remote = default_remote(root)
+    if remote is None:
         raise FlowError("no default DVC remote: workers without a shared disk take their inputs from it and push "
                         "their outputs to it",
                         "add one that every worker can reach: diet-flow push --add-remote URL "
                         "(or dvc remote add -d shared URL; s3://, ssh://, or a folder mounted on every machine)")
-    return name, url
+    return remote
 
 
 def stage_dep_paths(root: Path, stages: list[str]) -> set[str]:
@@ -174,7 +169,7 @@ def check_workspace(repo: str | os.PathLike, git_url: str | None = None) -> dict
     commit = git(root, "rev-parse", "--verify", "--quiet", "HEAD^{commit}", check=False).stdout.strip()
     if not commit:
         raise FlowError(f"{root} has no commit to clone", "commit the project: git add -A && git commit")
-    remote, remote_url = default_remote(root)
+    remote, remote_url = required_remote(root)
     check_clean(root, set())
     url = git_url or str(root)
     check_reachable(root, url, commit)

@@ -428,11 +428,21 @@ def stages_reading(repo: Path, graph: Mapping[str, list[str]], keys: Iterable[st
 
 
 def atomic_write(path: Path, data: str | bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary sibling and a rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    """Write ``data`` (text as UTF-8) to ``path`` atomically (``diet.io.atomic_file``): readers never see half a
+    file."""
+    from diet.io import atomic_file  # torch-free
+
+    with atomic_file(path) as tmp:
         tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+
+def default_remote(repo: str | Path) -> tuple[str, str] | None:
+    """The name and URL of the repository's default DVC remote (``core.remote`` in DVC's merged config: a
+    relative folder comes back absolute), or None when there is none."""
+    from dvc.repo import Repo
+
+    with Repo(str(ensure_repo(repo))) as dvc_repo:
+        config = dvc_repo.config
+        name = config["core"].get("remote")
+        url = (config["remote"].get(name) or {}).get("url") if name else None
+    return (name, url) if name and url else None

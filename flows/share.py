@@ -21,7 +21,8 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from flows.pipeline import pipeline_flow
-from flows.repo import FlowError, check_task_names, ensure_repo, lock_stages, read_params, run_dvc
+from flows.repo import (FlowError, check_task_names, default_remote, ensure_repo, lock_stages, read_params,
+                        run_dvc)
 
 
 def add_remote(repo: str | Path, url: str, name: str = "shared", default: bool = True) -> None:
@@ -29,14 +30,6 @@ def add_remote(repo: str | Path, url: str, name: str = "shared", default: bool =
     ones need ``pip install 'dvc[s3]'`` etc.)."""
     root = ensure_repo(repo)
     run_dvc(["remote", "add", "--force", *(["--default"] if default else []), name, url], root)
-
-
-def default_remote(repo: str | Path) -> str | None:
-    """The name of the repository's default DVC remote (``core.remote`` in DVC's config), if any."""
-    from dvc.repo import Repo
-
-    with Repo(str(ensure_repo(repo))) as dvc_repo:
-        return dvc_repo.config["core"].get("remote") or None
 
 
 #: the stages whose outputs another team needs to skip the costly work: every task's scores (and, with their

@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from diet import markdown
 from flows.experiments import DENSE_METRICS, PRUNED_METRICS, Items, fidelity_values, params_at, read_items
 from flows.points import TASK_AGNOSTIC, row_label, setting_text
 from flows.repo import FlowError, atomic_write, read_params
@@ -79,9 +80,7 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
             return ""
         return f"{v:.4f}" if isinstance(v, float) else str(v)
 
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
+    return "\n".join(markdown.table(columns, ([cell(r.get(c)) for c in columns] for r in rows))) + "\n"
 
 
 def with_labels(table):
@@ -292,11 +291,12 @@ def interval_cell(r: dict[str, Any], key: str, metric: str = "acc", sign: str = 
                   digits: int = 3) -> str:
     """``+0.031 [+0.004, +0.058]*`` from a row's paired columns ``<metric>_<key>`` (star: the interval excludes
     zero), or ''. ``sign=""`` and ``star=False`` for a value that cannot be negative (a flip rate)."""
+    from diet.evaluation.stats import format_interval
+
     d, lo, hi = (r.get(f"{metric}_{key}{s}") for s in ("", "_low", "_high"))
     if any(_number(v) is None or math.isnan(v) for v in (d, lo, hi)):
         return ""
-    f = f"{{:{sign}.{digits}f}}"
-    return f"{f.format(d)} [{f.format(lo)}, {f.format(hi)}]" + ("*" if star and (lo > 0 or hi < 0) else "")
+    return format_interval(d, lo, hi, digits, sign, star=star and (lo > 0 or hi < 0))
 
 
 def comparison_markdown(table, dense: dict[str, Any] | None) -> str:
@@ -344,13 +344,13 @@ def comparison_markdown(table, dense: dict[str, Any] | None) -> str:
                  *([ratios(r)] if timed else []), *(interval_cell(r, k) for k in paired),
                  *(interval_cell(r, "vs_best_baseline", m) for m in versus),
                  *(interval_cell(r, k, "ppl", digits=2) for k in ppl)]
-        return "| " + " | ".join(cells) + " |"
+        return markdown.row(cells)
 
     out = []
     dense_row = metrics_row(dense) if dense else None
     for sparsity, group in table.groupby("sparsity", sort=True):
         out += [f"**Sparsity {sparsity:g}** (share of decoder-layer parameters removed); cells are acc / acc_norm",
-                "", "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+                "", *markdown.head(head)]
         if dense_row:
             zero = {f"{m}_vs_dense{x}": 0.0 for m in faithful for x in ("", "_low", "_high")}
             out.append(line("dense", {**dense_row, **{c: 1.0 for c in LATENCY}, **zero}))
@@ -407,7 +407,7 @@ def versus_markdown(table, items: dict[str, Items], dense_items: Items | None, d
             ref_exp = ref.iloc[0].get("experiment")
             head = ["method", "Δ mean acc", "Δ flip rate", "Δ KL to dense", "Δ perplexity"]
             out += [f"**Against {lab}** (sparsity {sparsity:g}): the row minus {lab}, paired, 95% intervals; * "
-                    "excludes zero", "", "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+                    "excludes zero", "", *markdown.head(head)]
             for r in group.to_dict("records"):
                 exp = r.get("experiment")
                 if exp == ref_exp or exp not in items or ref_exp not in items:
@@ -420,7 +420,7 @@ def versus_markdown(table, items: dict[str, Items], dense_items: Items | None, d
                 d = paired_perplexity((docs or {}).get(ref_exp), (docs or {}).get(exp)) \
                     if (docs or {}).get(ref_exp) and (docs or {}).get(exp) else None
                 cells.append(format_difference(d, 2) if d is not None else "")
-                out.append("| " + " | ".join(cells) + " |")
+                out.append(markdown.row(cells))
             out.append("")
     return "\n".join(out)
 

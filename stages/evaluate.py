@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from diet.registry import EVAL_BACKENDS
 from stages._common import run_stage, set_threads, stage_parser
 
 log = logging.getLogger("diet.evaluate")
@@ -34,10 +35,7 @@ def main(args, params) -> None:
     model, tokenizer = load_model_and_tokenizer(args.model, params.model.dtype, params.model.device)
     log.info("loaded %s in %.1fs", args.model, time.perf_counter() - start)
     backend = args.backend or cfg.backend
-    if backend == "direct":
-        from diet.evaluation.loglik import evaluate_tasks_direct as evaluate_tasks
-    else:
-        from diet.evaluation.harness import evaluate_tasks
+    evaluate_tasks = EVAL_BACKENDS.get(backend)
     result = evaluate_tasks(model, tokenizer, {task.name: args.data}, batch_size=cfg.batch_size)[task.name]
     write_json(args.out, {"task": task.name, "model": str(args.model), "backend": backend,
                           "evaluate_version": EVALUATE, **result})
@@ -49,9 +47,8 @@ def parser():
     p.add_argument("--task", required=True, help="task name")
     p.add_argument("--data", required=True, type=Path, help="the task's prepared folder (data/tasks/<task>)")
     p.add_argument("--out", required=True, type=Path, help="results JSON, e.g. results/pruned/tasks/<task>.json")
-    p.add_argument("--backend", choices=("lm_eval", "direct"), default=None,
-                   help="override evaluate.backend: lm_eval (reference) or direct (the same log-likelihood "
-                        "scoring without lm-eval, each context run once; faster)")
+    p.add_argument("--backend", choices=EVAL_BACKENDS.names(), default=None,
+                   help="override evaluate.backend: " + " or ".join(f"{n} ({b.summary})" for n, b in EVAL_BACKENDS.items()))
     return p
 
 

@@ -1,9 +1,8 @@
-"""Evaluation: zero-shot accuracy (lm-eval, or the direct scorer), held-out perplexity, latency, reports.
+"""Evaluation: zero-shot accuracy (lm-eval, or the direct scorer), held-out perplexity, reports.
 
 * ``harness.evaluate_tasks``: lm-evaluation-harness on prepared tasks (the reference; all lm-eval imports)
 * ``loglik.evaluate_tasks_direct``: the same figures without lm-eval, each shared context run once
 * ``perplexity.heldout_perplexity``: perplexity on held-out Wikipedia passages
-* ``latency.measure_latency``: prefill and per-token decoding time
 * ``report.markdown_table``: metrics as markdown, with deltas against the dense model
 
 Submodules load on first use: importing this package pulls in neither torch nor lm-eval.
@@ -19,7 +18,6 @@ _EXPORTS = {
     "evaluate_tasks_direct": "loglik",
     "score_task": "loglik",
     "heldout_perplexity": "perplexity",
-    "measure_latency": "latency",
     "markdown_table": "report",
     "mean_accuracy": "report",
     "load_eval_task": "data",

