@@ -755,9 +755,9 @@ def test_pruned_config_with_a_layer_beyond_the_last(repo):
 
 
 def test_unknown_per_layer_model_type(repo):
-    edit_config(repo / "models/pruned", lambda c: c.update(model_type="diet_mistral"))
+    edit_config(repo / "models/pruned", lambda c: c.update(model_type="diet_falcon"))
     e = load_error(repo / "models/pruned")
-    assert "'diet_mistral', which this version of diet does not define" in e.problem and "dvc repro prune" in e.fix
+    assert "'diet_falcon', which this version of diet does not define" in e.problem and "dvc repro prune" in e.fix
 
 
 def test_missing_registration_names_the_import(repo, monkeypatch):
