@@ -50,7 +50,7 @@ from scoring import Runner, peak_above_now  # noqa: E402
 from diet import api  # noqa: E402
 from diet.config import MergeConfig, PruneConfig, SelectConfig  # noqa: E402
 from diet.io import write_json, write_text  # noqa: E402
-from diet.modeling import resolve_device  # noqa: E402
+from diet.devices import resolve_device  # noqa: E402
 from diet.pruning import parameter_counts  # noqa: E402
 from diet.registry import LAYOUTS  # noqa: E402
 from diet.scoring import resolve_precision, split_scores  # noqa: E402

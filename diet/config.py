@@ -43,7 +43,7 @@ PRECISIONS = ("float64", "model", "auto")
 #: where the stages run the model: ``auto`` (the first CUDA GPU when the weights fit there, else every GPU
 #: when they fit on them together, else the CPU), ``cpu``, ``cuda``, ``cuda:N``, or ``gpus`` (the layers
 #: spread over every visible GPU by accelerate, ``device_map="auto"``); resolved against the machine and the
-#: model's size by ``diet.modeling.plan_placement``
+#: model's size by ``diet.devices.plan_placement``
 DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?|gpus")
 DEVICE_RULE = "auto, cpu, cuda, cuda:N (N the GPU's index) or gpus (the layers spread over every visible GPU)"
 #: GGUF tensor types the export stage writes (``diet.export``): float, and the block types the gguf package

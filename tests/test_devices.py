@@ -7,7 +7,8 @@ import torch
 
 from diet.config import Params, ScoreConfig
 from diet.errors import ConfigError, ModelError
-from diet.modeling import load_model, resolve_device
+from diet.devices import resolve_device
+from diet.modeling import load_model
 from diet.scoring import forward_precision, resolve_precision
 from tests.tiny import tiny_model, tiny_tokenizer
 
@@ -204,7 +205,7 @@ def test_gpus_is_a_device_setting_and_needs_a_gpu(monkeypatch):
 
 
 def test_the_cpu_never_measures_the_model(monkeypatch):
-    from diet.modeling import plan_placement
+    from diet.devices import plan_placement
 
     _gpus(monkeypatch, 0)
     need, calls = _need(500)
@@ -214,7 +215,7 @@ def test_the_cpu_never_measures_the_model(monkeypatch):
 
 
 def test_auto_puts_a_model_that_fits_on_the_first_gpu(monkeypatch):
-    from diet.modeling import plan_placement
+    from diet.devices import plan_placement
 
     _gpu_memory(monkeypatch, [40, 40])
     need, calls = _need(10)
@@ -223,7 +224,7 @@ def test_auto_puts_a_model_that_fits_on_the_first_gpu(monkeypatch):
 
 
 def test_auto_spreads_a_model_larger_than_one_gpu_over_all(monkeypatch):
-    from diet.modeling import GPU_WEIGHT_SHARE, plan_placement
+    from diet.devices import GPU_WEIGHT_SHARE, plan_placement
 
     _gpu_memory(monkeypatch, [40, 30, 40])
     placement = plan_placement("auto", _need(60)[0])               # 60 GiB: more than 80% of 40, less than 88
@@ -234,7 +235,7 @@ def test_auto_spreads_a_model_larger_than_one_gpu_over_all(monkeypatch):
 
 
 def test_auto_falls_back_to_the_cpu_when_the_gpus_cannot_hold_the_model(monkeypatch, caplog):
-    from diet.modeling import plan_placement
+    from diet.devices import plan_placement
 
     _gpu_memory(monkeypatch, [40, 40])
     with caplog.at_level("WARNING", logger="diet.modeling"):
@@ -244,7 +245,7 @@ def test_auto_falls_back_to_the_cpu_when_the_gpus_cannot_hold_the_model(monkeypa
 
 
 def test_gpus_spreads_even_a_small_model_and_refuses_one_too_large(monkeypatch):
-    from diet.modeling import plan_placement
+    from diet.devices import plan_placement
 
     _gpu_memory(monkeypatch, [40, 40])
     assert plan_placement("gpus", _need(1)[0]).spread
@@ -255,7 +256,7 @@ def test_gpus_spreads_even_a_small_model_and_refuses_one_too_large(monkeypatch):
 
 @pytest.mark.parametrize("spec", ["cuda", "cuda:1"])
 def test_one_named_gpu_too_small_is_refused_with_the_spread_as_fix(monkeypatch, spec):
-    from diet.modeling import plan_placement
+    from diet.devices import plan_placement
 
     _gpu_memory(monkeypatch, [40, 20])
     assert not plan_placement(spec, _need(10)[0]).spread
@@ -265,7 +266,8 @@ def test_one_named_gpu_too_small_is_refused_with_the_spread_as_fix(monkeypatch, 
 
 
 def test_the_weights_size_comes_from_the_config_alone(tiny_dir):
-    from diet.modeling import read_config, weight_bytes
+    from diet.devices import weight_bytes
+    from diet.modeling import read_config
 
     model = tiny_model("llama")
     n = sum(p.numel() for p in model.parameters())                 # tied embedding and head counted once
@@ -291,7 +293,7 @@ def test_a_spread_placement_loads_with_accelerate_and_computes_the_same(monkeypa
     machine accelerate keeps every layer on the CPU, and the model computes what a plain load computes, through
     scoring and pruning too."""
     import diet.modeling
-    from diet.modeling import Placement
+    from diet.devices import Placement
     from diet.pruning import apply_mask
     from diet.scoring import score
 
