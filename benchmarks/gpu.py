@@ -53,7 +53,8 @@ from diet.io import write_json, write_text  # noqa: E402
 from diet.devices import resolve_device  # noqa: E402
 from diet.pruning import parameter_counts  # noqa: E402
 from diet.registry import LAYOUTS  # noqa: E402
-from diet.scoring import resolve_precision, split_scores  # noqa: E402
+from diet.scorefile import split_scores
+from diet.scoring import resolve_precision  # noqa: E402
 
 #: Gemma-2-2B's shapes (google/gemma-2-2b config.json), and a small stand-in with the same structure
 GEMMA2_2B = dict(hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,

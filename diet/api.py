@@ -73,7 +73,7 @@ def prune(model, tokenizer, tasks: Mapping[str, Sequence[str]], sparsity: float 
     from diet.config import REFITS
     from diet.merge import magnitude_scores, means_source, moment_baseline_scores, recovery_means
     from diet.registry import MERGE_METHODS
-    from diet.scoring import split_scores
+    from diet.scorefile import split_scores
 
     prune_cfg = PruneConfig(sparsity=sparsity, groups=tuple(groups), recover=recover, refit_damping=refit_damping)
     for cfg in (prune_cfg, merge_cfg, select_cfg):

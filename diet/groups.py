@@ -24,7 +24,7 @@ A group's mask has *rows*: one per decoder layer for ``mlp`` and ``attention``, 
 (one mask shared by every layer). ``widths``, ``cost``, scores, priorities and keep lists are all per row, so
 ``hidden`` fits the same (rows, dimensions) tensors as the others, with one row.
 
-Groups (DESIGN.md):
+Groups (docs/method.md defines each):
 
 * ``mlp`` (``MlpGroup``): intermediate channel ``j`` of layer ``l`` = row ``j`` of gate_proj and up_proj and
   column ``j`` of down_proj. Its activation is the input of down_proj, shape (B, T, I_l).

@@ -1,6 +1,6 @@
 """From a global priority per dimension to the kept dimensions of every layer, under a parameter budget.
 
-Per group, the parameters to remove come from ``diet.merge.removal_targets`` (the same fraction of every
+Per group, the parameters to remove come from ``diet.budget.removal_targets`` (the same fraction of every
 pruned group's parameters). Constraints on each layer's kept width ``k``:
 
 * ``k >= floor``, ``floor = min(W, roundup(max(1, ceil(min_keep * W)), multiple))``: a layer is never
@@ -29,7 +29,7 @@ from diet.config import GROUPS as GROUP_NAMES
 from diet.config import check_min_keep, check_multiple, check_per_group, per_group
 from diet.errors import ConfigError, DataError
 from diet.groups import GROUPS
-from diet.merge import Crossings, prunable_params, removal_targets, removed_params, shared_params
+from diet.budget import Crossings, prunable_params, removal_targets, removed_params, shared_params
 from diet.registry import LAYOUTS
 
 
@@ -67,7 +67,7 @@ class Mask:
         return self.removed / self.params_before
 
     def keep_tensors(self) -> dict[str, list[torch.Tensor]]:
-        """``{group: [LongTensor of kept indices per layer]}``, the form ``ModelAdapter.prune`` takes."""
+        """``{group: [LongTensor of kept indices per layer]}``, the form ``diet.pruning.apply_mask`` takes."""
         return {g: [torch.tensor(k, dtype=torch.long) for k in layers] for g, layers in self.keep.items()}
 
     def summary(self) -> dict:

@@ -77,7 +77,7 @@ def main(args, params) -> None:
     from diet.io import read_json, sha256_file
     from diet.modeling import load_model, read_manifest, read_config
     from diet.models import source_gguf
-    from diet.scoring import model_fingerprint
+    from diet.scorefile import model_fingerprint
     from transformers import AutoTokenizer
 
     manifest = read_manifest(args.model, read_config(args.model))  # missing or foreign: refused here

@@ -24,7 +24,7 @@ def main(args, params) -> None:
     from diet.merge import magnitude_scores, merge_scores, moment_baseline_scores, recovery_means_from_files
     from diet.plots import per_layer_chart
     from diet.registry import MERGE_METHODS
-    from diet.scoring import model_fingerprint, read_moments, read_scores
+    from diet.scorefile import model_fingerprint, read_moments, read_scores
 
     fingerprint = model_fingerprint(args.model)
     method = params.merge.method

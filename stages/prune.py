@@ -29,7 +29,7 @@ def main(args, params) -> None:
     from diet.modeling import load_model_and_tokenizer
     from diet.modeling import save_pruned
     from diet.pruning import apply_mask, parameter_counts
-    from diet.scoring import model_fingerprint
+    from diet.scorefile import model_fingerprint
     from diet.adapters import get_adapter
     from diet.config import REFITS
     from diet.select import Mask, check_fits

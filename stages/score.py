@@ -20,7 +20,8 @@ def main(args, params) -> None:
     from diet.io import sha256_file, sha256_json
     from diet.adapters import adapter_class
     from diet.modeling import load_model_and_tokenizer, read_config
-    from diet.scoring import model_fingerprint, score, write_scores
+    from diet.scorefile import model_fingerprint, write_scores
+    from diet.scoring import score
     from diet.tasks import read_calibration
 
     texts = read_calibration(args.calib, check_task_name(args.task, "--task"))

@@ -22,7 +22,8 @@ def main(args, params) -> None:
     from diet.modeling import load_model_and_tokenizer
     from diet.generic import generic_source, generic_texts
     from diet.io import sha256_json
-    from diet.scoring import model_fingerprint, score, write_scores
+    from diet.scorefile import model_fingerprint, write_scores
+    from diet.scoring import score
     from diet.versions import GENERIC
 
     cal, sc = params.calibration, params.score

@@ -210,7 +210,7 @@ def test_hidden_group_rules_agree_with_the_weights(model_type):
     (and a column of the embedding, of an untied head and an entry of the final norm); a removed residual channel
     and a removed MLP channel or KV group share exactly ``crossing`` parameters; its activation sites see (B, T, H)."""
     from diet.api import geometry
-    from diet.merge import removed_params
+    from diet.budget import removed_params
 
     model = tiny_model(model_type, num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=False)
     adapter = get_adapter(model)

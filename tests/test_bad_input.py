@@ -896,12 +896,12 @@ def test_a_disk_without_room_for_the_pruned_model_is_refused_before_the_work(rep
 
 
 def test_a_write_that_fails_names_the_file_and_how_to_retry(repo, capsys, monkeypatch):
-    import diet.scoring
+    import diet.scorefile
 
     def full_disk(*a, **k):
         raise OSError(28, "No space left on device", str(repo / "scores/t1.safetensors"))
 
-    monkeypatch.setattr(diet.scoring, "save_tensors", full_disk)
+    monkeypatch.setattr(diet.scorefile, "save_tensors", full_disk)
     fails_unchanged(repo, "score", argv_of(repo, "score"), capsys, "No space left on device: ",
                     "t1.safetensors", "free disk space, then rerun `dvc repro`")
 
@@ -936,7 +936,7 @@ def test_ctrl_c_on_a_stage_prints_one_line_and_changes_nothing(repo):
     changed = {f for f in before.keys() | after.keys() if before.get(f) != after.get(f)}
     assert changed <= {"scores/t1.safetensors", "scores/t1.json"}, changed
     if changed:
-        from diet.scoring import read_scores
+        from diet.scorefile import read_scores
 
         assert read_scores(repo / "scores/t1.safetensors")   # complete: its payload checksum holds
 

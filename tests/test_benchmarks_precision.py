@@ -11,7 +11,7 @@ import torch
 from diet import api
 from diet.config import ScoreConfig
 from diet.io import write_jsonl
-from diet.scoring import model_fingerprint, write_scores
+from diet.scorefile import model_fingerprint, write_scores
 from tests.tiny import tiny_model, tiny_tokenizer
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"

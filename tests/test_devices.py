@@ -138,7 +138,8 @@ SCORE_RTOL = 0.05
 
 
 def _scores(dtype: torch.dtype, precision: str):
-    from diet.scoring import score, split_scores
+    from diet.scorefile import split_scores
+    from diet.scoring import score
 
     model = tiny_model("llama").to(dtype)
     cfg = ScoreConfig(groups=("mlp", "attention"), precision=precision, batch_size=4)

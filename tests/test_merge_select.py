@@ -8,11 +8,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from diet.errors import ConfigError, DataError
-from diet.merge import (_descending_order, keep_count, layer_agreement, magnitude_scores, means_source, merge,
-                        moment_baseline_scores, normalize, recovery_means, removal_targets, task_keep_mask)
+from diet.budget import keep_count, removal_fraction, removal_targets, removed_params, shared_params
+from diet.merge import (_descending_order, layer_agreement, magnitude_scores, means_source, merge,
+                        moment_baseline_scores, normalize, recovery_means, task_keep_mask)
 from diet.geometry import Geometry
 from diet.select import Mask, check_budget, floor_width, select
-from diet.merge import removal_fraction, removed_params, shared_params
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -139,7 +139,7 @@ def removed_by(model, keep) -> tuple[int, int]:
     """(decoder parameters, embedding parameters) that pruning to ``keep`` removes, from the geometry's costs:
     a parameter shared by a removed residual channel and a removed MLP channel or KV group counts once."""
     from diet.api import geometry
-    from diet.merge import removed_params
+    from diet.budget import removed_params
 
     geo = geometry(model, tuple(keep))
     dropped = {g: [w - len(k) for w, k in zip(geo.widths[g], per_row)] for g, per_row in keep.items()}
@@ -389,7 +389,8 @@ CALIBRATION = ["the quick brown fox jumps over the lazy dog", "question: which g
 
 def calibration_means(model) -> dict[str, torch.Tensor]:
     """The per-channel means the scoring pass records on a few texts, {group: (L, D)}."""
-    from diet.scoring import score_texts, split_scores
+    from diet.scorefile import split_scores
+    from diet.scoring import score_texts
 
     tensors, _ = score_texts(model, tiny_tokenizer(), CALIBRATION, groups=["mlp", "attention"], statistic="mean_abs",
                              weight_norm=False, batch_size=2, max_length=32, add_bos=True, progress=False)

@@ -12,8 +12,8 @@ import diet.versions
 
 from diet.adapters import get_adapter
 from diet.errors import DietError
-from diet.scoring import (MOMENTS, ActivationStats, model_fingerprint, moment_name, output_weight_norms, read_moments,
-                          read_scores, record_activations, score_texts, split_scores, write_scores)
+from diet.scorefile import MOMENTS, model_fingerprint, moment_name, read_moments, read_scores, split_scores, write_scores
+from diet.scoring import ActivationStats, output_weight_norms, record_activations, score_texts
 from tests.tiny import FAMILIES, tiny_model, tiny_tokenizer
 
 TEXTS = ["the cat sat on the mat", "a", "question: why is the sky blue? answer: scattering",
@@ -197,7 +197,7 @@ def test_score_files_byte_identical_and_roundtrip(tmp_path):
     for name in ["arc_easy.safetensors", "arc_easy.json"]:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     # a second process too: safetensors writes several metadata entries in hash order, so one entry is used
-    code = ("import sys, torch; from safetensors.torch import load_file; from diet.scoring import write_scores; "
+    code = ("import sys, torch; from safetensors.torch import load_file; from diet.scorefile import write_scores; "
             "import json; s = load_file(sys.argv[1]); m = json.load(open(sys.argv[2])); "
             "write_scores(sys.argv[3], s, {k: m[k] for k in "
             "['model_fingerprint','task','task_data_hash','n_samples','n_tokens','statistic','weight_norm']})")
