@@ -890,6 +890,33 @@ def _processes_with(variable: str, value: str) -> list[int]:
     return found
 
 
+def _signal_when(args: list[str], env: dict[str, str], needle: str, send) -> tuple[subprocess.Popen, list[str], int, float]:
+    """Start ``diet-flow *args`` in a session of its own, ``send(proc)`` once a line of its output holds
+    ``needle``, and wait for it to exit (SIGKILL after 30 s). Returns the process, its output lines, how many
+    had come before the signal, and the seconds from the signal to the exit."""
+    import threading
+
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=PROJECT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    seen: list[str] = []
+    reader = threading.Thread(target=lambda: seen.extend(proc.stdout), daemon=True)
+    reader.start()
+    deadline = time.time() + 240
+    while not any(needle in line for line in seen):
+        assert proc.poll() is None and time.time() < deadline, "".join(seen)[-3000:]
+        time.sleep(0.2)
+    before, start = len(seen), time.time()
+    send(proc)
+    try:
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    took = time.time() - start
+    reader.join(10)
+    return proc, seen, before, took
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads /proc")
 def test_ctrl_c_on_diet_flow_run_stops_everything_within_seconds_in_one_line(tmp_path):
@@ -900,25 +927,8 @@ def test_ctrl_c_on_diet_flow_run_stops_everything_within_seconds_in_one_line(tmp
     mark = f"diet-test-{os.getpid()}-{time.time_ns()}"
     env = dvc_env({"DIET_TEST_MARK": mark, "PYTHONPATH": str(PROJECT)})
     env.pop("PREFECT_API_URL", None)
-    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "--repo", str(repo)], cwd=PROJECT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    seen: list[str] = []
-    reader = __import__("threading").Thread(target=lambda: seen.extend(proc.stdout), daemon=True)
-    reader.start()
-    deadline = time.time() + 240
-    while not any("Running stage 'model'" in line for line in seen):
-        assert proc.poll() is None and time.time() < deadline, "".join(seen)[-3000:]
-        time.sleep(0.2)
-    before = len(seen)
-    start = time.time()
-    os.killpg(proc.pid, signal.SIGINT)
-    try:
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    took = time.time() - start
-    reader.join(10)
+    proc, seen, before, took = _signal_when(["run", "--repo", str(repo)], env, "Running stage 'model'",
+                                            lambda p: os.killpg(p.pid, signal.SIGINT))
     after = [line for line in seen[before:] if line.strip()]
     assert proc.returncode == 130, "".join(seen)[-3000:]
     assert took < 10, f"{took:.1f} s"
@@ -943,23 +953,8 @@ def test_sigterm_ends_a_dask_run_within_seconds_and_its_flow_run_crashed(tmp_pat
     mark = f"diet-test-{os.getpid()}-{time.time_ns()}"
     with flow_server() as url:
         env = dvc_env({"DIET_TEST_MARK": mark, "PYTHONPATH": str(PROJECT), "PREFECT_API_URL": url})
-        proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "--repo", str(repo), "--runner", "dask"],
-                                cwd=PROJECT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
-        seen: list[str] = []
-        __import__("threading").Thread(target=lambda: seen.extend(proc.stdout), daemon=True).start()
-        deadline = time.time() + 240
-        while not any("Running stage" in line for line in seen):
-            assert proc.poll() is None and time.time() < deadline, "".join(seen)[-3000:]
-            time.sleep(0.2)
-        start = time.time()
-        proc.terminate()
-        try:
-            proc.wait(30)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-        took = time.time() - start
+        proc, seen, _, took = _signal_when(["run", "--repo", str(repo), "--runner", "dask"], env, "Running stage",
+                                           lambda p: p.terminate())
         assert took < 15 and proc.returncode == 128 + signal.SIGTERM, (took, proc.returncode, "".join(seen)[-3000:])
         assert "".join(seen).rstrip().splitlines()[-1].startswith("interrupted: diet-flow run;")
         states = {r["name"]: r["state_type"] for r in
