@@ -484,7 +484,8 @@ def test_changing_sparsity_reruns_no_score(tiny_repo):
     scores = {t: sha256(repo / "scores" / f"{t}.safetensors") for t in ("t1", "t2")}
     report = pipeline_flow(repo=str(repo), params={"prune": {"sparsity": 0.35}}, workers=2)
     ran = {s for s, st in report.items() if st == RAN}
-    assert ran == {"check", "merge", "select", "prune", "evaluate@t1", "evaluate@t2", "perplexity", "export", "report"}, report
+    assert ran == {"check", "merge", "select", "prune", "evaluate@t1", "evaluate@t2", "perplexity", "export",
+                   "report"}, report
     assert yaml.safe_load((repo / "params.yaml").read_text())["prune"]["sparsity"] == 0.35
     assert json.loads((repo / "metrics" / "pruned.json").read_text())["sparsity"] == pytest.approx(0.35, abs=0.05)
     assert scores == {t: sha256(repo / "scores" / f"{t}.safetensors") for t in ("t1", "t2")}
@@ -890,7 +891,8 @@ def _processes_with(variable: str, value: str) -> list[int]:
     return found
 
 
-def _signal_when(args: list[str], env: dict[str, str], needle: str, send) -> tuple[subprocess.Popen, list[str], int, float]:
+def _signal_when(args: list[str], env: dict[str, str], needle: str,
+                 send) -> tuple[subprocess.Popen, list[str], int, float]:
     """Start ``diet-flow *args`` in a session of its own, ``send(proc)`` once a line of its output holds
     ``needle``, and wait for it to exit (SIGKILL after 30 s). Returns the process, its output lines, how many
     had come before the signal, and the seconds from the signal to the exit."""
