@@ -1,15 +1,13 @@
 """The quick start's pipeline part, timed from a fresh clone: ``git clone`` of this repository's HEAD into a
-temporary folder, then the whole pipeline on the default model with an empty DVC cache, run the way the quick
-start runs it (``--runner dvc``: ``dvc repro``) or through the flow (``--runner flow``: ``diet-flow run
---workers N``). The interpreter is this one (the install is timed apart: it is pip's, not ours).
+temporary folder, then ``dvc repro`` of the whole pipeline on the default model with an empty DVC cache, as
+``make run`` runs it. The interpreter is this one (the install is timed apart: it is pip's, not ours).
 
 Per-stage seconds come from the stages' run log (``$DIET_RUN_LOG``, one line per stage as it starts, which this
 script stamps as it appears; a stage lasts until the next one starts), grouped by stage kind: how much of the
-time is each kind and how many processes started. ``--runner flow`` sets its own run log per DVC call, so it
-reports the total alone. Writes ``benchmarks/results/quickstart-<runner>.json`` and prints a markdown table::
+time is each kind and how many processes started. Writes ``benchmarks/results/quickstart-dvc.json`` and prints
+a markdown table::
 
-    OMP_NUM_THREADS= python benchmarks/quickstart.py                # the quick start as a new user runs it
-    python benchmarks/quickstart.py --runner flow --workers 2
+    env -u OMP_NUM_THREADS python benchmarks/quickstart.py         # torch's default threads, as make run
 """
 
 from __future__ import annotations
@@ -44,7 +42,7 @@ def _watch(log: Path, stamps: list[tuple[float, str]], stop: threading.Event) ->
         stop.wait(0.1)
 
 
-def run(runner: str, workers: int, keep: bool) -> dict:
+def run(keep: bool) -> dict:
     work = Path(tempfile.mkdtemp(prefix="diet-quickstart-"))
     clone = work / "repo"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
@@ -52,8 +50,7 @@ def run(runner: str, workers: int, keep: bool) -> dict:
     env = {**os.environ, **OFFLINE, "PATH": bindir + os.pathsep + os.environ.get("PATH", "")}
     log = work / "runs.jsonl"
     env["DIET_RUN_LOG"] = str(log)
-    command = ([str(Path(bindir) / "dvc"), "repro"] if runner == "dvc" else
-               [sys.executable, "-m", "flows.cli", "run", "--repo", str(clone), "--workers", str(workers)])
+    command = [str(Path(bindir) / "dvc"), "repro"]
     stamps: list[tuple[float, str]] = []
     stop = threading.Event()
     watcher = threading.Thread(target=_watch, args=(log, stamps, stop), daemon=True)
@@ -73,13 +70,12 @@ def run(runner: str, workers: int, keep: bool) -> dict:
     kinds: dict[str, list[float]] = defaultdict(list)
     for stage, seconds in stages.items():
         kinds[stage.split("@")[0]].append(seconds)
-    result = {"runner": runner, "workers": workers if runner == "flow" else 1,
+    result = {"runner": "dvc",
               "omp_num_threads": os.environ.get("OMP_NUM_THREADS") or "(unset: torch's default)",
               "cpus": os.cpu_count(), "seconds": round(end - start, 1),
               "before_first_stage": round(stamps[0][0] - start, 1) if stamps else None,
-              "stages": stages if runner == "dvc" else {},
-              "kinds": {k: {"count": len(v), "seconds": round(sum(v), 1)} for k, v in kinds.items()}
-              if runner == "dvc" else {},
+              "stages": stages,
+              "kinds": {k: {"count": len(v), "seconds": round(sum(v), 1)} for k, v in kinds.items()},
               "git_status_clean": not dirty.strip(), "git_status": dirty.splitlines()}
     if not keep:
         shutil.rmtree(work, ignore_errors=True)
@@ -87,7 +83,7 @@ def run(runner: str, workers: int, keep: bool) -> dict:
 
 
 def markdown(r: dict) -> str:
-    rows = [f"**{r['runner']}** ({r['workers']} at a time, OMP_NUM_THREADS {r['omp_num_threads']}, {r['cpus']} CPUs): "
+    rows = [f"**dvc repro** (OMP_NUM_THREADS {r['omp_num_threads']}, {r['cpus']} CPUs): "
             f"{r['seconds']:.0f} s in all; `git status` after it {'clean' if r['git_status_clean'] else 'NOT clean'}",
             "", "| stage kind | processes | seconds | share |", "|---|---|---|---|"]
     for kind, v in sorted(r["kinds"].items(), key=lambda kv: -kv[1]["seconds"]):
@@ -97,12 +93,10 @@ def markdown(r: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--runner", choices=("dvc", "flow"), default="dvc")
-    p.add_argument("--workers", type=int, default=2, help="stages at a time with --runner flow (default: 2)")
     p.add_argument("--keep", action="store_true", help="keep the clone and its output.log")
     args = p.parse_args()
-    result = run(args.runner, args.workers, args.keep)
-    out = ROOT / "benchmarks" / "results" / f"quickstart-{args.runner}.json"
+    result = run(args.keep)
+    out = ROOT / "benchmarks" / "results" / "quickstart-dvc.json"
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(markdown(result))
 
