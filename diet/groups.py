@@ -1,5 +1,8 @@
 """Dimension groups: every rule of one kind of prunable dimension, in one object.
 
+(Over 500 lines: the three groups sit side by side on purpose, so that what one group does differently from
+another reads in one file; each class stays short.)
+
 A *group* says what one dimension of a layer is, in terms any model family provides through its adapter
 (``diet.adapters.base.ModelAdapter``: where the projections are, the head sizes). Scoring, merging, selection,
 pruning and checkpoint writing ask a group, never test a group's name:
