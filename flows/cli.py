@@ -202,6 +202,7 @@ def _quiet_after_interrupts() -> Callable[[], Any]:
         _SIGNALLED.append(signum)
         raise KeyboardInterrupt
 
+    _SIGNALLED.clear()  # a command run before in this process (a test) leaves none behind
     if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
         return lambda: None
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}

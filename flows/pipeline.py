@@ -136,7 +136,7 @@ def nothing_to_do(repo: str | Path, params: dict[str, Any] | None, targets: list
     current = read_params(root)
     if merged_params(current, params) != current:
         return None
-    graph, stages = plan(root, targets)
+    _, stages = plan(root, targets)
     status = run_dvc(["status", "--json", *(["--with-deps", *targets] if targets else [])], root, check=False)
     if status.returncode != 0 or status.output.strip() != "{}":
         return None

@@ -20,7 +20,6 @@ import hashlib  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import signal  # noqa: E402
-import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import textwrap  # noqa: E402
@@ -683,12 +682,6 @@ def test_upgrading_keeps_a_users_own_task_scored(origin_1thread, tmp_path):
     assert not ran & {"model", "score_generic", "perplexity_dense", "perplexity"} and "evaluate@t3" not in ran
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _stop(proc: subprocess.Popen, sig: int = signal.SIGINT, timeout: float = 30) -> int:
     """Signal the process group that ``proc`` leads; escalate to SIGKILL if it does not exit."""
     if proc.poll() is None:
@@ -706,7 +699,9 @@ def test_scheduled_run_fires_on_a_real_server(tmp_path):
     import httpx
 
     repo = make_tiny_repo(tmp_path)
-    port = _free_port()
+    from flows.server import free_port
+
+    port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = dvc_env({"PREFECT_HOME": str(tmp_path / "prefect-home"),
                    "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
