@@ -31,7 +31,7 @@ from diet.evaluation.data import load_eval_task  # noqa: E402
 from diet.evaluation.loglik import build_items, encode_pair  # noqa: E402
 from diet.tokens import resolve_add_bos  # noqa: E402
 from diet.io import write_json  # noqa: E402
-from diet.modeling import load_model  # noqa: E402
+from diet.checkpoint import load_model  # noqa: E402
 from diet.registry import EVAL_BACKENDS  # noqa: E402
 
 DEFAULT_TASKS = "arc_easy,arc_challenge,boolq,hellaswag,openbookqa,piqa,winogrande,rte"

@@ -150,8 +150,8 @@ def main(argv=None) -> int:
 
     from diet import export
     from diet.io import read_json, write_json
-    from diet.modeling import load_model
-    from diet.models import source_gguf
+    from diet.checkpoint import load_model
+    from diet.model_sources import source_gguf
 
     provenance = read_json(args.base / "diet_source.json") if (args.base / "diet_source.json").is_file() else {}
     tokenizer = AutoTokenizer.from_pretrained(str(args.base))

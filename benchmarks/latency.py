@@ -45,7 +45,7 @@ import torch  # noqa: E402
 from diet import api  # noqa: E402
 from diet.config import MergeConfig, PruneConfig, ScoreConfig, SelectConfig  # noqa: E402
 from diet.io import write_json  # noqa: E402
-from diet.modeling import load_model, save_pruned  # noqa: E402
+from diet.checkpoint import load_model, save_pruned  # noqa: E402
 from diet.registry import LAYOUTS  # noqa: E402
 from diet.pruning import parameter_counts  # noqa: E402
 
@@ -214,7 +214,7 @@ def run(args) -> dict:
         tmp = Path(tmp)
         base = Path(args.model) if args.model else None
         if base is None:
-            from diet.models import materialise
+            from diet.model_sources import materialise
 
             base = tmp / "base"
             materialise("smollm2", base)

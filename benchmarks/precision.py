@@ -39,7 +39,7 @@ from diet import api  # noqa: E402
 from diet.config import DTYPES, PRECISIONS, load_params  # noqa: E402
 from diet.errors import DietError  # noqa: E402
 from diet.io import write_json  # noqa: E402
-from diet.modeling import load_model_and_tokenizer  # noqa: E402
+from diet.checkpoint import load_model_and_tokenizer  # noqa: E402
 from diet.scorefile import model_fingerprint, read_scores, split_scores  # noqa: E402
 from diet.tasks import read_calibration  # noqa: E402
 

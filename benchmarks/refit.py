@@ -52,7 +52,7 @@ def cpu_seconds() -> float:
 
 
 def real_model(args):
-    from diet.modeling import load_model_and_tokenizer
+    from diet.checkpoint import load_model_and_tokenizer
     from diet.scoring import encode_texts
     from diet.tasks import read_calibration
     from diet.tokens import resolve_add_bos

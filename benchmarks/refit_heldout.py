@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from diet.evaluation.perplexity import heldout_perplexity, perplexity  # noqa: E402
-from diet.modeling import load_model_and_tokenizer  # noqa: E402
+from diet.checkpoint import load_model_and_tokenizer  # noqa: E402
 from diet.pruning import apply_mask  # noqa: E402
 from diet.refit import refit_on_texts  # noqa: E402
 from diet.select import Mask, read_priority  # noqa: E402

@@ -44,7 +44,7 @@ import torch  # noqa: E402
 from diet.adapters import get_adapter  # noqa: E402
 from diet.config import ScoreConfig  # noqa: E402
 from diet.io import write_json  # noqa: E402
-from diet.modeling import load_model  # noqa: E402
+from diet.checkpoint import load_model  # noqa: E402
 from diet.batching import pad_right  # noqa: E402
 from diet.scoring import encode_texts, record_activations, score_texts  # noqa: E402
 from diet.tokens import resolve_add_bos  # noqa: E402

@@ -4,7 +4,7 @@
 layers (``diet.config``, ``diet.errors``, ``diet.io``) serve tools that never run a model. Importing
 ``diet.modeling`` registers the per-layer-width model classes with transformers' Auto classes, so a
 checkpoint pruned with ``layout: global`` loads with ``AutoModelForCausalLM.from_pretrained(path)``;
-``diet.modeling.load_model(path)`` does both.
+``diet.checkpoint.load_model(path)`` does both.
 """
 
 __version__ = "0.1.0"

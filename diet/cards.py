@@ -17,7 +17,7 @@ METRICS = ("accuracy", "perplexity")
 
 def source_facts(provenance: dict | None) -> dict[str, str]:
     """The base model's Hub name, licence and readable name, as far as its provenance tells them."""
-    from diet.models import BUILTINS
+    from diet.model_sources import BUILTINS
 
     provenance = provenance or {}
     kind, source = provenance.get("kind"), provenance.get("source", "")

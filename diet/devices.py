@@ -1,6 +1,6 @@
 """Where a model runs: the ``model.device`` setting resolved on this machine, and the placement of a model of
 a given size (one device, or its layers spread over GPUs), decided from its config before any weight is read.
-``diet.modeling.load_model`` applies it."""
+``diet.checkpoint.load_model`` applies it."""
 
 from __future__ import annotations
 

@@ -47,7 +47,7 @@ def geometry_from_folder(model_dir: str | Path, groups: Sequence[str] = GROUPS) 
     from transformers import AutoModelForCausalLM
 
     from diet.adapters import adapter_class
-    from diet.modeling import read_config
+    from diet.checkpoint import read_config
 
     config = read_config(model_dir)
     adapter_class(config.model_type).check_groups(groups)

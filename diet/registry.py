@@ -221,7 +221,7 @@ class BuiltinModel:
     license: str = ""
 
 
-#: the built-in names of ``model.source`` (``diet.models``); each target is ``locate(facts, workdir) -> Path``
+#: the built-in names of ``model.source`` (``diet.model_sources``); each target is ``locate(facts, workdir) -> Path``
 #: (``diet.builtin_models``), the GGUF file (assembled into ``workdir`` if the wheels split it)
 MODEL_SOURCES: Registry[BuiltinModel] = Registry("model.source", BuiltinModel, {
     "smollm2": ("diet.builtin_models:locate_smollm2", BuiltinModel(

@@ -14,7 +14,7 @@ this file as a params file.
 
 from __future__ import annotations
 
-#: the base checkpoint ``stages.model`` writes from ``model.source`` (diet.models)
+#: the base checkpoint ``stages.model`` writes from ``model.source`` (diet.model_sources)
 MODEL = 1
 #: a task's calibration and evaluation items (``stages.prepare``: diet.tasks)
 PREPARE = 1

@@ -24,7 +24,7 @@ def main(args, params) -> None:
     from diet.io import check_writable
 
     check_writable(args.out)  # before the model is loaded, not after the work
-    from diet.modeling import load_model_and_tokenizer
+    from diet.checkpoint import load_model_and_tokenizer
     from diet.evaluation import load_eval_task
     from diet.io import write_json
     from diet.versions import EVALUATE

@@ -75,8 +75,8 @@ def main(args, params) -> None:
     from diet.errors import ModelError
     from diet.evaluation.perplexity import heldout_perplexity
     from diet.io import read_json, sha256_file
-    from diet.modeling import load_model, read_manifest, read_config
-    from diet.models import source_gguf
+    from diet.checkpoint import load_model, read_manifest, read_config
+    from diet.model_sources import source_gguf
     from diet.scorefile import model_fingerprint
     from transformers import AutoTokenizer
 

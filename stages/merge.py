@@ -40,7 +40,7 @@ def main(args, params) -> None:
     if "generic" in inputs:
         generic = read_scores(args.generic, expect_fingerprint=fingerprint, expect_task="generic")[0]
     if "magnitude" in inputs or "moments" in inputs:
-        from diet.modeling import load_model
+        from diet.checkpoint import load_model
 
         model = load_model(args.model, dtype=params.model.dtype)
         if "magnitude" in inputs:

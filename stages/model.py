@@ -9,7 +9,7 @@ from stages._common import run_stage, set_threads, stage_parser
 
 def main(args, params) -> None:
     set_threads()
-    from diet.models import materialise
+    from diet.model_sources import materialise
 
     cfg = params.model
     materialise(cfg.source, args.out, dtype=cfg.dtype, revision=cfg.revision)

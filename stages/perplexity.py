@@ -27,7 +27,7 @@ def main(args, params) -> None:
     from diet.io import check_writable
 
     check_writable(args.out)  # before the model is loaded, not after the work
-    from diet.modeling import load_model_and_tokenizer
+    from diet.checkpoint import load_model_and_tokenizer
     from diet.evaluation.perplexity import heldout_perplexity
     from diet.io import write_json
     from diet.pruning import parameter_counts

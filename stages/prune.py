@@ -26,8 +26,8 @@ def main(args, params) -> None:
     weights = sum(f.stat().st_size for f in Path(args.model).glob("*.safetensors"))
     check_writable(args.out, need_bytes=int(weights * (1 - params.prune.sparsity)))  # before the work, not after
     from diet.merge import means_source, recovery_means_from_files
-    from diet.modeling import load_model_and_tokenizer
-    from diet.modeling import save_pruned
+    from diet.checkpoint import load_model_and_tokenizer
+    from diet.checkpoint import save_pruned
     from diet.pruning import apply_mask, parameter_counts
     from diet.scorefile import model_fingerprint
     from diet.adapters import get_adapter

@@ -19,7 +19,7 @@ def main(args, params) -> None:
     from diet.config import check_task_name
     from diet.io import sha256_file, sha256_json
     from diet.adapters import adapter_class
-    from diet.modeling import load_model_and_tokenizer, read_config
+    from diet.checkpoint import load_model_and_tokenizer, read_config
     from diet.scorefile import model_fingerprint, write_scores
     from diet.scoring import score
     from diet.tasks import read_calibration

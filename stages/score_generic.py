@@ -19,7 +19,7 @@ def main(args, params) -> None:
     from diet.io import check_writable
 
     check_writable(args.out)  # before the model is loaded, not after the work
-    from diet.modeling import load_model_and_tokenizer
+    from diet.checkpoint import load_model_and_tokenizer
     from diet.generic import generic_source, generic_texts
     from diet.io import sha256_json
     from diet.scorefile import model_fingerprint, write_scores

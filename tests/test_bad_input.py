@@ -592,12 +592,12 @@ def test_refit_for_a_method_that_ranks_without_the_tasks_fits_on_as_many_generic
 
 
 def test_refit_without_the_calibration_samples_fails_before_the_model_is_read(repo, capsys, monkeypatch):
-    import diet.modeling
+    import diet.checkpoint
 
     def no_load(*a, **k):
         raise AssertionError("the model was loaded before the calibration samples were checked")
 
-    monkeypatch.setattr(diet.modeling, "load_model_and_tokenizer", no_load)
+    monkeypatch.setattr(diet.checkpoint, "load_model_and_tokenizer", no_load)
     write_params(repo, prune={"recover": "refit"})
     (repo / "data/tasks/t2/calib.jsonl").unlink()
     fails_unchanged(repo, "prune", argv_of(repo, "prune"), capsys, "prepared calibration data missing",
@@ -733,7 +733,7 @@ def test_truncated_weights(repo, capsys):
 
 
 def load_error(folder: Path) -> ModelError:
-    from diet.modeling import load_model
+    from diet.checkpoint import load_model
 
     with pytest.raises(ModelError) as e:
         load_model(folder)
@@ -799,7 +799,7 @@ def test_damaged_pruned_manifest(repo, damage, needle):
 
 
 def test_model_cards_say_how_to_load(built):
-    from diet.modeling import load_model
+    from diet.checkpoint import load_model
 
     card = (built / "models/pruned/README.md").read_text()
     assert "diet_llama" in card and "import diet.modeling" in card and "diet.modeling.load_model(" in card
@@ -871,13 +871,13 @@ def test_stage_as_a_process_prints_no_traceback(repo):
 @pytest.mark.parametrize("name", ["score", "prune"])
 def test_an_output_that_cannot_be_written_is_refused_before_the_work(repo, capsys, monkeypatch, name):
     """The output's folder is a file: refused before the model is even loaded (its weights are not read)."""
-    import diet.modeling
+    import diet.checkpoint
 
     (repo / "blocked").write_text("a file where a folder should be")
     argv = argv_of(repo, name)
     argv[argv.index("--out") + 1] = repo / "blocked" / "out"
-    monkeypatch.setattr(diet.modeling, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
-    monkeypatch.setattr(diet.modeling, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(diet.checkpoint, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(diet.checkpoint, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("the model was loaded"))
     fails_unchanged(repo, name, argv, capsys, "cannot write the output", "blocked is a file, not a folder",
                     "nothing was computed yet")
 
@@ -887,10 +887,10 @@ def test_a_disk_without_room_for_the_pruned_model_is_refused_before_the_work(rep
     model is loaded, naming both sizes."""
     import shutil
 
-    import diet.modeling
+    import diet.checkpoint
 
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 << 30, 10 << 30, 1024))
-    monkeypatch.setattr(diet.modeling, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(diet.checkpoint, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("the model was loaded"))
     fails_unchanged(repo, "prune", argv_of(repo, "prune"), capsys, "cannot write the output", "MiB free",
                     "free disk space (or point the output elsewhere), then rerun; nothing was computed yet")
 

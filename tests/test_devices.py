@@ -8,7 +8,7 @@ import torch
 from diet.config import Params, ScoreConfig
 from diet.errors import ConfigError, ModelError
 from diet.devices import resolve_device
-from diet.modeling import load_model
+from diet.checkpoint import load_model
 from diet.scoring import forward_precision, resolve_precision
 from tests.tiny import tiny_model, tiny_tokenizer
 
@@ -81,12 +81,12 @@ def tiny_dir(tmp_path):
 
 
 def test_cuda_fails_before_the_model_is_read(monkeypatch, tiny_dir):
-    import diet.modeling
+    import diet.checkpoint
 
     _gpus(monkeypatch, 0)
     reads = []
-    real = diet.modeling.read_config
-    monkeypatch.setattr(diet.modeling, "read_config", lambda path: reads.append(path) or real(path))
+    real = diet.checkpoint.read_config
+    monkeypatch.setattr(diet.checkpoint, "read_config", lambda path: reads.append(path) or real(path))
     with pytest.raises(ModelError, match="no CUDA GPU"):
         load_model(tiny_dir, device="cuda")
     assert reads == []                                     # not a byte of the checkpoint was read
@@ -239,7 +239,7 @@ def test_auto_falls_back_to_the_cpu_when_the_gpus_cannot_hold_the_model(monkeypa
     from diet.devices import plan_placement
 
     _gpu_memory(monkeypatch, [40, 40])
-    with caplog.at_level("WARNING", logger="diet.modeling"):
+    with caplog.at_level("WARNING", logger="diet.checkpoint"):
         placement = plan_placement("auto", _need(70)[0])              # more than 80% of 80
     assert placement.device == torch.device("cpu") and not placement.spread
     assert "running on the CPU" in caplog.text and "70.0 GiB" in caplog.text
@@ -268,7 +268,7 @@ def test_one_named_gpu_too_small_is_refused_with_the_spread_as_fix(monkeypatch, 
 
 def test_the_weights_size_comes_from_the_config_alone(tiny_dir):
     from diet.devices import weight_bytes
-    from diet.modeling import read_config
+    from diet.checkpoint import read_config
 
     model = tiny_model("llama")
     n = sum(p.numel() for p in model.parameters())                 # tied embedding and head counted once
@@ -278,11 +278,11 @@ def test_the_weights_size_comes_from_the_config_alone(tiny_dir):
 
 
 def test_a_model_too_large_for_the_gpu_fails_before_its_weights_are_read(monkeypatch, tiny_dir):
-    import diet.modeling
+    import diet.checkpoint
 
     _gpu_memory(monkeypatch, [1e-6])                               # about 1 KiB free
     loads = []
-    monkeypatch.setattr(diet.modeling.AutoModelForCausalLM, "from_pretrained",
+    monkeypatch.setattr(diet.checkpoint.AutoModelForCausalLM, "from_pretrained",
                         lambda *a, **k: loads.append(k) or pytest.fail("weights read"))
     with pytest.raises(ModelError, match="the weights take"):
         load_model(tiny_dir, device="cuda")
@@ -293,17 +293,17 @@ def test_a_spread_placement_loads_with_accelerate_and_computes_the_same(monkeypa
     """``device_map="auto"`` with the planned per-device budgets reaches from_pretrained; on this CPU-only
     machine accelerate keeps every layer on the CPU, and the model computes what a plain load computes, through
     scoring and pruning too."""
-    import diet.modeling
+    import diet.checkpoint
     from diet.devices import Placement
     from diet.pruning import apply_mask
     from diet.scoring import score
 
     plain = load_model(tiny_dir)
     seen = []
-    real = diet.modeling.AutoModelForCausalLM.from_pretrained
-    monkeypatch.setattr(diet.modeling.AutoModelForCausalLM, "from_pretrained",
+    real = diet.checkpoint.AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(diet.checkpoint.AutoModelForCausalLM, "from_pretrained",
                         lambda *a, **k: seen.append(k) or real(*a, **k))
-    monkeypatch.setattr(diet.modeling, "plan_placement",
+    monkeypatch.setattr(diet.checkpoint, "plan_placement",
                         lambda spec, need: Placement(torch.device("cpu"), max_memory={"cpu": 4 * GiB}))
     spread = load_model(tiny_dir, device="auto")
     assert seen[0]["device_map"] == "auto" and seen[0]["max_memory"] == {"cpu": 4 * GiB}

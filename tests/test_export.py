@@ -227,7 +227,7 @@ def test_export_params_are_checked_when_read():
 @pytest.fixture
 def repo(tmp_path, monkeypatch):
     """A folder holding a tiny base model and a checkpoint pruned from it, as the pipeline lays them out."""
-    from diet.modeling import save_pruned
+    from diet.checkpoint import save_pruned
     from diet.scorefile import model_fingerprint
 
     base = tiny_model("llama")

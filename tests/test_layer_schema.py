@@ -18,7 +18,8 @@ from transformers.integrations.heterogeneity import AmbiguousGlobalPerLayerAttri
 from diet.adapters import adapter_class, get_adapter
 from diet.cards import STOCK_MEASURED_ON
 from diet.errors import ModelError
-from diet.modeling import PER_LAYER_FIELDS, load_model, save_pruned, write_config
+from diet.modeling import PER_LAYER_FIELDS, write_config
+from diet.checkpoint import load_model, save_pruned
 from diet.pruning import apply_mask
 from tests.test_pruning import input_ids, load_kwargs, logits, random_keep
 from tests.tiny import FAMILIES, tiny_model

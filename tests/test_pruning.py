@@ -19,7 +19,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from diet.adapters import adapter_class, get_adapter
 from diet.errors import ModelError
-from diet.modeling import PER_LAYER_FIELDS, is_per_layer, load_model, save_pruned
+from diet.modeling import PER_LAYER_FIELDS, is_per_layer
+from diet.checkpoint import load_model, save_pruned
 from diet.pruning import apply_mask, parameter_counts, slice_linear, zero_mask
 from tests.tiny import FAMILIES, tiny_model, tiny_tokenizer
 

@@ -49,7 +49,7 @@ def calibration(tmp_path_factory, project_root) -> dict[str, list[str]]:
 def _load(base_dir):
     from transformers import AutoTokenizer
 
-    from diet.modeling import load_model
+    from diet.checkpoint import load_model
 
     return load_model(base_dir), AutoTokenizer.from_pretrained(base_dir)
 
@@ -118,7 +118,7 @@ def test_prune_global_saves_and_reloads_in_fresh_process(base_dir, calibration, 
     import diet
     from diet.adapters import get_adapter
     from diet.config import SelectConfig
-    from diet.modeling import save_pruned
+    from diet.checkpoint import save_pruned
     from diet.pruning import parameter_counts
 
     model, tok = _load(base_dir)
@@ -161,7 +161,7 @@ def test_prune_global_saves_and_reloads_in_fresh_process(base_dir, calibration, 
 def test_prune_uniform_loads_in_stock_transformers(base_dir, calibration, tmp_path):
     import diet
     from diet.config import SelectConfig
-    from diet.modeling import save_pruned
+    from diet.checkpoint import save_pruned
     from diet.pruning import parameter_counts
 
     model, tok = _load(base_dir)
@@ -194,8 +194,8 @@ def test_the_default_model_exports_to_gguf_with_the_release_tokenizer_and_metada
 
     from diet import export
     from diet.io import read_json
-    from diet.modeling import load_model
-    from diet.models import source_gguf
+    from diet.checkpoint import load_model
+    from diet.model_sources import source_gguf
 
     model = load_model(base_dir)
     tok = AutoTokenizer.from_pretrained(str(base_dir))

@@ -11,7 +11,7 @@ import torch
 from diet.adapters import get_adapter
 from diet.config import Params
 from diet.errors import ConfigError
-from diet.modeling import load_model, save_pruned
+from diet.checkpoint import load_model, save_pruned
 from diet.pruning import apply_mask
 from diet.refit import Batch, calibration_batches, refit
 from tests.tiny import FAMILIES, VOCAB, tiny_model, tiny_tokenizer

@@ -14,7 +14,7 @@ import yaml
 
 from diet import api
 from diet.config import MergeConfig, SelectConfig
-from diet.modeling import load_model
+from diet.checkpoint import load_model
 from diet.scorefile import read_moments, read_scores, split_scores, write_scores
 from diet.select import Mask
 from tests.repo_fixture import make_tiny_repo

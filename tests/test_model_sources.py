@@ -5,7 +5,7 @@ import json
 import pytest
 
 from diet.errors import ModelError
-from diet.models import BUILTINS, materialise, resolve_source
+from diet.model_sources import BUILTINS, materialise, resolve_source
 from tests.tiny import tiny_model, tiny_tokenizer
 
 
@@ -31,7 +31,7 @@ def test_local_folder_is_materialised_with_provenance(tmp_path):
     assert (out / "config.json").is_file() and list(out.glob("*.safetensors"))
     assert json.loads((out / "diet_source.json").read_text())["parameters"] == info["parameters"]
 
-    from diet.modeling import load_model
+    from diet.checkpoint import load_model
 
     assert load_model(out).config.model_type == "llama"
 

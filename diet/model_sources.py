@@ -116,7 +116,7 @@ def load_source(source: str, dtype: str = "float32", revision: str | None = None
         model, tok = load_gguf(Path(norm), dtype)
         return model, tok, {"kind": kind, "source": source}
     if kind == "folder":
-        from diet.modeling import read_config
+        from diet.checkpoint import read_config
 
         try:
             read_config(norm)  # an unknown model_type or a damaged config.json, said plainly
