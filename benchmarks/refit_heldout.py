@@ -26,7 +26,8 @@ from diet.evaluation.perplexity import heldout_perplexity, perplexity  # noqa: E
 from diet.checkpoint import load_model_and_tokenizer  # noqa: E402
 from diet.pruning import apply_mask  # noqa: E402
 from diet.refit import refit_on_texts  # noqa: E402
-from diet.select import Mask, read_priority  # noqa: E402
+from diet.mask import Mask  # noqa: E402
+from diet.select import read_priority  # noqa: E402
 from diet.tasks import read_calibration  # noqa: E402
 
 

@@ -32,7 +32,7 @@ def main(args, params) -> None:
     from diet.scorefile import model_fingerprint
     from diet.adapters import get_adapter
     from diet.config import REFITS
-    from diet.select import Mask, check_fits
+    from diet.mask import Mask, check_fits
 
     mask = Mask.load(args.mask)
     fingerprint = model_fingerprint(args.model)

@@ -12,7 +12,8 @@ from diet.budget import keep_count, removal_fraction, removal_targets, removed_p
 from diet.merge import (_descending_order, layer_agreement, magnitude_scores, means_source, merge,
                         moment_baseline_scores, normalize, recovery_means, task_keep_mask)
 from diet.geometry import Geometry
-from diet.select import Mask, check_budget, floor_width, select
+from diet.mask import Mask
+from diet.select import check_budget, floor_width, select
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -16,7 +16,7 @@ from diet import api
 from diet.config import MergeConfig, SelectConfig
 from diet.checkpoint import load_model
 from diet.scorefile import read_moments, read_scores, split_scores, write_scores
-from diet.select import Mask
+from diet.mask import Mask
 from tests.repo_fixture import make_tiny_repo
 from tests.test_pruning import held_at_means_logits, input_ids, logits
 from tests.tiny import tiny_model, tiny_tokenizer
