@@ -51,7 +51,7 @@ from diet import api  # noqa: E402
 from diet.config import MergeConfig, PruneConfig, SelectConfig  # noqa: E402
 from diet.io import write_json, write_text  # noqa: E402
 from diet.devices import resolve_device  # noqa: E402
-from diet.pruning import parameter_counts  # noqa: E402
+from diet.geometry import parameter_counts  # noqa: E402
 from diet.registry import LAYOUTS  # noqa: E402
 from diet.scorefile import split_scores
 from diet.scoring import resolve_precision  # noqa: E402

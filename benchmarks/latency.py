@@ -47,7 +47,7 @@ from diet.config import MergeConfig, PruneConfig, ScoreConfig, SelectConfig  # n
 from diet.io import write_json  # noqa: E402
 from diet.checkpoint import load_model, save_pruned  # noqa: E402
 from diet.registry import LAYOUTS  # noqa: E402
-from diet.pruning import parameter_counts  # noqa: E402
+from diet.geometry import parameter_counts  # noqa: E402
 
 
 def parameter_bytes(model) -> int:

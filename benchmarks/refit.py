@@ -34,6 +34,7 @@ import torch  # noqa: E402
 
 from benchmarks.scoring import peak_above_now  # noqa: E402
 from diet.adapters import get_adapter  # noqa: E402
+from diet.groups import GROUPS  # noqa: E402
 from diet.io import read_json, write_json  # noqa: E402
 from diet.refit import calibration_batches, refit  # noqa: E402
 
@@ -100,7 +101,7 @@ def main(argv=None) -> None:
     name, model, sources, pad = random_model(args) if args.shapes else real_model(args)
     batches = calibration_batches(sources, weights=None, batch_size=args.batch_size, pad_id=pad)
     adapter = get_adapter(model)
-    widths = adapter.group_widths("mlp")
+    widths = GROUPS["mlp"].widths(adapter)
     g = torch.Generator().manual_seed(1)
     keep = {"mlp": [torch.randperm(w, generator=g)[:round(w * (1 - args.sparsity))].sort().values for w in widths]}
     if args.attention:

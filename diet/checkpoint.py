@@ -19,12 +19,13 @@ import transformers
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from diet.adapters import PRUNED, SUPPORTED, adapter_class, family, get_adapter
-from diet.adapters.base import parameter_counts
 from diet.cards import pruned_card
 from diet.devices import device_counts, plan_placement, resolve_device, weight_bytes
 from diet.errors import ModelError
+from diet.geometry import parameter_counts
 from diet.groups import PER_LAYER_FIELDS  # stock width field -> per-layer list field
 from diet.io import atomic_dir, write_json, write_text
+from diet.keep import layer_widths
 from diet.modeling import OUTPUT_BIASES_FIELD, is_per_layer
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ def save_pruned(model, tokenizer, out_dir: str | os.PathLike, manifest: dict, pr
     checkpoint = {
         "model_type": model.config.model_type,
         "stock_loadable": not is_per_layer(model),
-        "widths": adapter.layer_widths(),
+        "widths": layer_widths(adapter),
         "head_dim": adapter.head_dim(),
         "parameters": parameter_counts(model),
     }
@@ -137,7 +138,7 @@ def _check_layer_lists(raw: dict, config_path: Path) -> None:
 
 
 def config_widths(config) -> dict[str, list[int]]:
-    """Per-layer widths a config describes, keyed like ``ModelAdapter.layer_widths``."""
+    """Per-layer widths a config describes, keyed like ``diet.keep.layer_widths``."""
     n = config.num_hidden_layers
     return {scalar: list(getattr(config, field, None) or [getattr(config, scalar)] * n)
             for scalar, field in PER_LAYER_FIELDS.items()}

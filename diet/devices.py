@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 from transformers import AutoModelForCausalLM
 
-from diet.adapters.base import parameter_counts
+from diet.geometry import parameter_counts
 from diet.errors import ConfigError, ModelError
 
 log = logging.getLogger(__name__)

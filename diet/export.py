@@ -40,6 +40,7 @@ from diet.adapters import get_adapter
 from diet.config import GGUF_TYPES
 from diet.errors import ModelError
 from diet.io import atomic_file
+from diet.keep import layer_widths
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ def plan(model) -> tuple[str, bool]:
     from diet.modeling import OUTPUT_BIASES_FIELD
 
     adapter = get_adapter(model)
-    widths = adapter.layer_widths()
+    widths = layer_widths(adapter)
     uneven = sorted(name for name, values in widths.items() if len(set(values)) > 1)
     biases = getattr(model.config, OUTPUT_BIASES_FIELD, None) or []
     if biases:  # only families without a stock bias flag carry them (Gemma MLP, Qwen2): no llama.cpp tensor

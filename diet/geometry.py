@@ -1,4 +1,4 @@
-"""What the budget arithmetic needs to know of a dense model: widths and per-dimension parameter costs."""
+"""What the budget arithmetic needs to know of a model: widths, per-dimension parameter costs, parameter counts."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def geometry(model, groups: Sequence[str] = GROUPS) -> Geometry:
 
     adapter = get_adapter(model)
     adapter.check_groups(groups)
-    widths = {g: adapter.group_widths(g) for g in groups}
+    widths = {g: get_group(g).widths(adapter) for g in groups}
     crossings = {}
     for g in groups:
         for o in groups:
@@ -37,8 +37,8 @@ def geometry(model, groups: Sequence[str] = GROUPS) -> Geometry:
             if shared is not None:
                 crossings.setdefault(g, {})[o] = shared
     return Geometry(widths=widths,
-                    costs={g: [adapter.dimension_cost(g, i) for i in range(len(widths[g]))] for g in groups},
-                    decoder_params=adapter.decoder_param_count(), crossings=crossings)
+                    costs={g: [get_group(g).cost(adapter, i) for i in range(len(widths[g]))] for g in groups},
+                    decoder_params=parameter_counts(model)["decoder"], crossings=crossings)
 
 
 def geometry_from_folder(model_dir: str | Path, groups: Sequence[str] = GROUPS) -> Geometry:
@@ -54,3 +54,20 @@ def geometry_from_folder(model_dir: str | Path, groups: Sequence[str] = GROUPS) 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     return geometry(model, groups)
+
+
+def parameter_counts(model) -> dict:
+    """Parameter counts, each shared (tied) tensor counted once.
+
+    ``embedding``: input embeddings plus an untied output head; ``non_embedding`` = total - embedding;
+    ``decoder``: the decoder layers (the base of ``prune.sparsity``); ``per_layer``: one count per layer.
+    """
+    from diet.adapters import get_adapter
+
+    total = sum(p.numel() for p in model.parameters())
+    embedding_params = {id(m.weight): m.weight for m in (model.get_input_embeddings(), model.get_output_embeddings())
+                        if m is not None}
+    embedding = sum(p.numel() for p in embedding_params.values())
+    per_layer = [sum(p.numel() for p in layer.parameters()) for layer in get_adapter(model).decoder_layers()]
+    return {"total": total, "embedding": embedding, "non_embedding": total - embedding,
+            "decoder": sum(per_layer), "per_layer": per_layer}

@@ -1,14 +1,12 @@
 """Dimension groups: every rule of one kind of prunable dimension, in one object.
 
-(Over 500 lines: the three groups sit side by side on purpose, so that what one group does differently from
-another reads in one file; each class stays short.)
-
 A *group* says what one dimension of a layer is, in terms any model family provides through its adapter
 (``diet.adapters.base.ModelAdapter``: where the projections are, the head sizes). Scoring, merging, selection,
 pruning and checkpoint writing ask a group, never test a group's name:
 
-* ``widths``: dimensions per layer; ``cost``: parameters removed with one dimension of a layer (weights and
-  biases);
+* ``widths``: dimensions per layer; ``slices``: the rows or columns of each projection that one dimension
+  owns, as data (``diet.slicing.Slice``), from which the rest below follows unless a group owns more;
+* ``cost``: parameters removed with one dimension of a layer (weights and biases);
 * ``projections``: the Linears a dimension owns rows or columns of, the output projection last;
   ``output_projection``: the Linear whose *input* is the group's activation (hook target, recovery bias);
 * ``channel_blocks``: how the activation's channels map to dimensions (one each, or contiguous blocks);
@@ -47,8 +45,8 @@ Groups (docs/method.md defines each):
 list the groups' widths). A new group is one subclass here plus its name in ``diet.config.GROUPS`` (and, where
 they apply, in ``RECOVERABLE_GROUPS`` and ``diet.refit.REFIT_GROUPS``: docs/extending.md).
 
-The pruning primitives the groups compose (``slice_linear``, ``ensure_bias``) live here too, so that this
-module depends on torch and ``diet.config`` alone, and every other module can import it.
+The slicing primitives the groups compose live in ``diet.slicing``; this module depends on torch, ``diet.config``
+and ``diet.slicing`` alone, so every other module can import it.
 """
 
 from __future__ import annotations
@@ -62,55 +60,21 @@ from torch import nn
 
 from diet.config import GROUPS as GROUP_NAMES
 from diet.config import RECOVERABLE_GROUPS
+from diet.slicing import Slice, scale_linear, slice_linear, slice_norm, squared
 
 if TYPE_CHECKING:
     from diet.adapters.base import ModelAdapter
 
 
-# -- primitives ----------------------------------------------------------------------------------------------------
-def slice_linear(linear: nn.Linear, idx: torch.Tensor, dim: str) -> nn.Linear:
-    """Keep only the output rows (``dim="out"``) or input columns (``dim="in"``) ``idx`` of ``linear``, in place.
-
-    ``in_features`` / ``out_features`` follow the new weight; an output slice also slices the bias.
-    Returns ``linear`` (the same module, so hooks and references stay valid).
-    """
-    w = linear.weight  # (out, in)
-    idx = idx.to(device=w.device, dtype=torch.long)
-    if dim == "out":
-        linear.weight = nn.Parameter(w.detach().index_select(0, idx), requires_grad=w.requires_grad)  # (k, in)
-        if linear.bias is not None:
-            b = linear.bias
-            linear.bias = nn.Parameter(b.detach().index_select(0, idx), requires_grad=b.requires_grad)  # (k,)
-        linear.out_features = idx.numel()
-    elif dim == "in":
-        linear.weight = nn.Parameter(w.detach().index_select(1, idx), requires_grad=w.requires_grad)  # (out, k)
-        linear.in_features = idx.numel()
-    else:
-        raise ValueError(f"dim must be 'out' or 'in', got {dim!r}")
-    return linear
-
-
-def ensure_bias(lin: nn.Linear) -> None:
-    """Give ``lin`` a zero bias (out_features,) on its weight's device and dtype if it has none."""
-    if lin.bias is None:
-        w = lin.weight
-        lin.bias = nn.Parameter(torch.zeros(lin.out_features, dtype=w.dtype, device=w.device),
-                                requires_grad=w.requires_grad)
-
-
-def _sq(lin: nn.Linear, dim: int) -> torch.Tensor:
-    """Squared norms of the rows (``dim=1``) or columns (``dim=0``) of a Linear's weight, float32."""
-    return lin.weight.detach().float().square().sum(dim=dim)
-
-
-def _row_cost(lin: nn.Linear) -> int:
-    """Parameters of one output row of ``lin``: its weights and its bias entry."""
-    return lin.in_features + (1 if lin.bias is not None else 0)
-
-
 # -- the interface -------------------------------------------------------------------------------------------------
 class DimensionGroup(ABC):
-    """The rules of one dimension group; stateless, every method takes the model's adapter."""
+    """The rules of one dimension group; stateless, every method takes the model's adapter.
+
+    A group declares its ``widths`` and, per mask row, its ``slices``: the rows or columns of each projection
+    that every dimension owns (``diet.slicing.Slice``), the output projection's columns last. Cost, cutting,
+    zeroing, magnitudes and the output projection's channels follow from that list; a group whose dimensions
+    own more than projections (``hidden``: the embedding, the norms) adds what they own by overriding.
+    """
 
     name: ClassVar[str]
     #: stock config width field -> per-layer list field of the ``diet_<family>`` configs (``diet.modeling``)
@@ -123,29 +87,8 @@ class DimensionGroup(ABC):
         """Number of prunable dimensions in each layer."""
 
     @abstractmethod
-    def cost(self, adapter: ModelAdapter, layer: int) -> int:
-        """Parameters removed with one dimension of ``layer`` (weights and biases)."""
-
-    @abstractmethod
-    def projections(self, adapter: ModelAdapter, layer: int) -> list[nn.Linear]:
-        """Every projection the group's dimensions own rows or columns of, the output projection last."""
-
-    def output_projection(self, adapter: ModelAdapter, layer: int) -> nn.Linear:
-        """The projection whose *input* is the activation feeding the dimensions (hook target, output bias)."""
-        return self.projections(adapter, layer)[-1]
-
-    def channel_blocks(self, adapter: ModelAdapter, layer: int) -> int | None:
-        """None when each channel of the activation is one dimension; else the number of dimensions, each
-        owning an equal block of contiguous channels (scores and baselines reduce over a block)."""
-        return None
-
-    @abstractmethod
-    def output_channels(self, adapter: ModelAdapter, layer: int, dims: torch.Tensor) -> torch.Tensor:
-        """Input columns of the output projection that belong to dimensions ``dims`` of ``layer`` (LongTensor)."""
-
-    @abstractmethod
-    def slice(self, adapter: ModelAdapter, layer: int, kept: torch.Tensor) -> None:
-        """Remove every dimension of ``layer`` not in ``kept`` (sorted LongTensor) from the weights."""
+    def slices(self, adapter: ModelAdapter, layer: int) -> list[Slice]:
+        """What each dimension of mask row ``layer`` owns in each projection, the output projection last."""
 
     @abstractmethod
     def config_widths(self, adapter: ModelAdapter, kept: Sequence[torch.Tensor] | None = None
@@ -157,10 +100,54 @@ class DimensionGroup(ABC):
     def weight_norms(self, adapter: ModelAdapter, layer: int) -> torch.Tensor:
         """L2 norm of each dimension's output-projection columns, (W,) float64."""
 
-    @abstractmethod
-    def magnitude(self, adapter: ModelAdapter, layer: int) -> torch.Tensor:
-        """L2 norm of all weights (and biases) each dimension owns, (W,) float32."""
+    # -- derived from the slices -------------------------------------------------------------------------------------
+    def cost(self, adapter: ModelAdapter, layer: int) -> int:
+        """Parameters removed with one dimension of ``layer`` (weights and biases)."""
+        return sum(s.cost() for s in self.slices(adapter, layer))
 
+    def projections(self, adapter: ModelAdapter, layer: int) -> list[nn.Linear]:
+        """Every projection the group's dimensions own rows or columns of, the output projection last."""
+        return [s.linear for s in self.slices(adapter, layer)]
+
+    def output_projection(self, adapter: ModelAdapter, layer: int) -> nn.Linear:
+        """The projection whose *input* is the activation feeding the dimensions (hook target, output bias)."""
+        return self.projections(adapter, layer)[-1]
+
+    def output_channels(self, adapter: ModelAdapter, layer: int, dims: torch.Tensor) -> torch.Tensor:
+        """Input columns of the output projection that belong to dimensions ``dims`` of ``layer`` (LongTensor)."""
+        return self.slices(adapter, layer)[-1].indices(dims)
+
+    def channel_blocks(self, adapter: ModelAdapter, layer: int) -> int | None:
+        """None when each channel of the activation is one dimension; else the number of dimensions, each
+        owning an equal block of contiguous channels (scores and baselines reduce over a block)."""
+        return None if self.slices(adapter, layer)[-1].block == 1 else self.widths(adapter)[layer]
+
+    def slice(self, adapter: ModelAdapter, layer: int, kept: torch.Tensor) -> None:
+        """Remove every dimension of ``layer`` not in ``kept`` (sorted LongTensor) from the weights."""
+        for s in self.slices(adapter, layer):  # all declared before any is cut: the blocks read today's shapes
+            s.keep(kept)
+
+    def magnitude(self, adapter: ModelAdapter, layer: int) -> torch.Tensor:
+        """L2 norm of all weights (and biases) each dimension owns, (W,) float32: the columns first, then the
+        rows with their bias entries, each slice in declared order."""
+        slices = self.slices(adapter, layer)
+        total = torch.zeros(self.widths(adapter)[layer], device=slices[0].linear.weight.device)
+        for s in [*(s for s in slices if s.axis == "in"), *(s for s in slices if s.axis == "out")]:
+            total = s.add_squared_norms(total)
+        return total.sqrt()
+
+    @torch.no_grad()
+    def zero(self, adapter: ModelAdapter, row: int, removed: torch.Tensor) -> None:
+        """Make the dimensions ``removed`` of ``row`` contribute nothing, keeping every shape (the dense
+        reference that a pruned model must equal): here, zero their output-projection columns."""
+        self.slices(adapter, row)[-1].zero(removed)
+
+    def residual_entries(self, adapter: ModelAdapter, layer: int) -> int:
+        """Weights of one dimension of ``layer`` that lie on one residual channel: one per row or column it owns
+        in each projection (each such weight is also a weight of that residual channel, see ``crossing``)."""
+        return sum(s.residual_entries() for s in self.slices(adapter, layer))
+
+    # -- per-layer configs ---------------------------------------------------------------------------------------------
     def unprunable_reason(self, widths: Sequence[int]) -> str | None:
         """Why no dimension of a model whose layers have ``widths`` can ever be removed (None when some can)."""
         if all(w <= 1 for w in widths):
@@ -178,7 +165,7 @@ class DimensionGroup(ABC):
         (checked by ``diet.modeling``), or None."""
         return None
 
-    # -- activations, baselines, reference, budget: defaults for a group with one output projection per layer --
+    # -- activations, baselines, budget: defaults for a group with one output projection per layer ------------------
     @property
     def recoverable(self) -> bool:
         """Whether ``prune.recover: bias`` can hold removed dimensions at their means (``RECOVERABLE_GROUPS``)."""
@@ -197,21 +184,6 @@ class DimensionGroup(ABC):
         """Weights (out, D) whose input columns are the activation's channels (``wanda_sp``, ``flap``)."""
         return [self.output_projection(adapter, row).weight]
 
-    @torch.no_grad()
-    def zero(self, adapter: ModelAdapter, row: int, removed: torch.Tensor) -> None:
-        """Make the dimensions ``removed`` of ``row`` contribute nothing, keeping every shape (the dense
-        reference that a pruned model must equal): here, zero their output-projection columns."""
-        out = self.output_projection(adapter, row)
-        out.weight[:, self.output_channels(adapter, row, removed).to(out.weight.device)] = 0.0  # (H, removed)
-
-    def residual_entries(self, adapter: ModelAdapter, layer: int) -> int:
-        """Weights of one dimension of ``layer`` that lie on one residual channel: its share of the input
-        projections' rows and of the output projection's columns (each such weight is also a weight of that
-        residual channel, see ``crossing``)."""
-        *ins, out = self.projections(adapter, layer)
-        width = self.widths(adapter)[layer]
-        return (sum(p.out_features for p in ins) + out.in_features) // width
-
     def crossing(self, adapter: ModelAdapter, other: DimensionGroup) -> list[int] | None:
         """Parameters that one dimension of this group shares with one dimension of ``other`` in each of
         ``other``'s rows (removed with either), or None when the two groups own no parameter in common."""
@@ -228,22 +200,9 @@ class MlpGroup(DimensionGroup):
     def widths(self, adapter):
         return [adapter.mlp_projections(i)[1].in_features for i in range(adapter.num_layers)]
 
-    def cost(self, adapter, layer):
-        ins, out = adapter.mlp_projections(layer)
-        return sum(_row_cost(p) for p in ins) + out.out_features
-
-    def projections(self, adapter, layer):
-        ins, out = adapter.mlp_projections(layer)
-        return [*ins, out]
-
-    def output_channels(self, adapter, layer, dims):
-        return dims.to(torch.long)
-
-    def slice(self, adapter, layer, kept):
-        ins, out = adapter.mlp_projections(layer)
-        for lin in ins:
-            slice_linear(lin, kept, "out")
-        slice_linear(out, kept, "in")
+    def slices(self, adapter, layer):
+        ins, down = adapter.mlp_projections(layer)
+        return [*(Slice(lin, "out") for lin in ins), Slice(down, "in")]
 
     def config_widths(self, adapter, kept=None):
         return {"intermediate_size": self.widths(adapter) if kept is None else [len(k) for k in kept]}
@@ -252,18 +211,14 @@ class MlpGroup(DimensionGroup):
         w = adapter.mlp_projections(layer)[1].weight.detach().double()   # (H, I)
         return w.norm(dim=0)                                              # (I,)
 
-    def magnitude(self, adapter, layer):
-        ins, down = adapter.mlp_projections(layer)
-        total = _sq(down, 0)                                              # (I,)
-        for lin in ins:
-            total = total + _sq(lin, 1)                                   # (I,)
-            if lin.bias is not None:
-                total = total + lin.bias.detach().float().square()
-        return total.sqrt()
-
 
 class AttentionGroup(DimensionGroup):
-    """KV groups of each layer's attention, with the query heads that share them (module doc)."""
+    """KV groups of each layer's attention, with the query heads that share them (module doc).
+
+    With head_dim ``d`` and ``r`` query heads per KV group, group ``g`` owns k/v rows [g*d, (g+1)*d) and query
+    heads [g*r, (g+1)*r), i.e. q rows (and o columns) [g*r*d, (g+1)*r*d): repeat_kv expands KV head ``g`` to the
+    ``r`` consecutive query heads.
+    """
 
     name = "attention"
     per_layer_fields = {"num_attention_heads": "num_heads_per_layer", "num_key_value_heads": "num_kv_heads_per_layer"}
@@ -272,40 +227,10 @@ class AttentionGroup(DimensionGroup):
     def widths(self, adapter):
         return [adapter.num_kv_heads(i) for i in range(adapter.num_layers)]
 
-    def cost(self, adapter, layer):
+    def slices(self, adapter, layer):
         q, k, v, o = adapter.attention_projections(layer)
-        hd, hpg = adapter.head_dim(), adapter.heads_per_group(layer)
-        return hd * (hpg * _row_cost(q) + _row_cost(k) + _row_cost(v)) + hpg * hd * o.out_features
-
-    def projections(self, adapter, layer):
-        return list(adapter.attention_projections(layer))
-
-    def channel_blocks(self, adapter, layer):
-        return adapter.num_kv_heads(layer)
-
-    def rows(self, adapter, layer: int, kv_groups: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Weight rows of ``kv_groups`` in ``layer``: ``q`` (rows of q_proj = columns of o_proj), ``kv`` (rows of k/v).
-
-        With head_dim ``d`` and ``r`` query heads per KV group, group ``g`` owns k/v rows [g*d, (g+1)*d) and
-        query heads [g*r, (g+1)*r), i.e. q rows [g*r*d, (g+1)*r*d): repeat_kv expands KV head ``g`` to the
-        ``r`` consecutive query heads.
-        """
         d, r = adapter.head_dim(), adapter.heads_per_group(layer)
-        g = kv_groups.to(torch.long)[:, None]  # (G, 1)
-        kv = (g * d + torch.arange(d)).flatten()  # (G*d,)
-        q = (g * r * d + torch.arange(r * d)).flatten()  # (G*r*d,)
-        return {"q": q, "kv": kv}
-
-    def output_channels(self, adapter, layer, dims):
-        return self.rows(adapter, layer, dims)["q"]
-
-    def slice(self, adapter, layer, kept):
-        rows = self.rows(adapter, layer, kept)  # computed before slicing changes the head counts
-        q, k, v, o = adapter.attention_projections(layer)
-        slice_linear(q, rows["q"], "out")
-        slice_linear(k, rows["kv"], "out")
-        slice_linear(v, rows["kv"], "out")
-        slice_linear(o, rows["q"], "in")
+        return [Slice(q, "out", r * d), Slice(k, "out", d), Slice(v, "out", d), Slice(o, "in", r * d)]
 
     def config_widths(self, adapter, kept=None):
         n = range(adapter.num_layers)
@@ -320,16 +245,6 @@ class AttentionGroup(DimensionGroup):
         w = w.view(w.shape[0], adapter.num_kv_heads(layer), -1)            # (H, G, hpg * hd)
         return w.square().sum(dim=(0, 2)).sqrt()                           # (G,)
 
-    def magnitude(self, adapter, layer):
-        q, k, v, o = adapter.attention_projections(layer)
-        g = adapter.num_kv_heads(layer)
-        total = _sq(o, 0).view(g, -1).sum(dim=1)                           # (G,)
-        for lin in (q, k, v):  # rows: heads contiguous, a group's rows contiguous
-            total = total + _sq(lin, 1).view(g, -1).sum(dim=1)             # (G,)
-            if lin.bias is not None:
-                total = total + lin.bias.detach().float().square().view(g, -1).sum(dim=1)
-        return total.sqrt()
-
     def per_layer_config_problem(self, config):
         heads, kv = config.num_heads_per_layer, config.num_kv_heads_per_layer
         if heads is not None and kv is not None:
@@ -343,26 +258,6 @@ class AttentionGroup(DimensionGroup):
             return ("every layer has a single KV head (multi-query attention), so removing a KV group would "
                     "empty the layer's attention")
         return None
-
-
-def _scale_rows(lin: nn.Linear, factor: float) -> None:
-    """Multiply ``lin``'s weight and bias by ``factor`` (in float64, then back to their dtype), in place."""
-    lin.weight = nn.Parameter((lin.weight.detach().double() * factor).to(lin.weight.dtype),
-                              requires_grad=lin.weight.requires_grad)
-    if lin.bias is not None:
-        lin.bias = nn.Parameter((lin.bias.detach().double() * factor).to(lin.bias.dtype),
-                                requires_grad=lin.bias.requires_grad)
-
-
-def _slice_norm(norm: nn.Module, kept: torch.Tensor, factor: float = 1.0, offset: float = 0.0) -> None:
-    """Keep entries ``kept`` of an RMSNorm's weight and multiply the norm's gain by ``factor``: the gain is
-    ``offset + weight`` (Llama: offset 0; Gemma: ``1 + weight``), so ``weight' = (offset + weight) * factor -
-    offset``, computed in float64."""
-    w = norm.weight
-    kept_w = w.detach().index_select(0, kept.to(device=w.device, dtype=torch.long)).double()  # (k,)
-    if factor != 1.0:
-        kept_w = (offset + kept_w) * factor - offset
-    norm.weight = nn.Parameter(kept_w.to(w.dtype), requires_grad=w.requires_grad)
 
 
 class HiddenGroup(DimensionGroup):
@@ -412,16 +307,17 @@ class HiddenGroup(DimensionGroup):
     def _layer_norms(adapter, layer: int) -> list[nn.Module]:
         return [*adapter.residual_norms(layer), *adapter.branch_norms(layer)]
 
-    def cost(self, adapter, row):
-        """Decoder-layer parameters of one residual channel: in every layer, a column of each reader, a row
-        (with its bias entry) of each writer, an entry of each hidden-wide norm. The embedding, the head and
-        the final norm also lose an entry each, outside the decoder layers (not counted in sparsity)."""
-        return sum(sum(p.out_features for p in self._readers(adapter, i))
-                   + sum(_row_cost(p) for p in self._writers(adapter, i)) + len(self._layer_norms(adapter, i))
-                   for i in range(adapter.num_layers))
+    def slices(self, adapter, row):
+        """In every layer, a column of each reader and a row (with its bias entry) of each writer."""
+        return [s for i in range(adapter.num_layers)
+                for s in (*(Slice(p, "in") for p in self._readers(adapter, i)),
+                          *(Slice(p, "out") for p in self._writers(adapter, i)))]
 
-    def projections(self, adapter, row):
-        return [p for i in range(adapter.num_layers) for p in (*self._readers(adapter, i), *self._writers(adapter, i))]
+    def cost(self, adapter, row):
+        """Decoder-layer parameters of one residual channel: its slices, and an entry of each hidden-wide norm
+        of every layer. The embedding, the head and the final norm also lose an entry each, outside the decoder
+        layers (not counted in sparsity)."""
+        return super().cost(adapter, row) + sum(len(self._layer_norms(adapter, i)) for i in range(adapter.num_layers))
 
     def output_projection(self, adapter, row):
         raise ValueError("the hidden group has no output projection: the residual stream feeds every layer")
@@ -454,11 +350,9 @@ class HiddenGroup(DimensionGroup):
         removed = removed.to(torch.long)
         emb = adapter.model.get_input_embeddings()
         emb.weight[:, removed.to(emb.weight.device)] = 0.0                       # (V, removed)
-        for i in range(adapter.num_layers):
-            for lin in self._writers(adapter, i):
-                lin.weight[removed.to(lin.weight.device)] = 0.0                  # (removed, in)
-                if lin.bias is not None:
-                    lin.bias[removed.to(lin.bias.device)] = 0.0
+        for s in self.slices(adapter, row):
+            if s.axis == "out":
+                s.zero(removed)
 
     @torch.no_grad()
     def slice(self, adapter, row, kept):
@@ -483,17 +377,16 @@ class HiddenGroup(DimensionGroup):
                 slice_linear(head, kept, "in")
         head_factor = emb_factor if tied else 1.0
         offset = adapter.norm_offset
+        for s in self.slices(adapter, row):
+            s.keep(kept)
+            if s.axis == "out":
+                scale_linear(s.linear, a)
         for i in range(adapter.num_layers):
-            for lin in self._readers(adapter, i):
-                slice_linear(lin, kept, "in")
-            for lin in self._writers(adapter, i):
-                slice_linear(lin, kept, "out")
-                _scale_rows(lin, a)
             for norm in adapter.residual_norms(i):
-                _slice_norm(norm, kept, 1.0 / a, offset)
+                slice_norm(norm, kept, 1.0 / a, offset)
             for norm in adapter.branch_norms(i):
-                _slice_norm(norm, kept)
-        _slice_norm(adapter.final_norm(), kept, 1.0 / (a * head_factor), offset)
+                slice_norm(norm, kept)
+        slice_norm(adapter.final_norm(), kept, 1.0 / (a * head_factor), offset)
 
     def config_widths(self, adapter, kept=None):
         return {"hidden_size": self.widths(adapter) if kept is None else [len(k) for k in kept]}
@@ -510,14 +403,9 @@ class HiddenGroup(DimensionGroup):
         emb, head = model.get_input_embeddings(), model.get_output_embeddings()
         total = emb.weight.detach().float().square().sum(dim=0)                  # (H,)
         if head is not None and head.weight is not emb.weight:
-            total = total + _sq(head, 0)
-        for i in range(adapter.num_layers):
-            for lin in self._readers(adapter, i):
-                total = total + _sq(lin, 0)
-            for lin in self._writers(adapter, i):
-                total = total + _sq(lin, 1)
-                if lin.bias is not None:
-                    total = total + lin.bias.detach().float().square()
+            total = total + squared(head, "in")
+        for s in self.slices(adapter, row):  # per layer: the readers' columns, then the writers' rows and biases
+            total = s.add_squared_norms(total)
         for norm in (*(n for i in range(adapter.num_layers) for n in self._layer_norms(adapter, i)),
                      adapter.final_norm()):
             total = total + norm.weight.detach().float().square()

@@ -41,7 +41,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.integrations.heterogeneity import HeterogeneousConfigMixin
 
 from diet.adapters import SUPPORTED, adapter_class, family, get_adapter, pruned_model_type
+from diet.biases import carry_output_biases, ensure_output_biases
 from diet.groups import GROUPS, PER_LAYER_FIELDS  # PER_LAYER_FIELDS: stock width field -> per-layer list field
+from diet.keep import layer_widths, slice_model
 
 
 #: per-layer config field: groups whose output projection carries a bias that no stock flag expresses
@@ -124,8 +126,8 @@ def _shape_layers(model) -> None:
     config = model.config
     keep = {name: kept for name, group in GROUPS.items() if (kept := group.per_layer_keep(config)) is not None}
     adapter = get_adapter(model)
-    adapter.slice_weights(keep)
-    adapter.ensure_output_biases(getattr(config, OUTPUT_BIASES_FIELD) or [])
+    slice_model(adapter, keep)
+    ensure_output_biases(adapter, getattr(config, OUTPUT_BIASES_FIELD) or [])
 
 
 def _define(model_type: str) -> None:
@@ -200,8 +202,8 @@ def write_config(model) -> None:
     fields hold the widest layer.
     """
     adapter = get_adapter(model)
-    widths = adapter.layer_widths()
-    unflagged = adapter.carry_output_biases()
+    widths = layer_widths(adapter)
+    unflagged = carry_output_biases(adapter)
     uniform = all(len(set(v)) == 1 for v in widths.values())
     per_layer = not uniform or bool(unflagged) or stock_config_problem(model.config, widths) is not None
     retype(model, per_layer=per_layer)

@@ -3,8 +3,8 @@
 ``keep`` everywhere is ``{group: [LongTensor of kept indices, one per layer]}`` with the groups of
 ``diet.groups.GROUPS``; a group left out of ``keep`` is not pruned. For ``attention`` the indices are
 KV groups (see ``diet.groups``); for ``hidden`` it is one list of kept residual channels (one mask row for all
-layers). The primitives (``slice_linear``) live in ``diet.groups``, the config update
-in ``diet.modeling.write_config``; this module composes them.
+layers). Keep sets are checked and applied by ``diet.keep`` (each group's slices: ``diet.groups``), the
+config is updated by ``diet.modeling.write_config``; this module composes them.
 
 Recovery (``prune.recover: bias``, ``fold_means``): ``means`` is ``{group: (L, D)}``, the calibration mean of
 every input channel of each layer's output projection (down_proj: ``D = I``; o_proj: ``D = n_heads *
@@ -23,13 +23,14 @@ import torch
 from torch import nn
 
 from diet.adapters import get_adapter
-from diet.adapters.base import parameter_counts
 from diet.errors import ModelError
-from diet.groups import GROUPS, slice_linear
+from diet.biases import add_output_bias
+from diet.groups import GROUPS
+from diet.keep import check_keep, slice_model, widths_after
 from diet.modeling import stock_config_problem, write_config
 from diet.registry import LAYOUTS
 
-__all__ = ["LAYOUTS", "apply_mask", "fold_means", "parameter_counts", "slice_linear", "zero_mask"]
+__all__ = ["apply_mask", "fold_means", "zero_mask"]
 
 
 def apply_mask(model: nn.Module, keep: dict[str, list[torch.Tensor]], layout: str = "global",
@@ -49,9 +50,9 @@ def apply_mask(model: nn.Module, keep: dict[str, list[torch.Tensor]], layout: st
     if layout not in LAYOUTS:
         raise ModelError(f"unknown layout {layout!r}", f"use one of: {', '.join(LAYOUTS)}")
     adapter = get_adapter(model)
-    keep = adapter.check_keep(keep)
+    keep = check_keep(adapter, keep)
     if LAYOUTS[layout].uniform:
-        widths = adapter.widths_after(keep)
+        widths = widths_after(adapter, keep)
         uneven = {k: sorted(set(v)) for k, v in widths.items() if len(set(v)) > 1}
         if uneven:
             raise ModelError(f"layout 'uniform' needs the same width in every layer, the mask gives {uneven}",
@@ -64,7 +65,7 @@ def apply_mask(model: nn.Module, keep: dict[str, list[torch.Tensor]], layout: st
                              "prune only the mlp group, or use layout: global")
     if means is not None:
         fold_means(model, keep, means)
-    adapter.slice_weights(keep)
+    slice_model(adapter, keep)
     write_config(model)
     return model
 
@@ -75,7 +76,7 @@ def fold_means(model: nn.Module, keep: dict[str, list[torch.Tensor]], means: dic
     dimensions ``keep`` drops (module doc). The dense weights are read, nothing is removed: call it before
     pruning. All shapes are checked before any bias changes."""
     adapter = get_adapter(model)
-    keep = adapter.check_keep(keep)
+    keep = check_keep(adapter, keep)
     refused = [g for g in keep if not GROUPS[g].recoverable]
     if refused:
         raise ModelError(f"recovery cannot hold removed {', '.join(refused)} dimensions at their means (no output "
@@ -88,20 +89,20 @@ def fold_means(model: nn.Module, keep: dict[str, list[torch.Tensor]], means: dic
     plan = []
     for group, per_layer in keep.items():
         mean = torch.as_tensor(means[group])                                     # (L, D)
-        widths = [adapter.activation_module(group, i).in_features for i in range(adapter.num_layers)]
+        widths = [GROUPS[group].output_projection(adapter, i).in_features for i in range(adapter.num_layers)]
         if mean.dim() != 2 or mean.shape[0] != len(widths) or any(mean.shape[1] != w for w in widths):
             raise ModelError(f"the {group} means have shape {tuple(mean.shape)}, the model's output projections "
                              f"take {widths} channels per layer", "use means scored on this (dense) model")
         if not torch.isfinite(mean).all():
             raise ModelError(f"the {group} means contain NaN or infinite values", "rescore on a finite model")
         for layer, kept in enumerate(per_layer):
-            dims = _removed(kept, adapter.group_widths(group)[layer])
-            plan.append((group, layer, adapter.output_channels(group, layer, dims), mean[layer]))
+            dims = _removed(kept, GROUPS[group].widths(adapter)[layer])
+            plan.append((group, layer, GROUPS[group].output_channels(adapter, layer, dims), mean[layer]))
     for group, layer, channels, mean in plan:
-        w = adapter.activation_module(group, layer).weight                     # (H, D)
+        w = GROUPS[group].output_projection(adapter, layer).weight                     # (H, D)
         cols = channels.to(w.device)
         delta = w[:, cols].double() @ mean.to(device=w.device, dtype=torch.float64)[cols]  # (H,)
-        adapter.add_output_bias(group, layer, delta)
+        add_output_bias(adapter, group, layer, delta)
 
 
 @torch.no_grad()
@@ -115,9 +116,9 @@ def zero_mask(model: nn.Module, keep: dict[str, list[torch.Tensor]]) -> nn.Modul
     """
     dense = copy.deepcopy(model)
     adapter = get_adapter(dense)
-    keep = adapter.check_keep(keep)
+    keep = check_keep(adapter, keep)
     for group, per_layer in keep.items():
-        widths = adapter.group_widths(group)
+        widths = GROUPS[group].widths(adapter)
         for row, kept in enumerate(per_layer):
             GROUPS[group].zero(adapter, row, _removed(kept, widths[row]))
     return dense

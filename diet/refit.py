@@ -267,6 +267,9 @@ def refit(model: nn.Module, keep: Mapping[str, Sequence[torch.Tensor]], batches:
     from tqdm.auto import tqdm
 
     from diet.adapters import get_adapter
+    from diet.biases import ensure_output_biases
+    from diet.groups import GROUPS
+    from diet.keep import check_keep
 
     check_refit_groups(keep, "the mask's groups")
     if not isinstance(damping, (int, float)) or not damping >= 0 or damping != damping or damping == float("inf"):
@@ -274,7 +277,7 @@ def refit(model: nn.Module, keep: Mapping[str, Sequence[torch.Tensor]], batches:
     if not batches:
         raise DataError("the refit has no calibration batches", "pass the tasks' calibration samples")
     adapter = get_adapter(model)
-    keep = adapter.check_keep(dict(keep))
+    keep = check_keep(adapter, dict(keep))
     priors = dict(priors or {})
     unchosen = [g for g in priors if g not in CHOOSE_GROUPS or g not in keep]
     if unchosen:
@@ -285,7 +288,7 @@ def refit(model: nn.Module, keep: Mapping[str, Sequence[torch.Tensor]], batches:
     device = next(model.parameters()).device
     groups = [g for g in REFIT_GROUPS if g in keep]
     if bias:
-        adapter.ensure_output_biases(groups)
+        ensure_output_biases(adapter, groups)
     was_training = model.training
     model.eval()
     report: dict[str, list[dict]] = {g: [] for g in groups}
@@ -294,10 +297,10 @@ def refit(model: nn.Module, keep: Mapping[str, Sequence[torch.Tensor]], batches:
         dense_h, run.inputs = run.inputs, None      # the first layer's inputs, held once
         pruned_h = [h.clone() for h in dense_h]
         for layer in tqdm(range(len(layers)), desc="refit", unit="layer", disable=not progress):
-            projs = {g: _Weights(adapter.activation_module(g, layer),
-                                 adapter.output_channels(g, layer, keep[g][layer])) for g in groups}
+            projs = {g: _Weights(GROUPS[g].output_projection(adapter, layer),
+                                 GROUPS[g].output_channels(adapter, layer, keep[g][layer])) for g in groups}
             for g in groups:
-                prior = priors[g][layer, :adapter.group_widths(g)[layer]] if g in priors else None
+                prior = priors[g][layer, :GROUPS[g].widths(adapter)[layer]] if g in priors else None
                 report[g].append({"layer": layer, **_refit_one(run, layer, projs, g, batches, dense_h,
                                                                pruned_h, damping, bias, prior)})
                 if prior is not None:  # CHOOSE_GROUPS: each channel is one dimension

@@ -30,7 +30,7 @@ def main(args, params) -> None:
     from diet.checkpoint import load_model_and_tokenizer
     from diet.evaluation.perplexity import heldout_perplexity
     from diet.io import write_json
-    from diet.pruning import parameter_counts
+    from diet.geometry import parameter_counts
     from diet.versions import PERPLEXITY
 
     cfg = params.evaluate

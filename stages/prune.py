@@ -28,9 +28,11 @@ def main(args, params) -> None:
     from diet.merge import means_source, recovery_means_from_files
     from diet.checkpoint import load_model_and_tokenizer
     from diet.checkpoint import save_pruned
-    from diet.pruning import apply_mask, parameter_counts
+    from diet.pruning import apply_mask
+    from diet.geometry import parameter_counts
     from diet.scorefile import model_fingerprint
     from diet.adapters import get_adapter
+    from diet.groups import GROUPS
     from diet.config import REFITS
     from diet.mask import Mask, check_fits
 
@@ -49,7 +51,7 @@ def main(args, params) -> None:
 
         priors = read_priority(args.merged / "votes.safetensors", ["mlp"], mask.base_widths)
     model, tokenizer = load_model_and_tokenizer(args.model, params.model.dtype, params.model.device)
-    check_fits(mask, {g: get_adapter(model).group_widths(g) for g in mask.base_widths}, args.mask, args.model)
+    check_fits(mask, {g: GROUPS[g].widths(get_adapter(model)) for g in mask.base_widths}, args.mask, args.model)
     before = parameter_counts(model)
     refitted, keep = None, mask.keep_tensors()
     if texts is not None:

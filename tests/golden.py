@@ -167,7 +167,7 @@ def compute_evaluate() -> dict:
 def compute_perplexity() -> dict:
     """``stages.perplexity``: the held-out passages and a tiny model's perplexity on them."""
     from diet.evaluation.perplexity import heldout_passages, perplexity
-    from diet.pruning import parameter_counts
+    from diet.geometry import parameter_counts
     from tests.tiny import bos_tokenizer, tiny_model, tiny_tokenizer
 
     passages = heldout_passages(4)

@@ -10,7 +10,11 @@ from diet.adapters import PRUNED, SUPPORTED, adapter_class, family, get_adapter,
 from diet.adapters.base import ModelAdapter
 from diet.groups import GROUPS as GROUP_RULES
 from diet.errors import ModelError
-from diet.pruning import apply_mask, parameter_counts
+from diet.pruning import apply_mask
+from diet.geometry import parameter_counts
+from diet.biases import output_bias_groups
+from diet.groups import GROUPS, get_group
+from diet.keep import check_keep, layer_widths
 from tests.tiny import FAMILIES, tiny_model
 
 NEEDS_BOS = {"llama": False, "gemma2": True, "gemma3_text": True, "qwen2": False, "mistral": False}
@@ -65,17 +69,17 @@ def test_structure_views(model_type):
     assert [adapter.num_heads(i) for i in range(3)] == [4, 4, 4]
     assert [adapter.num_kv_heads(i) for i in range(3)] == [2, 2, 2]
     assert adapter.heads_per_group(0) == 2
-    assert adapter.group_widths("mlp") == [64, 64, 64]
-    assert adapter.group_widths("attention") == [2, 2, 2]
-    assert adapter.group_widths("hidden") == [32]  # one mask row shared by every layer
-    assert adapter.layer_widths() == {"intermediate_size": [64] * 3, "num_attention_heads": [4] * 3,
+    assert GROUPS["mlp"].widths(adapter) == [64, 64, 64]
+    assert GROUPS["attention"].widths(adapter) == [2, 2, 2]
+    assert GROUPS["hidden"].widths(adapter) == [32]  # one mask row shared by every layer
+    assert layer_widths(adapter) == {"intermediate_size": [64] * 3, "num_attention_heads": [4] * 3,
                                       "num_key_value_heads": [2] * 3, "hidden_size": [32]}
     ins, down = adapter.mlp_projections(1)
     assert [p.out_features for p in ins] == [64, 64] and down.in_features == 64
     q, k, v, o = adapter.attention_projections(1)
     assert (q.out_features, k.out_features, v.out_features, o.in_features) == (32, 16, 16, 32)
     with pytest.raises(ValueError):
-        adapter.group_widths("embedding")
+        get_group("embedding")
     norms = [*adapter.residual_norms(1), *adapter.branch_norms(1), adapter.final_norm()]
     assert len(norms) == (5 if model_type.startswith("gemma") else 3)
     assert all(n.weight.shape == (32,) for n in norms) and len({id(n) for n in norms}) == len(norms)
@@ -86,7 +90,7 @@ def test_activation_module_inputs_have_the_group_width(model_type):
     model = tiny_model(model_type)
     adapter = get_adapter(model)
     seen = {}
-    run_with_hooks(model, [adapter.activation_module(g, 2).register_forward_hook(
+    run_with_hooks(model, [GROUPS[g].output_projection(adapter, 2).register_forward_hook(
         lambda m, inp, out, g=g: seen.__setitem__(g, tuple(inp[0].shape))) for g in ("mlp", "attention")])
     assert seen == {"mlp": (2, 7, 64), "attention": (2, 7, 4 * 8)}  # (B, T, I_l), (B, T, n_heads_l * head_dim)
 
@@ -96,9 +100,9 @@ def test_activation_module_inputs_have_the_group_width(model_type):
 def test_dimension_cost_is_what_removing_one_dimension_saves(model_type, group):
     model = tiny_model(model_type)
     adapter = get_adapter(model)
-    cost = adapter.dimension_cost(group, 1)
+    cost = GROUPS[group].cost(adapter, 1)
     before = parameter_counts(model)["per_layer"]
-    widths = adapter.group_widths(group)
+    widths = GROUPS[group].widths(adapter)
     keep = {group: [torch.arange(w) if i != 1 else torch.arange(1, w) for i, w in enumerate(widths)]}
     apply_mask(model, keep, "global")
     after = parameter_counts(model)["per_layer"]
@@ -107,16 +111,18 @@ def test_dimension_cost_is_what_removing_one_dimension_saves(model_type, group):
 
 def test_dimension_cost_counts_biases():
     # qwen2: q/k/v biases, no o_proj bias; llama: no biases. hidden 32, head_dim 8, 2 query heads per group.
-    assert get_adapter(tiny_model("llama")).dimension_cost("attention", 0) == 8 * (2 * 32 + 32 + 32) + 2 * 8 * 32
-    assert get_adapter(tiny_model("qwen2")).dimension_cost("attention", 0) == 8 * (2 * 33 + 33 + 33) + 2 * 8 * 32
-    assert get_adapter(tiny_model("qwen2")).dimension_cost("mlp", 0) == 32 + 32 + 32
+    assert GROUPS["attention"].cost(get_adapter(tiny_model("llama")), 0) == 8 * (2 * 32 + 32 + 32) + 2 * 8 * 32
+    assert GROUPS["attention"].cost(get_adapter(tiny_model("qwen2")), 0) == 8 * (2 * 33 + 33 + 33) + 2 * 8 * 32
+    assert GROUPS["mlp"].cost(get_adapter(tiny_model("qwen2")), 0) == 32 + 32 + 32
 
 
-def test_attention_rows_follow_repeat_kv_grouping():
+def test_attention_slices_follow_repeat_kv_grouping():
     adapter = get_adapter(tiny_model("llama"))  # head_dim 8, 2 query heads per KV head
-    rows = adapter.attention_rows(0, torch.tensor([1]))
-    assert rows["kv"].tolist() == list(range(8, 16))
-    assert rows["q"].tolist() == list(range(16, 32))
+    q, k, v, o = GROUPS["attention"].slices(adapter, 0)
+    assert (q.axis, k.axis, v.axis, o.axis) == ("out", "out", "out", "in")
+    group = torch.tensor([1])
+    assert k.indices(group).tolist() == v.indices(group).tolist() == list(range(8, 16))
+    assert q.indices(group).tolist() == o.indices(group).tolist() == list(range(16, 32))
 
 
 @pytest.mark.parametrize("keep, problem", [
@@ -131,12 +137,12 @@ def test_bad_keep_sets_are_refused(keep, problem):
     model = tiny_model("llama")
     with pytest.raises(ModelError, match=problem):
         apply_mask(model, keep)
-    assert get_adapter(model).group_widths("mlp") == [64] * 3  # untouched
+    assert GROUPS["mlp"].widths(get_adapter(model)) == [64] * 3  # untouched
 
 
 def test_check_keep_sorts_and_accepts_lists():
     adapter = get_adapter(tiny_model("llama"))
-    keep = adapter.check_keep({"mlp": [[5, 1, 3], torch.tensor([2]), (0,)]})
+    keep = check_keep(adapter, {"mlp": [[5, 1, 3], torch.tensor([2]), (0,)]})
     assert [k.tolist() for k in keep["mlp"]] == [[1, 3, 5], [2], [0]]
     assert all(k.dtype == torch.long for k in keep["mlp"])
 
@@ -145,20 +151,18 @@ def test_check_keep_sorts_and_accepts_lists():
 def test_bias_flags_match_what_stock_transformers_builds(model_type):
     """A flag in BIAS_FLAGS gives every projection of its group a bias in the stock model; a group without a
     flag has no output bias in the stock model."""
-    from diet.adapters.base import GROUPS
-
     flags = adapter_class(model_type).BIAS_FLAGS
     plain = get_adapter(tiny_model(model_type))
-    assert plain.output_bias_groups() == []
+    assert output_bias_groups(plain) == []
     flagged = get_adapter(tiny_model(model_type, **{flag: True for flag in flags.values()}))
     for group in (g for g, rule in GROUPS.items() if rule.recoverable):  # the groups with an output projection
         for layer in range(flagged.num_layers):
-            projections = flagged.group_projections(group, layer)
+            projections = GROUPS[group].projections(flagged, layer)
             if group in flags:
                 assert all(p.bias is not None for p in projections)
             else:
                 assert projections[-1].bias is None
-    assert flagged.output_bias_groups() == [g for g in GROUPS if g in flags]
+    assert output_bias_groups(flagged) == [g for g in GROUPS if g in flags]
 
 
 PER_LAYER_GROUPS = [g for g, rule in GROUP_RULES.items() if len(rule.per_layer_fields)]
@@ -186,11 +190,11 @@ def test_group_rules_agree_with_the_weights(model_type, group):
         assert rule.output_channels(adapter, layer, dims).numel() == out.in_features // widths[layer]
     kept = [torch.arange(1, w) for w in widths]  # each layer loses its first dimension
     predicted = rule.config_widths(adapter, kept)
-    before = adapter.decoder_param_count()
+    before = parameter_counts(adapter.model)['decoder']
     cost = sum(rule.cost(adapter, i) for i in range(adapter.num_layers))
     for layer, k in enumerate(kept):
         rule.slice(adapter, layer, k)
-    assert before - adapter.decoder_param_count() == cost
+    assert before - parameter_counts(adapter.model)['decoder'] == cost
     assert rule.config_widths(adapter) == predicted
     assert rule.widths(adapter) == [w - 1 for w in widths]
 

@@ -75,7 +75,7 @@ def test_materialised_model_is_gemma3_270m_and_needs_bos(base_dir):
     from diet.adapters import get_adapter
     from diet.evaluation.perplexity import perplexity
     from diet.tokens import resolve_add_bos
-    from diet.pruning import parameter_counts
+    from diet.geometry import parameter_counts
 
     model, tok = _load(base_dir)
     c = model.config
@@ -114,7 +114,8 @@ def test_pruning_is_exact_and_reloads_in_a_fresh_process(base_dir, calibration, 
     import diet.api as api
     from diet.config import ScoreConfig
     from diet.checkpoint import save_pruned
-    from diet.pruning import parameter_counts, zero_mask
+    from diet.pruning import zero_mask
+    from diet.geometry import parameter_counts
 
     model, tok = _load(base_dir)
     dense = parameter_counts(model)

@@ -21,6 +21,8 @@ from diet.errors import ModelError
 from diet.modeling import PER_LAYER_FIELDS, write_config
 from diet.checkpoint import load_model, save_pruned
 from diet.pruning import apply_mask
+from diet.biases import ensure_output_biases
+from diet.keep import layer_widths
 from tests.test_pruning import input_ids, load_kwargs, logits, random_keep
 from tests.tiny import FAMILIES, tiny_model
 
@@ -47,7 +49,7 @@ def write(path, config):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_global_checkpoint_writes_per_layer_config_and_reloads(family, groups, tmp_path):
     model, path = pruned_folder(family, groups, tmp_path)
-    widths = get_adapter(model).layer_widths()
+    widths = layer_widths(get_adapter(model))
     config = read(path)
     assert config["model_type"] == f"diet_{family}"
     assert not set(PER_LAYER_FIELDS.values()) & set(config)  # the lists are gone from the file
@@ -59,7 +61,7 @@ def test_global_checkpoint_writes_per_layer_config_and_reloads(family, groups, t
     ids = input_ids(1)
     for reloaded in (AutoModelForCausalLM.from_pretrained(path, **load_kwargs(family)).eval(), load_model(path)):
         assert type(reloaded) is type(model)
-        assert get_adapter(reloaded).layer_widths() == widths
+        assert layer_widths(get_adapter(reloaded)) == widths
         torch.testing.assert_close(logits(reloaded, ids), logits(model, ids), atol=0, rtol=0)
 
 
@@ -120,7 +122,7 @@ def test_what_stock_transformers_does_with_the_schema(family, groups, tmp_path):
     config["model_type"] = family
     config.pop("output_biases", None)
     write(path, config)
-    widths = get_adapter(model).layer_widths()
+    widths = layer_widths(get_adapter(model))
     heads_differ = len(set(widths["num_attention_heads"])) > 1
     config_refuses = heads_differ and adapter_class(family).stock_config_checks_heads  # not Qwen2's, Mistral's
     if config_refuses:
@@ -148,7 +150,7 @@ def test_model_card_states_the_schema_and_what_stock_transformers_does(tmp_path)
 def test_output_biases_stay_a_diet_field_and_the_card_says_so(tmp_path):
     model = tiny_model("qwen2")
     apply_mask(model, random_keep(model, ("mlp",), "global", seed=3), "global")
-    get_adapter(model).ensure_output_biases(["mlp"])
+    ensure_output_biases(get_adapter(model), ["mlp"])
     write_config(model)
     save_pruned(model, None, tmp_path / "m", {})
     config = read(tmp_path / "m")
@@ -163,7 +165,7 @@ def test_uniform_widths_keep_the_list_form(tmp_path):
     before: its checkpoints do not change."""
     model = tiny_model("gemma2")
     apply_mask(model, {"mlp": [torch.arange(40)] * 3}, "uniform")
-    get_adapter(model).ensure_output_biases(["mlp"])
+    ensure_output_biases(get_adapter(model), ["mlp"])
     write_config(model)
     save_pruned(model, None, tmp_path / "m", {})
     config = read(tmp_path / "m")

@@ -14,6 +14,7 @@ from diet.merge import (_descending_order, layer_agreement, magnitude_scores, me
 from diet.geometry import Geometry
 from diet.mask import Mask
 from diet.select import check_budget, floor_width, select
+from diet.groups import GROUPS
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -187,7 +188,7 @@ def _moments(model, seed=0):
     adapter = get_adapter(model)
     out = {}
     for group in ("mlp", "attention"):
-        shape = (adapter.num_layers, adapter.activation_module(group, 0).in_features)
+        shape = (adapter.num_layers, GROUPS[group].output_projection(adapter, 0).in_features)
         out[group] = {"mean": torch.randn(shape, generator=g), "var": torch.rand(shape, generator=g)}
     return out
 

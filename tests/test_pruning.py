@@ -21,7 +21,11 @@ from diet.adapters import adapter_class, get_adapter
 from diet.errors import ModelError
 from diet.modeling import PER_LAYER_FIELDS, is_per_layer
 from diet.checkpoint import load_model, save_pruned
-from diet.pruning import apply_mask, parameter_counts, slice_linear, zero_mask
+from diet.pruning import apply_mask, zero_mask
+from diet.geometry import parameter_counts
+from diet.slicing import slice_linear
+from diet.groups import GROUPS
+from diet.keep import layer_widths
 from tests.tiny import FAMILIES, tiny_model, tiny_tokenizer
 
 GROUP_SETS = {"mlp": ("mlp",), "attention": ("attention",), "both": ("mlp", "attention"), "hidden": ("hidden",),
@@ -35,7 +39,7 @@ def random_keep(model, groups, layout: str, seed: int = 0) -> dict[str, list[tor
     adapter = get_adapter(model)
     keep = {}
     for group in groups:
-        widths = adapter.group_widths(group)
+        widths = GROUPS[group].widths(adapter)
         if group == "hidden":  # one row for all layers; a multiple of the head count keeps the config stock
             heads = model.config.num_attention_heads
             counts = [heads * int(torch.randint(1, widths[0] // heads, (1,), generator=g))]
@@ -70,7 +74,7 @@ def check_metadata(model) -> None:
             assert tuple(m.weight.shape) == (m.out_features, m.in_features), name
             assert m.bias is None or m.bias.shape == (m.out_features,), name
     adapter = get_adapter(model)
-    widths = adapter.layer_widths()
+    widths = layer_widths(adapter)
     config = model.config
     d = adapter.head_dim()
     hidden = adapter.hidden_size()
@@ -371,7 +375,7 @@ def test_parameter_counts_count_tied_weights_once():
         assert counts["embedding"] == heads * 128 * 32
         assert counts["total"] == sum(p.numel() for p in model.parameters())
         assert counts["non_embedding"] == counts["total"] - counts["embedding"]
-        assert counts["decoder"] == sum(counts["per_layer"]) == get_adapter(model).decoder_param_count()
+        assert counts["decoder"] == sum(counts["per_layer"]) == sum(p.numel() for layer in get_adapter(model).decoder_layers() for p in layer.parameters())
         assert len(counts["per_layer"]) == 3
 
 
@@ -380,7 +384,7 @@ def random_means(model, seed: int = 0) -> dict[str, torch.Tensor]:
     """Per-channel means of each output projection's input, {group: (L, D)}, far enough from 0 to matter."""
     g = torch.Generator().manual_seed(seed)
     adapter = get_adapter(model)
-    return {group: torch.randn(adapter.num_layers, adapter.activation_module(group, 0).in_features, generator=g)
+    return {group: torch.randn(adapter.num_layers, GROUPS[group].output_projection(adapter, 0).in_features, generator=g)
             for group in ("mlp", "attention")}
 
 
@@ -425,7 +429,7 @@ def held_at_means_logits(model, keep, means, ids) -> torch.Tensor:
     try:
         for group, per_layer in keep.items():
             for layer, kept in enumerate(per_layer):
-                module = adapter.activation_module(group, layer)
+                module = GROUPS[group].output_projection(adapter, layer)
                 channels = removed_channels(model, group, layer, kept)
                 handles.append(module.register_forward_pre_hook(hook(channels, means[group][layer])))
         return logits(model, ids)

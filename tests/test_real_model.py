@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from diet.groups import GROUPS
+
 pytestmark = pytest.mark.slow
 
 EXPECTED_PARAMS = 134_515_008
@@ -94,7 +96,7 @@ def _fresh_process(checkpoint: Path, out: Path, *, with_diet: bool) -> dict:
 
 
 def _removed_decoder_params(dense_counts: dict, model) -> int:
-    from diet.pruning import parameter_counts
+    from diet.geometry import parameter_counts
 
     return dense_counts["decoder"] - parameter_counts(model)["decoder"]
 
@@ -102,7 +104,7 @@ def _removed_decoder_params(dense_counts: dict, model) -> int:
 def test_default_model_is_smollm2_135m(base_dir):
     from transformers import AutoConfig
 
-    from diet.pruning import parameter_counts
+    from diet.geometry import parameter_counts
 
     config = AutoConfig.from_pretrained(base_dir)
     assert config.model_type == "llama"
@@ -119,13 +121,13 @@ def test_prune_global_saves_and_reloads_in_fresh_process(base_dir, calibration, 
     from diet.adapters import get_adapter
     from diet.config import SelectConfig
     from diet.checkpoint import save_pruned
-    from diet.pruning import parameter_counts
+    from diet.geometry import parameter_counts
 
     model, tok = _load(base_dir)
     dense = parameter_counts(model)
     adapter = get_adapter(model)
-    cost = adapter.dimension_cost("mlp", 0)
-    assert all(adapter.dimension_cost("mlp", i) == cost for i in range(adapter.num_layers))
+    cost = GROUPS["mlp"].cost(adapter, 0)
+    assert all(GROUPS["mlp"].cost(adapter, i) == cost for i in range(adapter.num_layers))
     select_cfg = SelectConfig()
     assert select_cfg.layout == "global" and select_cfg.multiple == 8
 
@@ -162,7 +164,7 @@ def test_prune_uniform_loads_in_stock_transformers(base_dir, calibration, tmp_pa
     import diet
     from diet.config import SelectConfig
     from diet.checkpoint import save_pruned
-    from diet.pruning import parameter_counts
+    from diet.geometry import parameter_counts
 
     model, tok = _load(base_dir)
     dense = parameter_counts(model)

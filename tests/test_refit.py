@@ -11,6 +11,7 @@ import torch
 from diet.adapters import get_adapter
 from diet.config import Params
 from diet.errors import ConfigError
+from diet.groups import GROUPS
 from diet.checkpoint import load_model, save_pruned
 from diet.pruning import apply_mask
 from diet.refit import Batch, calibration_batches, refit
@@ -54,12 +55,11 @@ def duplicate_kv_group(model) -> dict[str, list[torch.Tensor]]:
     keep = []
     with torch.no_grad():
         for layer in range(adapter.num_layers):
-            q, k, v, _ = adapter.attention_projections(layer)
-            rows = {g: adapter.attention_rows(layer, torch.tensor([g])) for g in (0, 1)}
-            for lin, part in ((q, "q"), (k, "kv"), (v, "kv")):
-                lin.weight[rows[1][part]] = lin.weight[rows[0][part]]
+            for s in GROUPS["attention"].slices(adapter, layer)[:3]:  # the rows of q, k and v
+                lin, copy_to, copy_from = s.linear, s.indices(torch.tensor([1])), s.indices(torch.tensor([0]))
+                lin.weight[copy_to] = lin.weight[copy_from]
                 if lin.bias is not None:
-                    lin.bias[rows[1][part]] = lin.bias[rows[0][part]]
+                    lin.bias[copy_to] = lin.bias[copy_from]
             keep.append(torch.tensor([0]))
     return {"attention": keep}
 
@@ -85,7 +85,7 @@ def test_refit_is_exact_when_removed_channels_are_copies_of_kept_ones(family, gr
 def test_refit_never_raises_a_layers_calibration_error_above_keeping_the_dense_columns(family):
     model = tiny_model(family)
     adapter = get_adapter(model)
-    keep = {"mlp": [torch.randperm(adapter.group_widths("mlp")[i], generator=torch.Generator().manual_seed(i))[:24]
+    keep = {"mlp": [torch.randperm(GROUPS["mlp"].widths(adapter)[i], generator=torch.Generator().manual_seed(i))[:24]
                     for i in range(adapter.num_layers)],
             "attention": [torch.tensor([1])] * adapter.num_layers}
     data, seqs = batches(), sequences(8, seed=3)

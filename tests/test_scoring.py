@@ -12,6 +12,7 @@ import diet.versions
 
 from diet.adapters import get_adapter
 from diet.errors import DietError
+from diet.groups import GROUPS
 from diet.scorefile import MOMENTS, model_fingerprint, moment_name, read_moments, read_scores, split_scores, write_scores
 from diet.scoring import ActivationStats, output_weight_norms, record_activations, score_texts
 from tests.tiny import FAMILIES, tiny_model, tiny_tokenizer
@@ -77,7 +78,7 @@ def test_stats_reject_bad_shapes():
 
 
 def _hook_count(adapter):
-    return sum(len(adapter.activation_module(g, i)._forward_pre_hooks)
+    return sum(len(GROUPS[g].output_projection(adapter, i)._forward_pre_hooks)
                for g in ("mlp", "attention") for i in range(adapter.num_layers))
 
 
@@ -98,7 +99,7 @@ def test_hooks_removed_even_on_exception(model):
 def test_score_texts_equals_unbatched_unpadded_reference(family, tokenizer):
     model = tiny_model(family)
     adapter = get_adapter(model)
-    L, I, G = adapter.num_layers, adapter.group_widths("mlp")[0], adapter.num_kv_heads(0)
+    L, I, G = adapter.num_layers, GROUPS["mlp"].widths(adapter)[0], adapter.num_kv_heads(0)
     tensors, stats = score_texts(model, tokenizer, TEXTS, groups=["mlp", "attention"], statistic="mean_abs",
                                  weight_norm=False, batch_size=4, max_length=9, add_bos=True, progress=False)
     scores, moments = split_scores(tensors)
@@ -111,7 +112,7 @@ def test_score_texts_equals_unbatched_unpadded_reference(family, tokenizer):
 
     # reference: each text alone, no padding, activations collected by hand
     acts = {(g, i): [] for g in ("mlp", "attention") for i in range(L)}
-    handles = [adapter.activation_module(g, i).register_forward_pre_hook(
+    handles = [GROUPS[g].output_projection(adapter, i).register_forward_pre_hook(
         lambda m, a, key=(g, i): acts[key].append(a[0][0])) for g, i in acts]
     n_tokens = 0
     try:
