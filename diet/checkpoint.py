@@ -63,9 +63,10 @@ def save_pruned(model, tokenizer, out_dir: str | os.PathLike, manifest: dict, pr
     return out_dir
 
 
-MODEL_FIX = ("run `dvc repro model` to materialise the base model (models/base), or `dvc repro prune` for the "
-             "pruned one (models/pruned)")
-PRUNED_FIX = "run `dvc repro prune` to rewrite the pruned checkpoint"
+#: the fix of a model folder that may be either model, and of a pruned one (``DietError`` keywords)
+MODEL_FIX = {"fix": "materialise the base model again (models/base), or rewrite the pruned checkpoint if the folder "
+                    "is the pruned one (models/pruned)", "artifact": "checkpoint"}
+PRUNED_FIX = {"fix": "rewrite the pruned checkpoint", "artifact": "pruned_model"}
 LOAD_HINT = ("import diet.modeling before AutoModelForCausalLM.from_pretrained(path) (it registers the per-layer "
              "classes), or load with diet.modeling.load_model(path)")
 
@@ -86,18 +87,19 @@ def read_config(path: str | os.PathLike):
 
     path = Path(path)
     if not path.is_dir():
-        raise ModelError(f"model folder {path} does not exist", MODEL_FIX)
+        raise ModelError(f"model folder {path} does not exist", **MODEL_FIX)
     config_path = path / "config.json"
     if not config_path.is_file():
-        raise ModelError(f"no model checkpoint at {path} (config.json missing)", MODEL_FIX)
+        raise ModelError(f"no model checkpoint at {path} (config.json missing)", **MODEL_FIX)
     raw = _read_json(config_path, MODEL_FIX)
     model_type = raw.get("model_type") if isinstance(raw, dict) else None
     if not isinstance(model_type, str) or not model_type:
-        raise ModelError(f"{config_path} names no model_type", MODEL_FIX)
+        raise ModelError(f"{config_path} names no model_type", **MODEL_FIX)
     if model_type.startswith("diet_") and model_type not in PRUNED:
         raise ModelError(f"{path} is a per-layer-width checkpoint of model_type {model_type!r}, which this version "
                          f"of diet does not define (it defines {', '.join(PRUNED)})",
-                         "load it with the diet version that pruned it, or rerun `dvc repro prune` with this one")
+                         "load it with the diet version that pruned it, or rewrite the pruned checkpoint with this "
+                         "one", artifact="pruned_model")
     if model_type not in CONFIG_MAPPING:
         if model_type in PRUNED:
             raise ModelError(f"{path} has per-layer widths (model_type {model_type!r}) but the diet classes are not "
@@ -105,7 +107,8 @@ def read_config(path: str | os.PathLike):
         raise ModelError(f"{config_path}: model_type {model_type!r} is unknown to transformers "
                          f"{transformers.__version__}",
                          f"use a checkpoint of a supported family ({', '.join(SUPPORTED)}), or upgrade "
-                         "transformers if the model is newer than it; then rerun `dvc repro model`")
+                         "transformers if the model is newer than it; then materialise the base model again",
+                         artifact="base_model")
     family(model_type)  # a transformers model without a diet adapter: ModelError naming the supported ones
     if model_type in PRUNED:
         _check_layer_lists(raw, config_path)
@@ -113,15 +116,15 @@ def read_config(path: str | os.PathLike):
         return AutoConfig.from_pretrained(path)
     except Exception as e:  # noqa: BLE001 - strict config validation raises several types
         raise ModelError(f"{config_path} does not validate: {_last_line(e)}",
-                         PRUNED_FIX if model_type in PRUNED else MODEL_FIX) from None
+                         **(PRUNED_FIX if model_type in PRUNED else MODEL_FIX)) from None
 
 
-def _read_json(path: Path, fix: str):
-    """A checkpoint's JSON file, or a ModelError naming it and ``fix``."""
+def _read_json(path: Path, fix: dict):
+    """A checkpoint's JSON file, or a ModelError naming it and ``fix`` (MODEL_FIX or PRUNED_FIX)."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelError(f"{path} is not valid JSON (truncated?): {e}", fix) from None
+        raise ModelError(f"{path} is not valid JSON (truncated?): {e}", **fix) from None
 
 
 def _check_layer_lists(raw: dict, config_path: Path) -> None:
@@ -131,10 +134,11 @@ def _check_layer_lists(raw: dict, config_path: Path) -> None:
         if values is None:
             continue
         if not isinstance(values, list) or not all(isinstance(v, int) and v > 0 for v in values):
-            raise ModelError(f"{config_path}: {field} must be a list of positive integers, got {values!r}", PRUNED_FIX)
+            raise ModelError(f"{config_path}: {field} must be a list of positive integers, got {values!r}",
+                             **PRUNED_FIX)
         if len(values) != n:
             raise ModelError(f"{config_path}: {field} lists {len(values)} widths for num_hidden_layers = {n}",
-                             PRUNED_FIX)
+                             **PRUNED_FIX)
 
 
 def config_widths(config) -> dict[str, list[int]]:
@@ -148,20 +152,21 @@ def read_manifest(path: str | os.PathLike, config) -> dict:
     """``manifest.json`` of a pruned checkpoint, checked against its config (model_type, per-layer widths)."""
     manifest_path = Path(path) / "manifest.json"
     if not manifest_path.is_file():
-        raise ModelError(f"pruned checkpoint {path} has no manifest.json", PRUNED_FIX)
+        raise ModelError(f"pruned checkpoint {path} has no manifest.json", **PRUNED_FIX)
     manifest = _read_json(manifest_path, PRUNED_FIX)
     checkpoint = manifest.get("checkpoint") if isinstance(manifest, dict) else None
     if not isinstance(checkpoint, dict) or not all(k in checkpoint for k in ("model_type", "widths", "parameters")):
-        raise ModelError(f"{manifest_path} lacks its 'checkpoint' entry (model_type, widths, parameters)", PRUNED_FIX)
+        raise ModelError(f"{manifest_path} lacks its 'checkpoint' entry (model_type, widths, parameters)",
+                         **PRUNED_FIX)
     if checkpoint["model_type"] != config.model_type:
         raise ModelError(f"{manifest_path} describes a {checkpoint['model_type']!r} checkpoint, config.json a "
-                         f"{config.model_type!r} one", PRUNED_FIX)
+                         f"{config.model_type!r} one", **PRUNED_FIX)
     widths = config_widths(config)
     stated = checkpoint["widths"] if isinstance(checkpoint["widths"], dict) else {}
     for name, values in widths.items():
         if stated.get(name) != values:
             raise ModelError(f"{manifest_path} gives {name} per layer {stated.get(name)}, config.json {values}",
-                             PRUNED_FIX)
+                             **PRUNED_FIX)
     return manifest
 
 
@@ -170,7 +175,7 @@ def _check_parameters(path: Path, manifest: dict, model) -> None:
     total = parameter_counts(model)["total"]
     if stated != total:
         raise ModelError(f"{path / 'manifest.json'} counts {stated} parameters, the loaded weights {total}",
-                         PRUNED_FIX)
+                         **PRUNED_FIX)
 
 
 def load_model(path: str | os.PathLike, dtype: str | torch.dtype = "float32", *, pruned: bool | None = None,
@@ -179,7 +184,7 @@ def load_model(path: str | os.PathLike, dtype: str | torch.dtype = "float32", *,
     where ``device`` (a ``model.device`` setting) puts it (``plan_placement``: the device is checked before
     anything is read, the model's size against the GPUs' memory from its config, before any weight is read).
 
-    Every problem of the folder is a ModelError naming the command that rewrites it. A pruned checkpoint
+    Every problem of the folder is a ModelError naming the artifact to rewrite. A pruned checkpoint
     (``pruned=True``, a per-layer model_type, or a folder holding manifest.json) must carry a manifest that
     agrees with its config and its parameter count.
     """
@@ -199,7 +204,7 @@ def load_model(path: str | os.PathLike, dtype: str | torch.dtype = "float32", *,
         model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch_dtype, **kwargs)
     except Exception as e:  # noqa: BLE001 - missing or mismatched weight files raise several types
         raise ModelError(f"cannot load the weights of {path}: {_last_line(e)}",
-                         PRUNED_FIX if pruned else MODEL_FIX) from None
+                         **(PRUNED_FIX if pruned else MODEL_FIX)) from None
     if manifest is not None:
         _check_parameters(path, manifest, model)
     if placement.spread:
@@ -220,5 +225,5 @@ def load_model_and_tokenizer(path: str | os.PathLike, dtype: str | torch.dtype =
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except Exception as e:  # noqa: BLE001 - a missing or damaged tokenizer raises several types
         raise ModelError(f"cannot load the tokenizer of {path}: {_last_line(e)}",
-                         PRUNED_FIX if (Path(path) / "manifest.json").exists() else MODEL_FIX) from None
+                         **(PRUNED_FIX if (Path(path) / "manifest.json").exists() else MODEL_FIX)) from None
     return model, tokenizer

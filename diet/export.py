@@ -307,7 +307,8 @@ def read_gguf(path: str | Path, like) -> torch.nn.Module:
     try:
         reader = gguf.GGUFReader(path)
     except (ValueError, OSError) as e:
-        raise ModelError(f"{path} is not a readable GGUF file: {e}", "rerun `dvc repro export`") from None
+        raise ModelError(f"{path} is not a readable GGUF file: {e}", "export the pruned checkpoint again",
+                         artifact="gguf") from None
     arch = str(reader.fields["general.architecture"].contents())
     _check_widths(reader, arch, like, path)
     model = copy.deepcopy(like)
@@ -316,7 +317,7 @@ def read_gguf(path: str | Path, like) -> torch.nn.Module:
     found = {t.name: t for t in reader.tensors}
     if set(found) != set(wanted):
         raise ModelError(f"{path} holds tensors {sorted(set(found) ^ set(wanted))[:4]} that the model does not "
-                         "(or lacks them)", "rerun `dvc repro export`")
+                         "(or lacks them)", "export the pruned checkpoint again", artifact="gguf")
     state, roles = {}, _mlp_roles(model)
     for gname, (key, layer, rope) in wanted.items():
         t = found[gname]
@@ -356,7 +357,8 @@ def _check_widths(reader, arch: str, like, path: Path) -> None:
             got = [w if g == padded_width(w, "Q8_0") else g for g, w in zip(got, want)]
         if got != want:
             raise ModelError(f"{path}: {arch}.{key} is {got}, the model has {want}",
-                             "rerun `dvc repro export` (the file is not from this checkpoint)")
+                             "export the pruned checkpoint again (the file is not from this checkpoint)",
+                             artifact="gguf")
 
 
 def gguf_widths(path: str | Path) -> dict[str, Any]:

@@ -94,7 +94,7 @@ class Mask:
         """Read a mask file written by ``save``, checked when read (DataError naming the file and the fix)."""
         path = Path(path)
         if not path.is_file():
-            raise DataError(f"mask file not found: {path}", f"run `{MASK_FIX}` to select the mask")
+            raise DataError(f"mask file not found: {path}", "select the mask", artifact="mask")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -111,12 +111,11 @@ def _per_group_value(value, cast):
     return {str(g): cast(v) for g, v in value.items()} if isinstance(value, Mapping) else cast(value)
 
 
-MASK_FIX = "dvc repro select"
 _MASK_KEYS = ("keep", "base_widths", "params_before", "params_after", "target_sparsity")
 
 
 def _mask_error(path, problem: str) -> DataError:
-    return DataError(f"mask {path}: {problem}", f"run `{MASK_FIX}` to regenerate it")
+    return DataError(f"mask {path}: {problem}", "select the mask again", artifact="mask")
 
 
 def _is_int(x) -> bool:
@@ -174,4 +173,4 @@ def check_fits(mask: Mask, widths: Mapping[str, Sequence[int]], mask_path, model
         have = list(widths.get(g, []))
         if have != list(base):
             raise DataError(f"mask {mask_path} was selected for {g} widths {base}, but {model_path} has {have}",
-                            f"run `{MASK_FIX}` to select a mask for this model")
+                            "select a mask for this model", artifact="mask")

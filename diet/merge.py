@@ -301,7 +301,8 @@ def moment_baseline_scores(method: str, model, moments: Mapping[str, Mapping[str
     for group in groups:
         if group not in moments:
             raise DataError(f"the generic scores have no moments for group '{group}'",
-                            f"add '{group}' to score.groups and rerun `dvc repro score_generic`")
+                            f"add '{group}' to score.groups and score the generic text again",
+                            artifact="generic_scores")
         mean = moments[group]["mean"].double()                                          # (L, D)
         var = moments[group]["var"].double()                                            # (L, D)
         rows = []
@@ -375,7 +376,7 @@ def merge_scores(task_scores, geo, *, merge_cfg: MergeConfig, prune_cfg: PruneCo
     missing = [g for g in prune_cfg.groups if g not in geo.widths]
     if missing:
         raise ConfigError(f"prune.groups {missing} were not measured: the scores hold {', '.join(geo.widths)}",
-                          "add them to score.groups and rescore (`dvc repro` reruns the score@ stages)")
+                          "add them to score.groups and score every task again", artifact="task_scores")
     budget = keep_count(geo.widths, geo.costs, prune_cfg.sparsity, geo.decoder_params, prune_cfg.groups,
                         geo.crossings)
     return merge(task_scores, method=merge_cfg.method, normalize=merge_cfg.normalize, weights=merge_cfg.weights,

@@ -4,7 +4,7 @@ A safetensors file of ``{group: (L, W)}`` scores and ``{group}.{moment}`` activa
 header entry and beside it as ``.json``: the model's fingerprint, the task, the data hash, the token count, the
 statistic, the computation's version and a checksum of the payload. Readers check all of them against what they
 expect (``read_scores``, ``read_moments``), so a file of another task or model, or one changed after writing, is
-refused with the command that rewrites it. ``diet.scoring`` computes what goes in.
+refused, naming the score file to regenerate. ``diet.scoring`` computes what goes in.
 """
 
 from __future__ import annotations
@@ -64,7 +64,8 @@ def model_fingerprint(model_dir: str | os.PathLike) -> str:
     weights = sorted(model_dir.glob("*.safetensors"))
     if not config_path.exists() or not weights:
         raise ModelError(f"{model_dir} is not a saved model folder (config.json and *.safetensors expected)",
-                         "point to the folder written by `dvc repro model` or by save_pretrained")
+                         "point to the materialised base model or a folder written by save_pretrained",
+                         artifact="base_model")
     config = {k: v for k, v in read_json(config_path).items() if k not in _CONFIG_KEYS_IGNORED}
     h = hashlib.sha256()
     h.update(b"config\0" + json.dumps(config, sort_keys=True).encode() + b"\n")
@@ -95,13 +96,13 @@ def write_scores(path: str | os.PathLike, scores: dict[str, torch.Tensor], meta:
 
 
 def read_scores(path: str | os.PathLike, expect_fingerprint: str | None = None, *,
-                regenerate: str | None = None, expect_task: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+                expect_task: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """Read a score file's group scores ``{group: (L, W)}`` and metadata, checked when read; refuse it when it
     was computed on another model than ``expect_fingerprint``, for another task than ``expect_task`` (``generic``
-    for the generic-text scores), or when its payload no longer matches the checksum written with it.
-    ``regenerate`` is the command that rewrites it (default ``dvc repro -f score@<stem>``). The moment tensors
-    are left out (``read_moments``)."""
-    tensors, meta = _read_score_file(path, expect_fingerprint, regenerate, expect_task)
+    for the generic-text scores), or when its payload no longer matches the checksum written with it. Each
+    refusal names the score file to regenerate as its artifact (``task_scores:<task>`` or ``generic_scores``; the
+    task is ``expect_task``, else the file's stem). The moment tensors are left out (``read_moments``)."""
+    tensors, meta = _read_score_file(path, expect_fingerprint, expect_task)
     return split_scores(tensors)[0], meta
 
 
@@ -112,70 +113,76 @@ def read_moments(path: str | os.PathLike, expect_fingerprint: str | None = None,
     every group it scored), checked as ``read_scores`` checks; refuses a file without them (written before
     moments were recorded)."""
     path = Path(path)
-    tensors, meta = _read_score_file(path, expect_fingerprint, expect_task=expect_task)
+    tensors, meta = _read_score_file(path, expect_fingerprint, expect_task)
     scores, moments = split_scores(tensors)
     lacking = [g for g in (groups if groups is not None else sorted(scores))
                if set(moments.get(g, {})) != set(MOMENTS)]
     if lacking:
         task = meta.get("task", path.stem)
-        stage = "score_generic" if task == "generic" else f"score@{task}"
         raise DataError(f"{path} carries no activation moments for {', '.join(lacking)} (it was written before "
                         "score files recorded them, or without that group)",
-                        f"rescore: `dvc repro {stage}` (with the group in score.groups)")
+                        f"score {_scored(task)} again (with the group in score.groups)", artifact=_artifact(task))
     return {g: moments[g] for g in (groups if groups is not None else sorted(scores))}
 
 
-def _regenerate(task: str | None, fallback: str) -> str:
-    """The command that rewrites the score file of ``task`` (``generic``: the generic-text scores)."""
-    if task is None:
-        return fallback
-    return "dvc repro -f score_generic" if task == "generic" else f"dvc repro -f score@{task}"
+def _artifact(task) -> str:
+    """The artifact of the score file of ``task`` (``generic``: the generic-text scores)."""
+    if task == "generic":
+        return "generic_scores"
+    return f"task_scores:{task}" if isinstance(task, str) and task else "task_scores"
 
 
-def _read_score_file(path: str | os.PathLike, expect_fingerprint: str | None, regenerate: str | None = None,
+def _scored(task: str | None) -> str:
+    return "the generic text" if task == "generic" else f"task {task!r}"
+
+
+def _read_score_file(path: str | os.PathLike, expect_fingerprint: str | None,
                      expect_task: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """Every tensor of a score file and its metadata, checked: complete, its payload what was written, scored
     on the expected model, for the expected task."""
     path = Path(path)
-    given, regenerate = regenerate, regenerate or _regenerate(expect_task, f"dvc repro -f score@{path.stem}")
-    fix = f"run `{regenerate}` to regenerate it"
+    task = expect_task if expect_task is not None else path.stem
+    fix = {"fix": f"score {_scored(task)} again to regenerate it", "artifact": _artifact(task)}
     if not path.exists():
-        raise DataError(f"score file not found: {path}", fix)
+        raise DataError(f"score file not found: {path}", **fix)
     tensors, meta = _load_score_file(path, fix)
     _check_scores(path, split_scores(tensors)[0], meta, fix)
-    _check_payload(path, tensors, meta, regenerate)
+    _check_payload(path, tensors, meta, task)
     if expect_task is not None and meta.get("task") != expect_task:
         holds = meta.get("task")
         raise DataError(f"{path} holds the scores of {'generic text' if holds == 'generic' else f'task {holds!r}'}"
                         f", not of {'generic text' if expect_task == 'generic' else f'task {expect_task!r}'} (another "
                         "task's file copied in its place, or a dvc.lock entry that names another task's output)",
-                        f"run `{regenerate}` to score it again (and commit the dvc.lock it writes)")
+                        f"score {_scored(task)} again (and commit the lock file that records it)",
+                        artifact=_artifact(task))
     if expect_fingerprint is not None and meta.get("model_fingerprint") != expect_fingerprint:
-        task = meta.get("task", path.stem)   # a changed model reruns the stage: no -f needed
-        again = given or ("dvc repro score_generic" if task == "generic" else f"dvc repro score@{task}")
+        scored = meta.get("task", task)
         raise DietError(f"{path} was scored on model {meta.get('model_fingerprint')}, "
                         f"but the current model is {expect_fingerprint}",
-                        f"rerun `{again}` to rescore it on the current model")
+                        f"score {_scored(scored)} again on the current model", artifact=_artifact(scored))
     return tensors, meta
 
 
-def _check_payload(path: Path, tensors: dict[str, torch.Tensor], meta: dict, regenerate: str) -> None:
+def _check_payload(path: Path, tensors: dict[str, torch.Tensor], meta: dict, task: str) -> None:
     """The tensors are the bytes the writer checksummed (``payload_sha256``): a file edited or damaged after it
     was written, or a damaged DVC cache object checked out in its place, is refused whatever DVC says."""
     recorded = meta.get("payload_sha256")
     if recorded is None:
         raise DataError(f"{path} records no checksum of its scores (score_version {meta.get('score_version', '?')}"
-                        ", written before score files carried one)", f"run `{regenerate}` to rescore it")
+                        ", written before score files carried one)", f"score {_scored(task)} again",
+                        artifact=_artifact(task))
     actual = tensors_sha256(tensors)
     if actual != recorded:
         raise DataError(f"{path}: its scores are not the ones written (payload checksum {actual[:12]}, recorded "
                         f"{recorded[:12]}): the file, or the DVC cache object it was checked out from, was changed "
-                        "or damaged", f"run `{regenerate}` (it rewrites the file and the local cache object); "
-                        "check a shared remote with `dvc fetch` then `dvc status -c`, and `dvc push` the fixed file")
+                        f"or damaged", f"score {_scored(task)} again (it rewrites the file and the local cache "
+                        "object); check a shared remote with `dvc fetch` then `dvc status -c`, and `dvc push` the "
+                        "fixed file", artifact=_artifact(task))
 
 
-def _load_score_file(path: Path, fix: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """Tensors and metadata of a score file; DataError if it is not a complete safetensors file with metadata."""
+def _load_score_file(path: Path, fix: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors and metadata of a score file; DataError (with ``fix``: its keywords) if it is not a complete
+    safetensors file with metadata."""
     from safetensors import safe_open
 
     try:
@@ -184,37 +191,37 @@ def _load_score_file(path: Path, fix: str) -> tuple[dict[str, torch.Tensor], dic
             scores = {name: f.get_tensor(name) for name in f.keys()}
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for a damaged file
         raise DataError(f"{path} is not a readable safetensors score file (truncated, or another format): "
-                        f"{type(e).__name__}: {e}", fix) from None
+                        f"{type(e).__name__}: {e}", **fix) from None
     try:
         if _HEADER_KEY in header:
             meta = json.loads(header[_HEADER_KEY])
         elif path.with_suffix(".json").exists():
             meta = read_json(path.with_suffix(".json"))
         else:
-            raise DataError(f"{path} carries no score metadata", fix)
+            raise DataError(f"{path} carries no score metadata", **fix)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: its score metadata is not valid JSON ({e})", fix) from None
+        raise DataError(f"{path}: its score metadata is not valid JSON ({e})", **fix) from None
     if not isinstance(meta, dict):
-        raise DataError(f"{path}: its score metadata is not a JSON object", fix)
+        raise DataError(f"{path}: its score metadata is not a JSON object", **fix)
     return scores, meta
 
 
-def _check_scores(path: Path, scores: dict[str, torch.Tensor], meta: dict, fix: str) -> None:
+def _check_scores(path: Path, scores: dict[str, torch.Tensor], meta: dict, fix: dict) -> None:
     """Metadata complete; one finite 2-D float tensor per group, as the metadata lists them."""
     missing = [k for k in (*SCORE_META_KEYS, "groups", "shapes") if k not in meta]
     if missing:
-        raise DataError(f"{path}: score metadata lacks {', '.join(missing)}", fix)
+        raise DataError(f"{path}: score metadata lacks {', '.join(missing)}", **fix)
     groups, shapes = meta["groups"], meta["shapes"]
     if not isinstance(shapes, dict) or not isinstance(groups, list) or sorted(scores) != sorted(groups) \
             or any(g not in shapes for g in groups):     # shapes also lists the moment tensors
-        raise DataError(f"{path}: holds groups {sorted(scores)} but its metadata lists {groups}", fix)
+        raise DataError(f"{path}: holds groups {sorted(scores)} but its metadata lists {groups}", **fix)
     if not scores:
-        raise DataError(f"{path}: holds no scores", fix)
+        raise DataError(f"{path}: holds no scores", **fix)
     for g, t in scores.items():
         if t.dim() != 2 or not t.dtype.is_floating_point:
             raise DataError(f"{path}: scores of '{g}' are a {t.dim()}-D {t.dtype} tensor, not 2-D float "
-                            "(layers x dimensions)", fix)
+                            "(layers x dimensions)", **fix)
         if list(t.shape) != list(shapes[g]):
-            raise DataError(f"{path}: scores of '{g}' have shape {list(t.shape)}, the metadata says {shapes[g]}", fix)
+            raise DataError(f"{path}: scores of '{g}' have shape {list(t.shape)}, the metadata says {shapes[g]}", **fix)
         if not bool(torch.isfinite(t).all()):
-            raise DataError(f"{path}: scores of '{g}' contain NaN or infinite values", fix)
+            raise DataError(f"{path}: scores of '{g}' contain NaN or infinite values", **fix)

@@ -205,25 +205,25 @@ def read_priority(path, groups: Sequence[str], widths: Mapping[str, Sequence[int
     """``{group: (L, W) priority}`` from the merge stage's votes file, checked against the model's ``widths``."""
     from safetensors.torch import load_file
 
-    path, fix = Path(path), "run `dvc repro merge` to regenerate it"
+    path, fix = Path(path), {"fix": "merge the task scores again", "artifact": "merged"}
     if not path.is_file():
-        raise DataError(f"merged priorities not found: {path}", "run `dvc repro merge` first")
+        raise DataError(f"merged priorities not found: {path}", "merge the task scores first", artifact="merged")
     try:
         merged = load_file(str(path))
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for a damaged file
         raise DataError(f"{path} is not a readable safetensors file (truncated, or another format): "
-                        f"{type(e).__name__}: {e}", fix) from None
+                        f"{type(e).__name__}: {e}", **fix) from None
     out = {}
     for g in groups:
         t = merged.get(f"{g}.priority")
         if t is None:
             have = ", ".join(sorted(merged)) or "nothing"
-            raise DataError(f"{path} holds no priority for group '{g}' (it has {have})", fix)
+            raise DataError(f"{path} holds no priority for group '{g}' (it has {have})", **fix)
         shape = (len(widths[g]), max(widths[g]))
         if t.dim() != 2 or not t.dtype.is_floating_point or tuple(t.shape) != shape:
             raise DataError(f"{path}: the '{g}' priority is a {tuple(t.shape)} {t.dtype} tensor; the model needs "
-                            f"a float {shape} one", fix)
+                            f"a float {shape} one", **fix)
         if not bool(torch.isfinite(t).all()):
-            raise DataError(f"{path}: the '{g}' priority contains NaN or infinite values", fix)
+            raise DataError(f"{path}: the '{g}' priority contains NaN or infinite values", **fix)
         out[g] = t
     return out

@@ -24,6 +24,7 @@ import yaml
 from diet.errors import DietError
 from flows.repo import CHILD_ENV, FlowError, check_task_names
 from flows.server import flow_server
+from stages._common import pipeline_fix
 
 
 def parse_sets(items: list[str] | None) -> dict[str, Any]:
@@ -67,7 +68,7 @@ def _task_names(text: str) -> list[str]:
     try:
         return check_task_names(_names(text))
     except DietError as e:
-        raise argparse.ArgumentTypeError(f"{e.problem} ({e.fix})") from None
+        raise argparse.ArgumentTypeError(f"{e.problem} ({pipeline_fix(e)})") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -232,8 +233,9 @@ def main(argv: list[str] | None = None) -> int:
         result = dispatch(args)
     except DietError as e:  # FlowError, and the configuration errors of diet.config
         print(f"error: {e.problem}", file=sys.stderr)
-        if e.fix:
-            print(f"  fix: {e.fix}", file=sys.stderr)
+        fix = pipeline_fix(e)
+        if fix:
+            print(f"  fix: {fix}", file=sys.stderr)
         return 2
     except BaseException as e:
         if not _interrupt(e):

@@ -122,8 +122,8 @@ def validate_run(repo: str | Path, params: dict[str, Any] | None) -> Path:
         Params.from_dict(merged)
     except ConfigError as e:
         where = "params.yaml with --set applied" if params else "params.yaml"
-        raise FlowError(f"{where}: {e.problem}", (e.fix or "") + (" (in --set KEY=VALUE)" if params else "")) \
-            from None
+        raise FlowError(f"{where}: {e.problem}", (e.fix or "") + (" (in --set KEY=VALUE)" if params else ""),
+                        artifact=e.artifact) from None
     return root
 
 

@@ -210,7 +210,8 @@ def check_points(root: Path, params: dict[str, Any] | None, points: list[Point])
                 check_constraints(geo.widths, groups, select.min_keep, select.multiple)
                 check_budget(geo, groups, checked.prune.sparsity, select.min_keep, select.multiple, select.layout)
         except ConfigError as e:
-            raise FlowError(f"sweep point {point.label} @ {point.sparsity:g}: {e.problem}", e.fix) from None
+            raise FlowError(f"sweep point {point.label} @ {point.sparsity:g}: {e.problem}", e.fix,
+                            artifact=e.artifact) from None
     return model is not None
 
 

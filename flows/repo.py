@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import io
 import json
 import os
@@ -50,7 +51,7 @@ class FlowError(DietError):
     """A user-facing orchestration error: ``problem`` says what is wrong, ``fix`` what to do."""
 
     def __reduce__(self):  # pickled whole (a Dask worker sends it back), not rebuilt from the message alone
-        return type(self), (self.problem, self.fix)
+        return functools.partial(type(self), artifact=self.artifact), (self.problem, self.fix)
 
 
 class DvcCommandError(FlowError):

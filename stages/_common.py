@@ -1,4 +1,5 @@
-"""What every stage entry point shares: argument parsing, offline-friendly defaults, error reporting."""
+"""What every stage entry point shares: argument parsing, offline-friendly defaults, error reporting (with the
+command of this pipeline that regenerates the artifact an error names: ``pipeline_fix``)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,49 @@ from diet.errors import DietError
 
 log = logging.getLogger("diet")
 
+#: the DVC command (dvc.yaml's stages) that regenerates each kind of artifact a DietError can name
+#: (``diet.errors.ARTIFACTS``), as printed after the fix; ``{name}`` is the task of a per-task kind
+PIPELINE_COMMANDS = {
+    "base_model": "`dvc repro model`",
+    "pruned_model": "`dvc repro prune`",
+    "checkpoint": "`dvc repro model` (models/base) or `dvc repro prune` (models/pruned)",
+    "prepared_task": "`dvc repro prepare@{name}`",
+    "task_scores": "`dvc repro -f score@{name}`",
+    "generic_scores": "`dvc repro -f score_generic`",
+    "merged": "`dvc repro merge`",
+    "mask": "`dvc repro select`",
+    "evaluation": "`dvc repro evaluate@{name}`",
+    "dense_evaluation": "`dvc repro evaluate_dense@{name}`",
+    "perplexity": "`dvc repro perplexity`",
+    "dense_perplexity": "`dvc repro perplexity_dense`",
+    "gguf": "`dvc repro export`",
+}
+#: a per-task kind named without a task (``diet.errors.PER_TASK``): the command that reruns every task's stage
+#: of that kind (after a params change, so not forced)
+EVERY_TASK = {
+    "prepared_task": "`dvc repro prepare`",
+    "task_scores": "`dvc repro score`",
+    "evaluation": "`dvc repro evaluate`",
+    "dense_evaluation": "`dvc repro evaluate_dense`",
+}
+
+
+def pipeline_command(artifact: str) -> str:
+    """The command text that regenerates ``artifact`` (``"<kind>"`` or ``"<kind>:<task>"``) in this pipeline."""
+    kind, _, name = artifact.partition(":")
+    if not name and kind in EVERY_TASK:
+        return EVERY_TASK[kind]
+    return PIPELINE_COMMANDS[kind].format(name=name)
+
+
+def pipeline_fix(error: DietError) -> str | None:
+    """The one-line fix the stages and the flows print for ``error``: its own fix, then, when it names an
+    artifact, ``in the pipeline: <the command that regenerates it>``."""
+    if not error.artifact:
+        return error.fix
+    command = f"in the pipeline: {pipeline_command(error.artifact)}"
+    return f"{error.fix}; {command}" if error.fix else command
+
 
 def stage_parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
@@ -26,8 +70,8 @@ def stage_parser(description: str) -> argparse.ArgumentParser:
 
 def run_stage(main: Callable[[argparse.Namespace, Params], None], parser: argparse.ArgumentParser,
               argv: list[str] | None = None) -> int:
-    """Parse args and params, run ``main``. A DietError prints ``error: <problem>`` and ``  fix: <fix>`` and
-    exits 2; any other exception prints one line naming it and exits 1; an interrupt (Ctrl-C) prints one line
+    """Parse args and params, run ``main``. A DietError prints ``error: <problem>`` and ``  fix: <fix>`` (with
+    the command that regenerates the artifact it names: ``pipeline_fix``) and exits 2; any other exception prints one line naming it and exits 1; an interrupt (Ctrl-C) prints one line
     and exits 130. ``--debug`` or DIET_DEBUG=1 re-raise."""
     logging.basicConfig(level=os.environ.get("DIET_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
@@ -49,7 +93,7 @@ def run_stage(main: Callable[[argparse.Namespace, Params], None], parser: argpar
         if getattr(args, "debug", False) or os.environ.get("DIET_DEBUG", "") not in ("", "0"):
             raise
         if isinstance(e, DietError):
-            return _report(e.problem, e.fix, 2)
+            return _report(e.problem, pipeline_fix(e), 2)
         if isinstance(e, OSError) and e.filename:     # a full disk, a folder not writable, a file gone
             return _report(f"{e.strerror or type(e).__name__}: {e.filename}",
                            "check the path, its permissions and the free disk space, then rerun `dvc repro` (stages "

@@ -25,12 +25,12 @@ from stages._common import run_stage, stage_parser
 log = logging.getLogger("diet.report")
 
 
-def _read(path: Path, regenerate: str):
+def _read(path: Path, artifact: str):
     from diet.errors import DataError
     from diet.io import read_json
 
     if not path.is_file():
-        raise DataError(f"evaluation result missing: {path}", f"run `dvc repro {regenerate}`")
+        raise DataError(f"evaluation result missing: {path}", "run the evaluation that writes it", artifact=artifact)
     return read_json(path)
 
 
@@ -43,11 +43,11 @@ def main(args, params) -> None:
     mask = read_json(args.mask) if args.mask.is_file() else {}
     mask_summary = mask.get("summary") or {}
     records, results = {}, {}
-    for kind, suffix, method in (("dense", "_dense", "dense"), ("pruned", "", params.merge.method)):
+    for kind, prefix, method in (("dense", "dense_", "dense"), ("pruned", "", params.merge.method)):
         folder = args.results / kind
-        tasks = {t: _read(folder / "tasks" / f"{t}.json", f"evaluate{suffix}@{t}") for t in params.tasks}
+        tasks = {t: _read(folder / "tasks" / f"{t}.json", f"{prefix}evaluation:{t}") for t in params.tasks}
         results[kind] = tasks
-        stats = _read(folder / "model.json", f"perplexity{suffix}")
+        stats = _read(folder / "model.json", f"{prefix}perplexity")
         backends = sorted({r.get("backend") for r in tasks.values()})
         records[kind] = model_record(tasks, stats, method=method, backend=",".join(map(str, backends)),
                                      sparsity=mask_summary.get("achieved_sparsity") if kind == "pruned" else 0.0,

@@ -424,11 +424,13 @@ def test_damaged_evaluation_data_and_meta(repo):
     rewrite_rows(folder / "eval.jsonl", lambda i, r: {k: v for k, v in r.items() if k != "label"})
     with pytest.raises(DataError) as e:
         read_prepared(folder)
-    assert "eval.jsonl, line 1: row lacks label" in e.value.problem and "dvc repro prepare@t1" in e.value.fix
+    assert "eval.jsonl, line 1: row lacks label" in e.value.problem and "prepare the task data for t1" in e.value.fix
+    assert e.value.artifact == "prepared_task:t1"
     (folder / "meta.json").write_text('{"task": "t1", ')
     with pytest.raises(DataError) as e:
         read_prepared(folder, "calib")
-    assert "meta.json is not valid JSON" in e.value.problem and "dvc repro prepare@t1" in e.value.fix
+    assert "meta.json is not valid JSON" in e.value.problem and "prepare the task data for t1" in e.value.fix
+    assert e.value.artifact == "prepared_task:t1"
 
 
 # --- score files --------------------------------------------------------------------------------------------
@@ -510,7 +512,7 @@ def test_damaged_score_files(repo, capsys, damage, needle):
 def test_score_file_of_another_model(repo, capsys):
     path = repo / "scores/t2.safetensors"
     rewrite_scores(path, header={"diet": json.dumps({**scores_meta(path), "model_fingerprint": "f" * 64})})
-    fails_unchanged(repo, "merge", argv_of(repo, "merge"), capsys, "scored on model ffff", "dvc repro score@t2")
+    fails_unchanged(repo, "merge", argv_of(repo, "merge"), capsys, "scored on model ffff", "dvc repro -f score@t2")
 
 
 def test_score_file_of_another_task(repo, capsys):
@@ -744,20 +746,23 @@ def test_pruned_config_with_a_per_layer_list_of_the_wrong_length(repo):
     pruned = repo / "models/pruned"
     edit_config(pruned, lambda c: (c.pop("per_layer_config"), c.update(intermediate_sizes=[8, 8])))  # older form
     e = load_error(pruned)
-    assert "intermediate_sizes lists 2 widths for num_hidden_layers = 3" in e.problem and "dvc repro prune" in e.fix
+    assert "intermediate_sizes lists 2 widths for num_hidden_layers = 3" in e.problem
+    assert "rewrite the pruned checkpoint" in e.fix and e.artifact == "pruned_model"
 
 
 def test_pruned_config_with_a_layer_beyond_the_last(repo):
     pruned = repo / "models/pruned"
     edit_config(pruned, lambda c: c["per_layer_config"].update({"3": {"intermediate_size": 8}}))
     e = load_error(pruned)
-    assert "per_layer_config key '3' is not a layer index below num_hidden_layers = 3" in e.problem and "dvc repro prune" in e.fix
+    assert "per_layer_config key '3' is not a layer index below num_hidden_layers = 3" in e.problem
+    assert "rewrite the pruned checkpoint" in e.fix and e.artifact == "pruned_model"
 
 
 def test_unknown_per_layer_model_type(repo):
     edit_config(repo / "models/pruned", lambda c: c.update(model_type="diet_falcon"))
     e = load_error(repo / "models/pruned")
-    assert "'diet_falcon', which this version of diet does not define" in e.problem and "dvc repro prune" in e.fix
+    assert "'diet_falcon', which this version of diet does not define" in e.problem
+    assert "rewrite the pruned checkpoint with this one" in e.fix and e.artifact == "pruned_model"
 
 
 def test_missing_registration_names_the_import(repo, monkeypatch):
@@ -795,7 +800,7 @@ def test_damaged_pruned_manifest(repo, damage, needle):
         assert len({layer["intermediate_size"] for layer in layers}) > 1
     damage(pruned)
     e = load_error(pruned)
-    assert needle in e.problem and "dvc repro prune" in e.fix
+    assert needle in e.problem and "rewrite the pruned checkpoint" in e.fix and e.artifact == "pruned_model"
 
 
 def test_model_cards_say_how_to_load(built):
@@ -864,7 +869,7 @@ def test_stage_as_a_process_prints_no_traceback(repo):
                          text=True, timeout=120)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
     assert "error: mask " in out.stderr and "not valid JSON" in out.stderr
-    assert "fix: run `dvc repro select`" in out.stderr
+    assert "fix: select the mask again; in the pipeline: `dvc repro select`" in out.stderr
     assert snapshot(repo) == before
 
 

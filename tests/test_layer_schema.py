@@ -109,7 +109,8 @@ def test_a_damaged_per_layer_config_is_refused_with_the_fix(damage, needle, tmp_
     write(path, config)
     with pytest.raises(ModelError) as e:
         load_model(path)
-    assert needle in e.value.problem and "dvc repro prune" in e.value.fix
+    assert needle in e.value.problem and "rewrite the pruned checkpoint" in e.value.fix
+    assert e.value.artifact == "pruned_model"
 
 
 @pytest.mark.parametrize("groups", list(GROUP_SETS))

@@ -357,7 +357,7 @@ def test_merge_refuses_scores_from_another_model(tmp_path, monkeypatch):
                   r"but the current model is ([0-9a-f]{64})", err)
     assert m, err
     assert m[1] != m[2]
-    assert "fix: rerun `dvc repro score@t1`" in err
+    assert "fix: score task 't1' again on the current model; in the pipeline: `dvc repro -f score@t1`" in err
     assert not (repo / "merged").exists()
     assert not [f.name for f in repo.iterdir() if f.name.startswith(".merged")]
 

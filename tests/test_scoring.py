@@ -224,7 +224,8 @@ def test_read_scores_refuses_other_model(tmp_path):
     with pytest.raises(DietError) as err:
         read_scores(path, expect_fingerprint="b" * 64)
     msg = str(err.value)
-    assert "a" * 64 in msg and "b" * 64 in msg and "dvc repro score@boolq" in msg
+    assert "a" * 64 in msg and "b" * 64 in msg and "score task 'boolq' again on the current model" in msg
+    assert err.value.artifact == "task_scores:boolq"
     with pytest.raises(ValueError):
         write_scores(path, {"mlp": torch.rand(2, 4)}, {"task": "boolq"})
     with pytest.raises(ValueError, match="without the group"):
@@ -237,7 +238,8 @@ def test_read_moments_refuses_file_without_them(tmp_path):
     assert set(read_scores(path)[0]) == {"mlp"}
     with pytest.raises(DietError, match="no activation moments for mlp") as err:
         read_moments(path)
-    assert "dvc repro score@boolq" in str(err.value)
+    assert "score task 'boolq' again (with the group in score.groups)" in err.value.fix
+    assert err.value.artifact == "task_scores:boolq"
 
 
 def test_fingerprint_stable_across_copies(model, tmp_path):

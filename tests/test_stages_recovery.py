@@ -146,7 +146,7 @@ def test_score_files_without_moments_fail_at_merge_and_prune(scored, tmp_path, c
     with cwd(repo):
         assert run("merge", "--params", params, "--scores", str(old), "--out", "merged-old") == 2
         err = capsys.readouterr().err
-        assert "carries no activation moments for mlp" in err and "dvc repro score@t1" in err
+        assert "carries no activation moments for mlp" in err and "dvc repro -f score@t1" in err
         assert not (repo / "merged-old").exists()
         merge_select_prune(repo, write_params(repo, "params-none.yaml"), "none")
         assert run("prune", "--params", params, "--mask", "masks-none/mask.json", "--scores", str(old),

@@ -39,20 +39,20 @@ class EvalTask:
 def load_eval_task(name: str, data_dir: str | Path, limit: int | None = None) -> EvalTask:
     """Read and validate ``data_dir/{eval.jsonl, eval.json}``; every problem names the task."""
     data_dir = Path(data_dir)
-    fix = f"run the prepare stage for it: dvc repro prepare@{name}"
+    fix, artifact = f"prepare the task data for {name} again", f"prepared_task:{name}"
     eval_path, meta_path = data_dir / "eval.jsonl", data_dir / "eval.json"
     if not eval_path.is_file():
-        raise DataError(f"task '{name}': no evaluation data at {eval_path}", fix)
+        raise DataError(f"task '{name}': no evaluation data at {eval_path}", fix, artifact=artifact)
     if not meta_path.is_file():
-        raise DataError(f"task '{name}': no eval.json at {meta_path}", fix)
+        raise DataError(f"task '{name}': no eval.json at {meta_path}", fix, artifact=artifact)
     try:
         meta = json.loads(meta_path.read_text())
         with open(eval_path) as f:
             rows = [json.loads(line) for line in f if line.strip()]
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"task '{name}': unreadable data in {data_dir}: {e}", fix) from e
+        raise DataError(f"task '{name}': unreadable data in {data_dir}: {e}", fix, artifact=artifact) from e
     if not rows:
-        raise DataError(f"task '{name}': {eval_path} has no rows", fix)
+        raise DataError(f"task '{name}': {eval_path} has no rows", fix, artifact=artifact)
     if limit is not None:
         rows = rows[:limit]
     task = EvalTask(name=name, eval_path=eval_path.resolve(), meta=meta, rows=tuple(rows))

@@ -34,7 +34,7 @@ def log_softmax(lls: Sequence[float]) -> np.ndarray:
     x = np.asarray(lls, dtype=np.float64)
     if x.ndim != 1 or x.size < 2 or not np.isfinite(x).all():
         raise DataError(f"choice log-likelihoods must be a list of at least two finite numbers, got {list(lls)!r}",
-                        "rerun the evaluation (`dvc repro evaluate@<task>`): its per-item results are damaged")
+                        "evaluate the task again: its per-item results are damaged", artifact="evaluation")
     shifted = x - x.max()
     return shifted - np.log(np.exp(shifted).sum())
 

@@ -165,21 +165,23 @@ def perplexity_difference(reference: Mapping[str, Sequence], candidate: Mapping[
     Each argument is a perplexity result's ``per_doc`` (``{"nll": [summed NLL per passage], "tokens": [...]}``,
     ``diet.evaluation.perplexity``). A resample draws passages with replacement and takes both models'
     token-weighted perplexity, ``exp(sum nll / sum tokens)``, on the same draw. Refused unless both hold the same
-    passages (the same token counts, in the same order).
+    passages (the same token counts, in the same order). A result without per-passage values names, as the
+    artifact to regenerate, the dense model's perplexity for the reference and the pruned model's for the
+    candidate.
     """
-    def arrays(per_doc, who):
+    def arrays(per_doc, who, artifact):
         try:
             nll, tokens = np.asarray(per_doc["nll"], dtype=np.float64), np.asarray(per_doc["tokens"], dtype=np.int64)
         except (KeyError, TypeError, ValueError):
             raise DataError(f"the {who}'s perplexity result has no per-passage values (per_doc)",
-                            "rerun its perplexity stage (`dvc repro perplexity` or `perplexity_dense`)") from None
+                            "measure its perplexity again", artifact=artifact) from None
         if nll.ndim != 1 or nll.shape != tokens.shape or not nll.size or not np.isfinite(nll).all():
             raise DataError(f"the {who}'s per-passage perplexity values are malformed",
-                            "rerun its perplexity stage")
+                            "measure its perplexity again", artifact=artifact)
         return nll, tokens
 
-    ref_nll, ref_tok = arrays(reference, "reference")
-    cand_nll, cand_tok = arrays(candidate, "candidate")
+    ref_nll, ref_tok = arrays(reference, "reference", "dense_perplexity")
+    cand_nll, cand_tok = arrays(candidate, "candidate", "perplexity")
     if not np.array_equal(ref_tok, cand_tok):
         raise DataError("the two perplexity results were measured on different passages (token counts differ)",
                         "compare models evaluated with the same evaluate.perplexity_* settings and tokenizer")

@@ -163,15 +163,15 @@ def read_prepared(task_dir: str | Path, which: str = "eval") -> tuple[list[dict]
     task_dir = Path(task_dir)
     path = task_dir / f"{which}.jsonl"
     if not path.exists() or not (task_dir / "meta.json").exists():
-        raise DataError(f"prepared task data missing: {path}",
-                        f"run `dvc repro prepare@{task_dir.name}` first")
-    fix = f"run `dvc repro prepare@{task_dir.name}` to regenerate it"
+        raise DataError(f"prepared task data missing: {path}", f"prepare the task data for {task_dir.name} first",
+                        artifact=f"prepared_task:{task_dir.name}")
+    fix, artifact = f"prepare the task data for {task_dir.name} again", f"prepared_task:{task_dir.name}"
     try:
         meta = read_json(task_dir / "meta.json")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{task_dir / 'meta.json'} is not valid JSON ({e})", fix) from None
+        raise DataError(f"{task_dir / 'meta.json'} is not valid JSON ({e})", fix, artifact=artifact) from None
     if not isinstance(meta, dict):
-        raise DataError(f"{task_dir / 'meta.json'} is not a JSON object", fix)
+        raise DataError(f"{task_dir / 'meta.json'} is not a JSON object", fix, artifact=artifact)
     need = ("text",) if which == "calib" else ("context", "choices", "label")
     return read_rows(path, need, task=task_dir.name), meta
 
@@ -180,13 +180,15 @@ def read_calibration(path: str | Path, task: str) -> list[str]:
     """The ``text`` of every row of a prepared ``calib.jsonl``, checked when read."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"prepared calibration data missing: {path}", f"run `dvc repro prepare@{task}` first")
+        raise DataError(f"prepared calibration data missing: {path}", f"prepare the task data for {task} first",
+                        artifact=f"prepared_task:{task}")
     return [row["text"] for row in read_rows(path, ("text",), task=task)]
 
 
 def read_rows(path: Path, need: tuple[str, ...], *, task: str) -> list[dict]:
     """A prepared JSONL file whose every row is an object with the fields ``need``; DataError otherwise."""
-    fix = f"the file is damaged or from another version: run `dvc repro prepare@{task}` to regenerate it"
+    fix = f"the file is damaged or from another version: prepare the task data for {task} again"
+    artifact = f"prepared_task:{task}"
     rows = []
     try:
         with open(path, encoding="utf-8") as f:
@@ -196,15 +198,16 @@ def read_rows(path: Path, need: tuple[str, ...], *, task: str) -> list[dict]:
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise DataError(f"{path}, line {n}: not valid JSON ({e.msg})", fix) from None
+                    raise DataError(f"{path}, line {n}: not valid JSON ({e.msg})", fix, artifact=artifact) from None
                 missing = [k for k in need if not isinstance(row, dict) or k not in row]
                 if missing:
-                    raise DataError(f"{path}, line {n}: row lacks {', '.join(missing)}", fix)
+                    raise DataError(f"{path}, line {n}: row lacks {', '.join(missing)}", fix, artifact=artifact)
                 if "text" in need and not isinstance(row["text"], str):
-                    raise DataError(f"{path}, line {n}: 'text' is {type(row['text']).__name__}, not a string", fix)
+                    raise DataError(f"{path}, line {n}: 'text' is {type(row['text']).__name__}, not a string", fix,
+                                    artifact=artifact)
                 rows.append(row)
     except UnicodeDecodeError as e:
-        raise DataError(f"{path} is not UTF-8 text ({e.reason})", fix) from None
+        raise DataError(f"{path} is not UTF-8 text ({e.reason})", fix, artifact=artifact) from None
     if not rows:
-        raise DataError(f"{path} is empty: it holds no rows", fix)
+        raise DataError(f"{path} is empty: it holds no rows", fix, artifact=artifact)
     return rows

@@ -84,7 +84,7 @@ def _datasets(task: str, kwargs: dict, split: str) -> list[dict]:
         if path.is_file() and not path.read_bytes().strip():
             raise DataError(f"task '{task}': data file {path} (split '{split}') is empty",
                             f"fill it with rows or point data_files in data/tasks/{task}.yaml at the right file, "
-                            f"then run `dvc repro prepare@{task}`")
+                            f"then prepare the task data again", artifact=f"prepared_task:{task}")
     try:
         ds = datasets.load_dataset(**kwargs, split=split)
     except (FileNotFoundError, ValueError, KeyError) as e:
@@ -98,5 +98,5 @@ def _datasets(task: str, kwargs: dict, split: str) -> list[dict]:
         raise DataError(f"task '{task}': cannot read split '{split}' from {files}: {type(e).__name__}: "
                         f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}",
                         f"fix the data file (one JSON object per line for json) in data/tasks/{task}.yaml's "
-                        f"source, then run `dvc repro prepare@{task}`") from e
+                        "source, then prepare the task data again", artifact=f"prepared_task:{task}") from e
     return [{**row, "_id": f"{split}-{i}"} for i, row in enumerate(ds)]
