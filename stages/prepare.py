@@ -16,14 +16,37 @@ from stages._common import run_stage, stage_parser
 log = logging.getLogger("diet.prepare")
 
 
+#: how often, and how long apart, the outputs are read again while another DVC process rewrites dvc.lock
+LOCK_READS, LOCK_WAIT_S = 20, 0.25
+
+
 def pipeline_outputs(root: Path = Path(".")) -> list[Path]:
-    """Every output path of the DVC pipeline in ``root`` (none outside a DVC project)."""
+    """Every output path of the DVC pipeline in ``root`` (none outside a DVC project).
+
+    Stages run side by side (``diet-flow run``), and DVC rewrites dvc.lock in place when one finishes, so a read
+    can catch it half-written: such a read is tried again, and a lock file that still does not parse after
+    about five seconds is a DietError naming it.
+    """
     if not (root / "dvc.yaml").is_file():
         return []
-    from dvc.repo import Repo
+    import time
 
-    with Repo(str(root)) as repo:
-        return [Path(out.fs_path) for out in repo.index.outs]
+    from dvc.repo import Repo
+    from dvc.utils.strictyaml import YAMLSyntaxError, YAMLValidationError
+
+    from diet.errors import DietError
+
+    for attempt in range(LOCK_READS):
+        try:
+            with Repo(str(root)) as repo:
+                return [Path(out.fs_path) for out in repo.index.outs]
+        except (YAMLSyntaxError, YAMLValidationError) as e:
+            if attempt == LOCK_READS - 1:
+                raise DietError(f"the pipeline's files do not parse: {str(e).strip().splitlines()[0]}",
+                                "restore dvc.lock (or dvc.yaml) from git, e.g. `git checkout dvc.lock`, then "
+                                "rerun") from None
+            time.sleep(LOCK_WAIT_S)
+    raise AssertionError("unreachable")
 
 
 def main(args, params) -> None:
