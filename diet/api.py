@@ -13,7 +13,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from diet.config import MergeConfig, PruneConfig, ScoreConfig, SelectConfig
+from diet.config import MergeConfig, PruneConfig, ScoreConfig, SelectConfig, check_weights
 from diet.errors import ConfigError
 from diet.geometry import Geometry, geometry, geometry_from_folder
 from diet.merge import merge_scores
@@ -36,6 +36,8 @@ def plan(task_scores: Mapping[str, Mapping[str, torch.Tensor]], geo: Geometry, *
 
     for cfg in (merge_cfg, prune_cfg, select_cfg):
         cfg.validate()
+    if task_scores:
+        check_weights(merge_cfg.weights, sorted(task_scores))
     check_constraints(geo.widths, prune_cfg.groups, select_cfg.min_keep, select_cfg.multiple)
     merged = merge_scores(task_scores, geo, merge_cfg=merge_cfg, prune_cfg=prune_cfg,
                           generic=generic, magnitude=magnitude, baseline=baseline)

@@ -13,7 +13,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import yaml
 
@@ -53,6 +53,18 @@ GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0")
 #: a task name is a file name (data/tasks/<task>.yaml) and a DVC stage key (score@<task>): no paths, no spaces
 TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 TASK_NAME_RULE = "letters, digits, '_' and '-' only, starting with a letter or digit"
+
+
+def check_weights(weights: Mapping[str, float], tasks: Sequence[str]) -> None:
+    """The merge weights (each already a finite number >= 0, ``MergeConfig``) against the tasks merged: every
+    weight names one of them, and some task weighs more than 0 (a task not listed weighs 1.0)."""
+    unknown = sorted(set(weights) - set(tasks), key=str)
+    if unknown:
+        raise ConfigError(f"merge.weights names {', '.join(map(repr, unknown))}, not in 'tasks' {list(tasks)}",
+                          "remove those weights, fix their names, or add the tasks to 'tasks'")
+    if all(weights.get(t, 1.0) == 0 for t in tasks):
+        raise ConfigError(f"merge.weights gives every task weight 0 ({dict(weights)}): no task would vote",
+                          "give at least one task a weight above 0 (a task not listed weighs 1.0)")
 
 
 def check_task_name(name: Any, where: str = "task name") -> str:
@@ -407,14 +419,7 @@ class Params:
         if len(set(tasks)) != len(tasks):
             raise ConfigError(f"'tasks' lists a task twice: {tasks}", "list each task once")
         sections = {name: _build(klass, data.get(name), name) for name, klass in SECTIONS.items()}
-        unknown = sorted(set(sections["merge"].weights) - set(tasks), key=str)
-        if unknown:
-            raise ConfigError(f"merge.weights names {', '.join(map(repr, unknown))}, not in 'tasks' {list(tasks)}",
-                              "remove those weights, fix their names, or add the tasks to 'tasks'")
-        weights = sections["merge"].weights
-        if all(weights.get(t, 1.0) == 0 for t in tasks):
-            raise ConfigError(f"merge.weights gives every task weight 0 ({weights}): no task would vote",
-                              "give at least one task a weight above 0 (a task not listed weighs 1.0)")
+        check_weights(sections["merge"].weights, tasks)
         params = cls(tasks=tuple(tasks), **sections)
         params.cross_check()
         return params

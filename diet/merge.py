@@ -183,14 +183,7 @@ def merge(task_scores: Mapping[str, Mapping[str, torch.Tensor]], *, method: str,
     how = normalize  # the parameter shadows the function; the function is reached as ``_normalize``
     facts = MERGE_METHODS.facts(method)
     tasks = sorted(task_scores)
-    weights = dict(weights or {})
-    unknown = sorted(set(weights) - set(tasks))
-    if unknown:
-        raise ConfigError(f"merge.weights names tasks that are not merged: {', '.join(unknown)}",
-                          f"use task names from the task list: {', '.join(tasks)}")
-    w = {t: float(weights.get(t, 1.0)) for t in tasks}
-    if any(v < 0 for v in w.values()):
-        raise ConfigError("merge.weights must be non-negative", "use e.g. 1.0, or 0 to ignore a task")
+    w = {t: float((weights or {}).get(t, 1.0)) for t in tasks}  # checked where read (diet.config.check_weights)
     active = [t for t in tasks if w[t] > 0]
     sources = {"generic": generic, "magnitude": magnitude, "moments": baseline}
     _check_inputs(method, facts.inputs, active, sources)

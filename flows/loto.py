@@ -30,7 +30,8 @@ from flows.repo import FlowError, atomic_write, merged_params, read_params
 from flows.experiments import Items, read_items
 from flows.points import Point, parse_variant
 from flows.sweep import experiments_flow
-from flows.tables import interval_cell, paired_mean
+from flows.tables import interval_cell
+from flows.comparisons import paired_mean
 
 CSV, MARKDOWN, ITEMS = "results/loto.csv", "results/loto.md", "results/loto-items.json"
 #: the merge methods whose mask depends on the tasks (``MergeMethod.uses_tasks`` in the torch-free registry); every

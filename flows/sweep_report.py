@@ -10,9 +10,9 @@ from pathlib import Path
 from flows.experiments import DENSE_METRICS, Items, experiment_refs, finished_runs, read_items, rev_reader
 from flows.points import group_order
 from flows.repo import FlowError, atomic_write, read_params
-from flows.tables import (COMPARISONS, CSV, FIDELITY, LATENCY, MARKDOWN, PLOT, SWEEP_DENSE, _check_same_items, _number,
-                          _paired_prefixes, add_paired_columns, default_groups, items_path, load_docs, perplexity_docs,
-                          plot_accuracy, render, sweep_rows, versus_markdown, with_labels, write_items)
+from flows.comparisons import COMPARISONS, FIDELITY, _paired_prefixes, add_paired_columns, perplexity_docs, with_labels
+from flows.tables import (CSV, LATENCY, MARKDOWN, PLOT, SWEEP_DENSE, _check_same_items, _number, default_groups,
+                          items_path, load_docs, plot_accuracy, render, sweep_rows, versus_markdown, write_items)
 
 
 def table_tasks(table) -> list[str]:

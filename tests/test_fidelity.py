@@ -90,7 +90,8 @@ def test_the_report_shows_fidelity_in_its_table_and_metrics():
 
 
 def test_sweep_rows_carry_flip_rate_and_kl_with_paired_intervals_against_the_best_baseline():
-    from flows.tables import add_paired_columns, comparison_markdown
+    from flows.tables import comparison_markdown
+    from flows.comparisons import add_paired_columns
 
     rng = np.random.default_rng(0)
     n = 200
@@ -115,7 +116,8 @@ def test_sweep_rows_carry_flip_rate_and_kl_with_paired_intervals_against_the_bes
 
 
 def test_sweep_rows_carry_perplexity_differences_paired_over_passages(tmp_path):
-    from flows.tables import add_paired_columns, comparison_markdown, load_docs, write_items
+    from flows.tables import comparison_markdown, load_docs, write_items
+    from flows.comparisons import add_paired_columns
 
     rng = np.random.default_rng(1)
     tokens = rng.integers(40, 120, size=30).tolist()

@@ -7,6 +7,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from diet.config import Params, check_weights
 from diet.errors import ConfigError, DataError
 from diet.budget import keep_count, removal_fraction, removal_targets, removed_params, shared_params
 from diet.merge import (_descending_order, layer_agreement, magnitude_scores, means_source, merge,
@@ -117,10 +118,18 @@ def test_weights_count_in_votes():
                 budget={"mlp": 1})["mlp"]
     assert out["votes"].tolist() == [[0.5, 0.0, 2.0]]
     assert _order(out["priority"])[0] == 2
-    with pytest.raises(ConfigError, match="nope"):
-        merge({"a": s_a}, method="vote", normalize="none", weights={"nope": 1.0}, budget={"mlp": 1})
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError):  # a task-aware method with no task of positive weight
         merge({"a": s_a}, method="vote", normalize="none", weights={"a": 0.0}, budget={"mlp": 1})
+
+
+def test_merge_weights_are_checked_once_against_the_tasks_where_they_are_read():
+    with pytest.raises(ConfigError, match="'nope', not in 'tasks'"):
+        check_weights({"nope": 1.0}, ["a"])
+    with pytest.raises(ConfigError, match="every task weight 0"):
+        check_weights({"a": 0.0}, ["a"])
+    check_weights({"a": 0.0}, ["a", "b"])  # b weighs 1.0
+    with pytest.raises(ConfigError, match="'nope', not in 'tasks'"):
+        Params.from_dict({"tasks": ["a"], "merge": {"weights": {"nope": 1.0}}})
 
 
 def test_mean_rank_and_baselines_run():

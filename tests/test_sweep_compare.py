@@ -11,7 +11,8 @@ from flows.repo import FlowError
 from flows.experiments import inferred_settings
 from flows.points import Point, check_points, make_points, parse_groups, parse_setting, parse_variant
 from flows.sweep_report import report
-from flows.tables import add_paired_columns, comparison_markdown, interval_cell, items_path, with_labels, write_items
+from flows.tables import comparison_markdown, interval_cell, items_path, write_items
+from flows.comparisons import add_paired_columns, with_labels
 
 
 def test_points_name_their_experiments_and_set_their_params():
