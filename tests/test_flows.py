@@ -918,8 +918,9 @@ def _signal_when(args: list[str], env: dict[str, str], needle: str,
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads /proc")
 def test_ctrl_c_on_diet_flow_run_stops_everything_within_seconds_in_one_line(tmp_path):
     """SIGINT to the process group of `diet-flow run` (what Ctrl-C at a terminal does) while a stage runs: exit
-    130 within 10 s, one line, no traceback, no process left (the flow's temporary Prefect server included),
-    and a rerun resumes."""
+    130 within 20 s (a few seconds on an idle machine; 12.5 s was seen with the test suite's two workers on 2
+    cores; it took over 60 s before the flows' server got its own session), one line, no traceback, no process
+    left (the flow's temporary Prefect server included), and a rerun resumes."""
     repo = make_tiny_repo(tmp_path)
     mark = f"diet-test-{os.getpid()}-{time.time_ns()}"
     env = dvc_env({"DIET_TEST_MARK": mark, "PYTHONPATH": str(PROJECT)})
@@ -928,7 +929,7 @@ def test_ctrl_c_on_diet_flow_run_stops_everything_within_seconds_in_one_line(tmp
                                             lambda p: os.killpg(p.pid, signal.SIGINT))
     after = [line for line in seen[before:] if line.strip()]
     assert proc.returncode == 130, "".join(seen)[-3000:]
-    assert took < 10, f"{took:.1f} s"
+    assert took < 20, f"{took:.1f} s"
     assert "Traceback" not in "".join(seen), "".join(seen)[-3000:]
     assert len(after) <= 3 and after[-1].startswith("interrupted: diet-flow run;"), after  # lines in flight + ours
     time.sleep(1)
