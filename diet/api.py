@@ -92,7 +92,7 @@ def prune(model, tokenizer, tasks: Mapping[str, Sequence[str]], sparsity: float 
     inputs = MERGE_METHODS.facts(method).inputs
     generic = generic_moments = magnitude = baseline = None
     if recover in REFITS:
-        from diet.refit import check_refit_groups
+        from diet.config import check_refit_groups
 
         check_refit_groups(groups)
     needs_generic = recover in ("bias", *REFITS) and means_source(method) == "generic"

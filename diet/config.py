@@ -13,7 +13,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import yaml
 
@@ -27,6 +27,10 @@ GROUPS = ("mlp", "attention", "hidden")
 #: groups whose removed dimensions ``prune.recover: bias`` can hold at their means (an output projection whose
 #: input is the group's activation); the residual stream (``hidden``) has none
 RECOVERABLE_GROUPS = ("mlp", "attention")
+#: groups whose kept weights ``prune.recover: refit`` solves for (``diet.refit``: the output projection of each
+#: ``mlp`` and ``attention`` layer; for ``hidden``, every projection reading the residual stream, and an untied
+#: head), in the order the refit reports them
+REFIT_GROUPS = ("attention", "mlp", "hidden")
 #: ``none``; ``bias`` (removed channels held at their calibration means); ``refit`` (the kept columns of each output
 #: projection solved by damped least squares against the dense model, ``diet.refit``); ``refit_bias`` (the same,
 #: with the output bias solved too)
@@ -457,16 +461,23 @@ class Params:
                               f"prune.recover is {self.prune.recover} and prune.groups {list(self.prune.groups)}",
                               "set prune.recover: refit (or refit_bias) with mlp in prune.groups, or "
                               "prune.refit_choose: mask")
-        if self.prune.recover in REFITS and unrecoverable:
-            rest = [g for g in self.prune.groups if g in RECOVERABLE_GROUPS]
-            raise ConfigError(f"prune.recover: {self.prune.recover} solves for output projections, and the removed "
-                              f"{', '.join(unrecoverable)} dimensions have none (the residual stream)",
-                              "set prune.recover: none" + (f", or prune.groups: {rest}" if rest else ""))
+        if self.prune.recover in REFITS:
+            check_refit_groups(self.prune.groups)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["tasks"] = list(self.tasks)
         return d
+
+
+def check_refit_groups(groups: Iterable[str], key: str = "prune.groups") -> None:
+    """A ConfigError for a group ``prune.recover: refit`` cannot serve (not in ``REFIT_GROUPS``)."""
+    refused = [g for g in groups if g not in REFIT_GROUPS]
+    if refused:
+        rest = [g for g in groups if g in REFIT_GROUPS]
+        raise ConfigError(f"the refit solves for the kept weights of {', '.join(REFIT_GROUPS)}; {key} includes "
+                          f"{', '.join(refused)}, which it cannot serve",
+                          "set prune.recover: none" + (f", or {key}: {rest}" if rest else ""))
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

@@ -17,6 +17,11 @@ does: a few thousand calibration tokens per task overfit a plain least-squares f
 falls back to the dense columns (docs/method.md). Layers are taken in order, attention before the MLP inside a
 layer, and each one sees the outputs of the layers already refitted: errors do not compound unseen.
 
+With residual channels removed (``hidden``) every projection reading the stream loses input columns: the
+attention's and the MLP's input projections of each layer are refitted the same way (one Gram matrix for the
+projections sharing an input), before the output projection that follows them, and an untied head last; the
+output projections fit only the residual rows kept (the others stay zero, as in ``HiddenGroup.zero``).
+
 A refit never makes a projection worse on the calibration tokens than keeping its dense columns
 (``recover: none``): the two errors are compared exactly (from ``H``, ``C`` and ``sum w ||y||^2``) and the
 better one is kept. The report gives, per group and layer, the relative calibration error of both.
@@ -33,19 +38,20 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
 
 from diet.batching import by_length, pad_right
+from diet.config import REFIT_GROUPS, check_refit_groups
 from diet.errors import ConfigError, DataError, ModelError
 from diet.parallel import one_kernel_thread
 
 log = logging.getLogger(__name__)
 
-#: groups whose output projection the refit solves for; ``hidden`` (the residual stream) has none
-REFIT_GROUPS = ("attention", "mlp")  # the order inside a layer: attention's output feeds the MLP
+#: groups with an output projection per layer, in the order inside a layer (attention's output feeds the MLP)
+OUTPUT_GROUPS = ("attention", "mlp")
 #: groups whose kept channels the refit can choose itself (``prune.refit_choose: obs``); a KV group is a block
 #: of channels, chosen by the mask
 CHOOSE_GROUPS = ("mlp",)
@@ -86,16 +92,6 @@ def calibration_batches(sources: Mapping[str, Sequence[Sequence[int]]], *, weigh
     return batches
 
 
-def check_refit_groups(groups: Iterable[str], key: str = "prune.groups") -> None:
-    """A ConfigError for a group the refit cannot serve (it has no output projection per layer)."""
-    refused = [g for g in groups if g not in REFIT_GROUPS]
-    if refused:
-        rest = [g for g in groups if g in REFIT_GROUPS]
-        raise ConfigError(f"the refit solves for the output projections of {', '.join(REFIT_GROUPS)}; "
-                          f"{key} includes {', '.join(refused)}, which has none (the residual stream)",
-                          "set prune.recover: none" + (f", or {key}: {rest}" if rest else ""))
-
-
 class _Stop(Exception):
     """Raised by a hook to end a layer's forward once what it needs is captured."""
 
@@ -104,25 +100,28 @@ _local = threading.local()  # per worker thread: what a tap captured (batches ru
 
 
 class _Tap:
-    """While installed, a call of ``module`` in a thread that asked for it (``capture``) records the module's input
-    (``want="input"``) or output (``"output"``) and stops that forward; other calls pass through."""
+    """While installed, a call of the ``modules`` in a thread that asked for it (``capture``) records each module's
+    input (``want="input"``) or output (``"output"``) and stops that forward once every one was called; other
+    calls pass through."""
 
-    def __init__(self, module: nn.Module, want: str):
-        self.module = module
+    def __init__(self, modules: Sequence[nn.Module], want: str):
+        self.modules = list(modules)
         if want == "input":
-            self.handle = module.register_forward_pre_hook(lambda mod, args: self._hit(args[0]))
+            self.handles = [m.register_forward_pre_hook(lambda mod, args, i=i: self._hit(i, args[0]))
+                            for i, m in enumerate(self.modules)]
         else:
-            self.handle = module.register_forward_hook(lambda mod, args, out: self._hit(out))
+            self.handles = [m.register_forward_hook(lambda mod, args, out, i=i: self._hit(i, out))
+                            for i, m in enumerate(self.modules)]
 
-    @staticmethod
-    def _hit(x: torch.Tensor) -> None:
+    def _hit(self, i: int, x: torch.Tensor) -> None:
         box = getattr(_local, "box", None)
         if box is not None:
-            box["x"] = x
-            raise _Stop
+            box[i] = x
+            if len(box) == len(self.modules):
+                raise _Stop
 
-    def capture(self, fn) -> torch.Tensor:
-        """``fn()`` up to the module's call: the captured tensor as (N, D)."""
+    def capture(self, fn) -> list[torch.Tensor]:
+        """``fn()`` up to the last of the modules' calls: the captured tensors, each as (N, D)."""
         _local.box = {}
         try:
             fn()
@@ -130,16 +129,18 @@ class _Tap:
             pass
         finally:
             box, _local.box = _local.box, None
-        if "x" not in box:
-            raise ModelError(f"the layer never called its {type(self.module).__name__} output projection",
+        if len(box) != len(self.modules):
+            missing = [type(m).__name__ for i, m in enumerate(self.modules) if i not in box]
+            raise ModelError(f"the layer never called its {', '.join(missing)} projection",
                              "refit a model whose adapter names the projections its layers run")
-        return box["x"].reshape(-1, box["x"].shape[-1])
+        return [box[i].reshape(-1, box[i].shape[-1]) for i in range(len(self.modules))]
 
     def __enter__(self) -> "_Tap":
         return self
 
     def __exit__(self, *exc) -> None:
-        self.handle.remove()
+        for h in self.handles:
+            h.remove()
 
 
 class _LayerRunner:
@@ -194,16 +195,21 @@ class _LayerRunner:
 
 
 class _Weights:
-    """A projection's dense weights beside its working (refitted, removed columns zeroed) ones."""
+    """A projection's dense weights beside its working ones: the refit in the kept columns, zero elsewhere, and
+    zero in the rows ``kept_rows`` leaves out (a writer into a pruned residual stream; None: every row)."""
 
-    def __init__(self, lin: nn.Linear, kept_cols: torch.Tensor):
+    def __init__(self, lin: nn.Linear, kept_cols: torch.Tensor, kept_rows: torch.Tensor | None = None):
         self.lin = lin
         self.dense_w = lin.weight.detach().clone()
         self.dense_b = None if lin.bias is None else lin.bias.detach().clone()
         self.kept = kept_cols.to(lin.weight.device)
+        self.rows = (torch.arange(self.dense_w.shape[0]) if kept_rows is None else kept_rows).to(lin.weight.device)
         work = torch.zeros_like(self.dense_w)
-        work[:, self.kept] = self.dense_w[:, self.kept]
+        work[self.rows[:, None], self.kept] = self.dense_w[self.rows[:, None], self.kept]
         self.work_w, self.work_b = work, self.dense_b
+        if self.dense_b is not None and kept_rows is not None:
+            self.work_b = torch.zeros_like(self.dense_b)
+            self.work_b[self.rows] = self.dense_b[self.rows]
 
     def use(self, which: str) -> None:
         dense = which == "dense"
@@ -258,17 +264,16 @@ def refit(model: nn.Module, keep: Mapping[str, Sequence[torch.Tensor]], batches:
           progress: bool = True) -> Refit:
     """Refit ``model`` (dense, in place) for the kept dimensions ``keep`` (module doc).
 
-    ``keep`` is ``diet.pruning``'s ``{group: [kept dims per layer]}`` (groups of ``REFIT_GROUPS`` only);
-    ``bias`` also solves for the output projections' biases (created where absent: the caller makes the config
-    carry them, as for ``prune.recover: bias``). ``priors`` (``{group: (L, W) merged priority}``, groups of
-    ``CHOOSE_GROUPS``) lets the refit choose each layer's kept channels (as many as ``keep`` has) by
-    ``obs_keep``. Call ``diet.pruning.apply_mask`` with the result's ``keep`` after it.
+    ``keep`` is ``diet.pruning``'s ``{group: [kept dims per row]}`` (groups of ``REFIT_GROUPS``); ``bias`` also
+    solves for the output projections' biases (created where absent: the caller makes the config carry them, as
+    for ``prune.recover: bias``; the readers of a pruned residual stream keep theirs). ``priors`` (``{group: (L, W)
+    merged priority}``, groups of ``CHOOSE_GROUPS``) lets the refit choose each layer's kept channels (as many as
+    ``keep`` has) by ``obs_keep``. Call ``diet.pruning.apply_mask`` with the result's ``keep`` after it.
     """
     from tqdm.auto import tqdm
 
     from diet.adapters import get_adapter
     from diet.biases import ensure_output_biases
-    from diet.groups import GROUPS
     from diet.keep import check_keep
 
     check_refit_groups(keep, "the mask's groups")
@@ -286,109 +291,206 @@ def refit(model: nn.Module, keep: Mapping[str, Sequence[torch.Tensor]], batches:
                           "set prune.refit_choose: mask, or prune only the mlp group")
     layers = adapter.decoder_layers()
     device = next(model.parameters()).device
-    groups = [g for g in REFIT_GROUPS if g in keep]
     if bias:
-        ensure_output_biases(adapter, groups)
+        ensure_output_biases(adapter, [g for g in OUTPUT_GROUPS if g in keep])
+    names = {id(m): n for n, m in model.named_modules()}
+    hidden = keep["hidden"][0] if "hidden" in keep else None
     was_training = model.training
     model.eval()
-    report: dict[str, list[dict]] = {g: [] for g in groups}
+    report: dict[str, list[dict]] = {g: [] for g in REFIT_GROUPS if g in keep}
     try:
         run = _LayerRunner(model, layers, batches, device)
         dense_h, run.inputs = run.inputs, None      # the first layer's inputs, held once
         pruned_h = [h.clone() for h in dense_h]
+        if hidden is not None:  # the embedding's removed columns are gone (diet.groups.HiddenGroup.zero)
+            removed = _removed(hidden, adapter.hidden_size()).to(device)
+            for h in pruned_h:
+                h[..., removed] = 0.0
         for layer in tqdm(range(len(layers)), desc="refit", unit="layer", disable=not progress):
-            projs = {g: _Weights(GROUPS[g].output_projection(adapter, layer),
-                                 GROUPS[g].output_channels(adapter, layer, keep[g][layer])) for g in groups}
-            for g in groups:
-                prior = priors[g][layer, :GROUPS[g].widths(adapter)[layer]] if g in priors else None
-                report[g].append({"layer": layer, **_refit_one(run, layer, projs, g, batches, dense_h,
-                                                               pruned_h, damping, bias, prior)})
-                if prior is not None:  # CHOOSE_GROUPS: each channel is one dimension
-                    keep[g][layer] = projs[g].kept.cpu()
-            for p in projs.values():
+            work, units = _layer_units(adapter, layer, keep, priors, names, bias)
+            for unit in units:
+                rows = _fit(unit, lambda b, h: run(layer, b, h), run, work, batches, dense_h, pruned_h, damping)
+                report[unit.group].extend({"layer": layer, **r} for r in rows)
+                if unit.prior is not None:  # CHOOSE_GROUPS: each channel is one dimension
+                    keep[unit.group][layer] = unit.projs[0].kept.cpu()
+            for p in work:
                 p.use("dense")
             dense_h = run.each(lambda b: run(layer, b, dense_h[b]))
-            for p in projs.values():
+            for p in work:
                 p.use("work")
             pruned_h = run.each(lambda b: run(layer, b, pruned_h[b]))
+        if hidden is not None:
+            report["hidden"].extend(_fit_head(model, adapter, hidden, names, run, batches, dense_h, pruned_h,
+                                              damping, len(layers)))
     finally:
         model.train(was_training)
     for g, rows in report.items():
         before = sum(r["error_none"] for r in rows) / len(rows)
         after = sum(min(r["error_none"], r["error_refit"]) for r in rows) / len(rows)
-        log.info("refit %s: mean relative calibration error %.4f -> %.4f (%d of %d layers refitted)", g, before,
-                 after, sum(r["kept"] != "dense" for r in rows), len(rows))
+        log.info("refit %s: mean relative calibration error %.4f -> %.4f (%d of %d %s refitted)", g, before,
+                 after, sum(r["kept"] != "dense" for r in rows), len(rows),
+                 "projections" if g == "hidden" else "layers")
     return Refit(report, keep)
 
 
-def _refit_one(run: _LayerRunner, layer: int, projs: dict[str, _Weights], group: str, batches: Sequence[Batch],
-               dense_h: list[torch.Tensor], pruned_h: list[torch.Tensor], damping: float, bias: bool,
-               prior: torch.Tensor | None = None) -> dict:
-    """Solve for ``group``'s output projection in ``layer`` and install it in the working weights; with
-    ``prior`` (one priority per input channel), choose the kept channels by ``obs_keep`` first."""
-    p = projs[group]
-    width = p.dense_w.shape[1]
-    cols = torch.arange(width, device=p.kept.device) if prior is not None else p.kept   # the Gram's channels
-    k = cols.numel() + (1 if bias else 0)
-    out = p.dense_w.shape[0]
-    hess = torch.zeros(k, k, dtype=torch.float64, device=p.dense_w.device)     # sum w A A^T
-    cross = torch.zeros(out, k, dtype=torch.float64, device=p.dense_w.device)  # sum w y A^T
-    yy = 0.0                                                                  # sum w ||y||^2
-    real = [batch.mask.reshape(-1).to(p.dense_w.device) for batch in batches]
-    for q in projs.values():
+def _removed(kept: torch.Tensor, width: int) -> torch.Tensor:
+    """The indices of ``range(width)`` not in ``kept``."""
+    out = torch.ones(width, dtype=torch.bool)
+    out[kept.to(torch.long).cpu()] = False
+    return out.nonzero().flatten()
+
+
+@dataclass
+class _Unit:
+    """One solve: the projections that read one input (so one Gram matrix), reported under ``group``; ``names``
+    (the modules' names) are reported for ``hidden``, whose solves are several per layer. ``bias``: solve for an
+    intercept too; ``prior``: choose the kept channels (``obs_keep``); ``from_inputs``: targets from the dense
+    input and weights instead of captured outputs (the head: its outputs span the vocabulary)."""
+
+    group: str
+    names: list[str]
+    projs: list[_Weights]
+    bias: bool
+    prior: torch.Tensor | None = None
+    from_inputs: bool = False
+
+
+def _layer_units(adapter, layer: int, keep: Mapping[str, Sequence[torch.Tensor]], priors: Mapping[str, torch.Tensor],
+                 names: Mapping[int, str], bias: bool) -> tuple[list[_Weights], list[_Unit]]:
+    """The working weights of ``layer`` (every projection the refit solves for or zeroes) and its solves, in the
+    order the layer runs them: with ``hidden``, the attention's input projections (q, k, v: their kept columns),
+    the attention's output projection, the MLP's input projections, the MLP's output projection. With ``hidden``
+    the output projections write only the kept residual channels (their other rows are zero)."""
+    from diet.groups import GROUPS
+
+    hidden = keep["hidden"][0] if "hidden" in keep else None
+    work: list[_Weights] = []
+    units: list[_Unit] = []
+    q, k, v, _ = adapter.attention_projections(layer)
+    readers = {"attention": [q, k, v], "mlp": adapter.mlp_projections(layer)[0]}
+    for g in OUTPUT_GROUPS:  # attention before the MLP: its output feeds the MLP
+        if hidden is not None:
+            ws = [_Weights(lin, hidden) for lin in readers[g]]
+            work += ws
+            units.append(_Unit("hidden", [names[id(lin)] for lin in readers[g]], ws, bias=False))
+        if g not in keep and hidden is None:
+            continue
+        lin = GROUPS[g].output_projection(adapter, layer)
+        cols = (GROUPS[g].output_channels(adapter, layer, keep[g][layer]) if g in keep
+                else torch.arange(lin.in_features))
+        w = _Weights(lin, cols, hidden)
+        work.append(w)
+        if g in keep:
+            prior = priors[g][layer, :GROUPS[g].widths(adapter)[layer]] if g in priors else None
+            units.append(_Unit(g, [names[id(lin)]], [w], bias, prior))
+    return work, units
+
+
+def _fit_head(model, adapter, hidden: torch.Tensor, names: Mapping[int, str], run: _LayerRunner,
+              batches: Sequence[Batch], dense_h: list[torch.Tensor], pruned_h: list[torch.Tensor], damping: float,
+              layer: int) -> list[dict]:
+    """Refit the kept columns of an untied output head on the final norm's outputs; a head tied to the embedding
+    is left as it is (refitting it would untie it, adding a vocabulary-sized matrix)."""
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or head.weight is emb.weight:
+        log.info("refit hidden: the output head is tied to the embedding and keeps its dense columns")
+        return []
+    norm = adapter.final_norm()
+    w = _Weights(head, hidden)
+    unit = _Unit("hidden", [names[id(head)]], [w], bias=False, from_inputs=True)
+    rows = _fit(unit, lambda b, h: head(norm(h)), run, [w], batches, dense_h, pruned_h, damping)
+    w.use("work")
+    return [{"layer": layer, **r} for r in rows]
+
+
+def _fit(unit: _Unit, forward, run: _LayerRunner, work: Sequence[_Weights], batches: Sequence[Batch],
+         dense_h: list[torch.Tensor], pruned_h: list[torch.Tensor], damping: float) -> list[dict]:
+    """Solve for ``unit``'s projections and install them in their working weights: ``forward(b, h)`` runs
+    batch ``b`` from input ``h`` through them (the dense weights for the targets, the working ones for the
+    inputs). With ``unit.prior`` (one priority per input channel) the kept channels are chosen by ``obs_keep``
+    first. One report row per projection."""
+    first = unit.projs[0]
+    width = first.dense_w.shape[1]
+    cols = torch.arange(width, device=first.kept.device) if unit.prior is not None else first.kept  # the Gram's
+    k = cols.numel() + (1 if unit.bias else 0)
+    dev = first.dense_w.device
+    hess = torch.zeros(k, k, dtype=torch.float64, device=dev)                                   # sum w A A^T
+    cross = [torch.zeros(p.rows.numel(), k, dtype=torch.float64, device=dev) for p in unit.projs]  # sum w y A^T
+    yy = [0.0] * len(unit.projs)                                                                # sum w ||y||^2
+    real = [batch.mask.reshape(-1).to(dev) for batch in batches]
+    for q in work:
         q.use("dense")
-    with _Tap(p.lin, "output") as tap:
-        ys = run.each(lambda b: tap.capture(lambda: run(layer, b, dense_h[b]))[real[b]])             # (N, out) each
-    for q in projs.values():
+    targets = ([first.lin], "input") if unit.from_inputs else ([p.lin for p in unit.projs], "output")
+    with _Tap(*targets) as tap:
+        ys = run.each(lambda b: [y[real[b]] for y in tap.capture(lambda: forward(b, dense_h[b]))])
+    for q in work:
         q.use("work")
-    with _Tap(p.lin, "input") as tap:
-        xs = run.each(lambda b: tap.capture(lambda: run(layer, b, pruned_h[b]))[real[b]][:, cols])   # (N, K) each
+    with _Tap([first.lin], "input") as tap:
+        xs = run.each(lambda b: tap.capture(lambda: forward(b, pruned_h[b]))[0][real[b]][:, cols])  # (N, K) each
     with one_kernel_thread():   # the sums, the choice and the solves: one kernel thread, in batch order
-        for batch, y, x in zip(batches, ys, xs):
-            y = y.double()
-            if not bias:  # the dense bias stays: the kept columns fit what it leaves
-                y = y - _dense_bias(p)
+        for batch, captured, x in zip(batches, ys, xs):
             a = x.double()
-            if bias:
+            if unit.bias:
                 a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype, device=a.device)], dim=1)
             hess += batch.weight * (a.T @ a)
-            cross += batch.weight * (y.T @ a)
-            yy += batch.weight * float(y.square().sum())
+            for i, p in enumerate(unit.projs):
+                if unit.from_inputs:
+                    y = captured[0].double() @ p.dense_w.double().T + _dense_bias(p)
+                else:
+                    y = captured[i].double()
+                y = y[:, p.rows]
+                if not unit.bias:  # the dense bias stays: the kept columns fit what it leaves
+                    y = y - _dense_bias(p)[p.rows]
+                cross[i] += batch.weight * (y.T @ a)
+                yy[i] += batch.weight * float(y.square().sum())
         del ys, xs
+        rows = [_choose(p, hess, c, e, unit.prior, damping, unit.bias) for p, c, e in zip(unit.projs, cross, yy)]
+    if unit.group == "hidden":
+        rows = [{"projection": name, **r} for name, r in zip(unit.names, rows)]
+    return rows
 
-        def restrict(kept: torch.Tensor) -> torch.Tensor:
-            """Positions in the Gram of the channels ``kept`` (and of the intercept)."""
-            pos = kept if prior is not None else torch.arange(kept.numel())
-            return torch.cat([pos, torch.tensor([k - 1])]) if bias else pos
 
-        def error(m: torch.Tensor, pos: torch.Tensor) -> float:  # sum w ||m A - y||^2, from the sums
-            h, c = hess[pos][:, pos], cross[:, pos]
-            return float(((m @ h) * m).sum() - 2 * (m * c).sum()) + yy
+def _choose(p: _Weights, hess: torch.Tensor, cross: torch.Tensor, yy: float, prior: torch.Tensor | None,
+            damping: float, bias: bool) -> dict:
+    """The best of keeping ``p``'s dense columns, their refit and (with ``prior``) the refit of the channels
+    ``obs_keep`` chooses, by the calibration error the sums give; installed in ``p``'s working weights."""
+    k = hess.shape[0]
 
-        # recover: none keeps the mask's dense columns (and the dense bias)
-        dense_cols = p.dense_w[:, p.kept].double()
-        none = torch.cat([dense_cols, _dense_bias(p)[:, None]], dim=1) if bias else dense_cols
-        options = [("dense", p.kept, none, error(none, restrict(p.kept)))]
-        choices = [p.kept] if prior is None else [p.kept, obs_keep(hess, cross, p.kept.numel(), prior, damping, bias)]
-        for kept in choices:
-            pos = restrict(kept)
-            solved = _solve(hess[pos][:, pos], cross[:, pos], kept.numel(), damping, p.dense_w[:, kept].double())
-            if bool(torch.isfinite(solved).all()):
-                options.append(("refit" if kept is p.kept else "obs", kept, solved, error(solved, pos)))
-        kind, kept, chosen, err = min(options, key=lambda o: (o[3], o[0] == "dense"))  # ties: the refit
-        p.kept = kept
-        w = torch.zeros_like(p.dense_w)
-        w[:, kept] = chosen[:, :kept.numel()].to(w.dtype)
-        p.work_w = w
-        if bias:
-            p.work_b = chosen[:, kept.numel()].to(p.dense_w.dtype)
-        scale = yy if yy > 0 else 1.0
-        refit_err = min((o[3] for o in options if o[0] != "dense"), default=options[0][3])
-        row = {"error_none": max(options[0][3], 0.0) / scale, "error_refit": max(refit_err, 0.0) / scale,
-               "kept": kind}
-        if prior is not None:  # kept channels the mask did not keep
-            row["channels_changed"] = int(kept.numel() - torch.isin(kept, options[0][1]).sum())
-        return row
+    def restrict(kept: torch.Tensor) -> torch.Tensor:
+        """Positions in the Gram of the channels ``kept`` (and of the intercept)."""
+        pos = kept if prior is not None else torch.arange(kept.numel())
+        return torch.cat([pos, torch.tensor([k - 1])]) if bias else pos
+
+    def error(m: torch.Tensor, pos: torch.Tensor) -> float:  # sum w ||m A - y||^2, from the sums
+        h, c = hess[pos][:, pos], cross[:, pos]
+        return float(((m @ h) * m).sum() - 2 * (m * c).sum()) + yy
+
+    # recover: none keeps the mask's dense columns (and the dense bias)
+    dense_w = p.dense_w[p.rows]
+    dense_cols = dense_w[:, p.kept].double()
+    none = torch.cat([dense_cols, _dense_bias(p)[p.rows][:, None]], dim=1) if bias else dense_cols
+    options = [("dense", p.kept, none, error(none, restrict(p.kept)))]
+    choices = [p.kept] if prior is None else [p.kept, obs_keep(hess, cross, p.kept.numel(), prior, damping, bias)]
+    for kept in choices:
+        pos = restrict(kept)
+        solved = _solve(hess[pos][:, pos], cross[:, pos], kept.numel(), damping, dense_w[:, kept].double())
+        if bool(torch.isfinite(solved).all()):
+            options.append(("refit" if kept is p.kept else "obs", kept, solved, error(solved, pos)))
+    kind, kept, chosen, err = min(options, key=lambda o: (o[3], o[0] == "dense"))  # ties: the refit
+    p.kept = kept
+    w = torch.zeros_like(p.dense_w)
+    w[p.rows[:, None], kept] = chosen[:, :kept.numel()].to(w.dtype)
+    p.work_w = w
+    if bias:
+        b = torch.zeros(p.dense_w.shape[0], dtype=p.dense_w.dtype, device=p.dense_w.device)
+        b[p.rows] = chosen[:, kept.numel()].to(b.dtype)
+        p.work_b = b
+    scale = yy if yy > 0 else 1.0
+    refit_err = min((o[3] for o in options if o[0] != "dense"), default=options[0][3])
+    row = {"error_none": max(options[0][3], 0.0) / scale, "error_refit": max(refit_err, 0.0) / scale, "kept": kind}
+    if prior is not None:  # kept channels the mask did not keep
+        row["channels_changed"] = int(kept.numel() - torch.isin(kept, options[0][1]).sum())
+    return row
 
 
 def _solve(hess: torch.Tensor, cross: torch.Tensor, channels: int, damping: float,

@@ -74,7 +74,7 @@ def main(args, params) -> None:
 def refit_texts(args, params, mask) -> dict[str, list[str]]:
     """The refit's calibration texts by source, read (and checked) before the model is loaded."""
     from diet.merge import means_source
-    from diet.refit import check_refit_groups
+    from diet.config import check_refit_groups
 
     check_refit_groups(mask.keep, "the mask's groups")
     n = params.prune.refit_samples

@@ -328,10 +328,9 @@ def test_a_hidden_budget_beyond_its_floor_fails_at_select(repo, capsys):
     ({"prune": {"groups": ["mlp", "hidden"]}}, ("which score.groups does not score", "add hidden to score.groups")),
     ({"score": HIDDEN_SCORED, "prune": {"groups": ["hidden"], "recover": "bias"}},
      ("prune.recover: bias cannot hold the removed hidden dimensions", "set prune.recover: none")),
-    ({"score": HIDDEN_SCORED, "prune": {"groups": ["mlp", "hidden"], "recover": "refit"}},
-     ("prune.recover: refit solves for output projections", "the removed hidden dimensions have none",
-      "prune.groups: ['mlp']")),
-], ids=["unscored", "recovery", "refit"])
+    ({"score": HIDDEN_SCORED, "prune": {"groups": ["hidden"], "refit_choose": "obs", "recover": "refit"}},
+     ("prune.refit_choose: obs chooses MLP channels", "prune.refit_choose: mask")),
+], ids=["unscored", "recovery", "obs-without-mlp"])
 def test_hidden_group_misuse_fails_at_params_load(repo, capsys, sections, needles):
     write_params(repo, **sections)
     fails_unchanged(repo, "merge", argv_of(repo, "merge"), capsys, *needles)

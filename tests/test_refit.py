@@ -198,11 +198,70 @@ def tiny_params(**prune) -> dict:
     return {"tasks": ["t1"], "score": {"groups": ["mlp", "attention", "hidden"]}, "prune": prune}
 
 
-@pytest.mark.parametrize("recover", ["refit", "refit_bias"])
-def test_refit_of_the_hidden_group_is_refused_naming_what_works(recover):
+def hidden_keep(width: int = 32, kept: int = 24, seed: int = 0) -> torch.Tensor:
+    return torch.sort(torch.randperm(width, generator=torch.Generator().manual_seed(seed))[:kept]).values
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hidden_refit_keeps_the_pruned_model_exact_to_its_reference_and_reloads(family, tmp_path):
+    """With residual channels removed the refit solves for every projection reading the stream (q, k, v, the
+    MLP's inputs, an untied head) and the output projections' kept rows. Slicing then still computes what the
+    refitted model computes with the removed channels zeroed, the checkpoint reloads to the same logits, no
+    projection's calibration error rises above keeping its dense columns, and held-out logits move closer to
+    the dense model's than without the refit."""
+    model = tiny_model(family)
+    adapter = get_adapter(model)
+    kept = hidden_keep()
+    removed = torch.tensor([c for c in range(32) if c not in kept])
+    keep = {"hidden": [kept], "mlp": [torch.arange(0, 64, 2)] * adapter.num_layers}
+    seqs = sequences(8, seed=3)
+    dense = logits(model, seqs)
+    none = copy.deepcopy(model)
+    apply_mask(none, keep)
+    report = refit(model, keep, batches(), damping=0.01, progress=False).report
+    reference = copy.deepcopy(model)
+    GROUPS["hidden"].zero(get_adapter(reference), 0, removed)
+    apply_mask(model, keep, "uniform")
+    out = logits(model, seqs)
+    assert ((out - logits(reference, seqs)).abs().max() / out.abs().max()) < 1e-5
+    assert (out - dense).square().mean() < (logits(none, seqs) - dense).square().mean()
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    per_layer = ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"]
+    names = [r["projection"].split(".")[-1] for r in report["hidden"]]
+    assert names == per_layer * adapter.num_layers + ([] if tied else ["lm_head"])
+    for r in report["hidden"] + report["mlp"]:
+        assert min(r["error_refit"], r["error_none"]) <= r["error_none"] + 1e-12
+    assert all(r["kept"] == "refit" for r in report["hidden"])   # random weights: every refit helps
+    save_pruned(model, tiny_tokenizer(), tmp_path / "m", {"recover": "refit"})
+    again = load_model(tmp_path / "m")
+    assert again.config.hidden_size == 24
+    assert torch.allclose(logits(again, seqs), out, atol=1e-5)
+
+
+def test_hidden_refit_uniform_checkpoint_loads_in_stock_transformers(tmp_path):
+    from transformers import Qwen2ForCausalLM
+
+    model = tiny_model("qwen2")   # biased q/k/v (kept as they are) and an untied head (refitted)
+    keep = {"hidden": [hidden_keep(seed=1)], "attention": [torch.tensor([0])] * get_adapter(model).num_layers}
+    refit(model, keep, batches(), progress=False)
+    apply_mask(model, keep, "uniform")
+    save_pruned(model, tiny_tokenizer(), tmp_path / "m", {"recover": "refit"})
+    stock = Qwen2ForCausalLM.from_pretrained(tmp_path / "m")
+    seqs = sequences(4, seed=6)
+    assert torch.allclose(logits(stock, seqs), logits(model, seqs), atol=1e-5)
+
+
+def test_hidden_refit_is_accepted_in_params():
+    params = Params.from_dict(tiny_params(groups=["mlp", "hidden"], recover="refit"))
+    assert list(params.prune.groups) == ["mlp", "hidden"] and params.prune.recover == "refit"
+
+
+def test_a_group_the_refit_cannot_serve_is_refused_naming_what_works():
+    from diet.config import check_refit_groups
+
     with pytest.raises(ConfigError) as e:
-        Params.from_dict(tiny_params(groups=["mlp", "hidden"], recover=recover))
-    assert "hidden" in e.value.problem and "prune.groups: ['mlp']" in e.value.fix
+        check_refit_groups(["mlp", "experts"])
+    assert "experts" in e.value.problem and "prune.groups: ['mlp']" in e.value.fix
 
 
 def test_obs_choice_without_a_refit_is_refused():
