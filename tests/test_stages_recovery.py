@@ -242,3 +242,42 @@ def test_stages_prune_residual_channels_with_the_mlp(scored):
     ids = input_ids(8)
     reference = logits(zero_mask(load_model(repo / "models/base"), mask.keep_tensors()), ids)
     torch.testing.assert_close(logits(load_model(out), ids), reference, atol=1e-5, rtol=1.3e-6)
+
+
+def test_stages_prune_refits_the_readers_of_a_pruned_residual_stream(scored):
+    """prune.recover: refit with [mlp, hidden] through the stages: the manifest reports a row per projection
+    reading the stream (and the MLP's output projections), no refit above keeping the dense columns, and the
+    checkpoint stays stock and differs from the plain pruning's."""
+    repo = scored
+    common = dict(score={"groups": ["mlp", "attention", "hidden"]},
+                  select={"multiple": {"mlp": 8, "hidden": 8}, "layout": "uniform"})
+    plain = write_params(repo, "params-hidden-plain.yaml", prune={"groups": ["mlp", "hidden"], "sparsity": 0.3},
+                         **common)
+    refitted = write_params(repo, "params-hidden-refit.yaml", **common,
+                            prune={"groups": ["mlp", "hidden"], "sparsity": 0.3, "recover": "refit",
+                                   "refit_samples": 4})
+    with cwd(repo):
+        for t in TASKS:
+            assert run("score", "--params", plain, "--task", t, "--model", "models/base", "--calib",
+                       f"data/tasks/{t}/calib.jsonl", "--out", f"scores-hr/{t}.safetensors") == 0
+        assert run("merge", "--params", plain, "--model", "models/base", "--scores", "scores-hr",
+                   "--out", "merged-hr") == 0
+        assert run("select", "--params", plain, "--model", "models/base", "--merged", "merged-hr",
+                   "--out", "masks-hr/mask.json") == 0
+        for name, params in (("plain", plain), ("refit", refitted)):
+            assert run("prune", "--params", params, "--model", "models/base", "--mask", "masks-hr/mask.json",
+                       "--scores", "scores-hr", "--merged", "merged-hr", "--out", f"pruned-hr-{name}") == 0
+    manifest = json.loads((repo / "pruned-hr-refit/manifest.json").read_text())
+    groups = manifest["refit"]["groups"]
+    rows = groups["hidden"]["layers"]
+    layers = len(groups["mlp"]["layers"])
+    assert [r["projection"].rsplit(".", 1)[-1] for r in rows[:5]] == ["q_proj", "k_proj", "v_proj", "gate_proj",
+                                                                       "up_proj"]
+    base = load_model(repo / "models/base")
+    untied_head = base.get_output_embeddings().weight is not base.get_input_embeddings().weight
+    assert len(rows) == 5 * layers + untied_head
+    assert groups["hidden"]["error_refit"] <= groups["hidden"]["error_none"]
+    assert manifest["checkpoint"]["stock_loadable"] is True
+    ids = input_ids(8)
+    assert not torch.allclose(logits(load_model(repo / "pruned-hr-refit"), ids),
+                              logits(load_model(repo / "pruned-hr-plain"), ids), atol=1e-4)
