@@ -6,13 +6,14 @@
 For one model: calibration batches as the prune stage builds them (``--samples`` per task of the prepared tasks
 under ``--tasks-dir``, or, with ``--shapes``, random token sequences of ``--length`` tokens for a random model of a
 real model's layer shapes with ``--layers`` layers and a small vocabulary), a keep set that removes
-``--sparsity`` of each layer's MLP channels (and, with ``--attention``, one KV group per layer), then:
+``--sparsity`` of each layer's MLP channels (and, with ``--attention``, one KV group per layer; with ``--hidden``,
+``--sparsity`` of the residual channels, whose refit solves for every projection reading the stream), then:
 
 * ``plain_s``: the model's own forward over the same batches (CPU time, one thread as in the prune stage);
 * ``refit_s``: ``diet.refit.refit`` (CPU time), and its ratio to the plain forward, per layer (the cost grows
   with the layer count: extrapolate a full model from ``per_layer_s``);
 * ``peak_mib``: the peak resident memory above the loaded model while the refit runs (VmHWM, reset first);
-* ``gram_mib``: the largest float64 Gram matrix one projection needs (``K x K``, ``K`` kept channels);
+* ``gram_mib``: the largest float64 Gram matrix one solve needs (``K x K``, ``K`` kept channels of its input);
 * the mean relative calibration error with the dense columns kept (``none``) and after the refit.
 
 Appends one record per run to ``benchmarks/results/refit.json`` (keyed by the model) and prints it as markdown.
@@ -94,6 +95,7 @@ def main(argv=None) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--sparsity", type=float, default=0.2)
     p.add_argument("--attention", action="store_true", help="also remove one KV group per layer")
+    p.add_argument("--hidden", action="store_true", help="also remove --sparsity of the residual channels")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "refit.json")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -106,6 +108,9 @@ def main(argv=None) -> None:
     keep = {"mlp": [torch.randperm(w, generator=g)[:round(w * (1 - args.sparsity))].sort().values for w in widths]}
     if args.attention:
         keep["attention"] = [torch.arange(1, adapter.num_kv_heads(i)) for i in range(adapter.num_layers)]
+    if args.hidden:
+        width = adapter.hidden_size()
+        keep["hidden"] = [torch.randperm(width, generator=g)[:round(width * (1 - args.sparsity))].sort().values]
     tokens = sum(int(b.mask.sum()) for b in batches)
 
     with torch.no_grad():
@@ -118,7 +123,7 @@ def main(argv=None) -> None:
     peak, done = peak_above_now(lambda: refit(model, keep, batches, progress=False))
     report = done.report
     refit_s, wall = cpu_seconds() - t0, time.perf_counter() - w0
-    k = max(int(v.numel()) for v in keep["mlp"])
+    k = max(int(v.numel()) for grp in ("mlp", "hidden") for v in keep.get(grp, []))
     errors = {grp: {"none": sum(r["error_none"] for r in rows) / len(rows),
                     "refit": sum(min(r["error_none"], r["error_refit"]) for r in rows) / len(rows)}
               for grp, rows in report.items()}
