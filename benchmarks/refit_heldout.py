@@ -7,8 +7,11 @@ with ``diet.refit.refit_on_texts`` on the first ``--samples`` calibration sample
 (``data/tasks/<task>/calib.jsonl``; ``none``: no refit; ``D``: damping D; ``obs:D``: damping D with the
 refit-aware choice, priors from ``merged/votes.safetensors``), then pruned, and its perplexity measured on
 held-out calibration text (samples ``--samples`` to ``2 * --samples - 16`` of each task, which the refit does not
-see: the figure that picks a default) and on the held-out passages the tables report (``--docs``). One JSON line
-per run.
+see: the figure that picks a default; ``--heldout START`` fixes them to samples START.. of each task instead, so
+that runs with different ``--samples`` below START compare on the same text) and on the held-out passages the
+tables report (``--docs``). One JSON line per run.
+
+    OMP_NUM_THREADS=1 python benchmarks/refit_heldout.py --runs obs:0.3 --samples 80 --heldout 84
 """
 
 from __future__ import annotations
@@ -37,12 +40,17 @@ def main(argv=None) -> None:
     p.add_argument("--root", type=Path, default=ROOT, help="the DIET project after `dvc repro`")
     p.add_argument("--samples", type=int, default=32)
     p.add_argument("--docs", type=int, default=50)
+    p.add_argument("--heldout", type=int, default=None, metavar="START",
+                   help="held-out calibration samples START.. of each task (default: --samples to 2 * --samples - 16)")
     args = p.parse_args(argv)
+    if args.heldout is not None and args.heldout < args.samples:
+        p.error(f"--heldout {args.heldout} would score samples the refit sees: give at least --samples {args.samples}")
     tasks_dir = args.root / "data" / "tasks"
     tasks = sorted(d.name for d in tasks_dir.iterdir() if (d / "calib.jsonl").is_file())
     mask = Mask.load(args.root / "masks" / "mask.json")
     calib = {t: read_calibration(tasks_dir / t / "calib.jsonl", t) for t in tasks}
-    held = [x for t in tasks for x in calib[t][args.samples:2 * args.samples - 16]]
+    first, stop = (args.samples, 2 * args.samples - 16) if args.heldout is None else (args.heldout, None)
+    held = [x for t in tasks for x in calib[t][first:stop]]
     for run in args.runs:
         model, tok = load_model_and_tokenizer(args.root / "models" / "base", "float32", "cpu")
         keep, start, record = mask.keep_tensors(), time.process_time(), {"run": run}
@@ -58,7 +66,8 @@ def main(argv=None) -> None:
                           error_refit=round(summary["error_refit"], 4),
                           channels_changed=sum(r.get("channels_changed", 0) for r in summary["layers"]))
         apply_mask(model, keep)
-        record.update(heldout_calibration_ppl=round(perplexity(model, tok, held, max_length=512,
+        record.update(samples=args.samples, heldout_from=first,
+                      heldout_calibration_ppl=round(perplexity(model, tok, held, max_length=512,
                                                                progress=False)["ppl"], 3),
                       passages_ppl=round(heldout_perplexity(model, tok, n_docs=args.docs, max_length=512)["ppl"], 2),
                       cpu_s=round(time.process_time() - start))
