@@ -18,9 +18,10 @@ falls back to the dense columns (docs/method.md). Layers are taken in order, att
 layer, and each one sees the outputs of the layers already refitted: errors do not compound unseen.
 
 With residual channels removed (``hidden``) every projection reading the stream loses input columns: the
-attention's and the MLP's input projections of each layer are refitted the same way (one Gram matrix for the
-projections sharing an input), before the output projection that follows them, and an untied head last; the
-output projections fit only the residual rows kept (the others stay zero, as in ``HiddenGroup.zero``).
+attention's input projections of each layer are refitted the same way (one Gram matrix for q, k and v), then
+the output projections of the attention and the MLP on all their input channels (or those their group keeps),
+fitting only the residual rows kept (the others stay zero, as in ``HiddenGroup.zero``), and an untied head
+last. The MLP's input projections keep their dense columns (``HIDDEN_READERS``).
 
 A refit never makes a projection worse on the calibration tokens than keeping its dense columns
 (``recover: none``): the two errors are compared exactly (from ``H``, ``C`` and ``sum w ||y||^2``) and the
@@ -52,6 +53,11 @@ log = logging.getLogger(__name__)
 
 #: groups with an output projection per layer, in the order inside a layer (attention's output feeds the MLP)
 OUTPUT_GROUPS = ("attention", "mlp")
+#: with ``hidden`` pruned, the input projections refitted per group: the attention's q, k and v. The MLP's input
+#: projections keep their dense columns: their outputs meet in a product (``act(gate) * up``), so a smaller
+#: squared error of each can be a much larger error of the product (on SmolLM2 a refit of ``up_proj`` alone
+#: raised held-out perplexity by orders of magnitude); the MLP's output projection makes up for them instead.
+HIDDEN_READERS = {"attention": lambda adapter, layer: list(adapter.attention_projections(layer)[:3])}
 #: groups whose kept channels the refit can choose itself (``prune.refit_choose: obs``); a KV group is a block
 #: of channels, chosen by the mask
 CHOOSE_GROUPS = ("mlp",)
@@ -366,13 +372,12 @@ def _layer_units(adapter, layer: int, keep: Mapping[str, Sequence[torch.Tensor]]
     hidden = keep["hidden"][0] if "hidden" in keep else None
     work: list[_Weights] = []
     units: list[_Unit] = []
-    q, k, v, _ = adapter.attention_projections(layer)
-    readers = {"attention": [q, k, v], "mlp": adapter.mlp_projections(layer)[0]}
     for g in OUTPUT_GROUPS:  # attention before the MLP: its output feeds the MLP
-        if hidden is not None:
-            ws = [_Weights(lin, hidden) for lin in readers[g]]
+        if hidden is not None and g in HIDDEN_READERS:
+            readers = HIDDEN_READERS[g](adapter, layer)
+            ws = [_Weights(lin, hidden) for lin in readers]
             work += ws
-            units.append(_Unit("hidden", [names[id(lin)] for lin in readers[g]], ws, bias=False))
+            units.append(_Unit("hidden", [names[id(lin)] for lin in readers], ws, bias=False))
         if g not in keep and hidden is None:
             continue
         lin = GROUPS[g].output_projection(adapter, layer)
@@ -383,6 +388,8 @@ def _layer_units(adapter, layer: int, keep: Mapping[str, Sequence[torch.Tensor]]
         if g in keep:
             prior = priors[g][layer, :GROUPS[g].widths(adapter)[layer]] if g in priors else None
             units.append(_Unit(g, [names[id(lin)]], [w], bias, prior))
+        else:  # the group keeps its channels, and its output projection makes up for the residual's loss
+            units.append(_Unit("hidden", [names[id(lin)]], [w], bias=False))
     return work, units
 
 
