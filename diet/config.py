@@ -28,8 +28,8 @@ GROUPS = ("mlp", "attention", "hidden")
 #: input is the group's activation); the residual stream (``hidden``) has none
 RECOVERABLE_GROUPS = ("mlp", "attention")
 #: groups whose kept weights ``prune.recover: refit`` solves for (``diet.refit``: the output projection of each
-#: ``mlp`` and ``attention`` layer; for ``hidden``, the attention's input projections, both output projections
-#: and an untied head), in the order the refit reports them
+#: ``mlp`` and ``attention`` layer; for ``hidden``, the input projections, both output projections and an
+#: untied head), in the order the refit reports them
 REFIT_GROUPS = ("attention", "mlp", "hidden")
 #: ``none``; ``bias`` (removed channels held at their calibration means); ``refit`` (the kept columns of each output
 #: projection solved by damped least squares against the dense model, ``diet.refit``); ``refit_bias`` (the same,

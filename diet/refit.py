@@ -17,11 +17,13 @@ does: a few thousand calibration tokens per task overfit a plain least-squares f
 falls back to the dense columns (docs/method.md). Layers are taken in order, attention before the MLP inside a
 layer, and each one sees the outputs of the layers already refitted: errors do not compound unseen.
 
-With residual channels removed (``hidden``) every projection reading the stream loses input columns: the
-attention's input projections of each layer are refitted the same way (one Gram matrix for q, k and v), then
-the output projections of the attention and the MLP on all their input channels (or those their group keeps),
-fitting only the residual rows kept (the others stay zero, as in ``HiddenGroup.zero``), and an untied head
-last. The MLP's input projections keep their dense columns (``HIDDEN_READERS``).
+With residual channels removed (``hidden``) every projection reading the stream loses input columns: in each
+layer the attention's input projections (one Gram matrix for q, k and v) and then the MLP's (gate, up) are
+refitted the same way, each before its group's output projection, which is refitted on all its input channels
+(or those its group keeps) for the residual rows kept (the others stay zero, as in ``HiddenGroup.zero``); an
+untied head last. The MLP's input projections are kept only where the MLP's output comes closer to the dense one
+with them (``CHECK_AT_OUTPUT``: their outputs meet in a product, and a smaller error of each is no bound
+on the product's).
 
 A refit never makes a projection worse on the calibration tokens than keeping its dense columns
 (``recover: none``): the two errors are compared exactly (from ``H``, ``C`` and ``sum w ||y||^2``) and the
@@ -57,7 +59,11 @@ OUTPUT_GROUPS = ("attention", "mlp")
 #: projections keep their dense columns: their outputs meet in a product (``act(gate) * up``), so a smaller
 #: squared error of each can be a much larger error of the product (on SmolLM2 a refit of ``up_proj`` alone
 #: raised held-out perplexity by orders of magnitude); the MLP's output projection makes up for them instead.
-HIDDEN_READERS = {"attention": lambda adapter, layer: list(adapter.attention_projections(layer)[:3])}
+HIDDEN_READERS = {"attention": lambda adapter, layer: list(adapter.attention_projections(layer)[:3]),
+                  "mlp": lambda adapter, layer: list(adapter.mlp_projections(layer)[0])}
+#: readers whose refit is kept only where it lowers the error of the group's output projection's output (the
+#: block's output), not only their own: outputs that meet in a product (``act(gate) * up``)
+CHECK_AT_OUTPUT = ("mlp",)
 #: groups whose kept channels the refit can choose itself (``prune.refit_choose: obs``); a KV group is a block
 #: of channels, chosen by the mask
 CHOOSE_GROUPS = ("mlp",)
@@ -315,7 +321,11 @@ def refit(model: nn.Module, keep: Mapping[str, Sequence[torch.Tensor]], batches:
         for layer in tqdm(range(len(layers)), desc="refit", unit="layer", disable=not progress):
             work, units = _layer_units(adapter, layer, keep, priors, names, bias)
             for unit in units:
-                rows = _fit(unit, lambda b, h: run(layer, b, h), run, work, batches, dense_h, pruned_h, damping)
+                forward = lambda b, h: run(layer, b, h)  # noqa: E731
+                before = [(p.work_w, p.work_b, p.kept) for p in unit.projs]
+                rows = _fit(unit, forward, run, work, batches, dense_h, pruned_h, damping)
+                if unit.check is not None:
+                    rows = _check_at(unit, before, rows, forward, run, work, batches, dense_h, pruned_h)
                 report[unit.group].extend({"layer": layer, **r} for r in rows)
                 if unit.prior is not None:  # CHOOSE_GROUPS: each channel is one dimension
                     keep[unit.group][layer] = unit.projs[0].kept.cpu()
@@ -350,7 +360,8 @@ def _removed(kept: torch.Tensor, width: int) -> torch.Tensor:
 class _Unit:
     """One solve: the projections that read one input (so one Gram matrix), reported under ``group``; ``names``
     (the modules' names) are reported for ``hidden``, whose solves are several per layer. ``bias``: solve for an
-    intercept too; ``prior``: choose the kept channels (``obs_keep``); ``from_inputs``: targets from the dense
+    intercept too; ``prior``: choose the kept channels (``obs_keep``); ``check``: keep the refit only where it
+    lowers the error of this module's output (``_check_at``); ``from_inputs``: targets from the dense
     input and weights instead of captured outputs (the head: its outputs span the vocabulary)."""
 
     group: str
@@ -359,6 +370,7 @@ class _Unit:
     bias: bool
     prior: torch.Tensor | None = None
     from_inputs: bool = False
+    check: nn.Module | None = None
 
 
 def _layer_units(adapter, layer: int, keep: Mapping[str, Sequence[torch.Tensor]], priors: Mapping[str, torch.Tensor],
@@ -377,7 +389,8 @@ def _layer_units(adapter, layer: int, keep: Mapping[str, Sequence[torch.Tensor]]
             readers = HIDDEN_READERS[g](adapter, layer)
             ws = [_Weights(lin, hidden) for lin in readers]
             work += ws
-            units.append(_Unit("hidden", [names[id(lin)] for lin in readers], ws, bias=False))
+            check = GROUPS[g].output_projection(adapter, layer) if g in CHECK_AT_OUTPUT else None
+            units.append(_Unit("hidden", [names[id(lin)] for lin in readers], ws, bias=False, check=check))
         if g not in keep and hidden is None:
             continue
         lin = GROUPS[g].output_projection(adapter, layer)
@@ -454,6 +467,45 @@ def _fit(unit: _Unit, forward, run: _LayerRunner, work: Sequence[_Weights], batc
         rows = [_choose(p, hess, c, e, unit.prior, damping, unit.bias) for p, c, e in zip(unit.projs, cross, yy)]
     if unit.group == "hidden":
         rows = [{"projection": name, **r} for name, r in zip(unit.names, rows)]
+    return rows
+
+
+def _check_at(unit: _Unit, before: list, rows: list[dict], forward, run: _LayerRunner, work: Sequence[_Weights],
+              batches: Sequence[Batch], dense_h: list[torch.Tensor], pruned_h: list[torch.Tensor]) -> list[dict]:
+    """Keep ``unit``'s refit only where the output of ``unit.check`` (on the calibration tokens, against the dense
+    model's) is closer with it than with the projections' dense columns (``before``: their working weights
+    before the refit); the rows say which was kept at that output (``output_error_none``, ``_refit``)."""
+    real = [batch.mask.reshape(-1) for batch in batches]
+    kept = unit.projs[0].kept   # the residual channels kept: the rows of the check's output that remain
+    for q in work:
+        q.use("dense")
+    with _Tap([unit.check], "output") as tap:
+        ys = run.each(lambda b: tap.capture(lambda: forward(b, dense_h[b]))[0][real[b].to(kept.device)][:, kept])
+
+    def error() -> float:
+        for q in work:
+            q.use("work")
+        with _Tap([unit.check], "output") as tap:
+            outs = run.each(lambda b: tap.capture(lambda: forward(b, pruned_h[b]))[0][real[b].to(kept.device)]
+                            [:, kept])
+        with one_kernel_thread():
+            return sum(batch.weight * float((o.double() - y.double()).square().sum())
+                       for batch, o, y in zip(batches, outs, ys))
+
+    refit_err = error()
+    solved = [(p.work_w, p.work_b, p.kept) for p in unit.projs]
+    for p, (w, b, k) in zip(unit.projs, before):
+        p.work_w, p.work_b, p.kept = w, b, k
+    none_err = error()
+    with one_kernel_thread():
+        scale = sum(batch.weight * float(y.double().square().sum()) for batch, y in zip(batches, ys)) or 1.0
+    if refit_err < none_err:
+        for p, (w, b, k) in zip(unit.projs, solved):
+            p.work_w, p.work_b, p.kept = w, b, k
+    for r in rows:
+        r.update(output_error_none=none_err / scale, output_error_refit=refit_err / scale)
+        if refit_err >= none_err:
+            r["kept"] = "dense"
     return rows
 
 

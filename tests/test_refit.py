@@ -204,9 +204,9 @@ def hidden_keep(width: int = 32, kept: int = 24, seed: int = 0) -> torch.Tensor:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_hidden_refit_keeps_the_pruned_model_exact_to_its_reference_and_reloads(family, tmp_path):
-    """With residual channels removed the refit solves for the attention's input projections (q, k, v), the
-    output projections' kept rows (o_proj, down_proj: they make up for the MLP's inputs, which keep their dense
-    columns) and an untied head. Slicing then still computes what the refitted model computes with the removed
+    """With residual channels removed the refit solves for the input projections (q, k, v; gate and up, kept only
+    where the MLP's output comes closer), the output projections' kept rows (o_proj, down_proj) and an untied
+    head. Slicing then still computes what the refitted model computes with the removed
     channels zeroed, the checkpoint reloads to the same logits, no projection's calibration error rises above
     keeping its dense columns, and held-out logits move closer to the dense model's than without the refit."""
     model = tiny_model(family)
@@ -226,13 +226,16 @@ def test_hidden_refit_keeps_the_pruned_model_exact_to_its_reference_and_reloads(
     assert ((out - logits(reference, seqs)).abs().max() / out.abs().max()) < 1e-5
     assert (out - dense).square().mean() < (logits(none, seqs) - dense).square().mean()
     tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
-    per_layer = ["q_proj", "k_proj", "v_proj", "o_proj"]   # down_proj: the pruned mlp group's, reported there
+    per_layer = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"]   # down_proj: reported under mlp
     names = [r["projection"].split(".")[-1] for r in report["hidden"]]
     assert names == per_layer * adapter.num_layers + ([] if tied else ["lm_head"])
+    for r in report["hidden"]:   # the MLP's inputs: kept only where the MLP's output comes closer
+        if r["projection"].endswith(("gate_proj", "up_proj")):
+            assert (r["kept"] == "refit") == (r["output_error_refit"] < r["output_error_none"])
     assert [r["layer"] for r in report["mlp"]] == list(range(adapter.num_layers))
     for r in report["hidden"] + report["mlp"]:
         assert min(r["error_refit"], r["error_none"]) <= r["error_none"] + 1e-12
-    assert all(r["kept"] == "refit" for r in report["hidden"])   # random weights: every refit helps
+    assert all(r["kept"] == "refit" for r in report["hidden"] if "output_error_none" not in r)
     save_pruned(model, tiny_tokenizer(), tmp_path / "m", {"recover": "refit"})
     again = load_model(tmp_path / "m")
     assert again.config.hidden_size == 24

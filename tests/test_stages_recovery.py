@@ -246,8 +246,8 @@ def test_stages_prune_residual_channels_with_the_mlp(scored):
 
 def test_stages_prune_refits_the_readers_of_a_pruned_residual_stream(scored):
     """prune.recover: refit with [mlp, hidden] through the stages: the manifest reports a row per projection the
-    hidden refit solves for (q, k, v and o_proj per layer; down_proj under mlp), no refit above keeping the dense
-    columns, and the checkpoint stays stock and differs from the plain pruning's."""
+    hidden refit solves for (q, k, v, o_proj, gate and up per layer; down_proj under mlp), no refit above keeping
+    the dense columns, and the checkpoint stays stock and differs from the plain pruning's."""
     repo = scored
     common = dict(score={"groups": ["mlp", "attention", "hidden"]},
                   select={"multiple": {"mlp": 8, "hidden": 8}, "layout": "uniform"})
@@ -271,10 +271,11 @@ def test_stages_prune_refits_the_readers_of_a_pruned_residual_stream(scored):
     groups = manifest["refit"]["groups"]
     rows = groups["hidden"]["layers"]
     layers = len(groups["mlp"]["layers"])
-    assert [r["projection"].rsplit(".", 1)[-1] for r in rows[:4]] == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert [r["projection"].rsplit(".", 1)[-1] for r in rows[:6]] == ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                       "gate_proj", "up_proj"]
     base = load_model(repo / "models/base")
     untied_head = base.get_output_embeddings().weight is not base.get_input_embeddings().weight
-    assert len(rows) == 4 * layers + untied_head
+    assert len(rows) == 6 * layers + untied_head
     assert groups["hidden"]["error_refit"] <= groups["hidden"]["error_none"]
     assert manifest["checkpoint"]["stock_loadable"] is True
     ids = input_ids(8)
