@@ -2,7 +2,8 @@
 
     OMP_NUM_THREADS=1 python benchmarks/refit_heldout.py --runs none 0.1 0.3 1.0 obs:0.3
 
-For each run: the base model (``models/base``), the mask of ``masks/mask.json`` (``dvc repro`` first), refitted
+For each run: the base model (``models/base``), the mask of ``masks/mask.json`` (``dvc repro`` first; any pruned
+groups), refitted
 with ``diet.refit.refit_on_texts`` on the first ``--samples`` calibration samples of every prepared task
 (``data/tasks/<task>/calib.jsonl``; ``none``: no refit; ``D``: damping D; ``obs:D``: damping D with the
 refit-aware choice, priors from ``merged/votes.safetensors``), then pruned, and its perplexity measured on
@@ -61,10 +62,12 @@ def main(argv=None) -> None:
             done, stats = refit_on_texts(model, tok, {t: calib[t][:args.samples] for t in tasks}, keep,
                                          damping=float(damping), priors=priors, progress=False)
             keep = done.keep
-            summary = done.summary()["mlp"]
-            record.update(tokens=stats["n_tokens"], error_none=round(summary["error_none"], 4),
-                          error_refit=round(summary["error_refit"], 4),
-                          channels_changed=sum(r.get("channels_changed", 0) for r in summary["layers"]))
+            summary = done.summary()
+            record.update(tokens=stats["n_tokens"],
+                          errors={g: {"none": round(v["error_none"], 4), "refit": round(v["error_refit"], 4)}
+                                  for g, v in summary.items()},
+                          channels_changed=sum(r.get("channels_changed", 0) for r in summary.get("mlp", {})
+                                               .get("layers", [])))
         apply_mask(model, keep)
         record.update(samples=args.samples, heldout_from=first,
                       heldout_calibration_ppl=round(perplexity(model, tok, held, max_length=512,
