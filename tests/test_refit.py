@@ -181,19 +181,6 @@ def test_refit_bias_checkpoint_reloads_and_gives_the_same_logits(tmp_path):
     assert torch.allclose(logits(again, seqs), logits(model, seqs), atol=1e-5)
 
 
-def test_uniform_refit_checkpoint_loads_in_stock_transformers(tmp_path):
-    from transformers import LlamaForCausalLM
-
-    model = tiny_model("llama")
-    keep = {"mlp": [torch.arange(0, 64, 2)] * get_adapter(model).num_layers}
-    refit(model, keep, batches(), progress=False)
-    apply_mask(model, keep, "uniform")
-    save_pruned(model, tiny_tokenizer(), tmp_path / "m", {"recover": "refit"})
-    stock = LlamaForCausalLM.from_pretrained(tmp_path / "m")
-    seqs = sequences(4, seed=6)
-    assert torch.allclose(logits(stock, seqs), logits(model, seqs), atol=1e-5)
-
-
 def tiny_params(**prune) -> dict:
     return {"tasks": ["t1"], "score": {"groups": ["mlp", "attention", "hidden"]}, "prune": prune}
 
@@ -242,17 +229,24 @@ def test_hidden_refit_keeps_the_pruned_model_exact_to_its_reference_and_reloads(
     assert torch.allclose(logits(again, seqs), out, atol=1e-5)
 
 
-def test_hidden_refit_uniform_checkpoint_loads_in_stock_transformers(tmp_path):
-    from transformers import Qwen2ForCausalLM
+@pytest.mark.parametrize("family, group, stock", [("llama", "mlp", "LlamaForCausalLM"),
+                                                   ("qwen2", "hidden", "Qwen2ForCausalLM")])
+def test_uniform_refit_checkpoint_loads_in_stock_transformers(family, group, stock, tmp_path):
+    """A refitted ``uniform`` checkpoint loads in the stock class with the refitted model's logits; with
+    ``hidden`` on Qwen2 that covers biased q/k/v (kept as they are) and an untied head (refitted)."""
+    import transformers
 
-    model = tiny_model("qwen2")   # biased q/k/v (kept as they are) and an untied head (refitted)
-    keep = {"hidden": [hidden_keep(seed=1)], "attention": [torch.tensor([0])] * get_adapter(model).num_layers}
+    model = tiny_model(family)
+    layers = get_adapter(model).num_layers
+    keep = ({"mlp": [torch.arange(0, 64, 2)] * layers} if group == "mlp"
+            else {"hidden": [hidden_keep(seed=1)], "attention": [torch.tensor([0])] * layers})
     refit(model, keep, batches(), progress=False)
     apply_mask(model, keep, "uniform")
     save_pruned(model, tiny_tokenizer(), tmp_path / "m", {"recover": "refit"})
-    stock = Qwen2ForCausalLM.from_pretrained(tmp_path / "m")
+    loaded = getattr(transformers, stock).from_pretrained(tmp_path / "m")
     seqs = sequences(4, seed=6)
-    assert torch.allclose(logits(stock, seqs), logits(model, seqs), atol=1e-5)
+    assert type(loaded).__name__ == stock
+    assert torch.allclose(logits(loaded, seqs), logits(model, seqs), atol=1e-5)
 
 
 def test_hidden_refit_is_accepted_in_params():

@@ -74,6 +74,19 @@ def merge_select_prune(repo: Path, params: str, tag: str) -> Path:
     return repo / f"pruned-{tag}"
 
 
+def score_merge_select(repo: Path, params: str, tag: str) -> str:
+    """Score every task, merge and select under ``params`` into folders named by ``tag``; the mask's path."""
+    with cwd(repo):
+        for t in TASKS:
+            assert run("score", "--params", params, "--task", t, "--model", "models/base", "--calib",
+                       f"data/tasks/{t}/calib.jsonl", "--out", f"scores-{tag}/{t}.safetensors") == 0
+        assert run("merge", "--params", params, "--model", "models/base", "--scores", f"scores-{tag}",
+                   "--out", f"merged-{tag}") == 0
+        assert run("select", "--params", params, "--model", "models/base", "--merged", f"merged-{tag}",
+                   "--out", f"masks-{tag}/mask.json") == 0
+    return f"masks-{tag}/mask.json"
+
+
 @pytest.mark.parametrize("method", ["flap", "wanda_sp", "vote"])
 def test_stages_prune_with_bias_recovery_from_the_methods_data(scored, method):
     repo = scored
@@ -217,15 +230,9 @@ def test_stages_prune_residual_channels_with_the_mlp(scored):
     params = write_params(repo, "params-hidden.yaml", score={"groups": ["mlp", "attention", "hidden"]},
                           prune={"groups": ["mlp", "hidden"], "sparsity": 0.3},
                           select={"multiple": {"mlp": 8, "hidden": 8}, "layout": "uniform"})
+    mask_path = score_merge_select(repo, params, "hidden")
     with cwd(repo):
-        for t in TASKS:
-            assert run("score", "--params", params, "--task", t, "--model", "models/base", "--calib",
-                       f"data/tasks/{t}/calib.jsonl", "--out", f"scores-hidden/{t}.safetensors") == 0
-        assert run("merge", "--params", params, "--model", "models/base", "--scores", "scores-hidden",
-                   "--out", "merged-hidden") == 0
-        assert run("select", "--params", params, "--model", "models/base", "--merged", "merged-hidden",
-                   "--out", "masks-hidden/mask.json") == 0
-        assert run("prune", "--params", params, "--model", "models/base", "--mask", "masks-hidden/mask.json",
+        assert run("prune", "--params", params, "--model", "models/base", "--mask", mask_path,
                    "--out", "pruned-hidden") == 0
     scores = json.loads((repo / f"scores-hidden/{TASKS[0]}.json").read_text())
     assert scores["shapes"]["hidden"] == [1, 32]
@@ -256,16 +263,10 @@ def test_stages_prune_refits_the_readers_of_a_pruned_residual_stream(scored):
     refitted = write_params(repo, "params-hidden-refit.yaml", **common,
                             prune={"groups": ["mlp", "hidden"], "sparsity": 0.3, "recover": "refit",
                                    "refit_samples": 4})
+    mask_path = score_merge_select(repo, plain, "hr")
     with cwd(repo):
-        for t in TASKS:
-            assert run("score", "--params", plain, "--task", t, "--model", "models/base", "--calib",
-                       f"data/tasks/{t}/calib.jsonl", "--out", f"scores-hr/{t}.safetensors") == 0
-        assert run("merge", "--params", plain, "--model", "models/base", "--scores", "scores-hr",
-                   "--out", "merged-hr") == 0
-        assert run("select", "--params", plain, "--model", "models/base", "--merged", "merged-hr",
-                   "--out", "masks-hr/mask.json") == 0
         for name, params in (("plain", plain), ("refit", refitted)):
-            assert run("prune", "--params", params, "--model", "models/base", "--mask", "masks-hr/mask.json",
+            assert run("prune", "--params", params, "--model", "models/base", "--mask", mask_path,
                        "--scores", "scores-hr", "--merged", "merged-hr", "--out", f"pruned-hr-{name}") == 0
     manifest = json.loads((repo / "pruned-hr-refit/manifest.json").read_text())
     groups = manifest["refit"]["groups"]
