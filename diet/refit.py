@@ -49,6 +49,7 @@ from torch import nn
 from diet.batching import by_length, pad_right
 from diet.config import REFIT_GROUPS, check_refit_groups
 from diet.errors import ConfigError, DataError, ModelError
+from diet.lstsq import damped_solve, obs_keep
 from diet.parallel import one_kernel_thread
 
 log = logging.getLogger(__name__)
@@ -67,8 +68,6 @@ CHECK_AT_OUTPUT = ("mlp",)
 #: groups whose kept channels the refit can choose itself (``prune.refit_choose: obs``); a KV group is a block
 #: of channels, chosen by the mask
 CHOOSE_GROUPS = ("mlp",)
-#: with ``obs``, the channels that may go: this many times the number removed, of lowest merged priority
-POOL = 2
 
 
 @dataclass
@@ -532,7 +531,7 @@ def _choose(p: _Weights, hess: torch.Tensor, cross: torch.Tensor, yy: float, pri
     choices = [p.kept] if prior is None else [p.kept, obs_keep(hess, cross, p.kept.numel(), prior, damping, bias)]
     for kept in choices:
         pos = restrict(kept)
-        solved = _solve(hess[pos][:, pos], cross[:, pos], kept.numel(), damping, dense_w[:, kept].double())
+        solved = damped_solve(hess[pos][:, pos], cross[:, pos], kept.numel(), damping, dense_w[:, kept].double())
         if bool(torch.isfinite(solved).all()):
             options.append(("refit" if kept is p.kept else "obs", kept, solved, error(solved, pos)))
     kind, kept, chosen, err = min(options, key=lambda o: (o[3], o[0] == "dense"))  # ties: the refit
@@ -550,59 +549,6 @@ def _choose(p: _Weights, hess: torch.Tensor, cross: torch.Tensor, yy: float, pri
     if prior is not None:  # kept channels the mask did not keep
         row["channels_changed"] = int(kept.numel() - torch.isin(kept, options[0][1]).sum())
     return row
-
-
-def _solve(hess: torch.Tensor, cross: torch.Tensor, channels: int, damping: float,
-           start: torch.Tensor | None = None) -> torch.Tensor:
-    """``(cross + lambda start) (hess + lambda I)^-1``: least squares damped toward ``start`` (the dense columns;
-    None: toward zero), lambda = ``damping`` times the mean of the channel entries' diagonal (the intercept is
-    not damped)."""
-    lam = damping * float(hess.diagonal()[:channels].mean())
-    damped = hess.clone()
-    damped.diagonal()[:channels] += lam
-    target = cross.clone()
-    if start is not None:
-        target[:, :channels] += lam * start[:, :channels]
-    try:
-        return torch.linalg.solve(damped, target.T).T                                      # (out, K)
-    except RuntimeError:  # singular (fewer tokens than channels, no damping): the least-squares solution
-        return torch.linalg.lstsq(damped, target.T).solution.T
-
-
-def obs_keep(hess: torch.Tensor, cross: torch.Tensor, n_keep: int, prior: torch.Tensor, damping: float,
-             bias: bool) -> torch.Tensor:
-    """The ``n_keep`` channels to keep (sorted LongTensor) of a projection whose Gram over all its ``D`` input
-    channels (and, with ``bias``, the intercept last) is ``hess`` and whose cross term is ``cross``.
-
-    Optimal brain surgeon, greedily: with ``Hi = (hess + lambda I)^-1`` and the full refit ``W = cross Hi``,
-    removing channel ``j`` and refitting the rest adds ``||W[:, j]||^2 / Hi[j, j]`` to the calibration error;
-    the cheapest channel goes, ``W`` and ``Hi`` are updated (rank one), and so on. Only the
-    ``POOL * (D - n_keep)`` channels of lowest ``prior`` may go (the task-aware vote stays the prior; ties: the
-    higher index first); the intercept never goes.
-    """
-    width = prior.numel()
-    removed = width - n_keep
-    if removed <= 0:
-        return torch.arange(width)
-    damped = hess.clone()
-    damped.diagonal()[:width] += damping * float(hess.diagonal()[:width].mean())
-    hi = torch.linalg.pinv(damped, hermitian=True)
-    w = cross @ hi                                                                          # (out, K)
-    # lowest priority first; ties: the higher index first, as the selection removes (diet.select)
-    order = (width - 1 - torch.sort(prior.double().flip(0).cpu(), stable=True).indices)
-    pool = torch.zeros(width, dtype=torch.bool, device=hess.device)
-    pool[order[:min(width, POOL * removed)].to(hess.device)] = True
-    alive = torch.ones(width, dtype=torch.bool, device=hess.device)
-    for _ in range(removed):
-        d = hi.diagonal()[:width].clamp_min(1e-300)
-        cost = w[:, :width].square().sum(dim=0) / d                                         # (D,)
-        cost[~(alive & pool)] = float("inf")
-        j = int(torch.argmin(cost))
-        w -= torch.outer(w[:, j], hi[j]) / hi[j, j]
-        hi -= torch.outer(hi[:, j], hi[j]) / hi[j, j]
-        alive[j] = False
-    del bias  # the intercept sits past ``width`` and is never a candidate
-    return alive.nonzero().flatten().cpu()
 
 
 def _dense_bias(p: _Weights) -> torch.Tensor:
