@@ -30,6 +30,31 @@ def with_labels(table):
 
 
 
+#: the largest difference (nats) in a choice's log-likelihood between two evaluations of the same model on the
+#: same items that still counts as the same: another kind of CPU sums the same float32 products in another order
+#: (1.6e-4 at most over SmolLM2's 2,276 items of the 300-item tables, between an AMD EPYC and an Intel Xeon)
+SAME_LL_ATOL = 1e-3
+
+
+def same_items(a: Items, b: Items, atol: float = SAME_LL_ATOL) -> bool:
+    """Whether two per-item results are one model's on the same items: the same tasks and item ids, the same
+    acc and acc_norm on each item, and each choice's log-likelihood within ``atol`` (so that the sweeps of two
+    machines pair with each other, while another model or other items do not)."""
+    if a.keys() != b.keys():
+        return False
+    for task, by_id in a.items():
+        other = b[task]
+        if by_id.keys() != other.keys():
+            return False
+        for key, x in by_id.items():
+            y = other[key]
+            if len(x) != len(y) or list(x[:2]) != list(y[:2]):
+                return False
+            if len(x) > 2 and (len(x[2]) != len(y[2]) or any(abs(u - v) > atol for u, v in zip(x[2], y[2]))):
+                return False
+    return True
+
+
 COMPARISONS = {"vs_dense": "the dense model", "vs_task_agnostic": "task_agnostic (recover none)",
                "vs_best_baseline": "the best field baseline (wanda_sp, flap, any recovery) at that sparsity",
                "vs_default": "the same method without the row's setting, or pruning params.yaml's prune.groups"}

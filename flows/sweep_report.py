@@ -10,7 +10,8 @@ from pathlib import Path
 from flows.experiments import DENSE_METRICS, Items, experiment_refs, finished_runs, read_items, rev_reader
 from flows.points import group_order
 from flows.repo import FlowError, atomic_write, read_params
-from flows.comparisons import COMPARISONS, FIDELITY, _paired_prefixes, add_paired_columns, perplexity_docs, with_labels
+from flows.comparisons import (COMPARISONS, FIDELITY, _paired_prefixes, add_paired_columns, perplexity_docs, same_items,
+                               with_labels)
 from flows.tables import (CSV, LATENCY, MARKDOWN, PLOT, SWEEP_DENSE, _check_same_items, _number, default_groups,
                           items_path, load_docs, plot_accuracy, render, sweep_rows, versus_markdown, write_items)
 
@@ -104,9 +105,10 @@ def report(repo: str | Path = ".", csvs: list[str | Path] | None = None, out: st
         table_docs, table_dense_docs = load_docs(p)
         docs.update(table_docs)
         dense_docs = dense_docs or table_dense_docs
-        if d is not None and dense_items is not None and d != dense_items:
-            raise FlowError(f"the dense model's per-item results beside {p} differ from another table's",
-                            "combine sweeps evaluated on the same items (same evaluate.limit and evaluate.seed)")
+        if d is not None and dense_items is not None and not same_items(d, dense_items):
+            raise FlowError(f"the dense model's per-item results beside {p} differ from another table's (other items, "
+                            "another model or other answers)", "combine sweeps of the same model evaluated on the same "
+                            "items (same model, evaluate.limit and evaluate.seed)")
         dense_items = dense_items or d
     table = pd.concat(tables, ignore_index=True)
     table = table.drop_duplicates(["method", "recover", "groups", "setting", "sparsity"], keep="last").sort_values("sparsity",

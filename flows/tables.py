@@ -12,7 +12,7 @@ from typing import Any
 from diet import markdown
 from flows.experiments import DENSE_METRICS, PRUNED_METRICS, Items, fidelity_values, params_at, read_items
 from flows.comparisons import (COMPARISONS, FIDELITY, PPL_COMPARISONS, _paired_prefixes, add_paired_columns,
-                               paired_fidelity, paired_mean, paired_perplexity, perplexity_docs, with_labels)
+                               paired_fidelity, paired_mean, paired_perplexity, perplexity_docs, same_items, with_labels)
 from flows.points import setting_text
 from flows.repo import FlowError, atomic_write, read_params
 
@@ -305,7 +305,7 @@ def sweep_rows(runs: list[dict[str, Any]], tasks: list[str]):
     """The rows of ``runs`` (``sweep_row``), their per-item results by experiment, the dense model's per-item
     results, its summary (the first the runs recorded, or None) and the rows' per-passage perplexity values by
     experiment (``perplexity_docs``). Runs whose dense models' per-item results
-    differ (other items, or another evaluation) are refused: their rows could not be paired."""
+    differ (other items, another model or other answers; ``flows.comparisons.same_items``) are refused: their rows could not be paired."""
     rows, items, dense_items, dense, dense_from, docs = [], {}, None, None, None, {}
     for run in runs:
         row, pruned, dense_run = sweep_row(run, tasks)
@@ -315,7 +315,7 @@ def sweep_rows(runs: list[dict[str, Any]], tasks: list[str]):
             docs[row["experiment"]] = mine
         if pruned is not None:
             items[row["experiment"]] = pruned
-        if dense_items is not None and dense_run is not None and dense_run != dense_items:
+        if dense_items is not None and dense_run is not None and not same_items(dense_run, dense_items):
             raise FlowError(f"the dense model's per-item results of experiment {run['experiment']} differ from "
                             f"those of {dense_from}: their rows cannot be paired",
                             "combine experiments evaluated on the same items (same evaluate.limit, evaluate.seed "

@@ -260,6 +260,35 @@ def test_report_combines_a_recovery_sweep_with_its_items(tmp_path, synthetic):
         report(tmp_path, csvs=[tmp_path / "a.csv", tmp_path / "b.csv"], out=tmp_path / "out2")
 
 
+def test_dense_results_of_two_machines_pair_and_another_models_do_not(tmp_path, synthetic):
+    from flows.comparisons import SAME_LL_ATOL, same_items
+
+    table, items, dense = synthetic
+    with_lls = {t: {i: [*v, [-2.0, -3.5]] for i, v in by_id.items()} for t, by_id in dense.items()}
+    # another CPU: every log-likelihood moved in its last bits, the same answers
+    other_cpu = {t: {i: [*v[:2], [x + 0.5 * SAME_LL_ATOL for x in v[2]]] for i, v in by_id.items()}
+                 for t, by_id in with_lls.items()}
+    assert same_items(with_lls, other_cpu) and same_items(with_lls, with_lls)
+    another_model = {t: {i: [*v[:2], [x + 0.05 for x in v[2]]] for i, v in by_id.items()} for t, by_id in with_lls.items()}
+    flipped = json.loads(json.dumps(with_lls))
+    flipped["t1"]["i0"][0] = 1.0 - flipped["t1"]["i0"][0]
+    fewer = {t: dict(list(by_id.items())[:-1]) for t, by_id in with_lls.items()}
+    for bad in (another_model, flipped, fewer, {"t1": with_lls["t1"]}):
+        assert not same_items(with_lls, bad)
+    plain = table[table["recover"] == "none"]
+    plain.to_csv(tmp_path / "a.csv", index=False)
+    table[table["recover"] == "bias"].to_csv(tmp_path / "b.csv", index=False)
+    write_items(items_path(tmp_path / "a.csv"), {e: items[e] for e in plain["experiment"]}, with_lls)
+    write_items(items_path(tmp_path / "b.csv"), {"exp-flap+bias": items["exp-flap+bias"]}, other_cpu)
+    report(tmp_path, csvs=[tmp_path / "a.csv", tmp_path / "b.csv"], out=tmp_path / "out")
+    combined = pd.read_csv(tmp_path / "out" / "sweep.csv").set_index("experiment")
+    assert combined.loc["exp-vote", "best_baseline"] == "flap+bias"          # the rows of both tables are paired
+    write_items(items_path(tmp_path / "b.csv"), {"exp-flap+bias": items["exp-flap+bias"]}, another_model)
+    with pytest.raises(FlowError, match="beside .*b.csv differ from another table's") as e:
+        report(tmp_path, csvs=[tmp_path / "a.csv", tmp_path / "b.csv"], out=tmp_path / "out2")
+    assert "same model" in e.value.fix and not (tmp_path / "out2").exists()
+
+
 def test_leave_one_task_out_points_rows_and_table():
     from flows.loto import ALL, HELD_OUT, TASK_METHODS, collect, loto_points, render
 
