@@ -125,6 +125,24 @@ def read_moments(path: str | os.PathLike, expect_fingerprint: str | None = None,
     return {g: moments[g] for g in (groups if groups is not None else sorted(scores))}
 
 
+def check_scored_data(score_path: str | os.PathLike, data_path: str | os.PathLike, task: str) -> None:
+    """Refuse ``data_path`` (a prepared ``calib.jsonl``) unless it is the file the score file at ``score_path``
+    was computed from (its ``task_data_hash``): what reads a task's calibration text beside its scores (the
+    refit in the prune stage) then depends on the score file alone, which pins the text it reads."""
+    meta_path = Path(score_path).with_suffix(".json")
+    if not meta_path.is_file():
+        raise DataError(f"no score metadata at {meta_path}", f"score {_scored(task)} first", artifact=_artifact(task))
+    want = read_json(meta_path).get("task_data_hash")
+    if not Path(data_path).is_file():
+        raise DataError(f"prepared calibration data missing: {data_path}", f"prepare the task data for {task} first",
+                        artifact=f"prepared_task:{task}")
+    if sha256_file(data_path) != want:
+        raise DataError(f"{data_path} is not the calibration file that {meta_path} was computed from (the task "
+                        "was prepared again, or the score file is another checkout's)",
+                        f"score {_scored(task)} again on it (or restore the prepared file the scores came from)",
+                        artifact=_artifact(task))
+
+
 def _artifact(task) -> str:
     """The artifact of the score file of ``task`` (``generic``: the generic-text scores)."""
     if task == "generic":

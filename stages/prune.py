@@ -5,7 +5,9 @@ biases: from the tasks' score files (`--scores`) for vote / mean / rank, from th
 for the other methods (diet.merge.means_source). With `refit` / `refit_bias` the kept weights of each output
 projection are solved for on calibration text (diet.refit): the tasks' calibration samples (`--tasks-dir`,
 merge.weights honoured) for vote / mean / rank, the first `prune.refit_samples` of each; as many generic
-texts in all for the other methods.
+texts in all for the other methods. Each task's calibration file must be the one its score file was computed
+from (``diet.scorefile.check_scored_data``): the stage depends on the score files, not on the prepared tasks,
+so a new evaluate.limit (which prepares the tasks again, with the same calibration files) does not rerun it.
 """
 
 from __future__ import annotations
@@ -84,11 +86,14 @@ def refit_texts(args, params, mask) -> dict[str, list[str]]:
         # as many generic texts as the task methods get samples in all
         count = (n or params.calibration.n_samples) * len(params.tasks)
         return {"generic": generic_texts(count, params.calibration.seed)}
+    from diet.scorefile import check_scored_data
     from diet.tasks import read_calibration
 
     weights = params.merge.weights
-    return {t: read_calibration(args.tasks_dir / t / "calib.jsonl", t)[:n] for t in params.tasks
-            if float(weights.get(t, 1.0)) > 0}
+    chosen = [t for t in params.tasks if float(weights.get(t, 1.0)) > 0]
+    for t in chosen:  # the stage depends on the score files, which pin the calibration text (dvc.yaml)
+        check_scored_data(args.scores / f"{t}.safetensors", args.tasks_dir / t / "calib.jsonl", t)
+    return {t: read_calibration(args.tasks_dir / t / "calib.jsonl", t)[:n] for t in chosen}
 
 
 def run_refit(model, tokenizer, texts: dict[str, list[str]], keep, params, priors=None) -> tuple[dict, dict]:
@@ -113,7 +118,8 @@ def parser():
     p.add_argument("--merged", default="merged", type=Path,
                    help="the merged priorities (prune.refit_choose: obs takes them as its prior)")
     p.add_argument("--tasks-dir", default="data/tasks", type=Path,
-                   help="the prepared tasks (<task>/calib.jsonl: prune.recover: refit with a task method)")
+                   help="the prepared tasks (<task>/calib.jsonl: prune.recover: refit with a task method; each checked "
+                        "against its score file)")
     p.add_argument("--out", default="models/pruned", type=Path)
     return p
 

@@ -282,3 +282,28 @@ def test_stages_prune_refits_the_readers_of_a_pruned_residual_stream(scored):
     ids = input_ids(8)
     assert not torch.allclose(logits(load_model(repo / "pruned-hr-refit"), ids),
                               logits(load_model(repo / "pruned-hr-plain"), ids), atol=1e-4)
+
+
+def test_the_refit_refuses_calibration_text_its_scores_were_not_computed_from(scored, tmp_path, capsys):
+    """The prune stage depends on the score files alone (dvc.yaml): each task's calibration file must be the one
+    its score file hashed, or the refit stops before loading a weight and writes nothing."""
+    import shutil
+
+    repo = scored
+    merge_select_prune(repo, write_params(repo, "params-none.yaml"), "none")
+    params = write_params(repo, "params-refit-check.yaml", prune={"recover": "refit", "refit_samples": 4})
+    edited = tmp_path / "tasks"
+    shutil.copytree(repo / "data/tasks", edited)
+    calib = edited / "t2" / "calib.jsonl"
+    calib.write_text(calib.read_text().replace('"text": "', '"text": "edited ', 1))
+    with cwd(repo):
+        assert run("prune", "--params", params, "--mask", "masks-none/mask.json", "--tasks-dir", str(edited),
+                   "--out", "pruned-edited") == 2
+        err = capsys.readouterr().err
+        assert f"{calib} is not the calibration file that scores/t2.json was computed from" in err
+        assert "dvc repro -f score@t2" in err or "score task 't2' again" in err
+        assert not (repo / "pruned-edited").exists()
+        # the files the scores were computed from pass the check
+        assert run("prune", "--params", params, "--mask", "masks-none/mask.json", "--out", "pruned-checked") == 0
+    manifest = json.loads((repo / "pruned-checked/manifest.json").read_text())
+    assert manifest["recover"] == "refit" and manifest["refit"]["n_samples"] == 4 * len(TASKS)
