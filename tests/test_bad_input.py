@@ -132,7 +132,7 @@ def argv_of(repo: Path, name: str, task: str = "t1") -> list:
         "merge": ["--model", model, "--scores", repo / "scores", "--out", repo / "merged"],
         "select": ["--model", model, "--merged", repo / "merged", "--out", repo / "masks/mask.json"],
         "prune": ["--model", model, "--mask", repo / "masks/mask.json", "--merged", repo / "merged",
-                  "--tasks-dir", repo / "data/tasks",
+                  "--scores", repo / "scores", "--tasks-dir", repo / "data/tasks",
                   "--out", repo / "models/pruned"],
     }[name] + ["--params", repo / "params.yaml"]
 
